@@ -1,0 +1,413 @@
+"""The ``lamina`` command line (contract §3): a thin layer over :mod:`lamina`.
+
+Every command opens the store with :func:`lamina.open_driver`, makes one or two
+:class:`~lamina.driver.Driver` calls and prints their result, as text for people
+or, with ``--json``, as exactly one JSON document on standard output.  Exit
+status: 0 on success, 1 for a :class:`~lamina.errors.LaminaError` (one line
+``lamina: <message>`` on standard error), 2 for a usage error.  ``exists``
+exits 1, silently, when the layer is absent.
+
+Long work (``apply``, ``diff``) shows a progress bar when standard error is a
+terminal and ``--json`` is not given; otherwise it prints nothing extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import lamina
+import lamina.progress
+from lamina import errors
+from lamina.driver import Driver
+
+CHUNK = 1 << 20
+"""How much of a diff stream is copied at a time."""
+
+USAGE_EXIT = 2
+
+
+def default_home() -> Path:
+    """The store used without ``--home``: ``$LAMINA_HOME``, else per-user or system-wide."""
+    env = os.environ.get("LAMINA_HOME")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/lamina")
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "lamina"
+
+
+@dataclass
+class Result:
+    """What a command hands back to :func:`main` to print."""
+
+    doc: dict[str, Any] = field(default_factory=dict)
+    """The ``--json`` document."""
+    lines: list[str] = field(default_factory=list)
+    """The text printed without ``--json``."""
+    status: int = 0
+
+
+# --- progress ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, label: str, total: int | None) -> Iterator[None]:
+    """Show the engine's progress (bytes and tar entries) on standard error."""
+    if not enabled:
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[entries]} entries"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as bar:
+        task = bar.add_task(label, total=total, entries=0)
+        done = [0, 0]
+
+        def report(nbytes: int, nentries: int) -> None:
+            done[0] += nbytes
+            done[1] += nentries
+            # The total is the file's size; a compressed file's tar is larger than
+            # that, so past it the bar turns into a plain count.
+            new_total = None if total is not None and done[0] > total else total
+            bar.update(task, completed=done[0], total=new_total, entries=done[1])
+
+        with lamina.progress.reporting(report):
+            yield
+        if total is not None and done[0] < total:
+            bar.update(task, completed=total)
+
+
+def _regular_size(stream: BinaryIO) -> int | None:
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+# --- commands ----------------------------------------------------------------------
+
+Command = Callable[[Driver, argparse.Namespace], Result]
+
+
+def cmd_status(drv: Driver, args: argparse.Namespace) -> Result:
+    """``status``: the backend and its status pairs."""
+    pairs = drv.status()
+    lines = [f"Home: {args.home}", f"Backend: {drv.name}"]
+    lines += [f"{key}: {value}" for key, value in pairs]
+    doc = {"home": str(args.home), "backend": drv.name, "status": [list(p) for p in pairs]}
+    return Result(doc, lines)
+
+
+def cmd_create(drv: Driver, args: argparse.Namespace) -> Result:
+    """``create``: a read-only layer, or with ``--rw`` a writable one."""
+    opts = dict(args.storage_opts) or None
+    if args.rw:
+        drv.create_rw(args.id, args.parent, mount_label=args.mount_label, storage_opts=opts)
+    else:
+        drv.create(args.id, args.parent, storage_opts=opts)
+    return Result({"id": args.id, "parent": args.parent, "rw": args.rw}, [args.id])
+
+
+def cmd_apply(drv: Driver, args: argparse.Namespace) -> Result:
+    """``apply``: apply a layer tar (plain, gzip or zstd) into a layer; print its size."""
+    with contextlib.ExitStack() as stack:
+        if args.file == "-":
+            stream: BinaryIO = sys.stdin.buffer
+        else:
+            try:
+                stream = stack.enter_context(open(args.file, "rb"))
+            except OSError as e:
+                raise errors.InvalidArgument(
+                    f"cannot read it: {e.strerror or e}", path=args.file
+                ) from e
+        with progress_bar(args.show_progress, f"apply {args.id}", _regular_size(stream)):
+            size = drv.apply_diff(args.id, args.parent, stream)
+    return Result({"id": args.id, "parent": args.parent, "size": size}, [str(size)])
+
+
+def cmd_diff(drv: Driver, args: argparse.Namespace) -> Result:
+    """``diff``: the layer's changes as a tar, to ``-o FILE`` or standard output."""
+    written = 0
+    with contextlib.ExitStack() as stack:
+        if args.output is None:
+            sys.stdout.flush()
+            out: BinaryIO = sys.stdout.buffer
+        else:
+            out = stack.enter_context(_output_file(args.output))
+        with (
+            progress_bar(args.show_progress, f"diff {args.id}", None),
+            drv.diff(args.id, args.parent) as tar,
+        ):
+            while chunk := tar.read(CHUNK):
+                out.write(chunk)
+                written += len(chunk)
+        out.flush()
+    return Result({"id": args.id, "output": args.output, "bytes": written})
+
+
+@contextlib.contextmanager
+def _output_file(path: str) -> Iterator[BinaryIO]:
+    """``path`` opened for writing; removed again if the command fails."""
+    try:
+        f = open(path, "wb")  # noqa: SIM115
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot write it: {e.strerror or e}", path=path) from e
+    try:
+        with f:
+            yield f
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def cmd_changes(drv: Driver, args: argparse.Namespace) -> Result:
+    """``changes``: one line a change, as ``docker diff`` prints them."""
+    changes = drv.changes(args.id, args.parent)
+    doc = {"changes": [{"path": c.path, "kind": c.kind.letter} for c in changes]}
+    return Result(doc, [f"{c.kind.letter} {c.path}" for c in changes])
+
+
+def cmd_diff_size(drv: Driver, args: argparse.Namespace) -> Result:
+    """``diff-size``: bytes of the layer's changes."""
+    size = drv.diff_size(args.id, args.parent)
+    return Result({"size": size}, [str(size)])
+
+
+def cmd_metadata(drv: Driver, args: argparse.Namespace) -> Result:
+    """``metadata``: the backend's details of a layer (``dir``, overlay's dirs)."""
+    meta = drv.metadata(args.id)
+    return Result({"metadata": meta}, [f"{key}: {value}" for key, value in meta.items()])
+
+
+def cmd_exists(drv: Driver, args: argparse.Namespace) -> Result:
+    """``exists``: exit 0 when the layer exists, 1 when not."""
+    found = drv.exists(args.id)
+    return Result({"exists": found}, status=0 if found else 1)
+
+
+def cmd_mount(drv: Driver, args: argparse.Namespace) -> Result:
+    """``mount``: mount the layer's union view (it outlives the command); print its path."""
+    path = drv.get(args.id, args.mount_label)
+    return Result({"path": str(path)}, [str(path)])
+
+
+def cmd_unmount(drv: Driver, args: argparse.Namespace) -> Result:
+    """``unmount``: give one ``mount`` back; the last one unmounts."""
+    drv.put(args.id)
+    return Result({"id": args.id})
+
+
+def cmd_rm(drv: Driver, args: argparse.Namespace) -> Result:
+    """``rm``: remove a layer (not one that others use as parent)."""
+    drv.remove(args.id)
+    return Result({"id": args.id})
+
+
+def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
+    """``ls``: every layer with its parent, size and mount count."""
+    rows: list[dict[str, Any]] = []
+    table = [["ID", "PARENT", "SIZE", "MOUNTS"]]
+    for layer in sorted(drv.layers()):
+        parent, size, mounts = drv.parent(layer), drv.diff_size(layer), drv.mount_count(layer)
+        rows.append({"id": layer, "parent": parent, "size": size, "mounts": mounts})
+        table.append([layer, parent or "-", human_size(size), str(mounts)])
+    return Result({"layers": rows}, _columns(table))
+
+
+def cmd_cleanup(drv: Driver, args: argparse.Namespace) -> Result:
+    """``cleanup``: unmount what this store mounted and sweep leftovers."""
+    drv.cleanup()
+    return Result({"cleanup": True})
+
+
+def human_size(size: int) -> str:
+    """``size`` bytes with decimal units and three significant digits, as ``docker`` shows."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if float(f"{value:.3g}") < 1000:
+            return f"{value:.3g}{unit}"
+        value /= 1000
+    return f"{value:.3g}PB"
+
+
+def _columns(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return [
+        "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    ]
+
+
+# --- parsing -----------------------------------------------------------------------
+
+
+def _key_value(text: str) -> str:
+    key, sep, _ = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
+def _storage_opt(text: str) -> tuple[str, str]:
+    key, _, value = _key_value(text).partition("=")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lamina`` and its commands."""
+    parser = argparse.ArgumentParser(
+        prog="lamina",
+        description="A container-layer storage driver (Docker's graph driver contract).",
+    )
+    parser.add_argument(
+        "--home",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="the store's directory (default: $LAMINA_HOME, else /var/lib/lamina for root, "
+        "else $XDG_DATA_HOME/lamina)",
+    )
+    parser.add_argument(
+        "--backend", metavar="NAME", default="auto", help="overlay, vfs, … (default: auto)"
+    )
+    parser.add_argument(
+        "--opt",
+        dest="driver_opts",
+        metavar="KEY=VALUE",
+        type=_key_value,
+        action="append",
+        default=[],
+        help="a driver option, e.g. vfs.copy=copy (repeatable)",
+    )
+    # --json is accepted before or after the command; SUPPRESS keeps the
+    # subcommand's default from overwriting a --json given before it.
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--version", action="version", version=f"lamina {lamina.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Command, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[json_flag])
+        p.set_defaults(func=func)
+        return p
+
+    def layer(p: argparse.ArgumentParser, parent: bool = False) -> None:
+        p.add_argument("id", metavar="ID", help="the layer's id")
+        if parent:
+            p.add_argument("--parent", metavar="P", default=None, help="the parent layer")
+
+    command("status", cmd_status, "show the backend and its status")
+
+    p = command("create", cmd_create, "create a layer (read-only, or writable with --rw)")
+    layer(p, parent=True)
+    p.add_argument("--rw", action="store_true", help="a writable (container) layer")
+    p.add_argument(
+        "--opt",
+        dest="storage_opts",
+        metavar="KEY=VALUE",
+        type=_storage_opt,
+        action="append",
+        default=[],
+        help="a storage option, e.g. size=50M with --rw (repeatable)",
+    )
+    p.add_argument("--mount-label", default="", metavar="L", help="SELinux label (with --rw)")
+
+    p = command("apply", cmd_apply, "apply a layer tar (plain, gzip or zstd); print its size")
+    layer(p, parent=True)
+    p.add_argument("file", metavar="FILE", nargs="?", default="-", help="the tar (- for stdin)")
+
+    p = command("diff", cmd_diff, "write the layer's changes as a tar")
+    layer(p, parent=True)
+    p.add_argument("-o", "--output", metavar="FILE", default=None, help="(default: stdout)")
+
+    p = command("changes", cmd_changes, "list the layer's changes (A, C, D) like docker diff")
+    layer(p, parent=True)
+    p = command("diff-size", cmd_diff_size, "print the size of the layer's changes in bytes")
+    layer(p, parent=True)
+    layer(command("metadata", cmd_metadata, "print the backend's details of the layer"))
+    layer(command("exists", cmd_exists, "exit 0 if the layer exists, 1 if not"))
+
+    p = command("mount", cmd_mount, "mount the layer's union view and print its path")
+    layer(p)
+    p.add_argument("--mount-label", default="", metavar="L", help="SELinux label")
+    layer(command("unmount", cmd_unmount, "give back one mount; the last one unmounts"))
+    layer(command("rm", cmd_rm, "remove the layer"))
+    command("ls", cmd_ls, "list every layer with its parent, size and mount count")
+    command("cleanup", cmd_cleanup, "unmount everything and sweep leftovers")
+    return parser
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """What makes a parsed command line unusable, checked before the store is opened."""
+    if args.command == "create" and args.mount_label and not args.rw:
+        return "create: --mount-label needs --rw"
+    if args.command == "apply" and args.file == "-" and sys.stdin.isatty():
+        return "apply: refusing to read a layer tar from a terminal; give FILE or pipe one in"
+    if args.command == "diff" and args.output is None:
+        if args.json:
+            return "diff: --json needs -o FILE (standard output holds the JSON document)"
+        if sys.stdout.isatty():
+            return "diff: refusing to write a tar to a terminal; use -o FILE or redirect"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lamina`` with ``argv`` (default: the process's arguments); return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _usage_problem(args)
+    if problem:
+        parser.error(problem)
+    if args.home is None:
+        args.home = default_home()
+    args.show_progress = not args.json and sys.stderr.isatty()
+    try:
+        with lamina.open_driver(args.home, backend=args.backend, options=args.driver_opts) as drv:
+            result: Result = args.func(drv, args)
+        if args.json:
+            print(json.dumps(result.doc))
+        elif result.lines:
+            print("\n".join(result.lines))
+        sys.stdout.flush()
+    except errors.LaminaError as e:
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"lamina: {message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``lamina diff x | head``): say nothing more to it, and
+        # keep the interpreter's final flush from failing again.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return result.status
