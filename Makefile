@@ -1,0 +1,46 @@
+# lamina's entry points; each installs what it needs first (scripts/bootstrap.sh).
+#
+#   make demo    the whole life cycle of a layer on the default home, commands shown
+#   make test    ruff, then the test suite (builds the corpus first if it is missing)
+#   make lint    ruff and mypy
+#
+# LAMINA_CORPUS (default /var/tmp/lamina-corpus) is where the corpus of real image
+# layers lives; LAMINA_SHARED (default ../shared) holds the script that builds it.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+LAMINA_SHARED ?= ../shared
+LAMINA_CORPUS ?= /var/tmp/lamina-corpus
+export LAMINA_SHARED LAMINA_CORPUS
+
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: bootstrap corpus demo test lint
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+# The corpus is built once (it needs root, Docker and a Debian mirror; minutes).
+corpus:
+	@if [ -f "$(LAMINA_CORPUS)/MANIFEST" ]; then \
+	  :; \
+	elif [ ! -f "$(LAMINA_SHARED)/corpus/build-corpus.sh" ]; then \
+	  echo "make: no $(LAMINA_SHARED)/corpus/build-corpus.sh; tests that need the corpus will skip"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+	  echo "make: building the corpus needs root; tests that need it will skip"; \
+	else \
+	  bash "$(LAMINA_SHARED)/corpus/build-corpus.sh" "$(LAMINA_CORPUS)"; \
+	fi
+
+demo: bootstrap
+	bash scripts/demo.sh
+
+test: bootstrap corpus
+	$(VENV)/bin/ruff check
+	$(PY) -m pytest -q
+
+lint: bootstrap
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/mypy
