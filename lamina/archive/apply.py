@@ -1,0 +1,446 @@
+"""Apply a layer tar to a directory, safely (contract §2).
+
+Safety model.  Every name in the archive is cleaned lexically (``..`` may not
+climb above the root: that is :class:`~lamina.errors.UnsafeArchive`), then
+resolved one component at a time from a directory fd of the layer's root with
+``O_NOFOLLOW``.  A symlink met in a *parent* position is followed the way a
+chroot at the layer root would follow it: an absolute target restarts at the
+layer root and ``..`` stops at it, so nothing can leave the layer, while
+``lib -> usr/lib`` in merged-/usr images still works.  The last component of a
+name is never followed: it is replaced.  Metadata calls go through fds or
+``*at(..., AT_SYMLINK_NOFOLLOW)``, never through a path that could be a link.
+
+Whiteouts (``.wh.NAME``) and opaque markers (``.wh..wh..opq``) apply to the
+lower layers only: an entry this archive wrote is never removed by them,
+wherever the marker sits in the archive.  With ``overlay_whiteouts`` they are
+recorded the way overlayfs wants them (a 0/0 character device, the
+``trusted.overlay.opaque`` xattr) instead of deleting lower content.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from lamina import progress
+from lamina.archive.reader import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, TarReader
+from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive
+from lamina.idmap import IdMapper
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+MAX_SYMLINKS = 40
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_DEVICE_TYPES = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+_CACHE_MAX = 512
+
+
+def split_name(name: str, *, layer: str | None = None) -> list[str]:
+    """Clean an archive name into components; refuse one that climbs above the root."""
+    parts: list[str] = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise UnsafeArchive("name climbs out of the layer", layer=layer, path=name)
+            parts.pop()
+        else:
+            parts.append(part)
+    return parts
+
+
+def xattr_allowed(key: str) -> bool:
+    """Whether an xattr from an archive may be set (never overlayfs' own)."""
+    return not key.startswith(("trusted.overlay.", "user.overlay."))
+
+
+class Applier:
+    """Applies one layer tar into the directory ``root`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        layer: str | None = None,
+        ids: IdMapper | None = None,
+        overlay_whiteouts: bool = False,
+        max_entries: int | None = None,
+        max_size: int | None = None,
+    ) -> None:
+        self.root = os.fspath(root)
+        self.layer = layer
+        self.ids = ids or IdMapper()
+        self.overlay_whiteouts = overlay_whiteouts
+        self.max_entries = max_entries
+        self.max_size = max_size
+        self._root_fd = -1
+        self._root_ino = 0
+        self._cache: dict[tuple[str, ...], tuple[int, tuple[int, ...]]] = {}
+        self._written: set[tuple[int, str]] = set()  # (parent inode, name) this archive wrote
+        self._holds: set[int] = set()  # directory inodes with written entries below them
+        self._dirs: list[tuple[tuple[str, ...], int, int, int]] = []  # deferred dir times
+
+    # -- entry point --------------------------------------------------------
+
+    def apply(self, stream: BinaryIO) -> int:
+        """Apply the (decompressed) tar ``stream``; return the bytes of regular-file data."""
+        self._root_fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            self._root_ino = os.fstat(self._root_fd).st_ino
+            size = self._apply_all(TarReader(stream, layer=self.layer))
+            self._set_dir_times()
+            return size
+        finally:
+            self._drop_cache()
+            os.close(self._root_fd)
+
+    def _apply_all(self, reader: TarReader) -> int:
+        report = progress.current()
+        total = 0
+        count = 0
+        seen = 0
+        for entry in reader:
+            count += 1
+            if self.max_entries is not None and count > self.max_entries:
+                raise UnsafeArchive(f"more than {self.max_entries} entries", layer=self.layer)
+            if entry.type == REG:
+                total += entry.size
+                if self.max_size is not None and total > self.max_size:
+                    raise UnsafeArchive(f"more than {self.max_size} bytes", layer=self.layer)
+            try:
+                self._apply_entry(reader, entry)
+            except LaminaError:
+                raise
+            except OSError as e:
+                raise _os_error(e, self.layer, entry.name) from e
+            if report is not None:
+                report(reader.consumed - seen, 1)
+                seen = reader.consumed
+        return total
+
+    # -- one entry ------------------------------------------------------------
+
+    def _apply_entry(self, reader: TarReader, entry: Entry) -> None:
+        parts = split_name(entry.name, layer=self.layer)
+        if not parts:
+            if entry.type != DIR:
+                raise UnsafeArchive("root entry is not a directory", layer=self.layer,
+                                    path=entry.name)
+            self._dir_metadata(self._root_fd, entry)
+            self._dirs.append(((), self._root_ino, entry.mtime, _atime(entry)))
+            return
+        base = parts[-1]
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout_entry(entry.name, parts[:-1], base)
+            return
+        pfd, chain = self._resolve(parts[:-1], create=True, name=entry.name)
+        if entry.type == LINK:
+            self._hardlink(pfd, base, entry)
+        else:
+            merge = self._clear(pfd, base, entry.type == DIR)
+            if entry.type == REG:
+                self._regular(reader, pfd, base, entry)
+            elif entry.type == DIR:
+                self._directory(pfd, base, entry, merge, tuple(parts))
+            elif entry.type == SYMLINK:
+                os.symlink(entry.linkname, base, dir_fd=pfd)
+                self._chown_at(pfd, base, entry)
+                self._xattrs_at(pfd, base, entry)
+                os.utime(base, ns=(_atime(entry), entry.mtime), dir_fd=pfd, follow_symlinks=False)
+            else:
+                self._device(pfd, base, entry)
+        self._mark_written(chain, base)
+
+    def _mark_written(self, chain: tuple[int, ...], base: str) -> None:
+        self._written.add((chain[-1], base))
+        if chain[-1] not in self._holds:
+            self._holds.update(chain)
+
+    def _regular(self, reader: TarReader, pfd: int, base: str, entry: Entry) -> None:
+        fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+        try:
+            reader.copy_data(entry, fd)
+            uid, gid = self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name)
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, entry.mode)
+            # chown drops security.capability, so xattrs come after it.
+            for key, value in entry.xattrs.items():
+                _setxattr(fd, key, value)
+            os.utime(fd, ns=(_atime(entry), entry.mtime))
+        finally:
+            os.close(fd)
+
+    def _directory(
+        self, pfd: int, base: str, entry: Entry, merge: bool, parts: tuple[str, ...]
+    ) -> None:
+        if not merge:
+            os.mkdir(base, 0o700, dir_fd=pfd)
+        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            self._dir_metadata(fd, entry)
+            self._dirs.append((parts, os.fstat(fd).st_ino, entry.mtime, _atime(entry)))
+        finally:
+            os.close(fd)
+
+    def _dir_metadata(self, fd: int, entry: Entry) -> None:
+        uid, gid = self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name)
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, entry.mode)
+        for key, value in entry.xattrs.items():
+            _setxattr(fd, key, value)
+
+    def _device(self, pfd: int, base: str, entry: Entry) -> None:
+        kind = _DEVICE_TYPES[entry.type]
+        os.mknod(base, kind | 0o600, os.makedev(entry.devmajor, entry.devminor), dir_fd=pfd)
+        self._chown_at(pfd, base, entry)
+        os.chmod(base, entry.mode, dir_fd=pfd, follow_symlinks=False)
+        self._xattrs_at(pfd, base, entry)
+        os.utime(base, ns=(_atime(entry), entry.mtime), dir_fd=pfd, follow_symlinks=False)
+
+    def _chown_at(self, pfd: int, base: str, entry: Entry) -> None:
+        uid, gid = self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name)
+        os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
+
+    def _xattrs_at(self, pfd: int, base: str, entry: Entry) -> None:
+        for key, value in entry.xattrs.items():
+            _setxattr(f"/proc/self/fd/{pfd}/{base}", key, value, follow=False)
+
+    def _hardlink(self, pfd: int, base: str, entry: Entry) -> None:
+        target = split_name(entry.linkname, layer=self.layer)
+        if not target:
+            raise UnsafeArchive("hard link to the layer root", layer=self.layer, path=entry.name)
+        found = self._resolve(target[:-1], create=False, name=entry.linkname)
+        if found is None:
+            raise UnsafeArchive(f"hard link target {entry.linkname!r} not found",
+                                layer=self.layer, path=entry.name)
+        tfd, _ = found
+        try:
+            tst = os.lstat(target[-1], dir_fd=tfd)
+        except FileNotFoundError:
+            raise UnsafeArchive(f"hard link target {entry.linkname!r} not found",
+                                layer=self.layer, path=entry.name) from None
+        if stat.S_ISDIR(tst.st_mode):
+            raise UnsafeArchive("hard link to a directory", layer=self.layer, path=entry.name)
+        try:
+            if os.path.samestat(tst, os.lstat(base, dir_fd=pfd)):
+                return  # already that file (a link entry repeated)
+        except FileNotFoundError:
+            pass
+        self._clear(pfd, base, False)
+        os.link(target[-1], base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+
+    # -- whiteouts ------------------------------------------------------------
+
+    def _whiteout_entry(self, name: str, parent: list[str], base: str) -> None:
+        if base == OPAQUE_MARKER:
+            dfd, chain = self._resolve(parent, create=True, name=name)
+            for child in os.listdir(dfd):
+                self._remove_lower(dfd, chain[-1], child)
+            if self.overlay_whiteouts:
+                os.setxattr(dfd, OVERLAY_OPAQUE_XATTR, b"y")
+            return
+        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+            return  # other whiteout meta files are ignored, as Docker does
+        target = base[len(WHITEOUT_PREFIX):]
+        if target in ("", ".", ".."):
+            raise UnsafeArchive("invalid whiteout name", layer=self.layer, path=name)
+        if self.overlay_whiteouts:
+            pfd, chain = self._resolve(parent, create=True, name=name)
+            if (chain[-1], target) in self._written:
+                return
+            self._remove_lower(pfd, chain[-1], target)
+            with _suppress_exists():
+                os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
+            return
+        found = self._resolve(parent, create=False, name=name)
+        if found is not None:
+            pfd, chain = found
+            self._remove_lower(pfd, chain[-1], target)
+
+    def _remove_lower(self, pfd: int, parent_ino: int, name: str) -> None:
+        """Remove ``name`` unless this archive wrote it; keep what it wrote below it."""
+        if (parent_ino, name) in self._written:
+            return
+        try:
+            st = os.lstat(name, dir_fd=pfd)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=pfd)
+            if stat.S_ISLNK(st.st_mode):
+                self._drop_cache()
+            return
+        if st.st_ino not in self._holds:
+            self._drop_cache()
+            shutil.rmtree(name, dir_fd=pfd)
+            return
+        fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        try:
+            for child in os.listdir(fd):
+                self._remove_lower(fd, st.st_ino, child)
+        finally:
+            os.close(fd)
+
+    def _clear(self, pfd: int, base: str, new_is_dir: bool) -> bool:
+        """Make room for a new entry; True when an existing directory is to be merged."""
+        try:
+            st = os.lstat(base, dir_fd=pfd)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if new_is_dir:
+                return True
+            self._drop_cache()
+            shutil.rmtree(base, dir_fd=pfd)
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            self._drop_cache()
+        os.unlink(base, dir_fd=pfd)
+        return False
+
+    # -- path resolution ----------------------------------------------------
+
+    def _resolve(
+        self, parts: Iterable[str], *, create: bool, name: str
+    ) -> tuple[int, tuple[int, ...]]:
+        """The directory ``parts`` names, chroot-style; (fd, inode chain from the root).
+
+        With ``create=False`` a missing directory gives None (typed loosely for brevity
+        at the call sites that pass ``create=True``).
+        """
+        key = tuple(parts)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        found = self._walk(key, create, name)
+        if found is None:
+            return None  # type: ignore[return-value]
+        if len(self._cache) >= _CACHE_MAX:
+            self._drop_cache()
+        self._cache[key] = found
+        return found
+
+    def _walk(
+        self, parts: tuple[str, ...], create: bool, name: str
+    ) -> tuple[int, tuple[int, ...]] | None:
+        stack: list[tuple[int, int]] = []  # (fd, inode) of the directories above
+        fd, ino = os.dup(self._root_fd), self._root_ino
+        todo = list(reversed(parts))
+        links = 0
+        try:
+            while todo:
+                part = todo.pop()
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if stack:  # never above the root
+                        os.close(fd)
+                        fd, ino = stack.pop()
+                    continue
+                try:
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        return None
+                    self._mkdir_parent(fd, part)
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    target = self._link_target(fd, part, name)
+                    links += 1
+                    if links > MAX_SYMLINKS:
+                        raise UnsafeArchive("too many levels of symbolic links",
+                                            layer=self.layer, path=name) from None
+                    if target.startswith("/"):
+                        for above, _ in stack:
+                            os.close(above)
+                        stack.clear()
+                        os.close(fd)
+                        fd, ino = os.dup(self._root_fd), self._root_ino
+                    todo.extend(reversed(target.split("/")))
+                    continue
+                stack.append((fd, ino))
+                fd, ino = nfd, os.fstat(nfd).st_ino
+            chain = (*(i for _, i in stack), ino)
+            return fd, chain
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            for above, _ in stack:
+                os.close(above)
+
+    def _link_target(self, fd: int, part: str, name: str) -> str:
+        st = os.lstat(part, dir_fd=fd)
+        if not stat.S_ISLNK(st.st_mode):
+            raise UnsafeArchive(f"{part!r} is not a directory", layer=self.layer, path=name)
+        return os.readlink(part, dir_fd=fd)
+
+    def _mkdir_parent(self, fd: int, part: str) -> None:
+        # A parent the archive never named: 0755 and owned by the (mapped) root, as Docker does.
+        os.mkdir(part, 0o755, dir_fd=fd)
+        uid, gid = self.ids.to_host(0, 0, self.layer, part)
+        os.chown(part, uid, gid, dir_fd=fd, follow_symlinks=False)
+
+    def _drop_cache(self) -> None:
+        for fd, _ in self._cache.values():
+            os.close(fd)
+        self._cache.clear()
+
+    def _set_dir_times(self) -> None:
+        # Children change their parent's mtime, so directories get theirs last.
+        self._drop_cache()
+        for parts, ino, mtime, atime in reversed(self._dirs):
+            if not parts:
+                os.utime(self._root_fd, ns=(atime, mtime))
+                continue
+            found = self._resolve(parts[:-1], create=False, name="/".join(parts))
+            if found is None:
+                continue
+            pfd, _ = found
+            try:
+                fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=pfd)
+            except OSError:
+                continue  # replaced or removed by a later entry
+            try:
+                if os.fstat(fd).st_ino == ino:
+                    os.utime(fd, ns=(atime, mtime))
+            finally:
+                os.close(fd)
+
+
+def _atime(entry: Entry) -> int:
+    return entry.atime if entry.atime is not None and entry.atime >= entry.mtime else entry.mtime
+
+
+def _setxattr(target: int | str, key: str, value: bytes, *, follow: bool = True) -> None:
+    if not xattr_allowed(key):
+        return
+    try:
+        os.setxattr(target, key, value, follow_symlinks=follow)
+    except OSError as e:
+        # As Docker does: a filesystem or link type without xattrs is not an error.
+        if e.errno not in (errno.ENOTSUP, errno.EPERM):
+            raise
+
+
+class _suppress_exists:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
+        return isinstance(exc, FileExistsError)
+
+
+def _os_error(e: OSError, layer: str | None, name: str) -> LaminaError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return QuotaExceeded(f"no space left: {e.strerror}", layer=layer, path=name)
+    return UnsafeArchive(f"cannot apply entry: {e.strerror or e}", layer=layer, path=name)

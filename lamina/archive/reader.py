@@ -1,0 +1,447 @@
+"""A streaming tar reader: ustar, GNU and PAX, long names, sparse files.
+
+It reads a decompressed byte stream front to back once, in large blocks, and
+yields one :class:`Entry` per member.  The caller consumes each member's data
+with :meth:`TarReader.copy_data` (or lets the reader skip it) before asking for
+the next.  Nothing here touches the filesystem, and every malformed input is
+an :class:`~lamina.errors.UnsafeArchive` naming the offset and the entry.
+
+Formats: POSIX ustar (with the ``prefix`` field), GNU (``L``/``K`` long names,
+``S`` old sparse with extension blocks), PAX (``x`` records, ``g`` globals are
+read and ignored, GNU sparse 0.0, 0.1 and 1.0), base-256 numbers, V7 directories
+spelled as a regular file whose name ends in ``/``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from lamina.errors import UnsafeArchive
+
+BLOCK = 512
+READ_SIZE = 1 << 20
+MAX_META = 1 << 20  # a PAX header or GNU long name larger than this is hostile
+MAX_SPARSE_ENTRIES = 1 << 16
+
+REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO = "0", "1", "2", "3", "4", "5", "6"
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One tar member, its metadata decoded."""
+
+    name: str
+    type: str  # one of REG LINK SYMLINK CHR BLK DIR FIFO
+    mode: int
+    uid: int
+    gid: int
+    size: int  # logical size (a sparse file's real size)
+    mtime: int  # nanoseconds
+    atime: int | None
+    linkname: str
+    devmajor: int
+    devminor: int
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    sparse: list[tuple[int, int]] | None = None  # (offset, length) data regions
+    data_size: int = 0  # bytes stored in the archive for this member
+    offset: int = 0  # where the member's header started in the stream
+
+
+def _cstr(raw: bytes) -> bytes:
+    end = raw.find(b"\0")
+    return raw if end < 0 else raw[:end]
+
+
+def _num(raw: bytes, what: str, offset: int) -> int:
+    """Decode a numeric header field: octal text or GNU base-256."""
+    if raw and raw[0] & 0x80:
+        value = int.from_bytes(raw[1:], "big")
+        if raw[0] == 0xFF:
+            value -= 1 << (8 * (len(raw) - 1))
+        elif raw[0] != 0x80:
+            raise UnsafeArchive(f"bad base-256 number in {what} at offset {offset}")
+        return value
+    text = _cstr(raw).strip(b" \0")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise UnsafeArchive(f"bad number {text!r} in {what} at offset {offset}") from None
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+class TarReader:
+    """Iterate the members of a tar stream (see the module docstring)."""
+
+    def __init__(self, stream: BinaryIO, *, layer: str | None = None) -> None:
+        self._stream = stream
+        self._layer = layer
+        self._buf = b""
+        self._pos = 0
+        self.consumed = 0  # bytes of the tar stream handed out so far
+        self._pending = 0  # data + padding of the current member not yet consumed
+
+    # -- low-level input ----------------------------------------------------
+
+    def _error(self, message: str, name: str | None = None) -> UnsafeArchive:
+        return UnsafeArchive(message, layer=self._layer, path=name)
+
+    def _read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, or fewer only at the end of the stream."""
+        avail = len(self._buf) - self._pos
+        if avail >= n:
+            out = self._buf[self._pos : self._pos + n]
+            self._pos += n
+            self.consumed += n
+            return out
+        parts = [self._buf[self._pos :]]
+        need = n - avail
+        self._buf, self._pos = b"", 0
+        while need > 0:
+            chunk = self._stream.read(max(READ_SIZE, need))
+            if not chunk:
+                break
+            if len(chunk) > need:
+                parts.append(chunk[:need])
+                self._buf, self._pos = chunk, need
+                need = 0
+            else:
+                parts.append(chunk)
+                need -= len(chunk)
+        out = b"".join(parts)
+        self.consumed += len(out)
+        return out
+
+    def _read_exact(self, n: int, what: str, name: str | None) -> bytes:
+        data = self._read(n)
+        if len(data) != n:
+            raise self._error(f"archive truncated in {what}", name)
+        return data
+
+    def _chunks(self, n: int, name: str) -> Iterator[memoryview]:
+        """The next ``n`` bytes as buffer-sized views (no copy for big spans)."""
+        while n > 0:
+            avail = len(self._buf) - self._pos
+            if avail == 0:
+                self._buf = self._stream.read(READ_SIZE)
+                self._pos = 0
+                avail = len(self._buf)
+                if avail == 0:
+                    raise self._error("archive truncated in file data", name)
+            take = min(avail, n)
+            view = memoryview(self._buf)[self._pos : self._pos + take]
+            self._pos += take
+            self.consumed += take
+            n -= take
+            yield view
+
+    def _skip(self, n: int, name: str) -> None:
+        for _ in self._chunks(n, name):
+            pass
+
+    # -- members ------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Entry]:
+        while True:
+            if self._pending:
+                self._skip(self._pending, "<previous member>")
+                self._pending = 0
+            entry = self._next()
+            if entry is None:
+                return
+            self._pending = entry.data_size + (-entry.data_size % BLOCK)
+            yield entry
+
+    def copy_data(self, entry: Entry, fd: int) -> None:
+        """Write ``entry``'s data to ``fd`` (expanding a sparse file), then skip the padding."""
+        if entry.sparse is None:
+            self._write_span(fd, entry.data_size, entry.name)
+        else:
+            for offset, length in entry.sparse:
+                os.lseek(fd, offset, os.SEEK_SET)
+                self._write_span(fd, length, entry.name)
+            os.ftruncate(fd, entry.size)
+        pad = -entry.data_size % BLOCK
+        if pad:
+            self._read_exact(pad, "padding", entry.name)
+        self._pending = 0
+
+    def read_data(self, entry: Entry, limit: int = MAX_META) -> bytes:
+        """The whole data of a small member (refused past ``limit``)."""
+        if entry.data_size > limit:
+            raise self._error(f"member data of {entry.data_size} bytes is too large", entry.name)
+        data = self._read_exact(entry.data_size, "member data", entry.name)
+        self._read_exact(-entry.data_size % BLOCK, "padding", entry.name)
+        self._pending = 0
+        return data
+
+    def _write_span(self, fd: int, n: int, name: str) -> None:
+        for view in self._chunks(n, name):
+            while view:
+                view = view[os.write(fd, view) :]
+
+    def _next(self) -> Entry | None:
+        pax: dict[str, bytes] = {}
+        pax_sparse: list[int] = []
+        long_name: bytes | None = None
+        long_link: bytes | None = None
+        while True:
+            offset = self.consumed
+            header = self._read(BLOCK)
+            if not header:
+                return None  # a stream that just ends at a member boundary, as Go's reader allows
+            if len(header) != BLOCK:
+                raise self._error(f"archive truncated in a header at offset {offset}")
+            if header == _ZERO_BLOCK:
+                second = self._read(BLOCK)
+                if second and second != _ZERO_BLOCK:
+                    raise self._error(f"data after an end-of-archive block at offset {offset}")
+                return None
+            self._check_sum(header, offset)
+            kind = chr(header[156]) if header[156] else "\0"
+            size = _num(header[124:136], "size", offset)
+            if size < 0:
+                raise self._error(f"negative size at offset {offset}")
+            if kind in "xg":
+                data = self._meta(size, "PAX header", offset)
+                if kind == "x":
+                    self._parse_pax(data, pax, pax_sparse, offset)
+                continue
+            if kind in "LK":
+                value = _cstr(self._meta(size, "GNU long name", offset))
+                if kind == "L":
+                    long_name = value
+                else:
+                    long_link = value
+                continue
+            return self._member(header, kind, size, offset, pax, pax_sparse, long_name, long_link)
+
+    def _meta(self, size: int, what: str, offset: int) -> bytes:
+        if size > MAX_META:
+            raise self._error(f"{what} of {size} bytes at offset {offset} is too large")
+        data = self._read_exact(size, what, None)
+        self._read_exact(-size % BLOCK, what, None)
+        return data
+
+    def _check_sum(self, header: bytes, offset: int) -> None:
+        stored = _num(header[148:156], "checksum", offset)
+        blanked = header[:148] + b"        " + header[156:]
+        unsigned = sum(blanked)
+        if stored == unsigned:
+            return
+        signed = unsigned - 256 * sum(1 for b in blanked if b > 127)
+        if stored != signed:
+            raise self._error(f"bad header checksum at offset {offset}")
+
+    def _parse_pax(
+        self, data: bytes, pax: dict[str, bytes], sparse: list[int], offset: int
+    ) -> None:
+        pos = 0
+        while pos < len(data):
+            space = data.find(b" ", pos)
+            if space < 0:
+                raise self._error(f"bad PAX record at offset {offset}")
+            try:
+                length = int(data[pos:space])
+            except ValueError:
+                raise self._error(f"bad PAX record length at offset {offset}") from None
+            end = pos + length
+            if length <= space - pos + 1 or end > len(data) or data[end - 1 : end] != b"\n":
+                raise self._error(f"bad PAX record at offset {offset}")
+            record = data[space + 1 : end - 1]
+            eq = record.find(b"=")
+            if eq <= 0:
+                raise self._error(f"bad PAX record at offset {offset}")
+            key = record[:eq].decode("utf-8", "replace")
+            value = record[eq + 1 :]
+            if key in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
+                sparse.append(self._pax_int(value, key, offset))
+            else:
+                pax[key] = value
+            pos = end
+
+    def _pax_int(self, value: bytes, key: str, offset: int) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise self._error(f"bad PAX {key} {value!r} at offset {offset}") from None
+        if number < 0:
+            raise self._error(f"negative PAX {key} at offset {offset}")
+        return number
+
+    def _pax_time(self, value: bytes, key: str, offset: int) -> int:
+        text = value.decode("ascii", "replace")
+        try:
+            whole, _, frac = text.partition(".")
+            sign = -1 if whole.startswith("-") else 1
+            ns = (frac + "000000000")[:9]
+            return int(whole) * 1_000_000_000 + sign * int(ns or "0")
+        except ValueError:
+            raise self._error(f"bad PAX {key} {text!r} at offset {offset}") from None
+
+    def _member(
+        self,
+        header: bytes,
+        kind: str,
+        size: int,
+        offset: int,
+        pax: dict[str, bytes],
+        pax_sparse: list[int],
+        long_name: bytes | None,
+        long_link: bytes | None,
+    ) -> Entry:
+        magic = header[257:263]
+        raw_name = _cstr(header[0:100])
+        if magic == b"ustar\x00" and header[345]:  # POSIX prefix field (not GNU's layout)
+            raw_name = _cstr(header[345:500]) + b"/" + raw_name
+        if long_name is not None:
+            raw_name = long_name
+        raw_link = long_link if long_link is not None else _cstr(header[157:257])
+        if "path" in pax:
+            raw_name = pax["path"]
+        if "linkpath" in pax:
+            raw_link = pax["linkpath"]
+        if b"\0" in raw_name or b"\0" in raw_link:
+            raise self._error(f"NUL byte in a name at offset {offset}")
+        name = _decode(raw_name)
+        if "size" in pax:
+            size = self._pax_int(pax["size"], "size", offset)
+        data_size = size
+        if kind in ("0", "\0") and name.endswith("/"):
+            kind = DIR  # old V7 archives spell directories this way
+        if kind in "7\0":
+            kind = REG
+        elif kind == "D":
+            kind = DIR  # GNU dumpdir: a directory whose data (a listing) is skipped
+        elif kind not in "0123456S":
+            raise self._error(f"unsupported tar member type {kind!r} at offset {offset}", name)
+        else:
+            # As Go's reader (and so Docker) does: these types carry no data.
+            data_size = 0 if kind in "123456" else size
+        mtime = _num(header[136:148], "mtime", offset) * 1_000_000_000
+        if "mtime" in pax:
+            mtime = self._pax_time(pax["mtime"], "mtime", offset)
+        atime = self._pax_time(pax["atime"], "atime", offset) if "atime" in pax else None
+        uid = self._pax_int(pax["uid"], "uid", offset) if "uid" in pax else _num(
+            header[108:116], "uid", offset)
+        gid = self._pax_int(pax["gid"], "gid", offset) if "gid" in pax else _num(
+            header[116:124], "gid", offset)
+        xattrs = {
+            key[len("SCHILY.xattr.") :]: value
+            for key, value in pax.items()
+            if key.startswith("SCHILY.xattr.")
+        }
+        entry = Entry(
+            name=name,
+            type=REG if kind == "S" else kind,
+            mode=_num(header[100:108], "mode", offset) & 0o7777,
+            uid=uid,
+            gid=gid,
+            size=size,
+            mtime=mtime,
+            atime=atime,
+            linkname=_decode(raw_link),
+            devmajor=_num(header[329:337], "devmajor", offset) if kind in "34" else 0,
+            devminor=_num(header[337:345], "devminor", offset) if kind in "34" else 0,
+            xattrs=xattrs,
+            data_size=data_size,
+            offset=offset,
+        )
+        if entry.type != REG:
+            entry.size = 0
+        if kind == "S":
+            self._gnu_sparse(entry, header, offset)
+        elif "GNU.sparse.major" in pax or "GNU.sparse.map" in pax or pax_sparse:
+            self._pax_sparse(entry, pax, pax_sparse, offset)
+        return entry
+
+    def _gnu_sparse(self, entry: Entry, header: bytes, offset: int) -> None:
+        regions = self._sparse_block(header[386:482], 4, offset)
+        extended = header[482]
+        while extended:
+            block = self._read_exact(BLOCK, "sparse header", entry.name)
+            regions += self._sparse_block(block[:504], 21, offset)
+            extended = block[504]
+            if len(regions) > MAX_SPARSE_ENTRIES:
+                raise self._error("too many sparse regions", entry.name)
+        entry.size = _num(header[483:495], "realsize", offset)
+        self._set_sparse(entry, regions)
+
+    def _sparse_block(self, raw: bytes, count: int, offset: int) -> list[tuple[int, int]]:
+        regions = []
+        for i in range(count):
+            field_ = raw[i * 24 : i * 24 + 24]
+            if not field_.strip(b"\0"):
+                break
+            regions.append((_num(field_[:12], "sparse offset", offset),
+                            _num(field_[12:], "sparse length", offset)))
+        return regions
+
+    def _pax_sparse(
+        self, entry: Entry, pax: dict[str, bytes], pax_sparse: list[int], offset: int
+    ) -> None:
+        if "GNU.sparse.name" in pax:
+            entry.name = _decode(pax["GNU.sparse.name"])
+        real = pax.get("GNU.sparse.realsize", pax.get("GNU.sparse.size"))
+        if real is None:
+            raise self._error("sparse file without a real size", entry.name)
+        numbers: list[int]
+        if pax.get("GNU.sparse.major") == b"1":
+            numbers = self._sparse_map_1_0(entry)
+        elif "GNU.sparse.map" in pax:
+            text = pax["GNU.sparse.map"]
+            numbers = [self._pax_int(v, "GNU.sparse.map", offset) for v in text.split(b",")] if (
+                text) else []
+        else:
+            numbers = pax_sparse
+        if len(numbers) % 2 or len(numbers) > 2 * MAX_SPARSE_ENTRIES:
+            raise self._error("bad sparse map", entry.name)
+        entry.size = self._pax_int(real, "GNU.sparse.realsize", offset)
+        self._set_sparse(entry, list(zip(numbers[::2], numbers[1::2], strict=True)))
+
+    def _sparse_map_1_0(self, entry: Entry) -> list[int]:
+        # The map leads the member's data: decimal numbers, one per line, padded to a block.
+        text = b""
+        numbers: list[int] = []
+        count: int | None = None
+        used = 0
+        while count is None or len(numbers) < 2 * count:
+            if b"\n" not in text:
+                if used >= entry.data_size or used > MAX_META:
+                    raise self._error("bad sparse map", entry.name)
+                text += self._read_exact(BLOCK, "sparse map", entry.name)
+                used += BLOCK
+                continue
+            line, _, text = text.partition(b"\n")
+            try:
+                number = int(line)
+            except ValueError:
+                raise self._error("bad sparse map", entry.name) from None
+            if count is None:
+                if number < 0 or number > MAX_SPARSE_ENTRIES:
+                    raise self._error("bad sparse map", entry.name)
+                count = number
+            else:
+                numbers.append(number)
+        entry.data_size -= used
+        return numbers
+
+    def _set_sparse(self, entry: Entry, regions: list[tuple[int, int]]) -> None:
+        end = 0
+        stored = 0
+        for off, length in regions:
+            if off < end or length < 0 or off + length > entry.size:
+                raise self._error("bad sparse map", entry.name)
+            end = off + length
+            stored += length
+        if stored != entry.data_size:
+            raise self._error("sparse map does not match the stored data", entry.name)
+        entry.sparse = regions

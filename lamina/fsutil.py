@@ -1,0 +1,306 @@
+"""The one place that renames, fsyncs, syncfs-es, locks and copies trees.
+
+Crash model of the helpers here:
+- :func:`atomic_write` leaves either the old file or the complete new one, never
+  a torn file, across a kill or a power cut (temp in the same dir, fsync, rename,
+  fsync of the directory).
+- :func:`syncfs` makes everything written on a filesystem durable at once; a
+  layer is synced with it once, just before the rename that makes it visible.
+- :class:`FileLock` is an ``flock``: the kernel drops it when its holder dies, so
+  a lock never outlives a crashed process.
+- :func:`copy_tree` writes into a directory nobody can see yet (a staging dir);
+  an interrupted copy is swept with the staging dir.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syncfs.argtypes = [ctypes.c_int]
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+FICLONE = 0x40049409
+COPY_CHUNK = 1 << 24
+
+
+def _raise_errno(what: str, path: str | os.PathLike[str]) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}", os.fspath(path))
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Flush every dirty page and inode of the filesystem holding ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            _raise_errno("syncfs", path)
+    finally:
+        os.close(fd)
+
+
+def sync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory, so that the names created or renamed in it survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` all at once: temp → write → fsync → rename → fsync dir."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    # The rename is the commit point; the directory fsync makes the new name durable.
+    os.replace(tmp, path)
+    sync_dir(path.parent)
+
+
+def rename_exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
+    """Swap two paths atomically (``renameat2(RENAME_EXCHANGE)``)."""
+    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        _raise_errno("renameat2", a)
+
+
+def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename ``src`` to ``dst``, failing with EEXIST rather than replacing ``dst``."""
+    if _libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), RENAME_NOREPLACE) != 0:
+        _raise_errno("renameat2", dst)
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete ``path`` and everything below it; a missing path is fine.
+
+    Several processes may sweep the same leftover at once, so vanished entries
+    are not errors.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+
+    def onerror(func: object, p: str, exc_info: tuple[type, BaseException, object]) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+class FileLock:
+    """An ``flock`` on a lock file; exclusive or shared, blocking or not."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self, *, shared: bool = False, blocking: bool = True) -> bool:
+        """Take the lock; with ``blocking=False`` return False when another holder has it."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        if not blocking:
+            op |= fcntl.LOCK_NB
+        try:
+            fcntl.flock(self._fd, op)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        """Drop the lock and close the file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextmanager
+def locked(path: str | os.PathLike[str], *, shared: bool = False) -> Iterator[FileLock]:
+    """Hold the lock at ``path`` for the ``with`` block."""
+    lock = FileLock(path)
+    lock.acquire(shared=shared)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy ``size`` bytes: a reflink where the filesystem has them, else copy_file_range."""
+    if size == 0:
+        return
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+        return
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
+            raise
+    copied = 0
+    try:
+        while copied < size:
+            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, size - copied))
+            if n == 0:
+                break
+            copied += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    os.lseek(src_fd, copied, os.SEEK_SET)
+    os.lseek(dst_fd, copied, os.SEEK_SET)
+    while True:
+        chunk = os.read(src_fd, 1 << 20)
+        if not chunk:
+            break
+        os.write(dst_fd, chunk)
+
+
+def copy_xattrs(src: str | int, dst: str | int, *, follow: bool = False) -> None:
+    """Copy every extended attribute (trusted.* and security.* included) from src to dst."""
+    if isinstance(src, int) or isinstance(dst, int):
+        follow = True  # an fd names its inode; there is no link to follow
+    try:
+        names = os.listxattr(src, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=follow),
+                        follow_symlinks=follow)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                raise
+
+
+def _fdpath(dir_fd: int, name: str) -> str:
+    # A path that reaches ``name`` in ``dir_fd`` without following ``name`` itself,
+    # for the l*xattr calls, which have no *at form.
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
+def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Copy the tree ``src`` into the existing directory ``dst``, keeping everything.
+
+    Owners, modes (setuid/setgid/sticky), mtimes, every xattr, hard links, symlinks,
+    fifos and devices (overlay whiteouts included) are kept; file data is reflinked
+    where the filesystem can, else copied in the kernel.
+    """
+    src_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    dst_fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        links: dict[tuple[int, int], str] = {}
+        _copy_dir(src_fd, dst_fd, dst_fd, "", links)
+        st = os.fstat(src_fd)
+        os.chown(dst_fd, st.st_uid, st.st_gid)
+        os.chmod(dst_fd, stat.S_IMODE(st.st_mode))
+        copy_xattrs(_fdpath(src_fd, "."), _fdpath(dst_fd, "."))
+        os.utime(dst_fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+
+
+def _copy_dir(
+    src_fd: int, dst_fd: int, dst_root: int, rel: str, links: dict[tuple[int, int], str]
+) -> None:
+    # ``rel`` is this directory's path below the copy's root, so that a later hard
+    # link can name its first copy from ``dst_root``.
+    with os.scandir(src_fd) as it:
+        entries = list(it)
+    for entry in entries:
+        name = entry.name
+        st = entry.stat(follow_symlinks=False)
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            os.mkdir(name, 0o700, dir_fd=dst_fd)
+            sub_src = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=src_fd)
+            sub_dst = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                              dir_fd=dst_fd)
+            try:
+                _copy_dir(sub_src, sub_dst, dst_root, f"{rel}{name}/", links)
+                os.chown(sub_dst, st.st_uid, st.st_gid)
+                os.chmod(sub_dst, stat.S_IMODE(mode))
+                copy_xattrs(_fdpath(sub_src, "."), _fdpath(sub_dst, "."))
+                os.utime(sub_dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(sub_src)
+                os.close(sub_dst)
+            continue
+        if st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            first = links.get(key)
+            if first is not None:
+                os.link(first, name, src_dir_fd=dst_root, dst_dir_fd=dst_fd,
+                        follow_symlinks=False)
+                continue
+            links[key] = rel + name
+        if stat.S_ISREG(mode):
+            _copy_file(src_fd, dst_fd, name, st)
+            continue
+        if stat.S_ISLNK(mode):
+            os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
+        elif stat.S_ISFIFO(mode):
+            os.mkfifo(name, 0o600, dir_fd=dst_fd)
+        else:
+            os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_fd)
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+        if not stat.S_ISLNK(mode):
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=dst_fd, follow_symlinks=False)
+        copy_xattrs(_fdpath(src_fd, name), _fdpath(dst_fd, name))
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+
+
+def _copy_file(src_dir: int, dst_dir: int, name: str, st: os.stat_result) -> None:
+    sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+    try:
+        dfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=dst_dir)
+        try:
+            copy_file_data(sfd, dfd, st.st_size)
+            os.fchown(dfd, st.st_uid, st.st_gid)
+            os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+            # chown drops security.capability, so xattrs go after it.
+            copy_xattrs(sfd, dfd)
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
