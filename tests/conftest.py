@@ -1,0 +1,135 @@
+"""Fixtures shared by lamina's suites.
+
+- ``backend``: every registered backend (``lamina.driver.backends()``), so a backend that
+  registers itself runs the whole conformance suite with no change here.
+- ``driver``: a store opened in a fresh home with that backend; cleaned up and closed
+  after the test, which then checks that nothing is left mounted under the home.
+- ``stores``: for tests that open, close and reopen stores themselves.
+- ``corpus_dir``: the corpus of real image layers (``$LAMINA_CORPUS``).
+
+A test marked ``root`` (most are: layers are chowned) skips when not run as root, and a
+missing corpus skips its tests, except in CI (``CI=true``), where both are failures: a
+CI that cannot run a test must not pass by skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+import lamina
+from lamina import errors
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (which must skip nothing it can be asked to run)."""
+    return os.environ.get("CI") == "true"
+
+
+def lacking(reason: str) -> NoReturn:
+    """Skip for want of ``reason`` locally; fail in CI."""
+    if in_ci():
+        pytest.fail(f"CI must be able to run this: {reason}")
+    pytest.skip(reason)
+
+
+def require_root() -> None:
+    """Skip (fail in CI) unless running as root."""
+    if os.geteuid() != 0:
+        lacking("needs root (layers hold files of other owners, devices, capabilities)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Before any fixture runs: a store opened as non-root would fail in confusing ways.
+    if item.get_closest_marker("root") is not None:
+        require_root()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        from lamina.driver import backends
+
+        # Module scope, so that a module's expensive fixtures are built once per backend.
+        metafunc.parametrize("backend", backends(), scope="module")
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (from /proc/self/mountinfo)."""
+    prefix = str(path)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return found
+
+
+class Stores:
+    """Opens stores with one backend and closes whatever the test left open."""
+
+    def __init__(self, backend: str, home: Path) -> None:
+        self.backend = backend
+        self.home = home
+        self._open: list[lamina.Driver] = []
+
+    def open(self, home: Path | None = None, **kw: Any) -> lamina.Driver:
+        """``open_driver(home, backend=…, **kw)``; a backend that cannot work here is lacking."""
+        try:
+            drv = lamina.open_driver(home or self.home, backend=self.backend, **kw)
+        except errors.Unsupported as e:
+            lacking(f"backend {self.backend} cannot work here: {e}")
+        self._open.append(drv)
+        return drv
+
+    def close(self, drv: lamina.Driver) -> None:
+        """Close ``drv`` without a cleanup (as a process that goes away would)."""
+        self._open.remove(drv)
+        drv.close()
+
+    def reopen(self, drv: lamina.Driver, **kw: Any) -> lamina.Driver:
+        """Close ``drv`` and open its home again (which recovers it)."""
+        self.close(drv)
+        return self.open(drv.home, **kw)
+
+    def finish(self) -> None:
+        """``cleanup()`` then ``close()`` every store still open."""
+        while self._open:
+            drv = self._open.pop()
+            drv.cleanup()
+            drv.close()
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """Where the test's store lives (not created: opening a store creates it)."""
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def stores(backend: str, home: Path) -> Iterator[Stores]:
+    """A :class:`Stores` for ``backend``; after the test, nothing may stay mounted."""
+    opened = Stores(backend, home)
+    yield opened
+    opened.finish()
+    assert mounts_under(home.parent) == [], "cleanup() left mounts behind"
+
+
+@pytest.fixture
+def driver(stores: Stores) -> lamina.Driver:
+    """A store in a fresh home, with ``backend``."""
+    return stores.open()
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The corpus of real image layers (``$LAMINA_CORPUS``, else /var/tmp/lamina-corpus)."""
+    path = Path(os.environ.get("LAMINA_CORPUS") or "/var/tmp/lamina-corpus")
+    if not (path / "MANIFEST").is_file():
+        lacking(f"no corpus at {path} (build it with shared/corpus/build-corpus.sh)")
+    return path
