@@ -19,7 +19,7 @@ import stat
 import tarfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 CAPABILITY = "security.capability"
 _CHUNK = 1 << 20
@@ -162,12 +162,11 @@ def snapshot_tar(
     and owner are the inode's).  ``keep(path)`` chooses which paths to hash and return.
     """
     out: dict[str, Node] = {}
-    opener = (
-        tarfile.open(fileobj=source, mode="r|")  # type: ignore[arg-type]
-        if hasattr(source, "read")
-        else tarfile.open(source, mode="r|")
-    )
-    with opener as tar:
+    if isinstance(source, (str, os.PathLike)):
+        kw: dict[str, Any] = {"name": source}
+    else:
+        kw = {"fileobj": source}
+    with tarfile.open(mode="r|", **kw) as tar:
         for member in tar:
             path = tar_path(member.name)
             if not keep(path):
