@@ -202,7 +202,7 @@ class Driver(abc.ABC):
     def mount_count(self, id: str) -> int:
         """How many :meth:`get` calls of ``id`` are not yet given back."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release what this driver holds (not the mounts other processes counted)."""
 
 

@@ -27,7 +27,9 @@ from pathlib import Path
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syncfs.argtypes = [ctypes.c_int]
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.renameat2.argtypes = [
+    ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint,
+]
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -160,16 +162,18 @@ def locked(path: str | os.PathLike[str], *, shared: bool = False) -> Iterator[Fi
         lock.release()
 
 
-def copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
+def copy_file_data(src_fd: int, dst_fd: int, size: int, *, reflink: bool = True) -> None:
     """Copy ``size`` bytes: a reflink where the filesystem has them, else copy_file_range."""
     if size == 0:
         return
-    try:
-        fcntl.ioctl(dst_fd, FICLONE, src_fd)
-        return
-    except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
-            raise
+    if reflink:
+        try:
+            fcntl.ioctl(dst_fd, FICLONE, src_fd)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY,
+                               errno.EBADF):
+                raise
     copied = 0
     try:
         while copied < size:
@@ -215,7 +219,9 @@ def _fdpath(dir_fd: int, name: str) -> str:
     return f"/proc/self/fd/{dir_fd}/{name}"
 
 
-def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+def copy_tree(
+    src: str | os.PathLike[str], dst: str | os.PathLike[str], *, reflink: bool = True
+) -> None:
     """Copy the tree ``src`` into the existing directory ``dst``, keeping everything.
 
     Owners, modes (setuid/setgid/sticky), mtimes, every xattr, hard links, symlinks,
@@ -226,7 +232,7 @@ def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     dst_fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         links: dict[tuple[int, int], str] = {}
-        _copy_dir(src_fd, dst_fd, dst_fd, "", links)
+        _copy_dir(src_fd, dst_fd, dst_fd, "", links, reflink)
         st = os.fstat(src_fd)
         os.chown(dst_fd, st.st_uid, st.st_gid)
         os.chmod(dst_fd, stat.S_IMODE(st.st_mode))
@@ -238,7 +244,12 @@ def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
 
 
 def _copy_dir(
-    src_fd: int, dst_fd: int, dst_root: int, rel: str, links: dict[tuple[int, int], str]
+    src_fd: int,
+    dst_fd: int,
+    dst_root: int,
+    rel: str,
+    links: dict[tuple[int, int], str],
+    reflink: bool,
 ) -> None:
     # ``rel`` is this directory's path below the copy's root, so that a later hard
     # link can name its first copy from ``dst_root``.
@@ -255,7 +266,7 @@ def _copy_dir(
             sub_dst = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                               dir_fd=dst_fd)
             try:
-                _copy_dir(sub_src, sub_dst, dst_root, f"{rel}{name}/", links)
+                _copy_dir(sub_src, sub_dst, dst_root, f"{rel}{name}/", links, reflink)
                 os.chown(sub_dst, st.st_uid, st.st_gid)
                 os.chmod(sub_dst, stat.S_IMODE(mode))
                 copy_xattrs(_fdpath(sub_src, "."), _fdpath(sub_dst, "."))
@@ -273,7 +284,7 @@ def _copy_dir(
                 continue
             links[key] = rel + name
         if stat.S_ISREG(mode):
-            _copy_file(src_fd, dst_fd, name, st)
+            _copy_file(src_fd, dst_fd, name, st, reflink)
             continue
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
@@ -288,13 +299,15 @@ def _copy_dir(
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
 
 
-def _copy_file(src_dir: int, dst_dir: int, name: str, st: os.stat_result) -> None:
+def _copy_file(
+    src_dir: int, dst_dir: int, name: str, st: os.stat_result, reflink: bool
+) -> None:
     sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
     try:
         dfd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o600, dir_fd=dst_dir)
         try:
-            copy_file_data(sfd, dfd, st.st_size)
+            copy_file_data(sfd, dfd, st.st_size, reflink=reflink)
             os.fchown(dfd, st.st_uid, st.st_gid)
             os.fchmod(dfd, stat.S_IMODE(st.st_mode))
             # chown drops security.capability, so xattrs go after it.
@@ -304,3 +317,18 @@ def _copy_file(src_dir: int, dst_dir: int, name: str, st: os.stat_result) -> Non
             os.close(dfd)
     finally:
         os.close(sfd)
+
+
+def fs_type(path: str | os.PathLike[str]) -> str:
+    """The type of the filesystem holding ``path`` (from /proc/self/mountinfo)."""
+    target = os.path.realpath(path)
+    best, kind = "", "unknown"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            mount_point = fields[4].replace("\\040", " ")
+            inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+            if inside and len(mount_point) >= len(best):
+                best, kind = mount_point, fields[sep + 1]
+    return kind

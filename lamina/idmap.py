@@ -22,7 +22,9 @@ def _check(ranges: IdRanges | None, what: str) -> tuple[tuple[int, int, int], ..
         try:
             cid, hid, size = (int(v) for v in item)
         except (TypeError, ValueError):
-            raise InvalidArgument(f"bad {what} entry {item!r}: want (container, host, size)") from None
+            raise InvalidArgument(
+                f"bad {what} entry {item!r}: want (container, host, size)"
+            ) from None
         if cid < 0 or hid < 0 or size <= 0:
             raise InvalidArgument(f"bad {what} entry {item!r}")
         out.append((cid, hid, size))

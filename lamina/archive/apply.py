@@ -86,6 +86,7 @@ class Applier:
         self._written: set[tuple[int, str]] = set()  # (parent inode, name) this archive wrote
         self._holds: set[int] = set()  # directory inodes with written entries below them
         self._dirs: list[tuple[tuple[str, ...], int, int, int]] = []  # deferred dir times
+        self._retired: list[int] = []  # fds dropped from the cache, closed between entries
 
     # -- entry point --------------------------------------------------------
 
@@ -99,15 +100,14 @@ class Applier:
             return size
         finally:
             self._drop_cache()
+            self._close_retired()
             os.close(self._root_fd)
 
     def _apply_all(self, reader: TarReader) -> int:
         report = progress.current()
         total = 0
-        count = 0
         seen = 0
-        for entry in reader:
-            count += 1
+        for count, entry in enumerate(reader, 1):
             if self.max_entries is not None and count > self.max_entries:
                 raise UnsafeArchive(f"more than {self.max_entries} entries", layer=self.layer)
             if entry.type == REG:
@@ -120,6 +120,8 @@ class Applier:
                 raise
             except OSError as e:
                 raise _os_error(e, self.layer, entry.name) from e
+            finally:
+                self._close_retired()
             if report is not None:
                 report(reader.consumed - seen, 1)
                 seen = reader.consumed
@@ -391,9 +393,14 @@ class Applier:
         os.chown(part, uid, gid, dir_fd=fd, follow_symlinks=False)
 
     def _drop_cache(self) -> None:
-        for fd, _ in self._cache.values():
-            os.close(fd)
+        # The entry being applied may still use a cached fd: close them after it.
+        self._retired.extend(fd for fd, _ in self._cache.values())
         self._cache.clear()
+
+    def _close_retired(self) -> None:
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
 
     def _set_dir_times(self) -> None:
         # Children change their parent's mtime, so directories get theirs last.

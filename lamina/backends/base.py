@@ -1,0 +1,290 @@
+"""What every lamina backend shares: the store, locks, counts and the life cycle.
+
+A backend subclasses :class:`StoreDriver` and fills in how a layer's content
+is built (:meth:`StoreDriver._populate`), how an archive is applied into it,
+how its union view is made and released, and how its changes are read.  The
+ordering that makes each operation crash-safe lives here, once.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from lamina import errors, fsutil
+from lamina.archive import codecs
+from lamina.driver import Driver, IdMap, LayerId, check_id
+from lamina.idmap import IdMapper
+from lamina.store import Store, wall_time
+
+log = logging.getLogger("lamina")
+
+STORAGE_OPTS = frozenset({"size"})
+
+
+def parse_options(
+    options: Sequence[str] | Mapping[str, str], known: Mapping[str, str], backend: str
+) -> dict[str, str]:
+    """``key=value`` strings or a mapping, checked against ``known`` (key → help)."""
+    pairs: list[tuple[str, str]] = []
+    if isinstance(options, Mapping):
+        pairs = [(str(k), str(v)) for k, v in options.items()]
+    else:
+        for item in options:
+            key, sep, value = str(item).partition("=")
+            if not sep:
+                raise errors.InvalidArgument(f"driver option {item!r} is not key=value")
+            pairs.append((key.strip(), value.strip()))
+    out = {}
+    for key, value in pairs:
+        if key not in known:
+            names = ", ".join(known) or "none"
+            raise errors.InvalidArgument(
+                f"unknown option {key!r} for backend {backend} (known: {names})"
+            )
+        out[key] = value
+    return out
+
+
+class StoreDriver(Driver, abc.ABC):
+    """A :class:`Driver` over a :class:`Store`; backends fill in the abstract hooks."""
+
+    backend_name = ""
+    known_options: Mapping[str, str] = {}
+
+    def __init__(
+        self,
+        home: str | Path,
+        options: Sequence[str] | Mapping[str, str] = (),
+        uid_map: IdMap | None = None,
+        gid_map: IdMap | None = None,
+    ) -> None:
+        self.options = parse_options(options, self.known_options, self.backend_name)
+        self.ids = IdMapper(uid_map, gid_map)
+        self.home = Path(home).absolute()
+        self.store = Store(self.home, self.backend_name, shared_root=not self.ids.identity)
+        # get() calls made through this driver object, given back by cleanup().
+        self._mine: collections.Counter[LayerId] = collections.Counter()
+        self._mine_lock = threading.Lock()
+        self.store.sweep()
+        self._recover()
+
+    @property
+    def name(self) -> str:
+        return self.backend_name
+
+    # -- hooks ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _populate(self, staged: Path, id: LayerId, parent: LayerId | None) -> dict[str, Any]:
+        """Fill a new layer's staging dir; return backend fields for its metadata."""
+
+    @abc.abstractmethod
+    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO) -> int:
+        """Apply an uncompressed tar into a layer being built in ``staged``."""
+
+    @abc.abstractmethod
+    def _restage(self, staged: Path, id: LayerId) -> dict[str, Any]:
+        """Copy live layer ``id``'s content into ``staged`` (for a replacing apply)."""
+
+    @abc.abstractmethod
+    def _mount(self, id: LayerId, mount_label: str) -> Path:
+        """Make ``id``'s union view available (first get)."""
+
+    @abc.abstractmethod
+    def _unmount(self, id: LayerId) -> None:
+        """Release ``id``'s union view (last put)."""
+
+    def _recover(self) -> None:
+        """Backend recovery on open (stale mounts and the like)."""
+
+    # -- creation -------------------------------------------------------------
+
+    def _check_storage_opts(self, id: LayerId, opts: Mapping[str, str] | None, rw: bool) -> None:
+        for key in opts or {}:
+            if key not in STORAGE_OPTS:
+                raise errors.InvalidArgument(f"unknown storage option {key!r}", layer=id)
+            if key == "size":
+                if not rw:
+                    raise errors.InvalidArgument(
+                        "a size quota applies to writable layers only", layer=id, path="size"
+                    )
+                raise errors.Unsupported(
+                    f"size quotas are not available on backend {self.backend_name} yet",
+                    layer=id, path="size",
+                )
+
+    def create(
+        self, id: str, parent: str | None = None, *, storage_opts: Mapping[str, str] | None = None
+    ) -> None:
+        lid = check_id(id)
+        self._check_storage_opts(lid, storage_opts, rw=False)
+        self._create(lid, parent, rw=False)
+
+    def create_rw(
+        self,
+        id: str,
+        parent: str | None = None,
+        *,
+        mount_label: str = "",
+        storage_opts: Mapping[str, str] | None = None,
+    ) -> None:
+        lid = check_id(id)
+        self._check_storage_opts(lid, storage_opts, rw=True)
+        self._create(lid, parent, rw=True)
+
+    def _create(
+        self, lid: LayerId, parent: str | None, *, rw: bool, tar: BinaryIO | None = None
+    ) -> int:
+        pid = self.store.require(parent) if parent else None
+        if self.store.exists(lid):
+            raise errors.AlreadyExists("layer exists already", layer=lid)
+        size = 0
+        with self.store.layer_lock(lid), self._parent_held(pid):
+            if self.store.exists(lid):
+                raise errors.AlreadyExists("layer exists already", layer=lid)
+            if pid is not None and not self.store.exists(pid):
+                raise errors.NotFound("parent layer vanished", layer=lid, path=pid)
+            with self.store.staging(lid) as staged:
+                fields = self._populate(staged, lid, pid)
+                if tar is not None:
+                    size = self._apply(staged, lid, pid, tar)
+                meta = {"id": lid, "parent": pid, "rw": rw, "created": wall_time(), **fields}
+                self.store.write_meta(staged, lid, meta)
+                # One syncfs makes the whole layer durable before it becomes visible.
+                fsutil.syncfs(staged)
+                self.store.publish(staged, lid, pid)
+        return size
+
+    def _parent_held(self, pid: LayerId | None) -> Any:
+        import contextlib
+
+        if pid is None:
+            return contextlib.nullcontext()
+        return self.store.layer_lock(pid, shared=True)
+
+    def apply_diff(self, id: str, parent: str | None, stream: BinaryIO) -> int:
+        lid = check_id(id)
+        tar, _ = codecs.decompressed(stream)
+        if not self.store.exists(lid):
+            try:
+                return self._create(lid, parent, rw=False, tar=tar)
+            except errors.AlreadyExists:
+                pass  # made meanwhile by someone else: apply into it below
+        pid = self.store.parent(lid)
+        want = self.store.resolve(parent) if parent else None
+        if want != pid:
+            raise errors.InvalidArgument(
+                f"layer's parent is {pid or 'none'}, not {want or 'none'}", layer=lid
+            )
+        with self.store.layer_lock(lid), self._parent_held(pid):
+            if self.store.count(lid) > 0:
+                raise errors.Busy("cannot apply into a mounted layer", layer=lid)
+            with self.store.staging(lid) as staged:
+                fields = self._restage(staged, lid)
+                size = self._apply(staged, lid, pid, tar)
+                meta = {**self.store.meta(lid), **fields}
+                self.store.write_meta(staged, lid, meta)
+                fsutil.syncfs(staged)
+                self.store.swap(staged, lid)
+        return size
+
+    # -- removal --------------------------------------------------------------
+
+    def remove(self, id: str) -> None:
+        lid = self.store.require(id)
+        with self.store.layer_lock(lid):
+            if not self.store.exists(lid):
+                raise errors.NotFound("no such layer", layer=lid)
+            if self.store.children(lid):
+                raise errors.Busy(
+                    f"layer is the parent of {', '.join(self.store.children(lid))}", layer=lid
+                )
+            if self.store.count(lid) > 0:
+                self._unmount(lid)
+            doomed = self.store.retire(lid)
+            with self._mine_lock:
+                self._mine.pop(lid, None)
+            fsutil.remove_tree(doomed)
+
+    # -- get / put ------------------------------------------------------------
+
+    def get(self, id: str, mount_label: str = "") -> Path:
+        lid = self.store.require(id)
+        with self.store.locked():
+            if not self.store.exists(lid):
+                raise errors.NotFound("no such layer", layer=lid)
+            count = self.store.count(lid)
+            path = self._mount(lid, mount_label) if count == 0 else self._view(lid)
+            self.store.set_count(lid, count + 1)
+        with self._mine_lock:
+            self._mine[lid] += 1
+        return path
+
+    def put(self, id: str) -> None:
+        lid = self.store.resolve(id)
+        with self.store.locked():
+            count = self.store.count(lid)
+            if count <= 0:
+                return
+            if count == 1 and self.store.exists(lid):
+                self._unmount(lid)
+            self.store.set_count(lid, count - 1)
+        with self._mine_lock:
+            if self._mine[lid] > 0:
+                self._mine[lid] -= 1
+
+    @abc.abstractmethod
+    def _view(self, id: LayerId) -> Path:
+        """Where ``id``'s union view is while it is mounted."""
+
+    def mount_count(self, id: str) -> int:
+        return self.store.count(self.store.require(id))
+
+    # -- queries --------------------------------------------------------------
+
+    def exists(self, id: str) -> bool:
+        try:
+            return self.store.exists(self.store.resolve(id))
+        except errors.InvalidArgument:
+            return False
+
+    def layers(self) -> Iterator[LayerId]:
+        return self.store.ids()
+
+    def parent(self, id: str) -> LayerId | None:
+        return self.store.parent(self.store.require(id))
+
+    def _diff_parent(self, lid: LayerId, parent: str | None) -> tuple[LayerId | None, bool]:
+        """The parent to diff against, and whether it is the layer's own parent."""
+        own = self.store.parent(lid)
+        if parent is None:
+            return own, True
+        pid = self.store.require(parent)
+        return pid, pid == own
+
+    def status(self) -> list[tuple[str, str]]:
+        return [
+            ("Backing Filesystem", fsutil.fs_type(self.home)),
+            ("Home", str(self.home)),
+            ("Layers", str(sum(1 for _ in self.store.ids()))),
+        ]
+
+    def cleanup(self) -> None:
+        with self._mine_lock:
+            mine = dict(self._mine)
+            self._mine.clear()
+        for lid, n in mine.items():
+            for _ in range(n):
+                try:
+                    self.put(lid)
+                except (errors.LaminaError, OSError) as e:
+                    log.warning("lamina: cleanup cannot release %s: %s", lid, e)
+                    break
+        for path in self.store.sweep():
+            log.info("lamina: swept %s", path)

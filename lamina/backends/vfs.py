@@ -1,0 +1,152 @@
+"""The ``vfs`` backend: every layer is a full copy of its tree (Docker's vfs driver).
+
+A new layer starts as a copy of its parent's tree (reflinks where the backing
+filesystem has them, else ``copy_file_range``), kept in ``layers/ID/fs``.  Its
+union view is that directory, so ``get`` only counts.  Changes are found by
+comparing the tree with its parent's (:mod:`lamina.naivediff`).
+
+Crash model: as :mod:`lamina.store` — a layer is built and synced in staging
+and published by one rename; an apply into an existing layer builds a new copy
+and swaps it in atomically.  Nothing is mounted, so there is nothing to recover
+beyond what the store sweeps.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
+
+from lamina import errors, fsutil, naivediff
+from lamina.archive.apply import Applier
+from lamina.archive.export import Action, Item, export_changes
+from lamina.backends.base import StoreDriver
+from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
+
+FS = "fs"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class VfsDriver(StoreDriver):
+    """Layers as full directory trees (see the module docstring)."""
+
+    backend_name = "vfs"
+    known_options: ClassVar[dict[str, str]] = {
+        "vfs.copy": "reflink (default: reflink where possible) or copy",
+    }
+
+    def _recover(self) -> None:
+        if self.options.get("vfs.copy", "reflink") not in ("reflink", "copy"):
+            raise errors.InvalidArgument(
+                f"vfs.copy must be reflink or copy, not {self.options['vfs.copy']!r}"
+            )
+
+    @classmethod
+    def supported(cls, home: Path) -> str | None:
+        """Why vfs cannot work at ``home`` (never: it needs nothing special)."""
+        return None
+
+    @property
+    def _reflink(self) -> bool:
+        return self.options.get("vfs.copy", "reflink") != "copy"
+
+    def _tree(self, id: LayerId) -> Path:
+        return self.store.layer_dir(id) / FS
+
+    # -- building ---------------------------------------------------------------
+
+    def _populate(self, staged: Path, id: LayerId, parent: LayerId | None) -> dict[str, Any]:
+        tree = staged / FS
+        tree.mkdir(mode=0o755)
+        if parent is not None:
+            fsutil.copy_tree(self._tree(parent), tree, reflink=self._reflink)
+        else:
+            uid, gid = self.ids.to_host(0, 0, id, "/")
+            os.chown(tree, uid, gid)
+        # Files touched after this instant may differ from the parent in content only.
+        return {"touched_ns": self.store.now_ns(staged)}
+
+    def _restage(self, staged: Path, id: LayerId) -> dict[str, Any]:
+        tree = staged / FS
+        tree.mkdir(mode=0o755)
+        fsutil.copy_tree(self._tree(id), tree, reflink=self._reflink)
+        return {"touched_ns": self.store.now_ns(staged)}
+
+    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO) -> int:
+        return Applier(staged / FS, layer=id, ids=self.ids).apply(tar)
+
+    # -- views --------------------------------------------------------------------
+
+    def _mount(self, id: LayerId, mount_label: str) -> Path:
+        return self._tree(id)
+
+    def _view(self, id: LayerId) -> Path:
+        return self._tree(id)
+
+    def _unmount(self, id: LayerId) -> None:
+        pass
+
+    def metadata(self, id: str) -> dict[str, str]:
+        lid = self.store.require(id)
+        return {"dir": str(self._tree(lid))}
+
+    # -- changes ------------------------------------------------------------------
+
+    def changes(self, id: str, parent: str | None = None) -> list[Change]:
+        lid = self.store.require(id)
+        pid, own = self._diff_parent(lid, parent)
+        touched = self.store.meta(lid).get("touched_ns") if own else None
+        return naivediff.changes(
+            self._tree(pid) if pid is not None else None,
+            self._tree(lid),
+            touched_ns=touched if isinstance(touched, int) else None,
+        )
+
+    def diff_size(self, id: str, parent: str | None = None) -> int:
+        lid = self.store.require(id)
+        return naivediff.size_of(self._tree(lid), self.changes(lid, parent))
+
+    def diff(self, id: str, parent: str | None = None) -> BinaryIO:
+        lid = self.store.require(id)
+        items = [
+            Item(c.path[1:], Action.WHITEOUT if c.kind is ChangeKind.DELETE else Action.ENTRY)
+            for c in self.changes(lid, parent)
+        ]
+        return export_changes(self._tree(lid), items, layer=lid, ids=self.ids)
+
+    def diff_getter(self, id: str) -> DiffGetter:
+        lid = self.store.require(id)
+        return TreeGetter(self._tree(lid), lid)
+
+    def status(self) -> list[tuple[str, str]]:
+        copy = "copy" if self.options.get("vfs.copy") == "copy" else "reflink where possible"
+        return [*super().status(), ("Copy", copy), ("Native Diff", "false")]
+
+
+class TreeGetter(DiffGetter):
+    """Opens files below a layer directory without following any symlink."""
+
+    def __init__(self, root: Path, layer: LayerId) -> None:
+        self.root = root
+        self.layer = layer
+
+    def get(self, path: str) -> BinaryIO:
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if not parts or ".." in parts:
+            raise errors.InvalidArgument("bad path", layer=self.layer, path=path)
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            for part in parts[:-1]:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except OSError as e:
+            raise errors.NotFound(f"cannot open: {e.strerror}", layer=self.layer,
+                                  path=path) from e
+        finally:
+            os.close(fd)
+        return os.fdopen(ffd, "rb")
+
+
+register_backend("vfs", VfsDriver)

@@ -1,0 +1,320 @@
+"""A home directory of layers: layout, visibility, locks, removal and recovery.
+
+Layout (every backend keeps its layer content inside the layer's directory)::
+
+    HOME/lamina.json          the backend the home was made with
+    HOME/.lock                the store lock: held briefly to publish, remove, count
+    HOME/layers/ID/           one complete layer: layer.json, layerchain.json,
+                              layerID (the seed driver's id redirect file), content
+    HOME/layers/ID-removing/  a layer being deleted
+    HOME/staging/NAME/        a layer being built, with NAME.lock held by its builder
+    HOME/mounts/ID            how many get() calls of ID are outstanding
+    HOME/locks/ID             serializes mutations of one layer; shared while it
+                              is being used as a parent
+
+Crash model.  A layer is built in ``staging/`` where nobody looks, made durable
+with one ``syncfs``, and published with one ``rename`` into ``layers/`` (then
+the ``layers/`` directory is fsynced): a kill or power cut before the rename
+leaves only a staging directory, after it a complete layer.  Replacing a
+layer's content (an apply into an existing layer) builds the new content in
+staging and swaps it in with ``renameat2(RENAME_EXCHANGE)``.  Removal renames
+``ID`` to ``ID-removing`` first (the commit point) and deletes after.  Opening
+the store sweeps ``*-removing`` directories and staging directories whose
+builder's lock is free (the builder died): what remains is exactly the set of
+complete layers.  Metadata files are written with :func:`fsutil.atomic_write`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lamina import errors, fsutil
+from lamina.driver import REMOVING_SUFFIX, LayerId, check_id
+
+log = logging.getLogger("lamina")
+
+FORMAT = 1
+META = "layer.json"
+CHAIN = "layerchain.json"
+ID_FILE = "layerID"
+
+
+def recorded_backend(home: Path) -> str | None:
+    """The backend recorded in ``home``, if it is a lamina home already."""
+    try:
+        data = json.loads((home / "lamina.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise errors.Corrupt(f"unreadable lamina.json: {e}", path=str(home)) from e
+    backend = data.get("backend")
+    return backend if isinstance(backend, str) else None
+
+
+class Store:
+    """The backend-neutral half of a driver (see the module docstring)."""
+
+    def __init__(self, home: Path, backend: str, *, shared_root: bool = False) -> None:
+        self.home = home
+        self.backend = backend
+        self.layers_dir = home / "layers"
+        self.staging_dir = home / "staging"
+        self.mounts_dir = home / "mounts"
+        self.locks_dir = home / "locks"
+        try:
+            home.mkdir(mode=0o710 if shared_root else 0o700, parents=True, exist_ok=True)
+            for sub in (self.layers_dir, self.staging_dir, self.mounts_dir, self.locks_dir):
+                sub.mkdir(mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise errors.InvalidArgument(f"cannot create home: {e.strerror}", path=str(home)) from e
+        if recorded_backend(home) is None:
+            fsutil.atomic_write(
+                home / "lamina.json",
+                json.dumps({"backend": backend, "format": FORMAT}).encode() + b"\n",
+            )
+        self._store_lock = home / ".lock"
+
+    # -- locks ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store lock (brief sections only)."""
+        with fsutil.locked(self._store_lock):
+            yield
+
+    @contextlib.contextmanager
+    def layer_lock(self, id: LayerId, *, shared: bool = False) -> Iterator[None]:
+        """Hold ``id``'s layer lock: exclusive to mutate it, shared to build on it."""
+        with fsutil.locked(self.locks_dir / id, shared=shared):
+            yield
+
+    # -- layers -----------------------------------------------------------------
+
+    def layer_dir(self, id: LayerId) -> Path:
+        """Where layer ``id`` lives once complete."""
+        return self.layers_dir / id
+
+    def resolve(self, id: str) -> LayerId:
+        """Validate ``id`` and follow the seed driver's ``layerID`` redirect file."""
+        lid = check_id(id)
+        try:
+            target = (self.layers_dir / lid / ID_FILE).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return lid
+        if target and target != lid:
+            return check_id(target)
+        return lid
+
+    def exists(self, id: LayerId) -> bool:
+        """Whether ``id`` is a complete layer."""
+        return (self.layers_dir / id / META).is_file()
+
+    def require(self, id: str) -> LayerId:
+        """``id`` resolved, or ``NotFound``."""
+        lid = self.resolve(id)
+        if not self.exists(lid):
+            raise errors.NotFound("no such layer", layer=lid)
+        return lid
+
+    def meta(self, id: LayerId) -> dict[str, Any]:
+        """The layer's metadata (``parent``, ``rw``, backend fields)."""
+        try:
+            data = json.loads((self.layers_dir / id / META).read_text())
+        except FileNotFoundError:
+            raise errors.NotFound("no such layer", layer=id) from None
+        except (OSError, ValueError) as e:
+            raise errors.Corrupt(f"unreadable {META}: {e}", layer=id) from e
+        if not isinstance(data, dict):
+            raise errors.Corrupt(f"bad {META}", layer=id)
+        return data
+
+    def parent(self, id: LayerId) -> LayerId | None:
+        """The layer's parent id."""
+        parent = self.meta(id).get("parent")
+        return LayerId(parent) if parent else None
+
+    def chain(self, id: LayerId) -> list[LayerId]:
+        """The layer's ancestors, nearest first."""
+        out: list[LayerId] = []
+        parent = self.parent(id)
+        while parent is not None:
+            if parent in out or len(out) > 10_000:
+                raise errors.Corrupt("parent chain loops", layer=id)
+            out.append(parent)
+            parent = self.parent(parent)
+        return out
+
+    def ids(self) -> Iterator[LayerId]:
+        """Every complete layer."""
+        for entry in sorted(os.listdir(self.layers_dir)):
+            if entry.endswith(REMOVING_SUFFIX):
+                continue
+            if (self.layers_dir / entry / META).is_file():
+                yield LayerId(entry)
+
+    def children(self, id: LayerId) -> list[LayerId]:
+        """Layers whose parent is ``id``."""
+        return [c for c in self.ids() if self.meta(c).get("parent") == id]
+
+    def write_meta(self, layer_dir: Path, id: LayerId, meta: dict[str, Any]) -> None:
+        """Write a layer's metadata files into ``layer_dir`` (staging or live)."""
+        parent = meta.get("parent")
+        chain = [str(self.layer_dir(LayerId(parent)))] if parent else []
+        if parent:
+            chain += [str(self.layer_dir(p)) for p in self.chain(LayerId(parent))]
+        fsutil.atomic_write(layer_dir / CHAIN, json.dumps(chain).encode())
+        fsutil.atomic_write(layer_dir / ID_FILE, id.encode())
+        fsutil.atomic_write(layer_dir / META, json.dumps(meta, sort_keys=True).encode())
+
+    # -- building -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self, id: LayerId) -> Iterator[Path]:
+        """A fresh directory to build ``id`` in; removed afterwards unless published."""
+        name = f"{id}.{secrets.token_hex(4)}"
+        lock = fsutil.FileLock(self.staging_dir / f"{name}.lock")
+        lock.acquire()  # held while we build: a sweeper that can take it knows we died
+        path = self.staging_dir / name
+        try:
+            path.mkdir(mode=0o700)
+            yield path
+        finally:
+            fsutil.remove_tree(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock.path)
+            lock.release()
+
+    def publish(self, staged: Path, id: LayerId, parent: LayerId | None) -> None:
+        """Make a fully built, synced staging directory the live layer ``id``."""
+        with self.locked():
+            if parent is not None and not self.exists(parent):
+                raise errors.NotFound("parent layer vanished", layer=id, path=parent)
+            try:
+                # The commit point of a new layer.
+                fsutil.rename_noreplace(staged, self.layer_dir(id))
+            except FileExistsError:
+                raise errors.AlreadyExists("layer exists already", layer=id) from None
+            fsutil.sync_dir(self.layers_dir)
+
+    def swap(self, staged: Path, id: LayerId) -> None:
+        """Replace live layer ``id``'s directory with ``staged`` in one step."""
+        with self.locked():
+            fsutil.rename_exchange(staged, self.layer_dir(id))
+            fsutil.sync_dir(self.layers_dir)
+            fsutil.sync_dir(self.staging_dir)
+
+    # -- removal --------------------------------------------------------------
+
+    def retire(self, id: LayerId) -> Path:
+        """Take ``id`` out of the store (the commit point of a removal); delete later."""
+        with self.locked():
+            if not self.exists(id):
+                raise errors.NotFound("no such layer", layer=id)
+            kids = self.children(id)
+            if kids:
+                raise errors.Busy(f"layer is the parent of {', '.join(kids)}", layer=id)
+            doomed = self.layers_dir / f"{id}{REMOVING_SUFFIX}"
+            fsutil.remove_tree(doomed)  # an older removal of the same id, unfinished
+            os.rename(self.layer_dir(id), doomed)
+            fsutil.sync_dir(self.layers_dir)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.mounts_dir / id)
+        return doomed
+
+    # -- mount counts ---------------------------------------------------------
+
+    def count(self, id: LayerId) -> int:
+        """Outstanding get() calls of ``id`` (shared by every process)."""
+        try:
+            return int((self.mounts_dir / id).read_text() or 0)
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            return 0
+
+    def set_count(self, id: LayerId, value: int) -> None:
+        """Record ``id``'s count; call with the store lock held."""
+        path = self.mounts_dir / id
+        if value <= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+        # Counts describe mounts, which do not survive a reboot: no fsync needed.
+        tmp = path.with_name(f".{id}.{os.getpid()}")
+        tmp.write_text(str(value))
+        os.replace(tmp, path)
+
+    def counted(self) -> dict[LayerId, int]:
+        """Every layer with an outstanding count."""
+        out = {}
+        for name in os.listdir(self.mounts_dir):
+            if not name.startswith("."):
+                out[LayerId(name)] = self.count(LayerId(name))
+        return out
+
+    # -- recovery ---------------------------------------------------------------
+
+    def sweep(self) -> list[str]:
+        """Finish interrupted removals and drop abandoned staging dirs; say what went."""
+        swept: list[str] = []
+        for entry in os.listdir(self.layers_dir):
+            if entry.endswith(REMOVING_SUFFIX) or entry.startswith("."):
+                swept.append(self._sweep_one(self.layers_dir / entry))
+        for entry in os.listdir(self.staging_dir):
+            path = self.staging_dir / entry
+            if entry.endswith(".lock"):
+                if not path.with_suffix("").exists():
+                    self._drop_lock_if_free(path)
+                continue
+            lock = fsutil.FileLock(self.staging_dir / f"{entry}.lock")
+            if lock.acquire(blocking=False):  # its builder is gone
+                try:
+                    swept.append(self._sweep_one(path))
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(lock.path)
+                    lock.release()
+        for entry in os.listdir(self.mounts_dir):
+            if entry.startswith(".") and entry.rsplit(".", 1)[-1].isdigit():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.mounts_dir / entry)  # a count write cut short
+        return [s for s in swept if s]
+
+    def _sweep_one(self, path: Path) -> str:
+        try:
+            fsutil.remove_tree(path)
+        except OSError as e:
+            log.warning("lamina: cannot remove leftover %s: %s", path, e)
+            return ""
+        return str(path)
+
+    def _drop_lock_if_free(self, path: Path) -> None:
+        lock = fsutil.FileLock(path)
+        try:
+            if lock.acquire(blocking=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        finally:
+            lock.release()
+
+    def now_ns(self, where: Path) -> int:
+        """The filesystem's idea of now (ctime of a fresh marker) under ``where``."""
+        marker = where / f".clock-{os.getpid()}"
+        marker.touch()
+        try:
+            return marker.stat().st_ctime_ns
+        finally:
+            marker.unlink()
+
+
+def wall_time() -> str:
+    """A timestamp for metadata (RFC 3339, UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
