@@ -118,8 +118,9 @@ Command = Callable[[Driver, argparse.Namespace], Result]
 def cmd_status(drv: Driver, args: argparse.Namespace) -> Result:
     """``status``: the backend and its status pairs."""
     pairs = drv.status()
-    lines = [f"Home: {args.home}", f"Backend: {drv.name}"]
-    lines += [f"{key}: {value}" for key, value in pairs]
+    lines = [f"Backend: {drv.name}"] + [f"{key}: {value}" for key, value in pairs]
+    if not any(key == "Home" for key, _ in pairs):
+        lines.insert(0, f"Home: {args.home}")
     doc = {"home": str(args.home), "backend": drv.name, "status": [list(p) for p in pairs]}
     return Result(doc, lines)
 
@@ -279,6 +280,27 @@ def _storage_opt(text: str) -> tuple[str, str]:
     return key, value
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser that lets options and operands mix in any order.
+
+    Plain argparse cannot parse ``apply ID --parent P FILE``: an optional operand
+    (``FILE``) after an option is refused.  Intermixed parsing takes it.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing:  # parse_known_intermixed_args calls back here
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lamina`` and its commands."""
     parser = argparse.ArgumentParser(
@@ -307,13 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # --json is accepted before or after the command; SUPPRESS keeps the
     # subcommand's default from overwriting a --json given before it.
-    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag = _CommandParser(add_help=False)
     json_flag.add_argument(
         "--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--version", action="version", version=f"lamina {lamina.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     def command(name: str, func: Command, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, parents=[json_flag])
