@@ -22,10 +22,17 @@ lamina() { "$LAMINA_BIN" "$@"; }
 
 if [ -t 1 ]; then BOLD=$'\e[1m' DIM=$'\e[2m' OFF=$'\e[0m'; else BOLD='' DIM='' OFF=''; fi
 say() { printf '\n%s# %s%s\n' "$DIM" "$*" "$OFF"; }
+# show TEXT: print a command line, with the demo's long paths as $WORK and $ROOT.
+show() {
+  local text=$1
+  [ -z "${ROOT:-}" ] || text=${text//"$ROOT"/\$ROOT}
+  text=${text//"$WORK"/\$WORK}
+  printf '%s$ %s%s\n' "$BOLD" "$text" "$OFF"
+}
 # run CMD...: print the command, then run it.
-run() { printf '%s$ %s%s\n' "$BOLD" "$*" "$OFF"; "$@"; }
-# run_sh 'PIPELINE': the same for a shell line with pipes or redirections.
-run_sh() { printf '%s$ %s%s\n' "$BOLD" "$1" "$OFF"; eval "$1"; }
+run() { show "$*"; "$@"; }
+# run_sh 'LINE': the same for a shell line with pipes or redirections.
+run_sh() { show "$1"; eval "$1"; }
 
 WORK=$(mktemp -d /tmp/lamina-demo.XXXXXX)
 LAYERS=(demo-ctr demo-app demo-base)  # children first
@@ -40,18 +47,19 @@ remove_layers() {
 }
 trap 'status=$?; if [ $status != 0 ]; then remove_layers; fi; rm -rf "$WORK"' EXIT
 remove_layers  # leftovers of an interrupted demo
+ROOT=''
 
 say "the store: ${LAMINA_HOME:-the default home}"
 run lamina status
 
-say "a small root filesystem, tarred as an image layer is"
+say "a small root filesystem in \$WORK ($WORK), tarred as an image layer is"
 mkdir -p "$WORK/base"/{etc,bin,usr/share/doc/demo,var/log}
 echo demo-host >"$WORK/base/etc/hostname"
 echo 'Welcome to the lamina demo.' >"$WORK/base/etc/motd"
 printf '#!/bin/sh\necho hello from lamina\n' >"$WORK/base/bin/hello"
 chmod 0755 "$WORK/base/bin/hello"
 echo 'read me, then delete me' >"$WORK/base/usr/share/doc/demo/README"
-run_sh "tar --numeric-owner -C $WORK/base -cf - . | lamina apply demo-base -"
+run_sh 'tar --numeric-owner -C "$WORK/base" -cf - . | lamina apply demo-base -'
 
 say "an image layer on it: adds a file, deletes one with a .wh. whiteout, adds a symlink"
 mkdir -p "$WORK/app"/{etc,usr/bin,usr/share/doc/demo}
@@ -65,17 +73,17 @@ run lamina ls
 
 say "a container: a writable layer on the image, mounted"
 run lamina create --rw demo-ctr --parent demo-app
-printf '%s$ ROOT=$(lamina mount demo-ctr)%s\n' "$BOLD" "$OFF"
+show 'ROOT=$(lamina mount demo-ctr)'
 ROOT=$(lamina mount demo-ctr)
 echo "$ROOT"
 run ls -l "$ROOT" "$ROOT/usr/bin" "$ROOT/usr/share/doc/demo"
 run cat "$ROOT/etc/app.conf"
 
 say "the container changes its files"
-run_sh "echo 'changed in the container' >>\$ROOT/etc/motd"
+run_sh "echo 'changed in the container' >>\"\$ROOT/etc/motd\""
 run rm "$ROOT/etc/hostname"
 run mkdir "$ROOT/data"
-run_sh "echo note >\$ROOT/data/note.txt"
+run_sh "echo note >\"\$ROOT/data/note.txt\""
 run lamina changes demo-ctr
 run lamina diff-size demo-ctr
 
