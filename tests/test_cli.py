@@ -20,17 +20,10 @@ from pathlib import Path
 
 import pytest
 
+# conftest.py skips ``root`` tests without root, and fails them in CI (CI=true).
 pytestmark = pytest.mark.root
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def _needs_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the CLI tests need root, and CI runs them as root")
-        pytest.skip("needs root (the store chowns files)")
 
 
 # --- helpers -------------------------------------------------------------------------
