@@ -194,8 +194,13 @@ def copy_file_data(src_fd: int, dst_fd: int, size: int, *, reflink: bool = True)
         os.write(dst_fd, chunk)
 
 
-def copy_xattrs(src: str | int, dst: str | int, *, follow: bool = False) -> None:
-    """Copy every extended attribute (trusted.* and security.* included) from src to dst."""
+def copy_xattrs(
+    src: str | int, dst: str | int, *, follow: bool = False, overlay: bool = True
+) -> None:
+    """Copy every extended attribute (trusted.* and security.* included) from src to dst.
+
+    ``overlay=False`` leaves out overlayfs' own ``trusted.overlay.*`` attributes.
+    """
     if isinstance(src, int) or isinstance(dst, int):
         follow = True  # an fd names its inode; there is no link to follow
     try:
@@ -205,6 +210,8 @@ def copy_xattrs(src: str | int, dst: str | int, *, follow: bool = False) -> None
             return
         raise
     for name in names:
+        if not overlay and name.startswith("trusted.overlay."):
+            continue
         try:
             os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=follow),
                         follow_symlinks=follow)
@@ -283,24 +290,37 @@ def _copy_dir(
                         follow_symlinks=False)
                 continue
             links[key] = rel + name
-        if stat.S_ISREG(mode):
-            _copy_file(src_fd, dst_fd, name, st, reflink)
-            continue
-        if stat.S_ISLNK(mode):
-            os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
-        elif stat.S_ISFIFO(mode):
-            os.mkfifo(name, 0o600, dir_fd=dst_fd)
-        else:
-            os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_fd)
-        os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
-        if not stat.S_ISLNK(mode):
-            os.chmod(name, stat.S_IMODE(mode), dir_fd=dst_fd, follow_symlinks=False)
-        copy_xattrs(_fdpath(src_fd, name), _fdpath(dst_fd, name))
-        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
+        copy_node(src_fd, dst_fd, name, st, reflink=reflink)
+
+
+def copy_node(
+    src_fd: int, dst_fd: int, name: str, st: os.stat_result, *, reflink: bool = True,
+    overlay_xattrs: bool = True,
+) -> None:
+    """Copy the non-directory ``name`` from one directory fd to another, keeping everything.
+
+    With ``overlay_xattrs=False`` overlayfs' own ``trusted.overlay.*`` xattrs are not
+    copied (a copy-up out of a lower layer must not carry them).
+    """
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        _copy_file(src_fd, dst_fd, name, st, reflink, overlay_xattrs)
+        return
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
+    elif stat.S_ISFIFO(mode):
+        os.mkfifo(name, 0o600, dir_fd=dst_fd)
+    else:
+        os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_fd)
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+    if not stat.S_ISLNK(mode):
+        os.chmod(name, stat.S_IMODE(mode), dir_fd=dst_fd, follow_symlinks=False)
+    copy_xattrs(_fdpath(src_fd, name), _fdpath(dst_fd, name), overlay=overlay_xattrs)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_fd, follow_symlinks=False)
 
 
 def _copy_file(
-    src_dir: int, dst_dir: int, name: str, st: os.stat_result, reflink: bool
+    src_dir: int, dst_dir: int, name: str, st: os.stat_result, reflink: bool, overlay: bool
 ) -> None:
     sfd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
     try:
@@ -311,7 +331,7 @@ def _copy_file(
             os.fchown(dfd, st.st_uid, st.st_gid)
             os.fchmod(dfd, stat.S_IMODE(st.st_mode))
             # chown drops security.capability, so xattrs go after it.
-            copy_xattrs(sfd, dfd)
+            copy_xattrs(sfd, dfd, overlay=overlay)
             os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
             os.close(dfd)

@@ -137,6 +137,24 @@ def _same_time(a: int, b: int) -> bool:
 def _differs(
     walk: _Walk, ofd: int, nfd: int, name: str, ost: os.stat_result, nst: os.stat_result
 ) -> bool:
+    touched = walk.touched_ns is not None and nst.st_ctime_ns >= walk.touched_ns
+    return differs(ofd, nfd, name, ost, nst, compare_content=touched)
+
+
+def differs(
+    ofd: int,
+    nfd: int,
+    name: str,
+    ost: os.stat_result,
+    nst: os.stat_result,
+    *,
+    compare_content: bool = True,
+) -> bool:
+    """Whether ``name`` in directory ``nfd`` changed from ``name`` in ``ofd`` (the rules above).
+
+    ``compare_content`` decides whether a regular file with equal metadata has its
+    bytes compared.
+    """
     mode = nst.st_mode
     if (
         ost.st_mode != mode
@@ -155,8 +173,7 @@ def _differs(
         return True
     if (
         stat.S_ISREG(mode)
-        and walk.touched_ns is not None
-        and nst.st_ctime_ns >= walk.touched_ns
+        and compare_content
         and (ost.st_dev, ost.st_ino) != (nst.st_dev, nst.st_ino)
     ):
         return not _same_content(ofd, nfd, name, nst.st_size)

@@ -23,10 +23,10 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
-from lamina import progress
+from lamina import fsutil, progress
 from lamina.archive.reader import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, TarReader
 from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive
 from lamina.idmap import IdMapper
@@ -73,8 +73,10 @@ class Applier:
         overlay_whiteouts: bool = False,
         max_entries: int | None = None,
         max_size: int | None = None,
+        lowers: Sequence[str] = (),
     ) -> None:
         self.root = os.fspath(root)
+        self.lowers = list(lowers)  # overlay: the lower layers' diff dirs, nearest first
         self.layer = layer
         self.ids = ids or IdMapper()
         self.overlay_whiteouts = overlay_whiteouts
@@ -218,7 +220,7 @@ class Applier:
         target = split_name(entry.linkname, layer=self.layer)
         if not target:
             raise UnsafeArchive("hard link to the layer root", layer=self.layer, path=entry.name)
-        found = self._resolve(target[:-1], create=False, name=entry.linkname)
+        found = self._resolve(target[:-1], create=bool(self.lowers), name=entry.linkname)
         if found is None:
             raise UnsafeArchive(f"hard link target {entry.linkname!r} not found",
                                 layer=self.layer, path=entry.name)
@@ -226,8 +228,10 @@ class Applier:
         try:
             tst = os.lstat(target[-1], dir_fd=tfd)
         except FileNotFoundError:
-            raise UnsafeArchive(f"hard link target {entry.linkname!r} not found",
-                                layer=self.layer, path=entry.name) from None
+            tst = self._copy_up(tfd, target[-1], entry)
+        if self.overlay_whiteouts and _is_whiteout(tst):
+            raise UnsafeArchive(f"hard link target {entry.linkname!r} is deleted",
+                                layer=self.layer, path=entry.name)
         if stat.S_ISDIR(tst.st_mode):
             raise UnsafeArchive("hard link to a directory", layer=self.layer, path=entry.name)
         try:
@@ -237,6 +241,24 @@ class Applier:
             pass
         self._clear(pfd, base, False)
         os.link(target[-1], base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+
+    def _copy_up(self, tfd: int, base: str, entry: Entry) -> os.stat_result:
+        """Bring a hard link's target up from a lower layer (overlay), or refuse."""
+        lower = None
+        if self.lowers and not _opaque(tfd):
+            where = os.path.relpath(os.readlink(f"/proc/self/fd/{tfd}"), self.root)
+            parts = [] if where == "." else where.split("/")
+            lower = lower_lookup(self.lowers, [*parts, base])
+        if lower is None or stat.S_ISDIR(lower[1].st_mode):
+            raise UnsafeArchive(f"hard link target {entry.linkname!r} not found",
+                                layer=self.layer, path=entry.name)
+        path, st = lower
+        src = os.open(os.path.dirname(path), _DIR_FLAGS)
+        try:
+            fsutil.copy_node(src, tfd, base, st, overlay_xattrs=False)
+        finally:
+            os.close(src)
+        return os.lstat(base, dir_fd=tfd)
 
     # -- whiteouts ------------------------------------------------------------
 
@@ -332,7 +354,8 @@ class Applier:
     def _walk(
         self, parts: tuple[str, ...], create: bool, name: str
     ) -> tuple[int, tuple[int, ...]] | None:
-        stack: list[tuple[int, int]] = []  # (fd, inode) of the directories above
+        # (fd, inode, name) of the directories above the current one, root first.
+        stack: list[tuple[int, int, str]] = []
         fd, ino = os.dup(self._root_fd), self._root_ino
         todo = list(reversed(parts))
         links = 0
@@ -344,50 +367,101 @@ class Applier:
                 if part == "..":
                     if stack:  # never above the root
                         os.close(fd)
-                        fd, ino = stack.pop()
+                        fd, ino, _ = stack.pop()
                     continue
+                target: str | None = None
                 try:
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
-                    if not create:
+                    found = self._in_lowers(stack, fd, part)
+                    if found is not None and stat.S_ISLNK(found[1].st_mode):
+                        target = os.readlink(found[0])
+                    elif found is not None and not stat.S_ISDIR(found[1].st_mode):
+                        raise UnsafeArchive(f"{part!r} is not a directory", layer=self.layer,
+                                            path=name) from None
+                    elif not create:
                         return None
-                    self._mkdir_parent(fd, part)
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    else:
+                        self._mkdir_parent(fd, part, found)
+                        nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
                     if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
                     target = self._link_target(fd, part, name)
+                    if target is None:  # an overlay whiteout: the name is free again
+                        if not create:
+                            return None
+                        os.unlink(part, dir_fd=fd)
+                        self._mkdir_parent(fd, part, None)
+                        nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                if target is not None:
                     links += 1
                     if links > MAX_SYMLINKS:
                         raise UnsafeArchive("too many levels of symbolic links",
                                             layer=self.layer, path=name) from None
                     if target.startswith("/"):
-                        for above, _ in stack:
+                        for above, _, _ in stack:
                             os.close(above)
                         stack.clear()
                         os.close(fd)
                         fd, ino = os.dup(self._root_fd), self._root_ino
                     todo.extend(reversed(target.split("/")))
                     continue
-                stack.append((fd, ino))
+                stack.append((fd, ino, part))
                 fd, ino = nfd, os.fstat(nfd).st_ino
-            chain = (*(i for _, i in stack), ino)
+            chain = (*(i for _, i, _ in stack), ino)
             return fd, chain
         except BaseException:
             os.close(fd)
             raise
         finally:
-            for above, _ in stack:
+            for above, _, _ in stack:
                 os.close(above)
 
-    def _link_target(self, fd: int, part: str, name: str) -> str:
+    def _link_target(self, fd: int, part: str, name: str) -> str | None:
+        """The target of the symlink ``part``; None for an overlay whiteout."""
         st = os.lstat(part, dir_fd=fd)
-        if not stat.S_ISLNK(st.st_mode):
-            raise UnsafeArchive(f"{part!r} is not a directory", layer=self.layer, path=name)
-        return os.readlink(part, dir_fd=fd)
+        if stat.S_ISLNK(st.st_mode):
+            return os.readlink(part, dir_fd=fd)
+        if self.overlay_whiteouts and _is_whiteout(st):
+            return None
+        raise UnsafeArchive(f"{part!r} is not a directory", layer=self.layer, path=name)
 
-    def _mkdir_parent(self, fd: int, part: str) -> None:
-        # A parent the archive never named: 0755 and owned by the (mapped) root, as Docker does.
+    def _in_lowers(
+        self, stack: list[tuple[int, int, str]], fd: int, part: str
+    ) -> tuple[str, os.stat_result] | None:
+        """What the lower layers have at the union path of ``part``: (path, lstat).
+
+        Consulted only for a name missing from the layer being written; an opaque
+        directory above it in this layer hides the lowers.
+        """
+        if not self.lowers:
+            return None
+        if any(_opaque(above) for above, _, _ in stack) or _opaque(fd):
+            return None
+        return lower_lookup(self.lowers, [*(n for _, _, n in stack), part])
+
+    def _mkdir_parent(
+        self, fd: int, part: str, lower: tuple[str, os.stat_result] | None
+    ) -> None:
+        """Create a parent directory the archive did not name.
+
+        Where a lower layer has the directory, it is copied up with its metadata
+        (the union must not change); elsewhere it is 0755 and owned by the
+        (mapped) root, as Docker does.
+        """
+        if lower is not None:
+            path, st = lower
+            os.mkdir(part, 0o700, dir_fd=fd)
+            dfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            try:
+                os.fchown(dfd, st.st_uid, st.st_gid)
+                os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+                fsutil.copy_xattrs(path, f"/proc/self/fd/{dfd}", overlay=False)
+                os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(dfd)
+            return
         os.mkdir(part, 0o755, dir_fd=fd)
         uid, gid = self.ids.to_host(0, 0, self.layer, part)
         os.chown(part, uid, gid, dir_fd=fd, follow_symlinks=False)
@@ -422,6 +496,55 @@ class Applier:
                     os.utime(fd, ns=(atime, mtime))
             finally:
                 os.close(fd)
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _opaque(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, OVERLAY_OPAQUE_XATTR) == b"y"
+    except OSError:
+        return False
+
+
+def lower_lookup(lowers: Sequence[str], parts: Sequence[str]) -> tuple[str, os.stat_result] | None:
+    """What the union of ``lowers`` (overlay diff dirs, nearest first) has at ``parts``.
+
+    Returns the path in the lower that provides it and its lstat, or None where
+    no lower has it (missing, whited out, or hidden by an opaque directory).
+    The parts are a path already resolved in the union, so no symlink is followed.
+    """
+    for lower in lowers:
+        path = lower
+        hidden = False
+        for i, part in enumerate(parts):
+            path = f"{path}/{part}"
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                break  # this lower lacks it; a deeper one may have it
+            if _is_whiteout(st):
+                return None
+            if i == len(parts) - 1:
+                return path, st
+            if not stat.S_ISDIR(st.st_mode):
+                return None  # a non-directory in the way: the union has no such path
+            if _opaque_path(path):
+                hidden = True
+        else:
+            continue
+        if hidden:
+            return None
+    return None
+
+
+def _opaque_path(path: str) -> bool:
+    try:
+        return os.getxattr(path, OVERLAY_OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
 
 
 def _atime(entry: Entry) -> int:

@@ -103,6 +103,9 @@ class StoreDriver(Driver, abc.ABC):
     def _recover(self) -> None:
         """Backend recovery on open (stale mounts and the like)."""
 
+    def _check_depth(self, id: LayerId, parent: LayerId | None, rw: bool) -> None:
+        """Refuse a layer deeper than the backend can serve (before anything is written)."""
+
     # -- creation -------------------------------------------------------------
 
     def _check_storage_opts(self, id: LayerId, opts: Mapping[str, str] | None, rw: bool) -> None:
@@ -144,6 +147,7 @@ class StoreDriver(Driver, abc.ABC):
         pid = self.store.require(parent) if parent else None
         if self.store.exists(lid):
             raise errors.AlreadyExists("layer exists already", layer=lid)
+        self._check_depth(lid, pid, rw)
         size = 0
         with self.store.layer_lock(lid), self._parent_held(pid):
             if self.store.exists(lid):
@@ -205,8 +209,7 @@ class StoreDriver(Driver, abc.ABC):
                 raise errors.Busy(
                     f"layer is the parent of {', '.join(self.store.children(lid))}", layer=lid
                 )
-            if self.store.count(lid) > 0:
-                self._unmount(lid)
+            self._unmount(lid)  # a mounted layer is unmounted first (a stale one too)
             doomed = self.store.retire(lid)
             with self._mine_lock:
                 self._mine.pop(lid, None)

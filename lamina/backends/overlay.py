@@ -1,0 +1,444 @@
+"""The ``overlay`` backend: kernel overlayfs union mounts, laid out like Docker's overlay2.
+
+Per layer, in ``layers/ID/``: ``diff/`` (the layer's own changes, with overlay
+whiteouts: 0/0 character devices and the ``trusted.overlay.opaque`` xattr),
+``work/`` (overlayfs' work dir), ``merged/`` (the mount point), ``lower`` (the
+chain as ``l/SHORT`` names, nearest first) and ``link`` (this layer's short
+name; ``HOME/l/SHORT`` is a symlink to its ``diff/``, so that mount options stay
+short on kernels without the new mount API).
+
+``get`` mounts the union at ``merged/``: a writable layer with its ``diff/`` as
+``upperdir``, a read-only one with lowers only.  A layer without a parent needs
+no mount: its view is its ``diff/``.  Mounts are counted across processes by
+the store; ``redirect_dir``, ``metacopy`` and ``index`` are off, so that
+``diff/`` always holds a layer's full changes and the native diff is exact.
+
+Native diff: against its own parent a layer's changes are read from ``diff/``
+alone (cost proportional to the change, lower layers consulted only for the
+paths that changed); against any other parent both union views are mounted and
+compared naively.
+
+Crash model: as :mod:`lamina.store` for building and removal.  Mounts do not
+survive a reboot and may outlive a process that died; on open, a mount with no
+count is unmounted and a count with no mount is reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
+
+from lamina import errors, fsutil, mount, naivediff
+from lamina.archive.apply import (
+    OVERLAY_OPAQUE_XATTR,
+    Applier,
+    lower_lookup,
+)
+from lamina.archive.export import Action, Item, export_changes, open_stream
+from lamina.backends.base import StoreDriver
+from lamina.backends.vfs import TreeGetter
+from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
+
+DIFF, WORK, MERGED, LOWER, LINK = "diff", "work", "merged", "lower", "link"
+MAX_DEPTH = 500  # overlayfs' limit on lower layers
+MOUNT_OPTIONS = ("index=off", "redirect_dir=off", "metacopy=off")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def why_unsupported(home: Path) -> str | None:
+    """Why overlay cannot work with ``home``, or None when it can."""
+    if os.geteuid() != 0:
+        return "overlay needs root"
+    try:
+        with open("/proc/filesystems", encoding="ascii") as f:
+            if not any(line.split()[-1] == "overlay" for line in f if line.strip()):
+                return "the kernel has no overlayfs"
+    except OSError:
+        return "cannot read /proc/filesystems"
+    probe_in = home
+    while not probe_in.exists():
+        probe_in = probe_in.parent
+    kind = fsutil.fs_type(probe_in)
+    if kind in ("overlay", "aufs", "nfs", "cifs", "fuse"):
+        return f"the home is on {kind}, which overlayfs cannot use as upper layer"
+    return _probe_mount(probe_in)
+
+
+def _probe_mount(where: Path) -> str | None:
+    # The only reliable test: mount a small overlay there, whiteout and opaque included.
+    base = where / f".lamina-probe-{secrets.token_hex(4)}"
+    try:
+        for sub in ("lower", "upper", "work", "merged"):
+            (base / sub).mkdir(parents=True)
+        (base / "lower" / "d").mkdir()
+        os.setxattr(base / "upper", OVERLAY_OPAQUE_XATTR, b"y")
+        os.mknod(base / "upper" / "w", stat.S_IFCHR | 0o600, 0)
+        mount.mount_overlay(str(base / "merged"), [str(base / "lower")], str(base / "upper"),
+                            str(base / "work"), options=MOUNT_OPTIONS)
+        mount.unmount(str(base / "merged"))
+    except OSError as e:
+        return f"overlayfs cannot be used on {fsutil.fs_type(where)} at {where}: {e}"
+    finally:
+        with contextlib.suppress(OSError):
+            fsutil.remove_tree(base)
+    return None
+
+
+class OverlayDriver(StoreDriver):
+    """Layers as overlayfs diff directories (see the module docstring)."""
+
+    backend_name = "overlay"
+    known_options: ClassVar[dict[str, str]] = {
+        "overlay.mount_program": "not supported: lamina mounts kernel overlayfs itself",
+    }
+
+    @classmethod
+    def supported(cls, home: Path) -> str | None:
+        """Why overlay cannot work at ``home`` (None: it can)."""
+        return why_unsupported(home)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        home = Path(args[0] if args else kwargs["home"])
+        reason = why_unsupported(home)
+        if reason is not None:
+            raise errors.Unsupported(reason, path=str(home))
+        super().__init__(*args, **kwargs)
+
+    def _recover(self) -> None:
+        if "overlay.mount_program" in self.options:
+            raise errors.Unsupported("overlay.mount_program (fuse-overlayfs) is not supported",
+                                     path="overlay.mount_program")
+        (self.home / "l").mkdir(mode=0o700, exist_ok=True)
+        mounted = set(mount.mounted_below(str(self.store.layers_dir)))
+        with self.store.locked():
+            for lid in list(self.store.ids()):
+                point = str(self._merged(lid))
+                count = self.store.count(lid)
+                if point in mounted and count == 0:
+                    mount.unmount(point)  # left by a process that died between mount and count
+                elif point not in mounted and count > 0 and self._needs_mount(lid):
+                    self.store.set_count(lid, 0)  # the mount is gone (a reboot, a kill)
+            for lid, count in self.store.counted().items():
+                if count and not self.store.exists(lid):
+                    self.store.set_count(lid, 0)
+        self._sweep_links()
+
+    def _sweep_links(self) -> None:
+        links = self.home / "l"
+        for name in os.listdir(links):
+            path = links / name
+            if path.is_symlink() and not path.exists():
+                target = os.readlink(path)
+                lid = target.split("/")[-2] if target.count("/") >= 2 else ""
+                building = any(e.startswith(f"{lid}.") for e in os.listdir(self.store.staging_dir))
+                if not building:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+
+    # -- paths --------------------------------------------------------------------
+
+    def _diff(self, id: LayerId) -> Path:
+        return self.store.layer_dir(id) / DIFF
+
+    def _merged(self, id: LayerId) -> Path:
+        return self.store.layer_dir(id) / MERGED
+
+    def _lowers(self, parent: LayerId | None) -> list[str]:
+        if parent is None:
+            return []
+        return [str(self._diff(p)) for p in [parent, *self.store.chain(parent)]]
+
+    def _needs_mount(self, id: LayerId) -> bool:
+        return self.store.parent(id) is not None
+
+    # -- building -------------------------------------------------------------------
+
+    def _check_depth(self, id: LayerId, parent: LayerId | None, rw: bool) -> None:
+        depth = 0 if parent is None else 1 + len(self.store.chain(parent))
+        # A read-only layer mounts its own diff as a lower too; a writable one as upper.
+        if depth + (0 if rw else 1) > MAX_DEPTH:
+            raise errors.InvalidArgument(
+                f"chain too deep: overlayfs takes at most {MAX_DEPTH} lower layers (max depth)",
+                layer=id, path=parent,
+            )
+
+    def _populate(self, staged: Path, id: LayerId, parent: LayerId | None) -> dict[str, Any]:
+        diff = staged / DIFF
+        diff.mkdir(mode=0o755)
+        uid, gid = self.ids.to_host(0, 0, id, "/")
+        os.chown(diff, uid, gid)
+        for sub in (WORK, MERGED):
+            (staged / sub).mkdir(mode=0o700)
+        short = secrets.token_hex(13).upper()
+        fsutil.atomic_write(staged / LINK, short.encode())
+        chain = [parent, *self.store.chain(parent)] if parent else []
+        lower = ":".join(f"l/{self._short(p)}" for p in chain)
+        if lower:
+            fsutil.atomic_write(staged / LOWER, lower.encode())
+        link = self.home / "l" / short
+        os.symlink(f"../layers/{id}/{DIFF}", link)
+        return {}
+
+    def _short(self, id: LayerId) -> str:
+        return (self.store.layer_dir(id) / LINK).read_text().strip()
+
+    def _restage(self, staged: Path, id: LayerId) -> dict[str, Any]:
+        live = self.store.layer_dir(id)
+        (staged / DIFF).mkdir(mode=0o755)
+        fsutil.copy_tree(live / DIFF, staged / DIFF)
+        for sub in (WORK, MERGED):
+            (staged / sub).mkdir(mode=0o700)
+        for name in (LINK, LOWER):
+            if (live / name).exists():
+                fsutil.atomic_write(staged / name, (live / name).read_bytes())
+        return {}
+
+    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO) -> int:
+        applier = Applier(staged / DIFF, layer=id, ids=self.ids, overlay_whiteouts=True,
+                          lowers=self._lowers(parent))
+        return applier.apply(tar)
+
+    # -- views ------------------------------------------------------------------------
+
+    def _mount(self, id: LayerId, mount_label: str) -> Path:
+        meta = self.store.meta(id)
+        parent = meta.get("parent")
+        if not parent:
+            return self._diff(id)
+        lowers = self._lowers(LayerId(parent))
+        options = list(MOUNT_OPTIONS)
+        if mount_label:
+            options.append(f"context={mount_label}")
+        layer_dir = self.store.layer_dir(id)
+        try:
+            if meta.get("rw"):
+                mount.mount_overlay(str(layer_dir / MERGED), lowers, str(layer_dir / DIFF),
+                                    str(layer_dir / WORK), options=options,
+                                    relative_to=str(self.home))
+            else:
+                mount.mount_overlay(str(layer_dir / MERGED), [str(layer_dir / DIFF), *lowers],
+                                    options=options, relative_to=str(self.home))
+        except OSError as e:
+            raise errors.LaminaError(f"cannot mount: {e}", layer=id,
+                                     path=str(layer_dir / MERGED)) from e
+        return layer_dir / MERGED
+
+    def _view(self, id: LayerId) -> Path:
+        return self._merged(id) if self._needs_mount(id) else self._diff(id)
+
+    def _unmount(self, id: LayerId) -> None:
+        try:
+            mount.unmount(str(self._merged(id)))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise errors.Busy(f"cannot unmount: {e}", layer=id,
+                                  path=str(self._merged(id))) from e
+
+    def metadata(self, id: str) -> dict[str, str]:
+        lid = self.store.require(id)
+        layer_dir = self.store.layer_dir(lid)
+        out = {"dir": str(layer_dir), "UpperDir": str(layer_dir / DIFF),
+               "WorkDir": str(layer_dir / WORK), "MergedDir": str(layer_dir / MERGED)}
+        lowers = self._lowers(self.store.parent(lid))
+        if lowers:
+            out["LowerDir"] = ":".join(lowers)
+        return out
+
+    # -- changes ------------------------------------------------------------------------
+
+    def changes(self, id: str, parent: str | None = None) -> list[Change]:
+        lid = self.store.require(id)
+        pid, own = self._diff_parent(lid, parent)
+        if own:
+            return native_changes(self._diff(lid), self._lowers(pid))
+        with self._viewed(lid) as new, self._viewed(pid) as old:
+            return naivediff.changes(old, new)
+
+    def diff_size(self, id: str, parent: str | None = None) -> int:
+        lid = self.store.require(id)
+        pid, own = self._diff_parent(lid, parent)
+        if own:
+            return _tree_size(self._diff(lid))
+        with self._viewed(lid) as new, self._viewed(pid) as old:
+            return naivediff.size_of(new, naivediff.changes(old, new))
+
+    def diff(self, id: str, parent: str | None = None) -> BinaryIO:
+        lid = self.store.require(id)
+        pid, own = self._diff_parent(lid, parent)
+        if own:
+            return export_changes(self._diff(lid), native_items(self._diff(lid)), layer=lid,
+                                  ids=self.ids)
+        return open_stream(self._naive_export(lid, pid))
+
+    def _naive_export(self, lid: LayerId, pid: LayerId | None) -> Iterator[bytes]:
+        # Both views stay mounted until the stream is read to its end or closed.
+        with self._viewed(lid) as new, self._viewed(pid) as old:
+            items = [
+                Item(c.path[1:], Action.WHITEOUT if c.kind is ChangeKind.DELETE else Action.ENTRY)
+                for c in naivediff.changes(old, new)
+            ]
+            with export_changes(new, items, layer=lid, ids=self.ids) as stream:
+                while chunk := stream.read(1 << 20):
+                    yield chunk
+
+    @contextlib.contextmanager
+    def _viewed(self, id: LayerId | None) -> Iterator[Path | None]:
+        if id is None:
+            yield None
+            return
+        path = self.get(id)
+        try:
+            yield path
+        finally:
+            self.put(id)
+
+    def diff_getter(self, id: str) -> DiffGetter:
+        lid = self.store.require(id)
+        return TreeGetter(self._diff(lid), lid)
+
+    def status(self) -> list[tuple[str, str]]:
+        api = "new mount API (lowerdir+)" if mount.lowerdir_plus_available() else "mount(2)"
+        return [*super().status(), ("Native Overlay Diff", "true"), ("Mount", api),
+                ("Max Depth", str(MAX_DEPTH))]
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, OVERLAY_OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def native_items(diff: Path) -> Iterator[Item]:
+    """The export of an overlay ``diff/`` as it is: whiteouts and opaque markers turned back."""
+    root = str(diff)
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        children = []
+        for entry in entries:
+            path = f"{rel}/{entry.name}" if rel else entry.name
+            st = entry.stat(follow_symlinks=False)
+            if _is_whiteout(st):
+                yield Item(path, Action.WHITEOUT)
+                continue
+            yield Item(path, Action.ENTRY)
+            if stat.S_ISDIR(st.st_mode):
+                if _opaque(os.path.join(root, path)):
+                    yield Item(path, Action.OPAQUE)
+                children.append(path)
+        stack.extend(reversed(children))
+
+
+def native_changes(diff: Path, lowers: list[str]) -> list[Change]:
+    """A layer's changes from its ``diff/`` and the lowers' view of the paths it touches.
+
+    The same answers as the naive diff of the two union views would give.
+    """
+    out: list[Change] = []
+    _native_dir(str(diff), lowers, [], out, hidden=False)
+    out.sort()
+    return out
+
+
+def _native_dir(diff: str, lowers: list[str], parts: list[str], out: list[Change],
+                hidden: bool) -> None:
+    here = os.path.join(diff, *parts)
+    with os.scandir(here) as it:
+        entries = list(it)
+    for entry in entries:
+        sub = [*parts, entry.name]
+        path = "/" + "/".join(sub)
+        st = entry.stat(follow_symlinks=False)
+        lower = None if hidden else lower_lookup(lowers, sub)
+        if _is_whiteout(st):
+            if lower is not None:
+                out.append(Change(path, ChangeKind.DELETE))
+            continue
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if lower is None:
+            out.append(Change(path, ChangeKind.ADD))
+            if is_dir:
+                _native_dir(diff, lowers, sub, out, hidden=True)
+            continue
+        lpath, lst = lower
+        changed = _differs(lpath, lst, os.path.join(here, entry.name), st)
+        mark = len(out)
+        if changed:
+            out.append(Change(path, ChangeKind.MODIFY))
+        if is_dir:
+            opaque = _opaque(os.path.join(here, entry.name))
+            if not stat.S_ISDIR(lst.st_mode):
+                _native_dir(diff, lowers, sub, out, hidden=True)
+            else:
+                _native_dir(diff, lowers, sub, out, hidden=opaque)
+                if opaque:
+                    _hidden_children(lpath, lowers, sub, os.path.join(here, entry.name), out)
+            if len(out) > mark and not changed:
+                out.insert(mark, Change(path, ChangeKind.MODIFY))
+
+
+def _hidden_children(lpath: str, lowers: list[str], parts: list[str], upper: str,
+                     out: list[Change]) -> None:
+    # An opaque directory deletes every lower child it does not have itself.
+    present = set(os.listdir(upper))
+    lower_names: set[str] = set()
+    for lower in lowers:
+        base = os.path.join(lower, *parts)
+        try:
+            for name in os.listdir(base):
+                lower_names.add(name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if _opaque(base):
+            break
+    for name in sorted(lower_names - present):
+        if lower_lookup(lowers, [*parts, name]) is not None:
+            out.append(Change("/" + "/".join([*parts, name]), ChangeKind.DELETE))
+
+
+def _differs(lpath: str, lst: os.stat_result, upath: str, ust: os.stat_result) -> bool:
+    ldir, lname = os.path.split(lpath)
+    udir, uname = os.path.split(upath)
+    if lname != uname:  # pragma: no cover - same path in both
+        return True
+    lfd = os.open(ldir, _DIR_FLAGS)
+    try:
+        ufd = os.open(udir, _DIR_FLAGS)
+        try:
+            return naivediff.differs(lfd, ufd, lname, lst, ust)
+        finally:
+            os.close(ufd)
+    finally:
+        os.close(lfd)
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if st.st_nlink > 1:
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
+register_backend("overlay", OverlayDriver)

@@ -1,0 +1,230 @@
+"""Mounting and unmounting overlayfs, through ctypes syscalls.
+
+On kernels with the new mount API and ``lowerdir+`` (6.8 and later) each lower
+directory is handed to the kernel on its own (``fsopen("overlay")``, one
+``fsconfig(FSCONFIG_SET_STRING, "lowerdir+", dir)`` per layer, then
+``FSCONFIG_CMD_CREATE``, ``fsmount``, ``move_mount``), so a chain as deep as
+overlayfs allows (500 lower layers) mounts with no limit on the option string.
+Older kernels get one ``mount(2)`` whose data must fit in a page; the caller
+passes short relative paths and the directory they are relative to, and the
+mount happens in a forked child that ``chdir``-s there (the parent's working
+directory is left alone, which threads would share).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import functools
+import os
+from collections.abc import Sequence
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+# These numbers are the same on every architecture (the unified syscall table).
+SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 429, 430, 431, 432
+FSOPEN_CLOEXEC = 1
+FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 0, 1, 6
+FSMOUNT_CLOEXEC = 1
+MOUNT_ATTR_RDONLY = 1
+MOVE_MOUNT_F_EMPTY_PATH = 4
+AT_FDCWD = -100
+MS_RDONLY = 1
+MNT_DETACH = 2
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class MountError(OSError):
+    """A mount failed; ``detail`` carries what the kernel logged about it."""
+
+    def __init__(self, err: int, what: str, detail: str = "") -> None:
+        super().__init__(err, f"{what}: {os.strerror(err)}{': ' + detail if detail else ''}")
+        self.detail = detail
+
+
+def _check(result: int, what: str, fs_fd: int = -1) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise MountError(err, what, _kernel_log(fs_fd))
+    return result
+
+
+def _kernel_log(fs_fd: int) -> str:
+    """What the kernel said about a failed fsconfig (read from the fs context fd)."""
+    if fs_fd < 0:
+        return ""
+    lines = []
+    while True:
+        try:
+            msg = os.read(fs_fd, 1024)
+        except OSError:
+            break
+        if not msg:
+            break
+        lines.append(msg.decode(errors="replace").strip())
+    return "; ".join(lines)
+
+
+def _fsconfig(fs_fd: int, cmd: int, key: str | None, value: str | None) -> None:
+    res = _libc.syscall(
+        SYS_FSCONFIG,
+        ctypes.c_int(fs_fd),
+        ctypes.c_uint(cmd),
+        ctypes.c_char_p(key.encode() if key is not None else None),
+        ctypes.c_char_p(os.fsencode(value) if value is not None else None),
+        ctypes.c_int(0),
+    )
+    _check(res, f"fsconfig {key or 'create'}", fs_fd)
+
+
+@functools.cache
+def lowerdir_plus_available() -> bool:
+    """Whether overlayfs takes lowers one by one here (new mount API, kernel ≥ 6.8)."""
+    fd = _libc.syscall(SYS_FSOPEN, ctypes.c_char_p(b"overlay"), ctypes.c_uint(FSOPEN_CLOEXEC))
+    if fd < 0:
+        return False
+    try:
+        _fsconfig(fd, FSCONFIG_SET_STRING, "lowerdir+", "/")
+    except MountError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def mount_overlay(
+    target: str,
+    lowers: Sequence[str],
+    upper: str | None = None,
+    work: str | None = None,
+    *,
+    options: Sequence[str] = (),
+    relative_to: str | None = None,
+) -> None:
+    """Mount overlayfs at ``target``; lowers nearest first; read-only without ``upper``.
+
+    ``options`` are extra ``key=value`` or flag options (``index=off`` …).  With the
+    new API the lowers may be any length; otherwise, when the option string would
+    not fit a page, ``lowers`` should be relative to ``relative_to``.
+    """
+    if lowerdir_plus_available():
+        _mount_new(target, lowers, upper, work, options)
+    else:
+        _mount_legacy(target, lowers, upper, work, options, relative_to)
+
+
+def _mount_new(
+    target: str, lowers: Sequence[str], upper: str | None, work: str | None,
+    options: Sequence[str],
+) -> None:
+    fs_fd = _check(
+        _libc.syscall(SYS_FSOPEN, ctypes.c_char_p(b"overlay"), ctypes.c_uint(FSOPEN_CLOEXEC)),
+        "fsopen overlay",
+    )
+    try:
+        for lower in lowers:
+            _fsconfig(fs_fd, FSCONFIG_SET_STRING, "lowerdir+", lower)
+        if upper is not None:
+            _fsconfig(fs_fd, FSCONFIG_SET_STRING, "upperdir", upper)
+            _fsconfig(fs_fd, FSCONFIG_SET_STRING, "workdir", work)
+        for option in options:
+            key, sep, value = option.partition("=")
+            if sep:
+                _fsconfig(fs_fd, FSCONFIG_SET_STRING, key, value)
+            else:
+                _fsconfig(fs_fd, FSCONFIG_SET_FLAG, key, None)
+        _fsconfig(fs_fd, FSCONFIG_CMD_CREATE, None, None)
+        attrs = MOUNT_ATTR_RDONLY if upper is None else 0
+        mnt_fd = _check(
+            _libc.syscall(SYS_FSMOUNT, ctypes.c_int(fs_fd), ctypes.c_uint(FSMOUNT_CLOEXEC),
+                          ctypes.c_uint(attrs)),
+            "fsmount", fs_fd,
+        )
+    finally:
+        os.close(fs_fd)
+    try:
+        _check(
+            _libc.syscall(SYS_MOVE_MOUNT, ctypes.c_int(mnt_fd), ctypes.c_char_p(b""),
+                          ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(target)),
+                          ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)),
+            "move_mount",
+        )
+    finally:
+        os.close(mnt_fd)
+
+
+def _mount_legacy(
+    target: str, lowers: Sequence[str], upper: str | None, work: str | None,
+    options: Sequence[str], relative_to: str | None,
+) -> None:
+    data = ["lowerdir=" + ":".join(lowers)]
+    if upper is not None:
+        data += [f"upperdir={upper}", f"workdir={work}"]
+    data += list(options)
+    text = ",".join(data).encode()
+    if len(text) >= PAGE:
+        raise MountError(errno.EINVAL, "overlay mount options exceed a page")
+    flags = MS_RDONLY if upper is None else 0
+    if relative_to is None:
+        _check(_libc.mount(b"overlay", os.fsencode(target), b"overlay", flags, text), "mount")
+        return
+    # Relative paths need a working directory: set it in a child so that the
+    # parent's (shared by its threads) never changes.
+    target_abs = os.fsencode(os.path.abspath(target))
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(read_fd)
+        code = 0
+        try:
+            os.chdir(relative_to)
+            if _libc.mount(b"overlay", target_abs, b"overlay", flags, text) != 0:
+                code = ctypes.get_errno()
+        except OSError as e:
+            code = e.errno or errno.EIO
+        os.write(write_fd, str(code).encode())
+        os._exit(0)
+    os.close(write_fd)
+    try:
+        answer = os.read(read_fd, 16)
+    finally:
+        os.close(read_fd)
+        os.waitpid(pid, 0)
+    code = int(answer or b"5")
+    if code:
+        raise MountError(code, "mount")
+
+
+def unmount(target: str) -> None:
+    """Unmount ``target``; a busy mount is detached lazily; not mounted is fine."""
+    if _libc.umount2(os.fsencode(target), 0) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return  # not a mount point (any more)
+    if err == errno.EBUSY:
+        _check(_libc.umount2(os.fsencode(target), MNT_DETACH), "umount")
+        return
+    raise MountError(err, "umount")
+
+
+def mounted_below(prefix: str) -> list[str]:
+    """Mount points at or below ``prefix`` (from /proc/self/mountinfo)."""
+    prefix = prefix.rstrip("/") + "/"
+    out = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            point = _unescape(line.split()[4])
+            if point.startswith(prefix):
+                out.append(point)
+    return out
+
+
+def _unescape(field: str) -> str:
+    return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            .replace("\\134", "\\"))
