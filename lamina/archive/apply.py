@@ -19,6 +19,7 @@ recorded the way overlayfs wants them (a 0/0 character device, the
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -267,8 +268,19 @@ class Applier:
             dfd, chain = self._resolve(parent, create=True, name=name)
             for child in os.listdir(dfd):
                 self._remove_lower(dfd, chain[-1], child)
-            if self.overlay_whiteouts:
+            if not self.overlay_whiteouts:
+                return
+            if len(chain) > 1:
                 os.setxattr(dfd, OVERLAY_OPAQUE_XATTR, b"y")
+                return
+            # overlayfs ignores the opaque xattr on a layer's root directory:
+            # hide the lowers' top-level entries one whiteout each instead.
+            for child in sorted({c for lower in self.lowers for c in os.listdir(lower)}):
+                if (chain[-1], child) in self._written:
+                    continue
+                if self._union_has(dfd, child):
+                    with contextlib.suppress(FileExistsError):
+                        os.mknod(child, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dfd)
             return
         if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             return  # other whiteout meta files are ignored, as Docker does
@@ -276,17 +288,28 @@ class Applier:
         if target in ("", ".", ".."):
             raise UnsafeArchive("invalid whiteout name", layer=self.layer, path=name)
         if self.overlay_whiteouts:
-            pfd, chain = self._resolve(parent, create=True, name=name)
+            found = self._resolve(parent, create=True, name=name, copy_up_only=True)
+            if found is None:
+                return  # no such directory in the union: nothing to delete
+            pfd, chain = found
             if (chain[-1], target) in self._written:
                 return
             self._remove_lower(pfd, chain[-1], target)
-            with _suppress_exists():
+            if self._union_has(pfd, target):
                 os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
             return
         found = self._resolve(parent, create=False, name=name)
         if found is not None:
             pfd, chain = found
             self._remove_lower(pfd, chain[-1], target)
+
+    def _union_has(self, pfd: int, base: str) -> bool:
+        """Whether a lower layer shows ``base`` in the directory ``pfd`` (overlay)."""
+        if not self.lowers or _opaque(pfd):
+            return False
+        where = os.path.relpath(os.readlink(f"/proc/self/fd/{pfd}"), self.root)
+        parts = [] if where == "." else where.split("/")
+        return lower_lookup(self.lowers, [*parts, base]) is not None
 
     def _remove_lower(self, pfd: int, parent_ino: int, name: str) -> None:
         """Remove ``name`` unless this archive wrote it; keep what it wrote below it."""
@@ -332,18 +355,19 @@ class Applier:
     # -- path resolution ----------------------------------------------------
 
     def _resolve(
-        self, parts: Iterable[str], *, create: bool, name: str
+        self, parts: Iterable[str], *, create: bool, name: str, copy_up_only: bool = False
     ) -> tuple[int, tuple[int, ...]]:
         """The directory ``parts`` names, chroot-style; (fd, inode chain from the root).
 
         With ``create=False`` a missing directory gives None (typed loosely for brevity
-        at the call sites that pass ``create=True``).
+        at the call sites that pass ``create=True``); with ``copy_up_only`` only
+        directories that a lower layer has are created.
         """
         key = tuple(parts)
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        found = self._walk(key, create, name)
+        found = self._walk(key, create, name, copy_up_only)
         if found is None:
             return None  # type: ignore[return-value]
         if len(self._cache) >= _CACHE_MAX:
@@ -352,7 +376,7 @@ class Applier:
         return found
 
     def _walk(
-        self, parts: tuple[str, ...], create: bool, name: str
+        self, parts: tuple[str, ...], create: bool, name: str, copy_up_only: bool = False
     ) -> tuple[int, tuple[int, ...]] | None:
         # (fd, inode, name) of the directories above the current one, root first.
         stack: list[tuple[int, int, str]] = []
@@ -379,7 +403,7 @@ class Applier:
                     elif found is not None and not stat.S_ISDIR(found[1].st_mode):
                         raise UnsafeArchive(f"{part!r} is not a directory", layer=self.layer,
                                             path=name) from None
-                    elif not create:
+                    elif not create or (copy_up_only and found is None):
                         return None
                     else:
                         self._mkdir_parent(fd, part, found)
@@ -389,7 +413,7 @@ class Applier:
                         raise
                     target = self._link_target(fd, part, name)
                     if target is None:  # an overlay whiteout: the name is free again
-                        if not create:
+                        if not create or copy_up_only:
                             return None
                         os.unlink(part, dir_fd=fd)
                         self._mkdir_parent(fd, part, None)
@@ -560,14 +584,6 @@ def _setxattr(target: int | str, key: str, value: bytes, *, follow: bool = True)
         # As Docker does: a filesystem or link type without xattrs is not an error.
         if e.errno not in (errno.ENOTSUP, errno.EPERM):
             raise
-
-
-class _suppress_exists:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, FileExistsError)
 
 
 def _os_error(e: OSError, layer: str | None, name: str) -> LaminaError:

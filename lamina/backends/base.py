@@ -252,10 +252,7 @@ class StoreDriver(Driver, abc.ABC):
     # -- queries --------------------------------------------------------------
 
     def exists(self, id: str) -> bool:
-        try:
-            return self.store.exists(self.store.resolve(id))
-        except errors.InvalidArgument:
-            return False
+        return self.store.exists(self.store.resolve(id))
 
     def layers(self) -> Iterator[LayerId]:
         return self.store.ids()
