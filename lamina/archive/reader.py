@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from lamina.archive.codecs import DECODE_ERRORS
 from lamina.errors import UnsafeArchive
 
 BLOCK = 512
@@ -106,7 +107,7 @@ class TarReader:
         need = n - avail
         self._buf, self._pos = b"", 0
         while need > 0:
-            chunk = self._stream.read(max(READ_SIZE, need))
+            chunk = self._pull(max(READ_SIZE, need))
             if not chunk:
                 break
             if len(chunk) > need:
@@ -120,6 +121,12 @@ class TarReader:
         self.consumed += len(out)
         return out
 
+    def _pull(self, n: int) -> bytes:
+        try:
+            return self._stream.read(n)
+        except DECODE_ERRORS as e:
+            raise self._error(f"unreadable archive stream at offset {self.consumed}: {e}") from e
+
     def _read_exact(self, n: int, what: str, name: str | None) -> bytes:
         data = self._read(n)
         if len(data) != n:
@@ -131,7 +138,7 @@ class TarReader:
         while n > 0:
             avail = len(self._buf) - self._pos
             if avail == 0:
-                self._buf = self._stream.read(READ_SIZE)
+                self._buf = self._pull(READ_SIZE)
                 self._pos = 0
                 avail = len(self._buf)
                 if avail == 0:
@@ -197,7 +204,11 @@ class TarReader:
             offset = self.consumed
             header = self._read(BLOCK)
             if not header:
-                return None  # a stream that just ends at a member boundary, as Go's reader allows
+                if offset == 0:
+                    return None  # an empty stream is an empty layer
+                # Go's reader takes this; a cut stream is more likely than a writer
+                # that omits the end-of-archive blocks, so refuse it.
+                raise self._error(f"archive ends at offset {offset} without its end marker")
             if len(header) != BLOCK:
                 raise self._error(f"archive truncated in a header at offset {offset}")
             if header == _ZERO_BLOCK:
