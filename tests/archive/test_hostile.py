@@ -327,6 +327,32 @@ def test_directory_entry_over_symlink_to_outside(
         check_landed(driver, "l", "sdir/inner", b"overwritten")
 
 
+def test_every_kind_of_entry_through_a_symlink(
+    driver: lamina.Driver, guard: Guard, outside: Path
+) -> None:
+    data = entries(
+        tb.file("x", b"x"),
+        tb.symlink("evil", str(outside)),
+        tb.hardlink("evil/stolen", "x"),
+        tb.chardev("evil/null", 1, 3),
+        tb.blockdev("evil/disk", 7, 0),
+        tb.fifo("evil/fifo"),
+        tb.symlink("evil/link", "/"),
+        tb.directory("evil/dir", mode=0o777),
+        tb.file("evil/dir/inner", b"overwritten"),
+    )
+    attempt(driver, guard, data)
+
+
+def test_name_component_too_long_is_a_lamina_error(driver: lamina.Driver, guard: Guard) -> None:
+    attempt(driver, guard, entries(tb.file("n" * 300, b"x")), expect="refused")
+
+
+def test_path_longer_than_path_max(driver: lamina.Driver, guard: Guard) -> None:
+    deep = "abcdefgh/" * 600  # 5400 characters: past PATH_MAX, each name well under NAME_MAX
+    attempt(driver, guard, entries(tb.file(deep + "f", b"deep"), tb.file("after", b"a")))
+
+
 # --- hard links -------------------------------------------------------------------------------
 
 

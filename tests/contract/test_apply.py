@@ -574,3 +574,75 @@ def test_apply_into_base_layer_keeps_root_sane(driver: lamina.Driver) -> None:
         st = os.lstat(root)
         assert stat.S_ISDIR(st.st_mode)
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o750, 9, 9)
+
+
+# --- order and odd headers --------------------------------------------------------------------
+
+
+def test_later_entry_replaces_earlier(driver: lamina.Driver) -> None:
+    apply(
+        driver,
+        "l",
+        None,
+        [
+            tb.file("x", b"first"),
+            tb.file("x", b"second", mode=0o600),
+            tb.file("y", b"file"),
+            tb.directory("y"),
+            tb.file("y/inside", b"i"),
+        ],
+    )
+    got = tree(driver, "l")
+    assert got["/x"] == node("file", 0o600, data=b"second")
+    assert got["/y"].type == "dir"
+
+
+def test_rewritten_link_target_leaves_the_link_alone(driver: lamina.Driver) -> None:
+    # Docker removes a path before it writes a new entry there: b keeps the old inode.
+    apply(driver, "l", None, [tb.file("a", b"one"), tb.hardlink("b", "a"), tb.file("a", b"two")])
+    assert read(driver, "l", "a") == b"two"
+    assert read(driver, "l", "b") == b"one"
+
+
+def test_directory_entry_after_its_children(driver: lamina.Driver) -> None:
+    apply(
+        driver,
+        "l",
+        None,
+        [tb.file("d/f", b"f"), tb.directory("d", mode=0o700, uid=3, gid=4, mtime=M - 50)],
+    )
+    got = tree(driver, "l")
+    assert got["/d"] == node("dir", 0o700, uid=3, gid=4)
+    assert int(lstat(driver, "l", "d").st_mtime) == M - 50
+
+
+def test_type_bits_in_mode_field_are_ignored(driver: lamina.Driver) -> None:
+    # Some old tools write st_mode whole (S_IFREG | 0755) into the mode field.
+    data = b"".join(
+        [
+            tb.raw_member("f", b"x", mode=0o100755),
+            tb.raw_member("d", type=tarfile.DIRTYPE, mode=0o40700),
+            tb.END,
+        ]
+    )
+    driver.apply_diff("l", None, io.BytesIO(data))
+    got = tree(driver, "l")
+    assert got["/f"] == node("file", 0o755, data=b"x")
+    assert got["/d"] == node("dir", 0o700)
+
+
+def test_pax_owner_and_time_records(driver: lamina.Driver) -> None:
+    apply(
+        driver,
+        "l",
+        None,
+        [
+            tb.file("big-ids", b"x", uid=3_000_000, gid=4_000_000),
+            tb.file("fraction", b"y", mtime=M + 0.75),
+            tb.file("ancient", b"z", mtime=-86400),
+        ],
+    )
+    got = tree(driver, "l")
+    assert (got["/big-ids"].uid, got["/big-ids"].gid) == (3_000_000, 4_000_000)
+    assert got["/fraction"].mtime == M
+    assert got["/ancient"].mtime == -86400
