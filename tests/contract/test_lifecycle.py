@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pytest
 import lamina
 from lamina import errors
 from tests import tarbuild as tb
-from tests.conftest import Stores
+from tests.conftest import Stores, mounts_under
 from tests.layers import apply, listing, mounted, names, read, tree
 
 pytestmark = pytest.mark.root
@@ -556,3 +557,70 @@ def test_remove_interrupted_after_its_rename_is_finished_on_open(stores: Stores)
     assert not os.path.lexists(parent_dir / "victim")
     assert read(drv, "keep", "k") == b"k"
     drv.create("victim")  # the id is free again
+
+
+# --- several users of one home ----------------------------------------------------------------
+
+
+def test_concurrent_create_of_one_id(stores: Stores) -> None:
+    # Mutations of one layer are serialized: exactly one of many racing creates wins.
+    drivers = [stores.open() for _ in range(8)]
+    barrier = threading.Barrier(len(drivers))
+    outcomes: list[str] = []
+
+    def create(drv: lamina.Driver) -> None:
+        barrier.wait()
+        try:
+            drv.apply_diff("same", None, tb.stream([tb.file("f", b"x")]))
+            outcomes.append("created")
+        except errors.AlreadyExists:
+            outcomes.append("exists")
+        except BaseException as e:  # reported below
+            outcomes.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=create, args=(d,)) for d in drivers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # apply_diff into an existing layer on the same parent is allowed, so each racer
+    # either made the layer, applied into it, or was told it exists; never a broken one.
+    assert all(o in ("created", "exists") for o in outcomes), outcomes
+    assert drivers[0].exists("same")
+    assert names(drivers[0], "same") == {"/f"}
+
+
+def test_concurrent_create_rw_of_one_id(stores: Stores) -> None:
+    drivers = [stores.open() for _ in range(8)]
+    barrier = threading.Barrier(len(drivers))
+    outcomes: list[str] = []
+
+    def create(drv: lamina.Driver) -> None:
+        barrier.wait()
+        try:
+            drv.create_rw("same")
+            outcomes.append("created")
+        except errors.AlreadyExists:
+            outcomes.append("exists")
+        except BaseException as e:  # reported below
+            outcomes.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=create, args=(d,)) for d in drivers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["created"] + ["exists"] * 7, outcomes
+
+
+def test_cleanup_releases_every_view(driver: lamina.Driver, home: Path) -> None:
+    apply(driver, "a", None, [tb.file("f", b"a")])
+    driver.create_rw("b", "a")
+    driver.get("a")
+    driver.get("b")
+    driver.get("b")
+    driver.cleanup()
+    assert mounts_under(home) == []
+    # the store is still usable
+    assert read(driver, "b", "f") == b"a"
+    assert driver.exists("a") and driver.exists("b")
