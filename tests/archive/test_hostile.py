@@ -210,8 +210,9 @@ def test_absolute_names_land_inside(driver: lamina.Driver, guard: Guard, outside
 # --- symlinks ---------------------------------------------------------------------------------
 
 
-def test_write_through_symlink_to_root(driver: lamina.Driver, guard: Guard) -> None:
-    data = entries(tb.symlink("evil", "/"), tb.file(f"evil/{guard.canary}", b"x"))
+@pytest.mark.parametrize("target", ["/", "../../..", DEEP, "./../."])
+def test_write_through_symlink_to_root(driver: lamina.Driver, guard: Guard, target: str) -> None:
+    data = entries(tb.symlink("evil", target), tb.file(f"evil/{guard.canary}", b"x"))
     if attempt(driver, guard, data):
         check_landed(driver, "l", guard.canary, b"x")  # chroot-style: / is the layer's root
         assert kind(driver, "l", "evil") == "symlink"
