@@ -10,7 +10,7 @@ from __future__ import annotations
 import bz2
 import io
 import lzma
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import zstandard
 from isal import igzip, isal_zlib
@@ -21,7 +21,8 @@ _XZ = b"\xfd7zXZ\x00"
 _BZIP2 = b"BZh"
 SNIFF = 6
 
-DECODE_ERRORS = (EOFError, OSError, ValueError, isal_zlib.error, zstandard.ZstdError,
+DECODE_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, ValueError,
+                 cast(type[BaseException], isal_zlib.error), zstandard.ZstdError,
                  lzma.LZMAError)
 """What a damaged compressed stream raises while it is read (gzip's errors are OSErrors)."""
 BUFFER = 1 << 20
@@ -154,13 +155,14 @@ def decompressed(stream: BinaryIO) -> tuple[BinaryIO, str]:
     kind = compression_of(head)
     raw = io.BufferedReader(_Sniffed(head, stream), BUFFER)
     if kind == "gzip":
-        return igzip.IGzipFile(fileobj=raw, mode="rb"), kind  # type: ignore[return-value]
+        gz = igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[no-untyped-call]
+        return cast(BinaryIO, gz), kind
     if kind == "zstd":
         tap = io.BufferedReader(_ZstdFrames(raw), BUFFER)
         reader = zstandard.ZstdDecompressor().stream_reader(tap, read_across_frames=True)
-        return io.BufferedReader(reader, BUFFER), kind  # type: ignore[arg-type, return-value]
+        return cast(BinaryIO, io.BufferedReader(reader, BUFFER)), kind
     if kind == "xz":
-        return lzma.LZMAFile(raw), kind  # type: ignore[return-value]
+        return cast(BinaryIO, lzma.LZMAFile(raw)), kind
     if kind == "bzip2":
-        return bz2.BZ2File(raw), kind  # type: ignore[return-value]
-    return raw, kind  # type: ignore[return-value]
+        return cast(BinaryIO, bz2.BZ2File(raw)), kind
+    return cast(BinaryIO, raw), kind

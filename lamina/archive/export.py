@@ -21,7 +21,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from lamina import progress
 from lamina.archive.apply import OPAQUE_MARKER, WHITEOUT_PREFIX
@@ -80,7 +80,7 @@ class IterStream(io.RawIOBase):
 
 def open_stream(chunks: Iterator[bytes]) -> BinaryIO:
     """Wrap a chunk iterator as a buffered, closable binary stream (a context manager)."""
-    return io.BufferedReader(IterStream(chunks), READ_CHUNK)  # type: ignore[return-value]
+    return cast(BinaryIO, io.BufferedReader(IterStream(chunks), READ_CHUNK))
 
 
 class _Dirs:
@@ -170,28 +170,30 @@ def _member(
         raise
     mode = st.st_mode
     uid, gid = ids.to_container(st.st_uid, st.st_gid)
-    common = {"mode": stat.S_IMODE(mode), "uid": uid, "gid": gid, "mtime": int(st.st_mtime)}
+    perm, mtime = stat.S_IMODE(mode), int(st.st_mtime)
     if not stat.S_ISDIR(mode) and st.st_nlink > 1:
         key = (st.st_dev, st.st_ino)
         first = seen.get(key)
         if first is not None:
-            yield header(path, "1", linkname=first, **common)
+            yield header(path, "1", linkname=first, mode=perm, uid=uid, gid=gid, mtime=mtime)
             return
         seen[key] = path
     if stat.S_ISREG(mode):
-        yield from _regular(pfd, base, path, st, common)
+        yield from _regular(pfd, base, path, st, (perm, uid, gid, mtime))
     elif stat.S_ISDIR(mode):
-        yield header(path + "/", "5", xattrs=_capability(pfd, base), **common)
+        yield header(path + "/", "5", xattrs=_capability(pfd, base), mode=perm, uid=uid,
+                     gid=gid, mtime=mtime)
     elif stat.S_ISLNK(mode):
-        yield header(path, "2", linkname=os.readlink(base, dir_fd=pfd), **common)
+        yield header(path, "2", linkname=os.readlink(base, dir_fd=pfd), mode=perm, uid=uid,
+                     gid=gid, mtime=mtime)
     else:
         kind = "3" if stat.S_ISCHR(mode) else "4" if stat.S_ISBLK(mode) else "6"
         yield header(path, kind, devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev),
-                     **common)
+                     mode=perm, uid=uid, gid=gid, mtime=mtime)
 
 
 def _regular(
-    pfd: int, base: str, path: str, st: os.stat_result, common: dict[str, int]
+    pfd: int, base: str, path: str, st: os.stat_result, owner: tuple[int, int, int, int]
 ) -> Iterator[bytes]:
     try:
         fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
@@ -199,7 +201,9 @@ def _regular(
         return
     try:
         size = st.st_size
-        yield header(path, "0", size=size, xattrs=_capability(fd), **common)
+        perm, uid, gid, mtime = owner
+        yield header(path, "0", size=size, xattrs=_capability(fd), mode=perm, uid=uid, gid=gid,
+                     mtime=mtime)
         left = size
         while left > 0:
             chunk = os.read(fd, min(READ_CHUNK, left))

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ClassVar
 
 from lamina import errors, fsutil
 from lamina.archive import codecs
@@ -55,7 +55,7 @@ class StoreDriver(Driver, abc.ABC):
     """A :class:`Driver` over a :class:`Store`; backends fill in the abstract hooks."""
 
     backend_name = ""
-    known_options: Mapping[str, str] = {}
+    known_options: ClassVar[Mapping[str, str]] = {}
 
     def __init__(
         self,

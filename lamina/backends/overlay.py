@@ -257,7 +257,7 @@ class OverlayDriver(StoreDriver):
         pid, own = self._diff_parent(lid, parent)
         if own:
             return native_changes(self._diff(lid), self._lowers(pid))
-        with self._viewed(lid) as new, self._viewed(pid) as old:
+        with self._viewed(lid) as new, self._parent_view(pid) as old:
             return naivediff.changes(old, new)
 
     def diff_size(self, id: str, parent: str | None = None) -> int:
@@ -265,7 +265,7 @@ class OverlayDriver(StoreDriver):
         pid, own = self._diff_parent(lid, parent)
         if own:
             return _tree_size(self._diff(lid))
-        with self._viewed(lid) as new, self._viewed(pid) as old:
+        with self._viewed(lid) as new, self._parent_view(pid) as old:
             return naivediff.size_of(new, naivediff.changes(old, new))
 
     def diff(self, id: str, parent: str | None = None) -> BinaryIO:
@@ -278,7 +278,7 @@ class OverlayDriver(StoreDriver):
 
     def _naive_export(self, lid: LayerId, pid: LayerId | None) -> Iterator[bytes]:
         # Both views stay mounted until the stream is read to its end or closed.
-        with self._viewed(lid) as new, self._viewed(pid) as old:
+        with self._viewed(lid) as new, self._parent_view(pid) as old:
             items = [
                 Item(c.path[1:], Action.WHITEOUT if c.kind is ChangeKind.DELETE else Action.ENTRY)
                 for c in naivediff.changes(old, new)
@@ -288,15 +288,20 @@ class OverlayDriver(StoreDriver):
                     yield chunk
 
     @contextlib.contextmanager
-    def _viewed(self, id: LayerId | None) -> Iterator[Path | None]:
-        if id is None:
-            yield None
-            return
+    def _viewed(self, id: LayerId) -> Iterator[Path]:
         path = self.get(id)
         try:
             yield path
         finally:
             self.put(id)
+
+    @contextlib.contextmanager
+    def _parent_view(self, id: LayerId | None) -> Iterator[Path | None]:
+        if id is None:
+            yield None
+        else:
+            with self._viewed(id) as path:
+                yield path
 
     def diff_getter(self, id: str) -> DiffGetter:
         lid = self.store.require(id)
