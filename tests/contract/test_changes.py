@@ -151,3 +151,54 @@ def test_changes_sorted_by_path(driver: lamina.Driver) -> None:
     got = driver.changes("ctr")
     assert [c.path for c in got] == sorted(c.path for c in got)
     assert {c.path for c in got} == {"/E", "/e", "/e-x", "/e.d", "/e/a", "/e/z", "/e0"}
+
+
+def test_changes_of_replacements_and_recreated_directories(driver: lamina.Driver) -> None:
+    # Paths are compared with the parent's by path, as Docker does on every driver
+    # (overlay2 looks the path up in the lower layers too): a file that is there again
+    # in a directory removed and made again is MODIFY, a new one ADD.  The directory
+    # itself is where Docker's drivers differ: vfs (a tree comparison) says MODIFY and
+    # DELETE for each child not made again, overlay2 says DELETE for the opaque directory.
+    apply(
+        driver,
+        "base",
+        None,
+        [
+            tb.directory("rec"),
+            tb.file("rec/old", b"1"),
+            tb.file("rec/kept", b"kept"),
+            tb.file("was-file", b"f"),
+            tb.directory("was-dir"),
+            tb.file("was-dir/child", b"c"),
+            tb.directory("a/b"),
+            tb.file("a/b/c", b"c"),
+            tb.file("renamed", b"x"),
+        ],
+    )
+    driver.create_rw("ctr", "base")
+    with mounted(driver, "ctr") as root:
+        shutil.rmtree(root / "rec")
+        (root / "rec").mkdir()
+        (root / "rec/kept").write_bytes(b"kept, again")
+        (root / "rec/new").write_bytes(b"n")
+        os.unlink(root / "was-file")
+        (root / "was-file").mkdir()
+        (root / "was-file/inner").write_bytes(b"i")
+        shutil.rmtree(root / "was-dir")
+        (root / "was-dir").write_bytes(b"now a file")
+        shutil.rmtree(root / "a")
+        os.rename(root / "renamed", root / "new-name")
+    got = driver.changes("ctr")
+    assert got == sorted(got, key=lambda c: c.path)
+    recreated = {(c.kind, c.path) for c in got if c.path in ("/rec", "/rec/old")}
+    assert recreated in ({(C, "/rec"), (D, "/rec/old")}, {(D, "/rec")}), recreated
+    assert [c for c in got if c.path not in ("/rec", "/rec/old")] == changes_of(
+        (D, "/a"),
+        (A, "/new-name"),
+        (C, "/rec/kept"),
+        (A, "/rec/new"),
+        (D, "/renamed"),
+        (C, "/was-dir"),
+        (C, "/was-file"),
+        (A, "/was-file/inner"),
+    )
