@@ -646,3 +646,54 @@ def test_pax_owner_and_time_records(driver: lamina.Driver) -> None:
     assert (got["/big-ids"].uid, got["/big-ids"].gid) == (3_000_000, 4_000_000)
     assert got["/fraction"].mtime == M
     assert got["/ancient"].mtime == -86400
+
+
+# --- chains -----------------------------------------------------------------------------------
+
+
+def test_chain_through_whiteouts_and_opaque_directories(driver: lamina.Driver) -> None:
+    apply(driver, "base", None, LOWER)
+    apply(driver, "l1", "base", [tb.whiteout("top"), tb.opaque("d"), tb.file("d/l1", b"1")])
+    apply(driver, "l2", "l1", [tb.file("top", b"back"), tb.file("d/l2", b"2")])
+    assert "/top" not in names(driver, "l1")
+    assert read(driver, "l2", "top") == b"back"
+    assert {p for p in names(driver, "l2") if p.startswith("/d/")} == {"/d/l1", "/d/l2"}
+    assert driver.changes("l2") == sorted(
+        [
+            lamina.Change("/d", lamina.ChangeKind.MODIFY),
+            lamina.Change("/d/l2", lamina.ChangeKind.ADD),
+            lamina.Change("/top", lamina.ChangeKind.ADD),
+        ]
+    )
+
+
+@pytest.mark.parametrize("with_child", [True, False], ids=["with-child", "alone"])
+def test_opaque_marker_without_directory_entry(driver: lamina.Driver, with_child: bool) -> None:
+    apply(driver, "base", None, LOWER)
+    entries = [tb.opaque("d")] + ([tb.file("d/new", b"n")] if with_child else [])
+    apply(driver, "l", "base", entries)
+    inside = {p for p in names(driver, "l") if p.startswith("/d/")}
+    assert inside == ({"/d/new"} if with_child else set())
+    assert kind(driver, "l", "d") == "dir"
+
+
+def test_hard_links_of_parent_stay_links_in_children(driver: lamina.Driver) -> None:
+    apply(driver, "base", None, [tb.file("a", b"shared"), tb.hardlink("b", "a")])
+    driver.create("snap", "base")
+    driver.create_rw("ctr", "snap")
+    for id in ("base", "snap", "ctr"):
+        assert links(driver, id) == {frozenset({"/a", "/b"})}, id
+
+
+def test_character_device_zero_zero(driver: lamina.Driver) -> None:
+    # overlayfs reads a 0/0 character device as a whiteout; the union must not differ
+    # between backends, so such an entry is kept as a device or refused, never lost.
+    apply(driver, "base", None, [tb.file("other", b"o")])
+    try:
+        apply(driver, "l", "base", [tb.chardev("zero-zero", 0, 0)])
+    except errors.LaminaError:
+        assert not driver.exists("l")
+        return
+    got = tree(driver, "l")
+    assert got["/zero-zero"].type == "char"
+    assert got["/zero-zero"].rdev == (0, 0)
