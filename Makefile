@@ -1,7 +1,7 @@
 # lamina's entry points; each installs what it needs first (scripts/bootstrap.sh).
 #
 #   make demo    the whole life cycle of a layer on the default home, commands shown
-#   make test    ruff, then the test suite (builds the corpus first if it is missing)
+#   make test    ruff, mypy, then the test suite (builds the corpus first if it is missing)
 #   make lint    ruff and mypy
 #
 # LAMINA_CORPUS (default /var/tmp/lamina-corpus) is where the corpus of real image
@@ -39,6 +39,7 @@ demo: bootstrap
 
 test: bootstrap corpus
 	$(VENV)/bin/ruff check
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 lint: bootstrap

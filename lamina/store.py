@@ -142,15 +142,13 @@ class Store:
         return LayerId(parent) if parent else None
 
     def chain(self, id: LayerId) -> list[LayerId]:
-        """The layer's ancestors, nearest first."""
-        out: list[LayerId] = []
-        parent = self.parent(id)
-        while parent is not None:
-            if parent in out or len(out) > 10_000:
-                raise errors.Corrupt("parent chain loops", layer=id)
-            out.append(parent)
-            parent = self.parent(parent)
-        return out
+        """The layer's ancestors, nearest first (recorded in its metadata at creation)."""
+        meta = self.meta(id)
+        chain = meta.get("chain")
+        parent = meta.get("parent")
+        if not isinstance(chain, list) or (chain[:1] != [parent] if parent else chain):
+            raise errors.Corrupt("bad parent chain in metadata", layer=id)
+        return [LayerId(c) for c in chain]
 
     def ids(self) -> Iterator[LayerId]:
         """Every complete layer."""
@@ -164,15 +162,19 @@ class Store:
         """Layers whose parent is ``id``."""
         return [c for c in self.ids() if self.meta(c).get("parent") == id]
 
-    def write_meta(self, layer_dir: Path, id: LayerId, meta: dict[str, Any]) -> None:
-        """Write a layer's metadata files into ``layer_dir`` (staging or live)."""
+    def write_meta(self, staged: Path, id: LayerId, meta: dict[str, Any]) -> None:
+        """Write a layer's metadata files into its staging dir.
+
+        No fsync here: the syncfs that precedes publishing makes them durable
+        together with the layer's content.
+        """
         parent = meta.get("parent")
-        chain = [str(self.layer_dir(LayerId(parent)))] if parent else []
-        if parent:
-            chain += [str(self.layer_dir(p)) for p in self.chain(LayerId(parent))]
-        fsutil.atomic_write(layer_dir / CHAIN, json.dumps(chain).encode())
-        fsutil.atomic_write(layer_dir / ID_FILE, id.encode())
-        fsutil.atomic_write(layer_dir / META, json.dumps(meta, sort_keys=True).encode())
+        ancestors = [LayerId(parent), *self.chain(LayerId(parent))] if parent else []
+        meta = {**meta, "chain": ancestors}
+        # The seed driver's files: the chain as layer directories, and the id.
+        (staged / CHAIN).write_text(json.dumps([str(self.layer_dir(a)) for a in ancestors]))
+        (staged / ID_FILE).write_text(id)
+        (staged / META).write_text(json.dumps(meta, sort_keys=True))
 
     # -- building -------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from typing import BinaryIO
 
 from lamina import fsutil, progress
 from lamina.archive.reader import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, TarReader
-from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive
+from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive, Unsupported
 from lamina.idmap import IdMapper
 
 WHITEOUT_PREFIX = ".wh."
@@ -203,6 +203,12 @@ class Applier:
 
     def _device(self, pfd: int, base: str, entry: Entry) -> None:
         kind = _DEVICE_TYPES[entry.type]
+        zero = entry.devmajor == entry.devminor == 0
+        if self.overlay_whiteouts and kind == stat.S_IFCHR and zero:
+            # overlayfs reads a 0/0 character device as a whiteout: storing one would
+            # delete a lower file instead of adding a device (Docker's overlay2 does so).
+            raise Unsupported("a 0/0 character device cannot be stored on overlay: it is "
+                              "overlayfs' whiteout", layer=self.layer, path=entry.name)
         os.mknod(base, kind | 0o600, os.makedev(entry.devmajor, entry.devminor), dir_fd=pfd)
         self._chown_at(pfd, base, entry)
         os.chmod(base, entry.mode, dir_fd=pfd, follow_symlinks=False)

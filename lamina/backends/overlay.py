@@ -388,7 +388,9 @@ def _native_dir(diff: str, lowers: list[str], parts: list[str], out: list[Change
             if not stat.S_ISDIR(lst.st_mode):
                 _native_dir(diff, lowers, sub, out, hidden=True)
             else:
-                _native_dir(diff, lowers, sub, out, hidden=opaque)
+                # Paths compare with the parent's view by path, opaque or not (as
+                # the naive diff does): what is there again is a modification.
+                _native_dir(diff, lowers, sub, out, hidden=False)
                 if opaque:
                     _hidden_children(lpath, lowers, sub, os.path.join(here, entry.name), out)
             if len(out) > mark and not changed:

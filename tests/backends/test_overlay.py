@@ -1,0 +1,218 @@
+"""The overlay backend's own promises: deep chains, mounts, recovery, where it cannot work."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import lamina
+from lamina import errors, mount
+from lamina.backends.overlay import MAX_DEPTH, why_unsupported
+from tests import tarbuild as tb
+
+pytestmark = pytest.mark.root
+
+
+def _layer_tar(i: int) -> io.BytesIO:
+    return io.BytesIO(tb.build([tb.file(f"layers/f{i}", f"layer {i}\n".encode())]))
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def _mounts_under(path: Path) -> list[str]:
+    return mount.mounted_below(str(path))
+
+
+def test_auto_picks_overlay_here(home: Path) -> None:
+    if why_unsupported(home) is not None:
+        pytest.fail(f"overlay should work as root here: {why_unsupported(home)}")
+    with lamina.open_driver(home) as drv:
+        assert drv.name == "overlay"
+
+
+def test_deep_chain_mounts_and_reads_every_layer(home: Path) -> None:
+    with lamina.open_driver(home, backend="overlay") as drv:
+        parent = None
+        for i in range(MAX_DEPTH):
+            drv.apply_diff(f"l{i}", parent, _layer_tar(i))
+            parent = f"l{i}"
+        top = drv.get(parent)
+        try:
+            for i in range(MAX_DEPTH):
+                assert (top / f"layers/f{i}").read_text() == f"layer {i}\n"
+        finally:
+            drv.put(parent)
+        # A writable layer on top takes the 500 lowers plus its own upper.
+        drv.create_rw("ctr", parent)
+        root = drv.get("ctr")
+        (root / "layers/new").write_text("x")
+        assert (root / "layers/f0").read_text() == "layer 0\n"
+        drv.put("ctr")
+        assert [c.path for c in drv.changes("ctr")] == ["/layers", "/layers/new"]
+        # Layer 501 is refused before anything is written.
+        before = sorted(os.listdir(home / "layers")), sorted(os.listdir(home / "l"))
+        with pytest.raises(errors.InvalidArgument, match="max depth"):
+            drv.apply_diff("too-deep", parent, _layer_tar(MAX_DEPTH))
+        with pytest.raises(errors.InvalidArgument, match="max depth"):
+            drv.create("too-deep", parent)
+        assert (sorted(os.listdir(home / "layers")), sorted(os.listdir(home / "l"))) == before
+        assert not drv.exists("too-deep")
+        assert os.listdir(home / "staging") == []
+        drv.cleanup()
+    assert _mounts_under(home) == []
+
+
+def test_metadata_names_overlay_dirs(home: Path) -> None:
+    with lamina.open_driver(home, backend="overlay") as drv:
+        drv.apply_diff("base", None, _layer_tar(0))
+        drv.create_rw("ctr", "base")
+        meta = drv.metadata("ctr")
+        assert meta["LowerDir"] == str(home / "layers/base/diff")
+        assert meta["UpperDir"] == str(home / "layers/ctr/diff")
+        assert meta["WorkDir"] == str(home / "layers/ctr/work")
+        assert meta["MergedDir"] == str(home / "layers/ctr/merged")
+        assert Path(meta["dir"]).is_dir()
+
+
+def test_get_mounts_once_and_put_unmounts(home: Path) -> None:
+    with lamina.open_driver(home, backend="overlay") as drv:
+        drv.apply_diff("base", None, _layer_tar(0))
+        drv.create_rw("ctr", "base")
+        first = drv.get("ctr")
+        assert drv.get("ctr") == first
+        assert _mounts_under(home) == [str(first)]
+        drv.put("ctr")
+        assert _mounts_under(home) == [str(first)]
+        drv.put("ctr")
+        assert _mounts_under(home) == []
+
+
+def test_mount_counts_are_shared_between_processes(home: Path) -> None:
+    with lamina.open_driver(home, backend="overlay") as drv:
+        drv.apply_diff("base", None, _layer_tar(0))
+        drv.create_rw("ctr", "base")
+    code = (
+        "import lamina, sys\n"
+        "d = lamina.open_driver(sys.argv[1], backend='overlay')\n"
+        "print(d.get('ctr'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(home)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    with lamina.open_driver(home, backend="overlay") as drv:
+        assert drv.mount_count("ctr") == 1  # the other process's get outlives it
+        assert drv.get("ctr") == Path(out)
+        assert drv.mount_count("ctr") == 2
+        drv.put("ctr")
+        drv.put("ctr")
+        assert _mounts_under(home) == []
+
+
+def test_open_unmounts_an_uncounted_mount_and_resets_a_count_without_mount(home: Path) -> None:
+    with lamina.open_driver(home, backend="overlay") as drv:
+        drv.apply_diff("base", None, _layer_tar(0))
+        drv.create_rw("a", "base")
+        drv.create_rw("b", "base")
+        merged_a = drv.get("a")
+        merged_b = drv.get("b")
+    # A process that died between mount and count: the mount has no count.
+    os.unlink(home / "mounts" / "a")
+    # A reboot or a lazy unmount: the count has no mount.
+    mount.unmount(str(merged_b))
+    with lamina.open_driver(home, backend="overlay") as drv:
+        assert _mounts_under(home) == []
+        assert drv.mount_count("a") == 0
+        assert drv.mount_count("b") == 0
+        assert drv.get("a") == merged_a
+        drv.put("a")
+
+
+def test_remove_unmounts_a_mounted_layer(home: Path) -> None:
+    with lamina.open_driver(home, backend="overlay") as drv:
+        drv.apply_diff("base", None, _layer_tar(0))
+        drv.create_rw("ctr", "base")
+        drv.get("ctr")
+        drv.remove("ctr")
+        assert _mounts_under(home) == []
+        assert not drv.exists("ctr")
+
+
+def test_home_on_overlayfs_is_unsupported_and_auto_falls_back(tmp_path: Path) -> None:
+    for sub in ("lower", "upper", "work", "merged"):
+        (tmp_path / sub).mkdir()
+    mount.mount_overlay(
+        str(tmp_path / "merged"),
+        [str(tmp_path / "lower")],
+        str(tmp_path / "upper"),
+        str(tmp_path / "work"),
+    )
+    try:
+        home = tmp_path / "merged" / "home"
+        with pytest.raises(errors.Unsupported, match="overlay"):
+            lamina.open_driver(home, backend="overlay")
+        with lamina.open_driver(home) as drv:
+            assert drv.name == "vfs"
+    finally:
+        mount.unmount(str(tmp_path / "merged"))
+
+
+def test_home_records_its_backend(home: Path) -> None:
+    with lamina.open_driver(home, backend="overlay"):
+        pass
+    with pytest.raises(errors.InvalidArgument, match="overlay"):
+        lamina.open_driver(home, backend="vfs")
+    with lamina.open_driver(home) as drv:
+        assert drv.name == "overlay"
+
+
+def test_unsupported_when_not_root() -> None:
+    # setpriv comes with util-linux, which every Debian has.
+    assert shutil.which("setpriv"), "setpriv (util-linux) is missing"
+    # Somewhere an unprivileged user can reach (pytest's own tmp dir is root's alone).
+    tmp_path = Path(tempfile.mkdtemp(prefix="lamina-nonroot-", dir="/var/tmp"))
+    try:
+        _check_unsupported_when_not_root(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _check_unsupported_when_not_root(tmp_path: Path) -> None:
+    code = (
+        "import lamina, sys\n"
+        "from lamina import errors\n"
+        "try:\n"
+        "    lamina.open_driver(sys.argv[1], backend='overlay')\n"
+        "except errors.Unsupported as e:\n"
+        "    print('unsupported:', e)\n"
+        "print(lamina.open_driver(sys.argv[1] + '-auto').name)\n"
+    )
+    tmp_path.chmod(0o777)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+            str(tmp_path / "h"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
+    assert "unsupported:" in out and "overlay needs root" in out
+    assert out.strip().endswith("vfs")
