@@ -152,7 +152,9 @@ class OverlayDriver(StoreDriver):
     def _lowers(self, parent: LayerId | None) -> list[str]:
         if parent is None:
             return []
-        return [str(self._diff(p)) for p in [parent, *self.store.chain(parent)]]
+        # Plain strings: this runs for every layer of a chain on every mount.
+        layers = str(self.store.layers_dir)
+        return [f"{layers}/{p}/{DIFF}" for p in [parent, *self.store.chain(parent)]]
 
     def _needs_mount(self, id: LayerId) -> bool:
         return self.store.parent(id) is not None
