@@ -231,6 +231,12 @@ def cmd_rm(drv: Driver, args: argparse.Namespace) -> Result:
     return Result({"id": args.id})
 
 
+def cmd_resize(drv: Driver, args: argparse.Namespace) -> Result:
+    """``resize``: change a writable layer's size quota (never below what it uses)."""
+    drv.resize(args.id, args.size)
+    return Result({"id": args.id, "size": args.size})
+
+
 def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
     """``ls``: every layer with its parent, size and mount count."""
     rows: list[dict[str, Any]] = []
@@ -246,6 +252,18 @@ def cmd_cleanup(drv: Driver, args: argparse.Namespace) -> Result:
     """``cleanup``: unmount what this store mounted and sweep leftovers."""
     drv.cleanup()
     return Result({"cleanup": True})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``serve``: Docker's graph driver plugin on a unix socket (:mod:`lamina.plugin`).
+
+    It opens its store when Docker calls ``Init`` (the home Docker names, unless
+    ``--home`` was given) and runs until SIGTERM or SIGINT.
+    """
+    from lamina import plugin
+
+    return plugin.serve(args.socket or plugin.DEFAULT_SOCKET, home=args.home, backend=args.backend,
+                        options=args.driver_opts, verbose=args.verbose)
 
 
 def human_size(size: int) -> str:
@@ -385,8 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mount-label", default="", metavar="L", help="SELinux label")
     layer(command("unmount", cmd_unmount, "give back one mount; the last one unmounts"))
     layer(command("rm", cmd_rm, "remove the layer"))
+    p = command("resize", cmd_resize, "change a writable layer's size quota (e.g. 100M)")
+    layer(p)
+    p.add_argument("size", metavar="SIZE", help="the new quota, in Docker's units (50M, 1.5GB)")
     command("ls", cmd_ls, "list every layer with its parent, size and mount count")
     command("cleanup", cmd_cleanup, "unmount everything and sweep leftovers")
+
+    # serve opens its store itself (when Docker calls Init): main() runs it apart.
+    about = "answer Docker's graph driver plugin protocol on a unix socket"
+    p = sub.add_parser("serve", help=about, description=about, parents=[json_flag])
+    p.add_argument("--socket", metavar="PATH", type=Path, default=None,
+                   help="the unix socket (default: /run/docker/plugins/lamina.sock; Docker "
+                   "knows the plugin by the socket's name)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every call")
     return parser
 
 
@@ -411,10 +440,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = _usage_problem(args)
     if problem:
         parser.error(problem)
-    if args.home is None:
+    serving = args.command == "serve"  # it opens its store when Docker calls Init
+    if args.home is None and not serving:
         args.home = default_home()
     args.show_progress = not args.json and sys.stderr.isatty()
     try:
+        if serving:
+            return cmd_serve(args)
         with lamina.open_driver(args.home, backend=args.backend, options=args.driver_opts) as drv:
             result: Result = args.func(drv, args)
         if args.json:

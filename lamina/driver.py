@@ -202,6 +202,11 @@ class Driver(abc.ABC):
     def mount_count(self, id: str) -> int:
         """How many :meth:`get` calls of ``id`` are not yet given back."""
 
+    def resize(self, id: str, size: str) -> None:
+        """Change writable layer ``id``'s size quota (lamina's, not Docker's: the seed's
+        ExpandSandboxSize); never below what the layer uses."""
+        raise errors.Unsupported(f"backend {self.name} has no size quotas", layer=id)
+
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release what this driver holds (not the mounts other processes counted)."""
 

@@ -201,14 +201,15 @@ def _mount_legacy(
         raise MountError(code, "mount")
 
 
-def unmount(target: str) -> None:
-    """Unmount ``target``; a busy mount is detached lazily; not mounted is fine."""
+def unmount(target: str, *, lazy: bool = True) -> None:
+    """Unmount ``target``; a busy mount is detached lazily (unless ``lazy=False``, which
+    raises EBUSY instead); not mounted is fine."""
     if _libc.umount2(os.fsencode(target), 0) == 0:
         return
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOENT):
         return  # not a mount point (any more)
-    if err == errno.EBUSY:
+    if err == errno.EBUSY and lazy:
         _check(_libc.umount2(os.fsencode(target), MNT_DETACH), "umount")
         return
     raise MountError(err, "umount")
@@ -229,3 +230,13 @@ def mounted_below(prefix: str) -> list[str]:
 def _unescape(field: str) -> str:
     return (field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
             .replace("\\134", "\\"))
+
+
+def unmount_below(path: str | os.PathLike[str]) -> None:
+    """Unmount everything mounted at or below ``path``, deepest first."""
+    path = os.fspath(path)
+    points = mounted_below(path)
+    if os.path.ismount(path):
+        points.append(path)
+    for point in sorted(points, key=len, reverse=True):
+        unmount(point)

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lamina import errors, fsutil
+from lamina import errors, fsutil, mount
 from lamina.driver import REMOVING_SUFFIX, LayerId, check_id
 
 log = logging.getLogger("lamina")
@@ -189,7 +189,7 @@ class Store:
             path.mkdir(mode=0o700)
             yield path
         finally:
-            fsutil.remove_tree(path)
+            self.delete(path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock.path)
             lock.release()
@@ -290,9 +290,15 @@ class Store:
                     os.unlink(self.mounts_dir / entry)  # a count write cut short
         return [s for s in swept if s]
 
+    def delete(self, path: Path) -> None:
+        """Delete a retired or abandoned layer directory, and what is mounted inside it."""
+        if path.exists():
+            mount.unmount_below(path)  # a quota image, a stale union mount
+        fsutil.remove_tree(path)
+
     def _sweep_one(self, path: Path) -> str:
         try:
-            fsutil.remove_tree(path)
+            self.delete(path)
         except OSError as e:
             log.warning("lamina: cannot remove leftover %s: %s", path, e)
             return ""

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import abc
 import collections
+import json
 import logging
+import os
+import shutil
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from lamina import errors, fsutil
+from lamina import errors, fsutil, mount, quota
 from lamina.archive import codecs
 from lamina.driver import Driver, IdMap, LayerId, check_id
 from lamina.idmap import IdMapper
-from lamina.store import Store, wall_time
+from lamina.quota import parse_size
+from lamina.store import META, Store, wall_time
 
 log = logging.getLogger("lamina")
 
@@ -71,8 +75,10 @@ class StoreDriver(Driver, abc.ABC):
         # get() calls made through this driver object, given back by cleanup().
         self._mine: collections.Counter[LayerId] = collections.Counter()
         self._mine_lock = threading.Lock()
+        self.quota_mechanism, self.quota_reason = self._quota_support()
         self.store.sweep()
         self._recover()
+        self._remount_images()
 
     @property
     def name(self) -> str:
@@ -81,8 +87,13 @@ class StoreDriver(Driver, abc.ABC):
     # -- hooks ----------------------------------------------------------------
 
     @abc.abstractmethod
-    def _populate(self, staged: Path, id: LayerId, parent: LayerId | None) -> dict[str, Any]:
-        """Fill a new layer's staging dir; return backend fields for its metadata."""
+    def _populate(
+        self, staged: Path, id: LayerId, parent: LayerId | None, quota: int | None = None
+    ) -> dict[str, Any]:
+        """Fill a new layer's staging dir; return backend fields for its metadata.
+
+        ``quota``: the bytes a writable layer may take (its ``size`` storage option).
+        """
 
     @abc.abstractmethod
     def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO) -> int:
@@ -103,24 +114,124 @@ class StoreDriver(Driver, abc.ABC):
     def _recover(self) -> None:
         """Backend recovery on open (stale mounts and the like)."""
 
+    # -- quotas ---------------------------------------------------------------
+
+    def _quota_support(self) -> tuple[str | None, str]:
+        """The quota mechanism this home can use, and what status() says of it."""
+        if os.geteuid() != 0:
+            return None, "they need root"
+        reason = quota.project_quota_reason(self.home)
+        if reason is None:
+            return quota.PROJECT, f"project quotas ({fsutil.fs_type(self.home)})"
+        if shutil.which("mkfs.ext4") and shutil.which("mount"):
+            return quota.LOOP, f"loop-mounted ext4 images ({reason})"
+        return None, f"{reason}; and no mkfs.ext4 for loop images"
+
+    def _remount_images(self) -> None:
+        # Loop images do not survive a reboot (or a cleanup) mounted: mount them again.
+        for lid in self.store.ids():
+            try:
+                self._capped_space(lid)
+            except (OSError, errors.LaminaError) as e:
+                log.warning("lamina: cannot mount the quota image of %s: %s", lid, e)
+
+    def _capped_space(self, id: LayerId) -> Path | None:
+        """Where a loop-capped layer's writable content is (mounted on demand), else None."""
+        layer_dir = self.store.layer_dir(id)
+        if not (layer_dir / quota.IMAGE).is_file():
+            return None
+        point = layer_dir / quota.IMAGE_MOUNT
+        if not os.path.ismount(point):
+            quota.mount_image(layer_dir / quota.IMAGE, point)
+        return point
+
+    def _release_images(self) -> None:
+        # cleanup(): the images of layers nobody has mounted are unmounted too.
+        for lid in self.store.ids():
+            point = self.store.layer_dir(lid) / quota.IMAGE_MOUNT
+            if self.store.count(lid) == 0 and os.path.ismount(point):
+                try:
+                    mount.unmount(str(point), lazy=False)
+                except OSError as e:
+                    log.warning("lamina: cleanup cannot unmount %s: %s", point, e)
+
+    def _start_quota(self, staged: Path, id: LayerId, size: int | None,
+                     base: int = 0) -> tuple[Path, dict[str, Any]]:
+        """Prepare a new writable layer's capped space inside ``staged``.
+
+        Returns the directory that will hold the layer's writable content, and the
+        metadata to record.  ``base``: bytes the layer starts with (vfs: the parent's
+        copy), which the quota comes on top of.
+        """
+        if size is None:
+            return staged, {}
+        if self.quota_mechanism == quota.PROJECT:
+            project = quota.allocate_project(self.home)
+            return staged, {"quota": {"mechanism": quota.PROJECT, "project": project,
+                                      "size": size}}
+        quota.make_image(staged / quota.IMAGE, base + size, staged / quota.IMAGE_MOUNT)
+        return staged / quota.IMAGE_MOUNT, {
+            "quota": {"mechanism": quota.LOOP, "size": size, "base": base}
+        }
+
+    @abc.abstractmethod
+    def _writable_dirs(self, id: LayerId) -> list[Path]:
+        """The directories a writable layer's content is written to (for project ids)."""
+
+    def resize(self, id: str, size: str) -> None:
+        """Grow (or shrink, not below what is in use) a writable layer's quota."""
+        lid = self.store.require(id)
+        new = parse_size(size, layer=lid)
+        with self.store.layer_lock(lid):
+            meta = self.store.meta(lid)
+            info = meta.get("quota")
+            if not isinstance(info, dict):
+                raise errors.InvalidArgument("layer has no size quota", layer=lid, path="size")
+            layer_dir = self.store.layer_dir(lid)
+            if info["mechanism"] == quota.PROJECT:
+                where = self._writable_dirs(lid)[0]
+                used, _ = quota.usage(where, info["project"])
+                limit = int(info.get("base", 0)) + new
+                if used > limit:
+                    raise errors.InvalidArgument(
+                        f"{used} bytes are in use, more than {new}", layer=lid, path="size")
+                quota.set_limit(where, info["project"], limit)
+            else:
+                if new < int(info["size"]):
+                    raise errors.InvalidArgument(
+                        "a loop-image quota can grow, not shrink", layer=lid, path="size")
+                quota.grow_image(layer_dir / quota.IMAGE, layer_dir / quota.IMAGE_MOUNT,
+                                 int(info.get("base", 0)) + new,
+                                 in_use=self.store.count(lid) > 0)
+            info["size"] = new
+            fsutil.atomic_write(layer_dir / META,
+                                json.dumps({**meta, "quota": info}, sort_keys=True).encode())
+
     def _check_depth(self, id: LayerId, parent: LayerId | None, rw: bool) -> None:
         """Refuse a layer deeper than the backend can serve (before anything is written)."""
 
     # -- creation -------------------------------------------------------------
 
-    def _check_storage_opts(self, id: LayerId, opts: Mapping[str, str] | None, rw: bool) -> None:
+    def _check_storage_opts(
+        self, id: LayerId, opts: Mapping[str, str] | None, rw: bool
+    ) -> int | None:
+        """The layer's quota in bytes (its ``size`` option, else the driver's default)."""
         for key in opts or {}:
             if key not in STORAGE_OPTS:
                 raise errors.InvalidArgument(f"unknown storage option {key!r}", layer=id)
-            if key == "size":
-                if not rw:
-                    raise errors.InvalidArgument(
-                        "a size quota applies to writable layers only", layer=id, path="size"
-                    )
-                raise errors.Unsupported(
-                    f"size quotas are not available on backend {self.backend_name} yet",
-                    layer=id, path="size",
-                )
+        size = (opts or {}).get("size")
+        if size is not None and not rw:
+            raise errors.InvalidArgument(
+                "a size quota applies to writable layers only", layer=id, path="size"
+            )
+        if size is None and rw:
+            size = self.options.get(f"{self.backend_name}.size")
+        if size is None:
+            return None
+        quota = parse_size(size, layer=id)
+        if self.quota_mechanism is None:
+            raise errors.Unsupported(f"size quotas: {self.quota_reason}", layer=id, path="size")
+        return quota
 
     def create(
         self, id: str, parent: str | None = None, *, storage_opts: Mapping[str, str] | None = None
@@ -138,11 +249,17 @@ class StoreDriver(Driver, abc.ABC):
         storage_opts: Mapping[str, str] | None = None,
     ) -> None:
         lid = check_id(id)
-        self._check_storage_opts(lid, storage_opts, rw=True)
-        self._create(lid, parent, rw=True)
+        quota = self._check_storage_opts(lid, storage_opts, rw=True)
+        self._create(lid, parent, rw=True, quota=quota)
 
     def _create(
-        self, lid: LayerId, parent: str | None, *, rw: bool, tar: BinaryIO | None = None
+        self,
+        lid: LayerId,
+        parent: str | None,
+        *,
+        rw: bool,
+        tar: BinaryIO | None = None,
+        quota: int | None = None,
     ) -> int:
         pid = self.store.require(parent) if parent else None
         if self.store.exists(lid):
@@ -155,7 +272,7 @@ class StoreDriver(Driver, abc.ABC):
             if pid is not None and not self.store.exists(pid):
                 raise errors.NotFound("parent layer vanished", layer=lid, path=pid)
             with self.store.staging(lid) as staged:
-                fields = self._populate(staged, lid, pid)
+                fields = self._populate(staged, lid, pid, quota)
                 if tar is not None:
                     size = self._apply(staged, lid, pid, tar)
                 meta = {"id": lid, "parent": pid, "rw": rw, "created": wall_time(), **fields}
@@ -180,6 +297,9 @@ class StoreDriver(Driver, abc.ABC):
                 return self._create(lid, parent, rw=False, tar=tar)
             except errors.AlreadyExists:
                 pass  # made meanwhile by someone else: apply into it below
+        if "quota" in self.store.meta(lid):
+            raise errors.Unsupported("cannot apply a tar into a layer with a size quota",
+                                     layer=lid)
         pid = self.store.parent(lid)
         want = self.store.resolve(parent) if parent else None
         if want != pid:
@@ -213,7 +333,7 @@ class StoreDriver(Driver, abc.ABC):
             doomed = self.store.retire(lid)
             with self._mine_lock:
                 self._mine.pop(lid, None)
-            fsutil.remove_tree(doomed)
+            self.store.delete(doomed)
 
     # -- get / put ------------------------------------------------------------
 
@@ -273,6 +393,7 @@ class StoreDriver(Driver, abc.ABC):
             ("Backing Filesystem", fsutil.fs_type(self.home)),
             ("Home", str(self.home)),
             ("Layers", str(sum(1 for _ in self.store.ids()))),
+            ("Quota", self.quota_reason if self.quota_mechanism else f"none: {self.quota_reason}"),
         ]
 
     def cleanup(self) -> None:
@@ -286,5 +407,6 @@ class StoreDriver(Driver, abc.ABC):
                 except (errors.LaminaError, OSError) as e:
                     log.warning("lamina: cleanup cannot release %s: %s", lid, e)
                     break
+        self._release_images()
         for path in self.store.sweep():
             log.info("lamina: swept %s", path)

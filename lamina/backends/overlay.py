@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 from lamina import errors, fsutil, mount, naivediff
+from lamina import quota as quotas
 from lamina.archive.apply import (
     OVERLAY_OPAQUE_XATTR,
     Applier,
@@ -96,6 +97,7 @@ class OverlayDriver(StoreDriver):
     backend_name = "overlay"
     known_options: ClassVar[dict[str, str]] = {
         "overlay.mount_program": "not supported: lamina mounts kernel overlayfs itself",
+        "overlay.size": "default size quota of writable layers (Docker's units: 50M, 1.5GB)",
     }
 
     @classmethod
@@ -144,7 +146,8 @@ class OverlayDriver(StoreDriver):
     # -- paths --------------------------------------------------------------------
 
     def _diff(self, id: LayerId) -> Path:
-        return self.store.layer_dir(id) / DIFF
+        capped = self._capped_space(id)  # a loop-capped layer's diff is in its image
+        return (capped or self.store.layer_dir(id)) / DIFF
 
     def _merged(self, id: LayerId) -> Path:
         return self.store.layer_dir(id) / MERGED
@@ -170,13 +173,26 @@ class OverlayDriver(StoreDriver):
                 layer=id, path=parent,
             )
 
-    def _populate(self, staged: Path, id: LayerId, parent: LayerId | None) -> dict[str, Any]:
-        diff = staged / DIFF
+    def _populate(
+        self, staged: Path, id: LayerId, parent: LayerId | None, quota: int | None = None
+    ) -> dict[str, Any]:
+        space, fields = self._start_quota(staged, id, quota)
+        diff = space / DIFF
         diff.mkdir(mode=0o755)
         uid, gid = self.ids.to_host(0, 0, id, "/")
         os.chown(diff, uid, gid)
-        for sub in (WORK, MERGED):
-            (staged / sub).mkdir(mode=0o700)
+        (space / WORK).mkdir(mode=0o700, exist_ok=True)
+        (staged / MERGED).mkdir(mode=0o700)
+        if space != staged:
+            # In a loop image: the usual names point into it, so mounts and the
+            # l/ links need no special case (upper and work share its filesystem).
+            for sub in (DIFF, WORK):
+                os.symlink(f"{quotas.IMAGE_MOUNT}/{sub}", staged / sub)
+        project = fields.get("quota", {}).get("project")
+        if project is not None and quota is not None:
+            for sub in (DIFF, WORK):
+                quotas.set_project(space / sub, project)
+            quotas.set_limit(diff, project, quota)
         short = secrets.token_hex(13).upper()
         fsutil.atomic_write(staged / LINK, short.encode())
         chain = [parent, *self.store.chain(parent)] if parent else []
@@ -185,7 +201,10 @@ class OverlayDriver(StoreDriver):
             fsutil.atomic_write(staged / LOWER, lower.encode())
         link = self.home / "l" / short
         os.symlink(f"../layers/{id}/{DIFF}", link)
-        return {}
+        return fields
+
+    def _writable_dirs(self, id: LayerId) -> list[Path]:
+        return [self._diff(id)]
 
     def _short(self, id: LayerId) -> str:
         return (self.store.layer_dir(id) / LINK).read_text().strip()
@@ -209,6 +228,7 @@ class OverlayDriver(StoreDriver):
     # -- views ------------------------------------------------------------------------
 
     def _mount(self, id: LayerId, mount_label: str) -> Path:
+        self._capped_space(id)  # a loop-capped upper must be there before the union
         meta = self.store.meta(id)
         parent = meta.get("parent")
         if not parent:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 from lamina import errors, fsutil, naivediff
+from lamina import quota as quotas
 from lamina.archive.apply import Applier
 from lamina.archive.export import Action, Item, export_changes
 from lamina.backends.base import StoreDriver
@@ -33,6 +34,7 @@ class VfsDriver(StoreDriver):
     backend_name = "vfs"
     known_options: ClassVar[dict[str, str]] = {
         "vfs.copy": "reflink (default: reflink where possible) or copy",
+        "vfs.size": "default size quota of writable layers (Docker's units: 50M, 1.5GB)",
     }
 
     def _recover(self) -> None:
@@ -51,20 +53,37 @@ class VfsDriver(StoreDriver):
         return self.options.get("vfs.copy", "reflink") != "copy"
 
     def _tree(self, id: LayerId) -> Path:
-        return self.store.layer_dir(id) / FS
+        capped = self._capped_space(id)  # a loop-capped layer's tree is in its image
+        return (capped or self.store.layer_dir(id)) / FS
 
     # -- building ---------------------------------------------------------------
 
-    def _populate(self, staged: Path, id: LayerId, parent: LayerId | None) -> dict[str, Any]:
-        tree = staged / FS
+    def _populate(
+        self, staged: Path, id: LayerId, parent: LayerId | None, quota: int | None = None
+    ) -> dict[str, Any]:
+        # A capped layer's quota comes on top of its copy of the parent.
+        loop = quota is not None and self.quota_mechanism == quotas.LOOP
+        base = quotas.tree_usage(self._tree(parent)) if loop and parent is not None else 0
+        space, fields = self._start_quota(staged, id, quota, base)
+        tree = space / FS
         tree.mkdir(mode=0o755)
+        project = fields.get("quota", {}).get("project")
+        if project is not None:
+            quotas.set_project(tree, project)  # before the copy, so that it is charged
         if parent is not None:
             fsutil.copy_tree(self._tree(parent), tree, reflink=self._reflink)
         else:
             uid, gid = self.ids.to_host(0, 0, id, "/")
             os.chown(tree, uid, gid)
+        if project is not None and quota is not None:
+            used, _ = quotas.usage(tree, project)
+            quotas.set_limit(tree, project, used + quota)
+            fields["quota"]["base"] = used
         # Files touched after this instant may differ from the parent in content only.
-        return {"touched_ns": self.store.now_ns(staged)}
+        return {"touched_ns": self.store.now_ns(staged), **fields}
+
+    def _writable_dirs(self, id: LayerId) -> list[Path]:
+        return [self._tree(id)]
 
     def _restage(self, staged: Path, id: LayerId) -> dict[str, Any]:
         tree = staged / FS
