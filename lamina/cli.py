@@ -237,6 +237,39 @@ def cmd_resize(drv: Driver, args: argparse.Namespace) -> Result:
     return Result({"id": args.id, "size": args.size})
 
 
+def cmd_check(drv: Driver, args: argparse.Namespace) -> Result:
+    """``check``: verify the store (metadata, chains, mounts, content); ``--repair`` fixes it."""
+    from lamina import check
+
+    report = check.check(drv, repair=args.repair)
+    lines = [f"problem: {p}" for p in report.problems]
+    lines += [f"repaired: {r}" for r in report.repairs]
+    ok = report.consistent
+    if args.repair and not ok:
+        ok = check.check(drv).consistent  # what is left after the repair
+    lines.append(f"{report.layers} layers, {len(report.problems)} problems"
+                 + (f", {len(report.repairs)} repairs" if args.repair else "")
+                 + ("" if ok else " (store inconsistent)"))
+    data = {"layers": report.layers, "problems": report.problems, "repairs": report.repairs,
+            "consistent": ok}
+    return Result(data, lines, status=0 if ok else 1)
+
+
+def cmd_df(drv: Driver, args: argparse.Namespace) -> Result:
+    """``df``: each layer's own bytes, disk use and inodes (counters kept at apply time)."""
+    from lamina import check
+
+    usage, orphans = check.df(drv)
+    table = [["ID", "PARENT", "BYTES", "DISK", "INODES", "SOURCE"]]
+    for u in usage:
+        table.append([u.id, u.parent or "-", human_size(u.bytes), human_size(u.disk),
+                      str(u.inodes), "walked (writable)" if u.live else "counters"])
+    lines = _columns(table) + [f"orphan: {o}" for o in orphans]
+    data = {"layers": [vars(u) for u in usage], "orphans": orphans,
+            "total_bytes": sum(u.bytes for u in usage), "total_disk": sum(u.disk for u in usage)}
+    return Result(data, lines)
+
+
 def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
     """``ls``: every layer with its parent, size and mount count."""
     rows: list[dict[str, Any]] = []
@@ -403,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mount-label", default="", metavar="L", help="SELinux label")
     layer(command("unmount", cmd_unmount, "give back one mount; the last one unmounts"))
     layer(command("rm", cmd_rm, "remove the layer"))
+    p = command("check", cmd_check, "verify the store; exit 1 if it is inconsistent")
+    p.add_argument("--repair", action="store_true", help="remove or fix what is broken")
+    command("df", cmd_df, "each layer's bytes, disk use and inodes, and the orphans")
     p = command("resize", cmd_resize, "change a writable layer's size quota (e.g. 100M)")
     layer(p)
     p.add_argument("size", metavar="SIZE", help="the new quota, in Docker's units (50M, 1.5GB)")

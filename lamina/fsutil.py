@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from lamina import crashpoints
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syncfs.argtypes = [ctypes.c_int]
 _libc.renameat2.argtypes = [
@@ -74,6 +76,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
     finally:
         os.close(fd)
     # The rename is the commit point; the directory fsync makes the new name durable.
+    crashpoints.reached("atomic-write:before-rename")
     os.replace(tmp, path)
     sync_dir(path.parent)
 

@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lamina import errors, fsutil, mount
+from lamina import crashpoints, errors, fsutil, mount
 from lamina.driver import REMOVING_SUFFIX, LayerId, check_id
 
 log = logging.getLogger("lamina")
@@ -199,17 +199,21 @@ class Store:
         with self.locked():
             if parent is not None and not self.exists(parent):
                 raise errors.NotFound("parent layer vanished", layer=id, path=parent)
+            crashpoints.reached("publish:before-rename")
             try:
                 # The commit point of a new layer.
                 fsutil.rename_noreplace(staged, self.layer_dir(id))
             except FileExistsError:
                 raise errors.AlreadyExists("layer exists already", layer=id) from None
+            crashpoints.reached("publish:after-rename")
             fsutil.sync_dir(self.layers_dir)
 
     def swap(self, staged: Path, id: LayerId) -> None:
         """Replace live layer ``id``'s directory with ``staged`` in one step."""
         with self.locked():
+            crashpoints.reached("swap:before-exchange")
             fsutil.rename_exchange(staged, self.layer_dir(id))
+            crashpoints.reached("swap:after-exchange")
             fsutil.sync_dir(self.layers_dir)
             fsutil.sync_dir(self.staging_dir)
 
@@ -225,7 +229,9 @@ class Store:
                 raise errors.Busy(f"layer is the parent of {', '.join(kids)}", layer=id)
             doomed = self.layers_dir / f"{id}{REMOVING_SUFFIX}"
             fsutil.remove_tree(doomed)  # an older removal of the same id, unfinished
+            crashpoints.reached("retire:before-rename")
             os.rename(self.layer_dir(id), doomed)
+            crashpoints.reached("retire:after-rename")
             fsutil.sync_dir(self.layers_dir)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.mounts_dir / id)
@@ -294,6 +300,7 @@ class Store:
         """Delete a retired or abandoned layer directory, and what is mounted inside it."""
         if path.exists():
             mount.unmount_below(path)  # a quota image, a stale union mount
+        crashpoints.reached("remove:deleting")
         fsutil.remove_tree(path)
 
     def _sweep_one(self, path: Path) -> str:

@@ -27,7 +27,7 @@ import stat
 from collections.abc import Iterable, Sequence
 from typing import BinaryIO
 
-from lamina import fsutil, progress
+from lamina import crashpoints, fsutil, progress
 from lamina.archive.reader import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, TarReader
 from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive, Unsupported
 from lamina.idmap import IdMapper
@@ -117,6 +117,7 @@ class Applier:
                 total += entry.size
                 if self.max_size is not None and total > self.max_size:
                     raise UnsafeArchive(f"more than {self.max_size} bytes", layer=self.layer)
+            crashpoints.reached("apply:entry")
             try:
                 self._apply_entry(reader, entry)
             except LaminaError:

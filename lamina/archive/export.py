@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
-from lamina import progress
+from lamina import crashpoints, progress
 from lamina.archive.apply import OPAQUE_MARKER, WHITEOUT_PREFIX
 from lamina.archive.writer import END_OF_ARCHIVE, header, padding
 from lamina.errors import NotFound
@@ -142,6 +142,7 @@ def _generate(
                 yield chunk
                 continue
             written = 0
+            crashpoints.reached("diff:chunk")
             for chunk in _member(dirs, parent, base, item.path, seen, ids):
                 written += len(chunk)
                 yield chunk

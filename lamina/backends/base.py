@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from lamina import errors, fsutil, mount, quota
+from lamina import crashpoints, errors, fsutil, manifest, mount, quota
 from lamina.archive import codecs
 from lamina.driver import Driver, IdMap, LayerId, check_id
 from lamina.idmap import IdMapper
@@ -113,6 +113,15 @@ class StoreDriver(Driver, abc.ABC):
 
     def _recover(self) -> None:
         """Backend recovery on open (stale mounts and the like)."""
+
+    @abc.abstractmethod
+    def content_of(self, layer_dir: Path) -> Path:
+        """The layer's own content inside its directory (live or staged)."""
+
+    def record_manifest(self, layer_dir: Path) -> dict[str, int]:
+        # What a read-only layer holds, for `lamina check`, and its size, for `lamina df`.
+        totals = manifest.record(self.content_of(layer_dir), layer_dir / manifest.NAME)
+        return {"bytes": totals.bytes, "disk": totals.disk, "inodes": totals.inodes}
 
     # -- quotas ---------------------------------------------------------------
 
@@ -275,6 +284,8 @@ class StoreDriver(Driver, abc.ABC):
                 fields = self._populate(staged, lid, pid, quota)
                 if tar is not None:
                     size = self._apply(staged, lid, pid, tar)
+                if not rw:
+                    fields["totals"] = self.record_manifest(staged)
                 meta = {"id": lid, "parent": pid, "rw": rw, "created": wall_time(), **fields}
                 self.store.write_meta(staged, lid, meta)
                 # One syncfs makes the whole layer durable before it becomes visible.
@@ -313,6 +324,8 @@ class StoreDriver(Driver, abc.ABC):
                 fields = self._restage(staged, lid)
                 size = self._apply(staged, lid, pid, tar)
                 meta = {**self.store.meta(lid), **fields}
+                if not meta.get("rw"):
+                    meta["totals"] = self.record_manifest(staged)
                 self.store.write_meta(staged, lid, meta)
                 fsutil.syncfs(staged)
                 self.store.swap(staged, lid)
@@ -344,6 +357,7 @@ class StoreDriver(Driver, abc.ABC):
                 raise errors.NotFound("no such layer", layer=lid)
             count = self.store.count(lid)
             path = self._mount(lid, mount_label) if count == 0 else self._view(lid)
+            crashpoints.reached("get:after-mount")
             self.store.set_count(lid, count + 1)
         with self._mine_lock:
             self._mine[lid] += 1
@@ -357,6 +371,7 @@ class StoreDriver(Driver, abc.ABC):
                 return
             if count == 1 and self.store.exists(lid):
                 self._unmount(lid)
+            crashpoints.reached("put:after-unmount")
             self.store.set_count(lid, count - 1)
         with self._mine_lock:
             if self._mine[lid] > 0:

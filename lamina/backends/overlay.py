@@ -203,6 +203,9 @@ class OverlayDriver(StoreDriver):
         os.symlink(f"../layers/{id}/{DIFF}", link)
         return fields
 
+    def content_of(self, layer_dir: Path) -> Path:
+        return layer_dir / DIFF
+
     def _writable_dirs(self, id: LayerId) -> list[Path]:
         return [self._diff(id)]
 

@@ -82,6 +82,9 @@ class VfsDriver(StoreDriver):
         # Files touched after this instant may differ from the parent in content only.
         return {"touched_ns": self.store.now_ns(staged), **fields}
 
+    def content_of(self, layer_dir: Path) -> Path:
+        return layer_dir / FS
+
     def _writable_dirs(self, id: LayerId) -> list[Path]:
         return [self._tree(id)]
 

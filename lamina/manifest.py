@@ -1,0 +1,191 @@
+"""Per-layer manifests: what a read-only layer held when it was made, to check it later.
+
+A manifest is written into the layer's directory (beside its metadata, outside
+its content) when the layer is built, before the syncfs that makes it durable.
+It lists every path of the layer's own content with its type, mode, owner,
+size, device number, link target or the CRC-32 of its data, and the
+``security.capability`` and ``trusted.overlay.opaque`` xattrs.  ``lamina check``
+compares the content with it, so a flipped byte or a lost file is found — which
+no other graph driver does.  The same walk counts the layer's bytes and inodes
+for ``lamina df``, so that ``df`` never walks a layer again.
+
+Format: one JSON document per line, the first a header
+(``{"format": 1, "bytes": …, "disk": …, "inodes": …}``), then
+``[path, kind, mode, uid, gid, size, digest-or-target-or-rdev, xattrs]`` sorted by path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from isal import isal_zlib
+
+NAME = "manifest.jsonl"
+FORMAT = 1
+_XATTRS = ("security.capability", "trusted.overlay.opaque")
+_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+Row = list[object]
+
+
+@dataclass(frozen=True)
+class Totals:
+    """What a layer's own content takes: apparent bytes, bytes on disk, inodes."""
+
+    bytes: int
+    disk: int
+    inodes: int
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "f"
+    if stat.S_ISDIR(mode):
+        return "d"
+    if stat.S_ISLNK(mode):
+        return "l"
+    if stat.S_ISCHR(mode):
+        return "c"
+    if stat.S_ISBLK(mode):
+        return "b"
+    return "p"
+
+
+def _xattrs(target: int | str) -> dict[str, str]:
+    # One listxattr first: most files have none, and a failed getxattr is costly.
+    try:
+        names = os.listxattr(target, follow_symlinks=isinstance(target, int))
+    except OSError:
+        return {}
+    out = {}
+    for key in _XATTRS:
+        if key in names:
+            try:
+                value = os.getxattr(target, key, follow_symlinks=isinstance(target, int))
+            except OSError:
+                continue
+            out[key] = value.hex()
+    return out
+
+
+def _file(dir_fd: int, name: str) -> tuple[str, dict[str, str]]:
+    """The CRC-32 of a regular file's data, and its xattrs, through one fd."""
+    # CRC-32 through isal (~10 GB/s here, against ~1 GB/s for SHA-256): this guards
+    # against damage (it catches every flipped byte and burst), not against an
+    # adversary, and keeps the manifest cheap on the apply path.
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    crc = 0
+    try:
+        while chunk := os.read(fd, _CHUNK):
+            crc = isal_zlib.crc32(chunk, crc)
+        return f"{crc:08x}", _xattrs(fd)
+    finally:
+        os.close(fd)
+
+
+def rows(root: str | os.PathLike[str]) -> Iterator[tuple[Row, os.stat_result]]:
+    """Every path below ``root`` as a manifest row (with its lstat), sorted by path."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        yield from _walk(fd, "")
+    finally:
+        os.close(fd)
+
+
+def _walk(fd: int, rel: str) -> Iterator[tuple[Row, os.stat_result]]:
+    for name in sorted(os.listdir(fd)):
+        path = f"{rel}/{name}" if rel else name
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        mode = st.st_mode
+        kind = _kind(mode)
+        sub = -1
+        if kind == "f":
+            detail, xattrs = _file(fd, name)
+        elif kind == "d":
+            sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            detail, xattrs = "", _xattrs(sub)
+        else:
+            if kind == "l":
+                detail = os.readlink(name, dir_fd=fd)
+            elif kind in "cb":
+                detail = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            else:
+                detail = ""
+            xattrs = _xattrs(f"/proc/self/fd/{fd}/{name}")
+        size = st.st_size if kind in "fl" else 0
+        row: Row = [path, kind, stat.S_IMODE(mode), st.st_uid, st.st_gid, size, detail, xattrs]
+        yield row, st
+        if sub >= 0:
+            try:
+                yield from _walk(sub, path)
+            finally:
+                os.close(sub)
+
+
+def record(root: str | os.PathLike[str], into: Path) -> Totals:
+    """Write the manifest of the tree ``root`` to ``into``; return its totals."""
+    body: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    total = disk = inodes = 0
+    for row, st in rows(root):
+        body.append(json.dumps(row, separators=(",", ":")))
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+        inodes += 1
+        disk += st.st_blocks * 512
+        if stat.S_ISREG(st.st_mode):
+            total += st.st_size
+    totals = Totals(total, disk, inodes)
+    header = {"format": FORMAT, "bytes": total, "disk": disk, "inodes": inodes}
+    # No fsync: the layer's syncfs (or the caller's) makes it durable with the content.
+    into.write_text("\n".join([json.dumps(header), *body]) + "\n")
+    return totals
+
+
+def totals(path: Path) -> Totals | None:
+    """The totals recorded in a manifest (its first line only)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = json.loads(f.readline())
+        return Totals(int(header["bytes"]), int(header["disk"]), int(header["inodes"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def verify(root: str | os.PathLike[str], path: Path) -> list[str]:
+    """How the tree ``root`` differs from the manifest at ``path`` (empty: it matches)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        header = json.loads(lines[0])
+        if header.get("format") != FORMAT:
+            return [f"manifest format {header.get('format')!r} unknown"]
+        want = {row[0]: row for row in (json.loads(line) for line in lines[1:])}
+    except (OSError, ValueError, IndexError, TypeError) as e:
+        return [f"manifest unreadable: {e}"]
+    problems = []
+    got: dict[str, Row] = {}
+    try:
+        for row, _ in rows(root):
+            got[str(row[0])] = row
+    except OSError as e:
+        return [f"content unreadable: {e}"]
+    for name in sorted(set(want) | set(got)):
+        a, b = want.get(name), got.get(name)
+        if a is None:
+            problems.append(f"/{name}: not in the manifest")
+        elif b is None:
+            problems.append(f"/{name}: missing")
+        elif a != b:
+            fields = ("kind", "mode", "uid", "gid", "size", "content", "xattrs")
+            what = [f for f, x, y in zip(fields, a[1:], b[1:], strict=True) if x != y]
+            problems.append(f"/{name}: {', '.join(what)} differ")
+    return problems
