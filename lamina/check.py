@@ -93,7 +93,7 @@ def check(drv: Driver, *, repair: bool = False, content: bool = True) -> Report:
                     _write_meta(store.layer_dir(lid), meta)
                     report.repairs.append(f"{lid}: manifest recorded from its present content")
                 continue
-            found = manifest.verify(sd.content_of(where), recorded)
+            found = manifest.verify(sd.content_of(where), recorded, only=sd.content_only)
             if found:
                 broken[lid] = "content differs from its manifest: " + "; ".join(found[:5]) + (
                     f" (and {len(found) - 5} more)" if len(found) > 5 else "")

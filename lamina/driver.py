@@ -215,7 +215,7 @@ BackendFactory = Callable[..., Driver]
 """``factory(home, options, uid_map, gid_map) -> Driver``; raises ``Unsupported``."""
 
 _backends: dict[str, BackendFactory] = {}
-_AUTO_ORDER = ("overlay", "vfs")
+_AUTO_ORDER = ("overlay", "vfs")  # auto never picks a backend of Windows layers
 
 
 def register_backend(name: str, factory: BackendFactory) -> None:
@@ -223,10 +223,14 @@ def register_backend(name: str, factory: BackendFactory) -> None:
     _backends[name] = factory
 
 
-def backends() -> list[str]:
-    """The registered backends' names."""
+def backends(layer_format: str | None = "linux") -> list[str]:
+    """The registered backends' names: those storing ``layer_format`` layers (Linux
+    layers by default; ``"windows"`` for Windows container layers; None for all)."""
     _load_builtin_backends()
-    return sorted(_backends)
+    return sorted(
+        name for name, factory in _backends.items()
+        if layer_format is None or getattr(factory, "layer_format", "linux") == layer_format
+    )
 
 
 def _load_builtin_backends() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,17 +89,24 @@ def _file(dir_fd: int, name: str) -> tuple[str, dict[str, str]]:
         os.close(fd)
 
 
-def rows(root: str | os.PathLike[str]) -> Iterator[tuple[Row, os.stat_result]]:
-    """Every path below ``root`` as a manifest row (with its lstat), sorted by path."""
+def rows(
+    root: str | os.PathLike[str], only: Sequence[str] | None = None
+) -> Iterator[tuple[Row, os.stat_result]]:
+    """Every path below ``root`` as a manifest row (with its lstat), sorted by path;
+    with ``only``, just those top-level names and what is below them."""
     fd = os.open(root, _DIR_FLAGS)
     try:
-        yield from _walk(fd, "")
+        yield from _walk(fd, "", only)
     finally:
         os.close(fd)
 
 
-def _walk(fd: int, rel: str) -> Iterator[tuple[Row, os.stat_result]]:
+def _walk(
+    fd: int, rel: str, only: Sequence[str] | None = None
+) -> Iterator[tuple[Row, os.stat_result]]:
     for name in sorted(os.listdir(fd)):
+        if only is not None and name not in only:
+            continue
         path = f"{rel}/{name}" if rel else name
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         mode = st.st_mode
@@ -128,12 +135,14 @@ def _walk(fd: int, rel: str) -> Iterator[tuple[Row, os.stat_result]]:
                 os.close(sub)
 
 
-def record(root: str | os.PathLike[str], into: Path) -> Totals:
+def record(
+    root: str | os.PathLike[str], into: Path, *, only: Sequence[str] | None = None
+) -> Totals:
     """Write the manifest of the tree ``root`` to ``into``; return its totals."""
     body: list[str] = []
     seen: set[tuple[int, int]] = set()
     total = disk = inodes = 0
-    for row, st in rows(root):
+    for row, st in rows(root, only):
         body.append(json.dumps(row, separators=(",", ":")))
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             if (st.st_dev, st.st_ino) in seen:
@@ -160,7 +169,9 @@ def totals(path: Path) -> Totals | None:
         return None
 
 
-def verify(root: str | os.PathLike[str], path: Path) -> list[str]:
+def verify(
+    root: str | os.PathLike[str], path: Path, *, only: Sequence[str] | None = None
+) -> list[str]:
     """How the tree ``root`` differs from the manifest at ``path`` (empty: it matches)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -174,7 +185,7 @@ def verify(root: str | os.PathLike[str], path: Path) -> list[str]:
     problems = []
     got: dict[str, Row] = {}
     try:
-        for row, _ in rows(root):
+        for row, _ in rows(root, only):
             got[str(row[0])] = row
     except OSError as e:
         return [f"content unreadable: {e}"]

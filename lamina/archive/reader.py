@@ -48,6 +48,8 @@ class Entry:
     devminor: int
     xattrs: dict[str, bytes] = field(default_factory=dict)
     sparse: list[tuple[int, int]] | None = None  # (offset, length) data regions
+    pax: dict[str, bytes] = field(default_factory=dict)  # every PAX record of the member
+    raw: bytes = b""  # the header blocks as read (only with ``keep_raw``)
     data_size: int = 0  # bytes stored in the archive for this member
     offset: int = 0  # where the member's header started in the stream
 
@@ -82,8 +84,14 @@ def _decode(raw: bytes) -> str:
 class TarReader:
     """Iterate the members of a tar stream (see the module docstring)."""
 
-    def __init__(self, stream: BinaryIO, *, layer: str | None = None) -> None:
+    def __init__(
+        self, stream: BinaryIO, *, layer: str | None = None, keep_raw: bool = False
+    ) -> None:
+        """``keep_raw``: give each entry its header blocks as read (``Entry.raw``), and
+        keep the end of the archive for :meth:`trailer` — for exact re-export."""
         self._stream = stream
+        self._keep_raw = keep_raw
+        self._record: list[bytes] | None = None
         self._layer = layer
         self._buf = b""
         self._pos = 0
@@ -102,6 +110,8 @@ class TarReader:
             out = self._buf[self._pos : self._pos + n]
             self._pos += n
             self.consumed += n
+            if self._record is not None:
+                self._record.append(out)
             return out
         parts = [self._buf[self._pos :]]
         need = n - avail
@@ -119,6 +129,8 @@ class TarReader:
                 need -= len(chunk)
         out = b"".join(parts)
         self.consumed += len(out)
+        if self._record is not None:
+            self._record.append(out)
         return out
 
     def _pull(self, n: int) -> bytes:
@@ -167,6 +179,21 @@ class TarReader:
             self._pending = entry.data_size + (-entry.data_size % BLOCK)
             yield entry
 
+    def trailer(self, limit: int = MAX_META) -> bytes:
+        """After the last member (``keep_raw``): the end-of-archive blocks and whatever
+        follows them in the stream, exactly (refused past ``limit`` bytes)."""
+        ended = b"".join(self._record or [])
+        self._record = None
+        rest = [self._buf[self._pos :]]
+        size = len(rest[0])
+        while chunk := self._pull(READ_SIZE):
+            rest.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise self._error(f"more than {limit} bytes after the end of the archive")
+        self._buf, self._pos = b"", 0
+        return ended + b"".join(rest)
+
     def copy_data(self, entry: Entry, fd: int) -> None:
         """Write ``entry``'s data to ``fd`` (expanding a sparse file), then skip the padding."""
         if entry.sparse is None:
@@ -200,6 +227,8 @@ class TarReader:
         pax_sparse: list[int] = []
         long_name: bytes | None = None
         long_link: bytes | None = None
+        if self._keep_raw:
+            self._record = []
         while True:
             offset = self.consumed
             header = self._read(BLOCK)
@@ -233,7 +262,12 @@ class TarReader:
                 else:
                     long_link = value
                 continue
-            return self._member(header, kind, size, offset, pax, pax_sparse, long_name, long_link)
+            entry = self._member(header, kind, size, offset, pax, pax_sparse, long_name,
+                                 long_link)
+            if self._record is not None:
+                entry.raw = b"".join(self._record)
+                self._record = None
+            return entry
 
     def _meta(self, size: int, what: str, offset: int) -> bytes:
         if size > MAX_META:
@@ -363,6 +397,7 @@ class TarReader:
             devmajor=_num(header[329:337], "devmajor", offset) if kind in "34" else 0,
             devminor=_num(header[337:345], "devminor", offset) if kind in "34" else 0,
             xattrs=xattrs,
+            pax=pax,
             data_size=data_size,
             offset=offset,
         )

@@ -1,5 +1,5 @@
 """The backends, side by side; importing this package registers them all."""
 
-from lamina.backends import overlay, vfs
+from lamina.backends import overlay, vfs, windowsfilter
 
-__all__ = ["overlay", "vfs"]
+__all__ = ["overlay", "vfs", "windowsfilter"]

@@ -60,6 +60,8 @@ class StoreDriver(Driver, abc.ABC):
 
     backend_name = ""
     known_options: ClassVar[Mapping[str, str]] = {}
+    content_only: ClassVar[tuple[str, ...] | None] = None
+    """The names in ``content_of()`` that are the layer's content (None: all of it)."""
 
     def __init__(
         self,
@@ -120,7 +122,8 @@ class StoreDriver(Driver, abc.ABC):
 
     def record_manifest(self, layer_dir: Path) -> dict[str, int]:
         # What a read-only layer holds, for `lamina check`, and its size, for `lamina df`.
-        totals = manifest.record(self.content_of(layer_dir), layer_dir / manifest.NAME)
+        totals = manifest.record(self.content_of(layer_dir), layer_dir / manifest.NAME,
+                                 only=self.content_only)
         return {"bytes": totals.bytes, "disk": totals.disk, "inodes": totals.inodes}
 
     # -- quotas ---------------------------------------------------------------
