@@ -303,13 +303,15 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def stop(self, grace: float) -> bool:
         """Stop accepting, remove the socket, let calls in progress finish; whether all did."""
-        self.shutdown()
-        self.server_close()
+        # The socket goes first: from then on, Docker's calls fail to connect and are retried.
         with contextlib.suppress(FileNotFoundError):
             if os.stat(self.path).st_ino == self._inode:  # not a newer serve's socket
                 os.unlink(self.path)
         with self._cond:
             self._closing = True
+        self.shutdown()  # the accept loop (it polls: up to half a second)
+        self.server_close()
+        with self._cond:
             finished = self._cond.wait_for(lambda: self._calls == 0, timeout=grace)
             idle = list(self._connections)
         for conn in idle:
