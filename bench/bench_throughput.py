@@ -1,0 +1,266 @@
+"""Layer throughput against the reference tools, side by side in one run.
+
+    sudo .venv/bin/python bench/bench_throughput.py [--runs 3] [--work /var/tmp] [--skip-docker]
+
+Each line is a median over ``--runs`` runs (after one warm-up), on the same disk,
+with the same options (numeric owners, xattrs, modes):
+
+- apply_diff of rootfs.tar              vs  tar --numeric-owner --xattrs -xpf
+- apply_diff of rootfs.tar.gz           vs  pigz -dc | tar -xpf -
+- apply_diff of rootfs.tar.zst          vs  tar --zstd -xpf
+- apply_diff of a 50k-small-files tar   vs  tar -xpf
+- diff (export) of the base layer       vs  tar -cf - . | cat >/dev/null
+- the 3 layers of app-docker-save.tar   vs  docker load (Docker's overlay2, own dockerd)
+- peak RSS applying / exporting a 1 GB layer
+
+lamina's apply is durable when it returns (one syncfs); GNU tar's is not, so each
+apply line also shows GNU tar followed by ``sync -f`` of the same filesystem.
+Needs root and the corpus ($LAMINA_CORPUS, default /var/tmp/lamina-corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lamina
+
+CORPUS = Path(os.environ.get("LAMINA_CORPUS", "/var/tmp/lamina-corpus"))
+TAR = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*"]
+
+
+def median_time(runs: int, setup: Callable[[], None], body: Callable[[], None]) -> float:
+    """Median seconds of ``body`` over ``runs`` runs, after one warm-up; ``setup`` untimed."""
+    times = []
+    for i in range(runs + 1):
+        setup()
+        t0 = time.perf_counter()
+        body()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def sh(cmd: str) -> None:
+    subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL)
+
+
+class Bench:
+    def __init__(self, work: Path, runs: int, backend: str) -> None:
+        self.work = work
+        self.runs = runs
+        self.backend = backend
+        self.home = work / "home"
+        self.out = work / "gnu"
+        self.rows: list[tuple[str, float, float, str]] = []
+
+    def fresh(self) -> None:
+        if self.home.exists():
+            with lamina.open_driver(self.home) as drv:
+                drv.cleanup()
+        shutil.rmtree(self.home, ignore_errors=True)
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.out.mkdir()
+
+    def apply(self, path: Path, id: str = "l", parent: str | None = None) -> None:
+        with lamina.open_driver(self.home, backend=self.backend) as drv, open(path, "rb") as f:
+            drv.apply_diff(id, parent, f)
+
+    def row(self, name: str, ours: float, theirs: float, ref: str) -> None:
+        self.rows.append((name, ours, theirs, ref))
+        print(f"{name:<44} lamina {ours:7.3f} s  {ref} {theirs:7.3f} s  "
+              f"ratio {ours / theirs:5.2f}", flush=True)
+
+    def apply_vs(self, name: str, path: Path, gnu: str, size: int, entries: int) -> None:
+        ours = median_time(self.runs, self.fresh, lambda: self.apply(path))
+        theirs = median_time(self.runs, self.fresh, lambda: sh(gnu))
+        synced = median_time(self.runs, self.fresh, lambda: sh(f"{gnu} && sync -f {self.out}"))
+        self.row(name, ours, theirs, "GNU")
+        print(f"{'':<44} {size / ours / 1e6:7.0f} MB/s, {entries / ours:8.0f} files/s; "
+              f"vs GNU tar + sync -f: ratio {ours / synced:5.2f}", flush=True)
+
+
+def small_files_tar(path: Path, count: int = 50_000) -> None:
+    """A layer of ``count`` small files in 500 directories (built once, cached)."""
+    if path.exists():
+        return
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for d in range(count // 100):
+            info = tarfile.TarInfo(f"d{d:04}")
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tf.addfile(info)
+            for f in range(100):
+                data = f"file {d}/{f}\n".encode() * 8
+                info = tarfile.TarInfo(f"d{d:04}/f{f:03}")
+                info.size = len(data)
+                info.mode = 0o644
+                info.mtime = 1_700_000_000
+                tf.addfile(info, io.BytesIO(data))
+
+
+def big_layer_tar(path: Path, size: int = 1 << 30) -> None:
+    """A 1 GB layer (ten 100 MB files and 2,000 small ones), built once."""
+    if path.exists():
+        return
+    chunk = os.urandom(1 << 20)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(10):
+            info = tarfile.TarInfo(f"big/{i}")
+            info.size = size // 10
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                with os.fdopen(w, "wb") as out:
+                    for _ in range(info.size // len(chunk)):
+                        out.write(chunk)
+                    out.write(chunk[: info.size % len(chunk)])
+                os._exit(0)
+            os.close(w)
+            with os.fdopen(r, "rb") as src:
+                tf.addfile(info, src)
+            os.waitpid(pid, 0)
+        for i in range(2000):
+            info = tarfile.TarInfo(f"small/{i}")
+            info.size = 100
+            tf.addfile(info, io.BytesIO(b"x" * 100))
+
+
+def peak_rss(code: str) -> int:
+    """Peak RSS in MB of a fresh Python running ``code`` (its children included)."""
+    done = subprocess.run([sys.executable, "-c", code + "\nimport resource\n"
+                           "print(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+                           " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))"],
+                          check=True, capture_output=True, text=True)
+    return int(done.stdout.split()[-1]) // 1024
+
+
+def docker_load(work: Path, runs: int) -> float:
+    """Median seconds of ``docker load`` of the corpus image into a private dockerd."""
+    data, sock = work / "docker", work / "docker.sock"
+    proc = subprocess.Popen(
+        ["dockerd", "--data-root", str(data), "--exec-root", str(work / "dexec"),
+         "--pidfile", str(work / "docker.pid"), "--host", f"unix://{sock}",
+         "--storage-driver", "overlay2", "--iptables=false", "--bridge=none"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "DOCKER_HOST": f"unix://{sock}"}
+    try:
+        for _ in range(60):
+            if subprocess.run(["docker", "info"], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+
+        def clear() -> None:
+            subprocess.run(["docker", "rmi", "-f", "corpus/app:1"], env=env, capture_output=True)
+
+        def load() -> None:
+            subprocess.run(["docker", "load", "-q", "-i", str(CORPUS / "app-docker-save.tar")],
+                           env=env, check=True, capture_output=True)
+
+        return median_time(runs, clear, load)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        subprocess.run(f"grep -o '{work}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+                       shell=True, check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--work", default="/var/tmp")
+    parser.add_argument("--backend", default="overlay")
+    parser.add_argument("--skip-docker", action="store_true")
+    args = parser.parse_args()
+    cache = Path(args.work) / "lamina-bench-data"
+    cache.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="lamina-bench-", dir=args.work))
+    b = Bench(work, args.runs, args.backend)
+    print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, kernel "
+          f"{platform.release()}, python {platform.python_version()}, backend {args.backend}, "
+          f"{'isolated child' if os.environ.get('LAMINA_NOREEXEC') != '1' else 'inline'}")
+    try:
+        rootfs = CORPUS / "rootfs.tar"
+        with tarfile.open(rootfs) as tf:
+            entries = sum(1 for _ in tf)
+        size = rootfs.stat().st_size
+        o = b.out
+        b.apply_vs("apply rootfs.tar (plain)", rootfs, f"{' '.join(TAR)} -xpf {rootfs} -C {o}",
+                   size, entries)
+        b.apply_vs("apply rootfs.tar.gz", CORPUS / "rootfs.tar.gz",
+                   f"pigz -dc {CORPUS}/rootfs.tar.gz | {' '.join(TAR)} -xpf - -C {o}", size,
+                   entries)
+        b.apply_vs("apply rootfs.tar.zst", CORPUS / "rootfs.tar.zst",
+                   f"{' '.join(TAR)} --zstd -xpf {CORPUS}/rootfs.tar.zst -C {o}", size, entries)
+        small = cache / "small-files.tar"
+        small_files_tar(small)
+        b.apply_vs("apply 50k small files (plain)", small,
+                   f"{' '.join(TAR)} -xpf {small} -C {o}", small.stat().st_size, 50_500)
+        # Export: the base layer to /dev/null, against tar -c of the same tree.
+        b.fresh()
+        b.apply(rootfs, "base")
+        with lamina.open_driver(b.home) as drv:
+            tree = drv.get("base")
+
+            def export() -> None:
+                with drv.diff("base") as tar, open(os.devnull, "wb") as null:
+                    while chunk := tar.read(1 << 20):
+                        null.write(chunk)
+
+            ours = median_time(args.runs, lambda: None, export)
+            theirs = median_time(
+                args.runs, lambda: None,
+                lambda: sh(f"cd {tree} && {' '.join(TAR)} -cf - . | cat >/dev/null"))
+            drv.put("base")
+        b.row("diff (export) of the base layer", ours, theirs, "GNU")
+        if not args.skip_docker:
+            with tarfile.open(CORPUS / "app-docker-save.tar") as outer:
+                manifest = json.load(outer.extractfile("manifest.json"))  # type: ignore[arg-type]
+                layers = manifest[0]["Layers"]
+
+            def chain() -> None:
+                with lamina.open_driver(b.home, backend=args.backend) as drv, \
+                        tarfile.open(CORPUS / "app-docker-save.tar") as outer:
+                    parent = None
+                    for i, name in enumerate(layers):
+                        member = outer.extractfile(name)
+                        assert member is not None
+                        drv.apply_diff(f"img{i}", parent, member)
+                        parent = f"img{i}"
+
+            ours = median_time(args.runs, b.fresh, chain)
+            b.row("3 corpus layers as a chain", ours, docker_load(work, args.runs), "docker load")
+        big = cache / "big-layer.tar"
+        big_layer_tar(big)
+        home = work / "rss-home"
+        code = (f"import lamina\nd = lamina.open_driver({str(home)!r}, backend={args.backend!r})"
+                f"\nd.apply_diff('big', None, open({str(big)!r}, 'rb'))")
+        print(f"peak RSS applying a 1 GB layer: {peak_rss(code)} MB", flush=True)
+        code = (f"import lamina\nd = lamina.open_driver({str(home)!r})\n"
+                "with d.diff('big') as t:\n    while t.read(1 << 20): pass")
+        print(f"peak RSS exporting a 1 GB layer: {peak_rss(code)} MB", flush=True)
+    finally:
+        b.fresh()
+        for home in work.iterdir():
+            if home.is_dir() and (home / "lamina.json").exists():
+                with lamina.open_driver(home) as drv:
+                    drv.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
