@@ -189,9 +189,10 @@ class Plugin:
             log.warning("cannot reopen the store Docker named before: %s", e)
 
     def _open(self, req: JsonDoc, *, record: bool) -> None:
-        home = self.home or Path(_text(req, "Home"))
-        if not str(home):
+        named = _text(req, "Home")
+        if self.home is None and not named:
             raise errors.InvalidArgument("GraphDriver.Init without a Home")
+        home = self.home or Path(named)
         opts = req.get("Opts") or []
         if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
             raise errors.InvalidArgument(f"Init's Opts must be a list of strings, not {opts!r}")
@@ -355,19 +356,21 @@ def serve(
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     socket_path = socket_path.absolute()
     plugin = Plugin(home=home, backend=backend, options=options, state=state_path(socket_path))
-    plugin.resume()
-    if home is not None and not plugin.opened:
-        plugin.init({"Home": str(home)})  # fail now rather than at Docker's first call
     with _stop_signals() as wakeup:
+        # The socket first (Busy if another serve has it), then the store, then calls.
         server = PluginServer(socket_path, plugin)
-        thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
-        thread.start()
-        log.info("listening on %s", socket_path)
-        while not os.read(wakeup, 1):
-            pass
-        log.info("stopping")
-        if not server.stop(GRACE):
-            log.warning("calls still running after %.0f s; cleaning up anyway", GRACE)
-        plugin.close()
+        try:
+            plugin.resume()
+            if home is not None and not plugin.opened:
+                plugin.init({"Home": str(home)})  # fail now rather than at Docker's first call
+            server.start()
+            log.info("listening on %s", socket_path)
+            while not os.read(wakeup, 1):
+                pass
+            log.info("stopping")
+        finally:
+            if not server.stop(GRACE):
+                log.warning("calls still running after %.0f s; cleaning up anyway", GRACE)
+            plugin.close()
     log.info("stopped")
     return 0

@@ -82,21 +82,37 @@ class RequestBody(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes of the body (fewer at a chunk's end), ``b""`` at its end."""
+        if size is None or size < 0:
+            return self.readall()
+        if not self._more() or size == 0:
+            return b""
+        # read1, not RawIOBase.read: that one allocates (and zeroes) ``size`` bytes for
+        # every call, and the tar engine asks for a megabyte where a chunk holds 32 KiB.
+        data = self._rfile.read1(min(size, self._left))
+        self._took(len(data))
+        return data
+
     def readinto(self, buffer: Any) -> int:
-        if self._done:
+        if not self._more():
             return 0
-        if self._chunked and self._left == 0:
-            self._next_chunk()
-            if self._done:
-                return 0
         view = memoryview(buffer).cast("B")
         n = self._rfile.readinto1(view[: min(len(view), self._left)])
+        self._took(n)
+        return n
+
+    def _more(self) -> bool:
+        if self._chunked and self._left == 0 and not self._done:
+            self._next_chunk()
+        return not self._done
+
+    def _took(self, n: int) -> None:
         if not n:
             raise ConnectionAbortedError(errno.ECONNABORTED, "the request body was cut short")
         self._left -= n
         if not self._chunked and self._left == 0:
             self._done = True
-        return n
 
     def _line(self) -> bytes:
         line = self._rfile.readline(1024)
@@ -271,6 +287,7 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self._calls = 0
         self._closing = False
         self._connections: set[socket.socket] = set()
+        self._accepting: threading.Thread | None = None
         _claim(path)
         old = os.umask(0o117)  # the socket is the daemon's (root's) and its group's
         try:
@@ -278,6 +295,11 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         finally:
             os.umask(old)
         self._inode = os.stat(path).st_ino
+
+    def start(self) -> None:
+        """Accept connections, on a thread of their own."""
+        self._accepting = threading.Thread(target=self.serve_forever, name="accept", daemon=True)
+        self._accepting.start()
 
     def track(self, conn: socket.socket, open: bool) -> None:
         """Keep the set of open connections (closed at shutdown)."""
@@ -309,7 +331,8 @@ class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 os.unlink(self.path)
         with self._cond:
             self._closing = True
-        self.shutdown()  # the accept loop (it polls: up to half a second)
+        if self._accepting is not None:
+            self.shutdown()  # the accept loop (it polls: up to half a second)
         self.server_close()
         with self._cond:
             finished = self._cond.wait_for(lambda: self._calls == 0, timeout=grace)

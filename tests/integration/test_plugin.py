@@ -290,6 +290,7 @@ def test_sigterm_unmounts_and_restart_resumes(backend: str, tmp_path: Path) -> N
     try:
         c = Client(sock)
         assert "not initialized" in c.err("GraphDriver.Create", {"ID": "a"})
+        assert "without a Home" in c.err("GraphDriver.Init", {"Home": ""})
         c.ok("GraphDriver.Init", {"Home": str(home), "Opts": None})
         assert json.loads(sock.with_name("resume.sock.init.json").read_text())["Home"] == str(home)
         assert c.apply("a", "", tb.build(BASE))[0] == 200
@@ -371,3 +372,14 @@ def test_stale_and_live_sockets(backend: str, tmp_path: Path) -> None:
     finally:
         server.stop()
         remove_plugin_files(sock)
+
+
+def test_a_home_that_cannot_be_opened_is_an_error(tmp_path: Path) -> None:
+    sock = tmp_path / "bad.sock"
+    (tmp_path / "file").write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "lamina", "--home", str(tmp_path / "file" / "home"), "serve",
+         "--socket", str(sock)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 1
+    assert done.stderr.startswith("lamina: ") and "home" in done.stderr
+    assert not sock.exists()
