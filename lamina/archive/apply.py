@@ -36,6 +36,10 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 MAX_SYMLINKS = 40
+MAX_DEPTH = 512
+"""Directories a path may go down.  PATH_MAX allows no deeper name but of one-letter
+components, and it keeps every tree walk of a layer (copies, removal, os.walk,
+export) within Python's recursion limit."""
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DEVICE_TYPES = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
@@ -54,6 +58,9 @@ def split_name(name: str, *, layer: str | None = None) -> list[str]:
             parts.pop()
         else:
             parts.append(part)
+    if len(parts) > MAX_DEPTH + 1:
+        raise UnsafeArchive(f"name is more than {MAX_DEPTH} directories deep", layer=layer,
+                            path=name)
     return parts
 
 
@@ -75,6 +82,7 @@ class Applier:
         max_entries: int | None = None,
         max_size: int | None = None,
         lowers: Sequence[str] = (),
+        max_path: int | None = None,
     ) -> None:
         self.root = os.fspath(root)
         self.lowers = list(lowers)  # overlay: the lower layers' diff dirs, nearest first
@@ -83,12 +91,16 @@ class Applier:
         self.overlay_whiteouts = overlay_whiteouts
         self.max_entries = max_entries
         self.max_size = max_size
+        self.max_path = max_path  # bytes a path below the root may have (None: any)
         self._root_fd = -1
         self._root_ino = 0
         self._cache: dict[tuple[str, ...], tuple[int, tuple[int, ...]]] = {}
+        self._lengths: dict[tuple[str, ...], int] = {}  # bytes of each cached dir's path
         self._written: set[tuple[int, str]] = set()  # (parent inode, name) this archive wrote
         self._holds: set[int] = set()  # directory inodes with written entries below them
-        self._dirs: list[tuple[tuple[str, ...], int, int, int]] = []  # deferred dir times
+        # Deferred directory times: inode -> (path, mtime, atime).  By inode, so that an
+        # entry repeated a million times is remembered once.
+        self._dirs: dict[int, tuple[tuple[str, ...], int, int]] = {}
         self._retired: list[int] = []  # fds dropped from the cache, closed between entries
 
     # -- entry point --------------------------------------------------------
@@ -140,13 +152,14 @@ class Applier:
                 raise UnsafeArchive("root entry is not a directory", layer=self.layer,
                                     path=entry.name)
             self._dir_metadata(self._root_fd, entry)
-            self._dirs.append(((), self._root_ino, entry.mtime, _atime(entry)))
+            self._dirs[self._root_ino] = ((), entry.mtime, _atime(entry))
             return
         base = parts[-1]
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout_entry(entry.name, parts[:-1], base)
             return
         pfd, chain = self._resolve(parts[:-1], create=True, name=entry.name)
+        self._check_length(self._lengths[tuple(parts[:-1])], base, entry.name)
         if entry.type == LINK:
             self._hardlink(pfd, base, entry)
         else:
@@ -191,7 +204,7 @@ class Applier:
         fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
         try:
             self._dir_metadata(fd, entry)
-            self._dirs.append((parts, os.fstat(fd).st_ino, entry.mtime, _atime(entry)))
+            self._dirs[os.fstat(fd).st_ino] = (parts, entry.mtime, _atime(entry))
         finally:
             os.close(fd)
 
@@ -379,17 +392,28 @@ class Applier:
             return None  # type: ignore[return-value]
         if len(self._cache) >= _CACHE_MAX:
             self._drop_cache()
-        self._cache[key] = found
-        return found
+        fd, chain, length = found
+        self._cache[key] = (fd, chain)
+        self._lengths[key] = length
+        return fd, chain
+
+    def _check_length(self, length: int, part: str, name: str) -> None:
+        """Refuse a path that would pass ``max_path`` with ``part`` added below it."""
+        if self.max_path is not None and length + len(os.fsencode(part)) + 1 > self.max_path:
+            # Docker's extraction fails there too (ENAMETOOLONG); lamina would later,
+            # in every tool that names the file by its path.
+            raise UnsafeArchive(f"path in the layer is longer than {self.max_path} bytes",
+                                layer=self.layer, path=name)
 
     def _walk(
         self, parts: tuple[str, ...], create: bool, name: str, copy_up_only: bool = False
-    ) -> tuple[int, tuple[int, ...]] | None:
+    ) -> tuple[int, tuple[int, ...], int] | None:
         # (fd, inode, name) of the directories above the current one, root first.
         stack: list[tuple[int, int, str]] = []
         fd, ino = os.dup(self._root_fd), self._root_ino
         todo = list(reversed(parts))
         links = 0
+        length = 0  # bytes of the current directory's path below the root
         try:
             while todo:
                 part = todo.pop()
@@ -398,8 +422,10 @@ class Applier:
                 if part == "..":
                     if stack:  # never above the root
                         os.close(fd)
-                        fd, ino, _ = stack.pop()
+                        fd, ino, left = stack.pop()
+                        length -= len(os.fsencode(left)) + 1
                     continue
+                self._check_length(length, part, name)
                 target: str | None = None
                 try:
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
@@ -436,12 +462,17 @@ class Applier:
                         stack.clear()
                         os.close(fd)
                         fd, ino = os.dup(self._root_fd), self._root_ino
+                        length = 0
                     todo.extend(reversed(target.split("/")))
                     continue
                 stack.append((fd, ino, part))
                 fd, ino = nfd, os.fstat(nfd).st_ino
+                length += len(os.fsencode(part)) + 1
+                if len(stack) > MAX_DEPTH:  # symlinks can lead deeper than the name says
+                    raise UnsafeArchive(f"path is more than {MAX_DEPTH} directories deep",
+                                        layer=self.layer, path=name)
             chain = (*(i for _, i, _ in stack), ino)
-            return fd, chain
+            return fd, chain, length
         except BaseException:
             os.close(fd)
             raise
@@ -501,6 +532,7 @@ class Applier:
         # The entry being applied may still use a cached fd: close them after it.
         self._retired.extend(fd for fd, _ in self._cache.values())
         self._cache.clear()
+        self._lengths.clear()
 
     def _close_retired(self) -> None:
         for fd in self._retired:
@@ -510,7 +542,7 @@ class Applier:
     def _set_dir_times(self) -> None:
         # Children change their parent's mtime, so directories get theirs last.
         self._drop_cache()
-        for parts, ino, mtime, atime in reversed(self._dirs):
+        for ino, (parts, mtime, atime) in reversed(self._dirs.items()):
             if not parts:
                 os.utime(self._root_fd, ns=(atime, mtime))
                 continue

@@ -25,6 +25,7 @@ from lamina.errors import UnsafeArchive
 BLOCK = 512
 READ_SIZE = 1 << 20
 MAX_META = 1 << 20  # a PAX header or GNU long name larger than this is hostile
+MAX_META_PER_MEMBER = 4 * MAX_META  # and all of one member's, together
 MAX_SPARSE_ENTRIES = 1 << 16
 
 REG, LINK, SYMLINK, CHR, BLK, DIR, FIFO = "0", "1", "2", "3", "4", "5", "6"
@@ -227,6 +228,7 @@ class TarReader:
         pax_sparse: list[int] = []
         long_name: bytes | None = None
         long_link: bytes | None = None
+        meta = 0  # bytes of this member's extended headers: their records pile up
         if self._keep_raw:
             self._record = []
         while True:
@@ -250,6 +252,11 @@ class TarReader:
             size = _num(header[124:136], "size", offset)
             if size < 0:
                 raise self._error(f"negative size at offset {offset}")
+            if kind in "xLK":
+                meta += size
+                if meta > MAX_META_PER_MEMBER:
+                    raise self._error(f"extended headers of more than {MAX_META_PER_MEMBER} "
+                                      f"bytes for one member at offset {offset}")
             if kind in "xg":
                 data = self._meta(size, "PAX header", offset)
                 if kind == "x":
