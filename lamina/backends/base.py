@@ -17,7 +17,7 @@ import shutil
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, TypedDict
 
 from lamina import crashpoints, errors, fsutil, manifest, mount, quota
 from lamina.archive import codecs
@@ -29,6 +29,14 @@ from lamina.store import META, Store, wall_time
 log = logging.getLogger("lamina")
 
 STORAGE_OPTS = frozenset({"size"})
+
+APPLY_OPTIONS = {
+    "apply.max_entries": "refuse a layer tar of more entries than this (default: no limit)",
+    "apply.max_size": "refuse a layer tar of more file data than this (Docker's units: 50M, "
+                      "1.5GB; default: no limit)",
+}
+"""Driver options of the backends that apply with lamina's tar engine: limits on what one
+``apply_diff`` may write (a backend lists them in its ``known_options``)."""
 
 
 def parse_options(
@@ -55,6 +63,32 @@ def parse_options(
     return out
 
 
+class ApplyLimits(TypedDict):
+    """What one apply may write (the tar engine's ``max_entries`` and ``max_size``)."""
+
+    max_entries: int | None
+    max_size: int | None
+
+
+def apply_limits(options: Mapping[str, str]) -> ApplyLimits:
+    """The :class:`ApplyLimits` the ``apply.*`` options set."""
+    limits = ApplyLimits(max_entries=None, max_size=None)
+    entries = options.get("apply.max_entries")
+    if entries is not None:
+        if not entries.isdigit() or int(entries) <= 0:
+            raise errors.InvalidArgument(f"apply.max_entries must be a positive number, not "
+                                         f"{entries!r}", path="apply.max_entries")
+        limits["max_entries"] = int(entries)
+    size = options.get("apply.max_size")
+    if size is not None:
+        try:
+            limits["max_size"] = parse_size(size)
+        except errors.InvalidArgument:
+            raise errors.InvalidArgument(f"apply.max_size must be a size (50M, 1.5GB), not "
+                                         f"{size!r}", path="apply.max_size") from None
+    return limits
+
+
 class StoreDriver(Driver, abc.ABC):
     """A :class:`Driver` over a :class:`Store`; backends fill in the abstract hooks."""
 
@@ -71,6 +105,7 @@ class StoreDriver(Driver, abc.ABC):
         gid_map: IdMap | None = None,
     ) -> None:
         self.options = parse_options(options, self.known_options, self.backend_name)
+        self.apply_limits = apply_limits(self.options)
         self.ids = IdMapper(uid_map, gid_map)
         self.home = Path(home).absolute()
         self.store = Store(self.home, self.backend_name, shared_root=not self.ids.identity)

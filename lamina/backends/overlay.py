@@ -36,13 +36,10 @@ from typing import Any, BinaryIO, ClassVar
 
 from lamina import errors, fsutil, mount, naivediff
 from lamina import quota as quotas
-from lamina.archive.apply import (
-    OVERLAY_OPAQUE_XATTR,
-    Applier,
-    lower_lookup,
-)
+from lamina.archive import isolate
+from lamina.archive.apply import OVERLAY_OPAQUE_XATTR, lower_lookup
 from lamina.archive.export import Action, Item, export_changes, open_stream
-from lamina.backends.base import StoreDriver
+from lamina.backends.base import APPLY_OPTIONS, StoreDriver
 from lamina.backends.vfs import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
 
@@ -96,6 +93,7 @@ class OverlayDriver(StoreDriver):
 
     backend_name = "overlay"
     known_options: ClassVar[dict[str, str]] = {
+        **APPLY_OPTIONS,
         "overlay.mount_program": "not supported: lamina mounts kernel overlayfs itself",
         "overlay.size": "default size quota of writable layers (Docker's units: 50M, 1.5GB)",
     }
@@ -224,9 +222,9 @@ class OverlayDriver(StoreDriver):
         return {}
 
     def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO) -> int:
-        applier = Applier(staged / DIFF, layer=id, ids=self.ids, overlay_whiteouts=True,
-                          lowers=self._lowers(parent))
-        return applier.apply(tar)
+        return isolate.apply_layer(staged / DIFF, tar, layer=id, ids=self.ids,
+                                   overlay_whiteouts=True, lowers=self._lowers(parent),
+                                   **self.apply_limits)
 
     # -- views ------------------------------------------------------------------------
 

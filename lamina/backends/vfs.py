@@ -19,9 +19,9 @@ from typing import Any, BinaryIO, ClassVar
 
 from lamina import errors, fsutil, naivediff
 from lamina import quota as quotas
-from lamina.archive.apply import Applier
+from lamina.archive import isolate
 from lamina.archive.export import Action, Item, export_changes
-from lamina.backends.base import StoreDriver
+from lamina.backends.base import APPLY_OPTIONS, StoreDriver
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
 
 FS = "fs"
@@ -33,6 +33,7 @@ class VfsDriver(StoreDriver):
 
     backend_name = "vfs"
     known_options: ClassVar[dict[str, str]] = {
+        **APPLY_OPTIONS,
         "vfs.copy": "reflink (default: reflink where possible) or copy",
         "vfs.size": "default size quota of writable layers (Docker's units: 50M, 1.5GB)",
     }
@@ -95,7 +96,7 @@ class VfsDriver(StoreDriver):
         return {"touched_ns": self.store.now_ns(staged)}
 
     def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO) -> int:
-        return Applier(staged / FS, layer=id, ids=self.ids).apply(tar)
+        return isolate.apply_layer(staged / FS, tar, layer=id, ids=self.ids, **self.apply_limits)
 
     # -- views --------------------------------------------------------------------
 
