@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # serve opens its store itself (when Docker calls Init): main() runs it apart.
     about = "answer Docker's graph driver plugin protocol on a unix socket"
-    p = sub.add_parser("serve", help=about, description=about, parents=[json_flag])
+    p = sub.add_parser("serve", help=about, description=about)
     p.add_argument("--socket", metavar="PATH", type=Path, default=None,
                    help="the unix socket (default: /run/docker/plugins/lamina.sock; Docker "
                    "knows the plugin by the socket's name)")
