@@ -124,16 +124,28 @@ class FileLock:
 
     def acquire(self, *, shared: bool = False, blocking: bool = True) -> bool:
         """Take the lock; with ``blocking=False`` return False when another holder has it."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         op = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         if not blocking:
             op |= fcntl.LOCK_NB
-        try:
-            fcntl.flock(self._fd, op)
-        except BlockingIOError:
-            return False
-        return True
+        while True:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(self._fd, op)
+            except BlockingIOError:
+                return False
+            # Whoever held a lock file last may have unlinked it (staging locks are
+            # dropped so): a lock on a file no longer at the path guards nothing, and
+            # the next one to come would make a new file and take it too.  Take the
+            # file that is at the path.
+            st = os.fstat(self._fd)
+            try:
+                same = os.stat(self.path).st_ino == st.st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return True
+            self.release()
 
     def release(self) -> None:
         """Drop the lock and close the file."""
