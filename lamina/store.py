@@ -160,7 +160,14 @@ class Store:
 
     def children(self, id: LayerId) -> list[LayerId]:
         """Layers whose parent is ``id``."""
-        return [c for c in self.ids() if self.meta(c).get("parent") == id]
+        out = []
+        for c in self.ids():
+            try:
+                if self.meta(c).get("parent") == id:
+                    out.append(c)
+            except errors.NotFound:
+                continue  # removed by someone else since it was listed
+        return out
 
     def write_meta(self, staged: Path, id: LayerId, meta: dict[str, Any]) -> None:
         """Write a layer's metadata files into its staging dir.
@@ -290,10 +297,18 @@ class Store:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(lock.path)
                     lock.release()
-        for entry in os.listdir(self.mounts_dir):
-            if entry.startswith(".") and entry.rsplit(".", 1)[-1].isdigit():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.mounts_dir / entry)  # a count write cut short
+        # Under the store lock: live processes write counts (and their temp files)
+        # and retire layers under it.
+        with self.locked():
+            for entry in os.listdir(self.mounts_dir):
+                if entry.startswith("."):
+                    if entry.rsplit(".", 1)[-1].isdigit():
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(self.mounts_dir / entry)  # a count write cut short
+                elif not self.exists(LayerId(entry)):
+                    # A removal killed between its rename and dropping the count.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.mounts_dir / entry)
         return [s for s in swept if s]
 
     def delete(self, path: Path) -> None:
