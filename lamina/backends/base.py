@@ -341,21 +341,36 @@ class StoreDriver(Driver, abc.ABC):
     def apply_diff(self, id: str, parent: str | None, stream: BinaryIO) -> int:
         lid = check_id(id)
         tar, _ = codecs.decompressed(stream)
-        if not self.store.exists(lid):
-            try:
-                return self._create(lid, parent, rw=False, tar=tar)
-            except errors.AlreadyExists:
-                pass  # made meanwhile by someone else: apply into it below
-        if "quota" in self.store.meta(lid):
+        while True:
+            if not self.store.exists(lid):
+                try:
+                    return self._create(lid, parent, rw=False, tar=tar)
+                except errors.AlreadyExists:
+                    pass  # made meanwhile by someone else: apply into it below
+            size = self._apply_into(lid, parent, tar)
+            if size is not None:
+                return size
+            # Removed by someone else before we held its lock (nothing of the tar is
+            # read yet): make it, as if that removal had come first.
+
+    def _apply_into(self, lid: LayerId, parent: str | None, tar: BinaryIO) -> int | None:
+        """Apply ``tar`` into the existing layer ``lid``; None if it is gone meanwhile."""
+        try:
+            meta = self.store.meta(lid)
+        except errors.NotFound:
+            return None
+        if "quota" in meta:
             raise errors.Unsupported("cannot apply a tar into a layer with a size quota",
                                      layer=lid)
-        pid = self.store.parent(lid)
+        pid = LayerId(meta["parent"]) if meta.get("parent") else None
         want = self.store.resolve(parent) if parent else None
         if want != pid:
             raise errors.InvalidArgument(
                 f"layer's parent is {pid or 'none'}, not {want or 'none'}", layer=lid
             )
         with self.store.layer_lock(lid), self._parent_held(pid):
+            if not self.store.exists(lid):
+                return None
             if self.store.count(lid) > 0:
                 raise errors.Busy("cannot apply into a mounted layer", layer=lid)
             with self.store.staging(lid) as staged:
