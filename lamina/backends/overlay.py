@@ -115,8 +115,10 @@ class OverlayDriver(StoreDriver):
             raise errors.Unsupported("overlay.mount_program (fuse-overlayfs) is not supported",
                                      path="overlay.mount_program")
         (self.home / "l").mkdir(mode=0o700, exist_ok=True)
-        mounted = set(mount.mounted_below(str(self.store.layers_dir)))
         with self.store.locked():
+            # Read under the lock: get and put mount and count under it, so a list
+            # read before it could be older than the counts.
+            mounted = set(mount.mounted_below(str(self.store.layers_dir)))
             for lid in list(self.store.ids()):
                 point = str(self._merged(lid))
                 count = self.store.count(lid)
@@ -127,14 +129,19 @@ class OverlayDriver(StoreDriver):
             for lid, count in self.store.counted().items():
                 if count and not self.store.exists(lid):
                     self.store.set_count(lid, 0)
-        self._sweep_links()
+            # Under the lock too: a builder makes its link before it publishes the
+            # layer (under the lock), so a link seen dangling here stays so.
+            self._sweep_links()
 
     def _sweep_links(self) -> None:
         links = self.home / "l"
         for name in os.listdir(links):
             path = links / name
             if path.is_symlink() and not path.exists():
-                target = os.readlink(path)
+                try:
+                    target = os.readlink(path)
+                except FileNotFoundError:
+                    continue  # removed meanwhile (by its layer's remove)
                 lid = target.split("/")[-2] if target.count("/") >= 2 else ""
                 building = any(e.startswith(f"{lid}.") for e in os.listdir(self.store.staging_dir))
                 if not building:
@@ -225,6 +232,19 @@ class OverlayDriver(StoreDriver):
         return isolate.apply_layer(staged / DIFF, tar, layer=id, ids=self.ids,
                                    overlay_whiteouts=True, lowers=self._lowers(parent),
                                    **self.apply_limits)
+
+    def remove(self, id: str) -> None:
+        # The layer's l/ link goes with it, as overlay2's does: left behind it would
+        # dangle (swept on the next open, reported by check until then).
+        lid = self.store.require(id)
+        try:
+            short = self._short(lid)
+        except FileNotFoundError:
+            short = ""
+        super().remove(lid)
+        if short:
+            with contextlib.suppress(FileNotFoundError):
+                (self.home / "l" / short).unlink()
 
     # -- views ------------------------------------------------------------------------
 
