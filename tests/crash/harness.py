@@ -259,7 +259,8 @@ class Torture:
         in_helper = rc == child.FAILED and target.rpartition(":")[0] in HELPER_POINTS
         if rc != -signal.SIGKILL and not in_helper:
             return self._record(
-                [f"{op} at {target}: the child did not die there (rc {rc}): {err[-2000:]}"])
+                [f"{op} at {target}: the child did not die there (rc {rc}): {err[-2000:]}"]
+            ) + self.judge(op)  # judged still, to get back to the baseline
         self._count(op, point=True, in_helper=in_helper)
         return [f"{op} killed at {target}: {p}" for p in self.judge(op)]
 
@@ -270,16 +271,18 @@ class Torture:
         ready = proc.stdout.readline()
         if ready != b"ready\n":
             rc, _, err = self._finish(proc)
-            return self._record([f"{op}: the child did not start (rc {rc}): {err[-2000:]}"])
+            return self._record([f"{op}: the child did not start (rc {rc}): {err[-2000:]}"]
+                                ) + self.judge(op)
         proc.stdin.write(b"go\n")
         proc.stdin.flush()
         time.sleep(delay)  # a random instant: not synchronization, the point of the test
         proc.send_signal(signal.SIGKILL)
         rc, lines, err = self._finish(proc)
         if rc != -signal.SIGKILL:
-            if rc == 0:
-                return []  # it finished and exited first: not a kill (rare; not counted)
-            return self._record([f"{op}: the child failed (rc {rc}): {err[-2000:]}"])
+            if rc == 0:  # it finished and exited first: not a kill (not counted)
+                return [f"{op} run to its end: {p}" for p in self.judge(op)]
+            return self._record([f"{op}: the child failed (rc {rc}): {err[-2000:]}"]
+                                ) + self.judge(op)
         self._count(op, point=False, mid_op=not lines)
         return [f"{op} killed after {delay * 1000:.1f} ms: {p}" for p in self.judge(op)]
 
