@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,18 +115,66 @@ class Serve:
         return self.proc.pid
 
     def peak_rss(self) -> int:
-        """The server's peak resident set so far, in bytes (``VmHWM``)."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM")
+        """The server process's own peak resident set so far, in bytes (``VmHWM``)."""
+        return _status_kb(self.pid, "VmHWM:") * 1024
 
     def stop(self, timeout: float = 90) -> int | None:
         """SIGTERM (killed after ``timeout``); its exit status, None if it had to be killed."""
         code = _stop(self.proc, timeout)
         self.proc = None
         return code
+
+
+def _status_kb(pid: int, field: str) -> int:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (serve's fork server and its apply children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+class TreeRss:
+    """Samples the resident memory of a process and all below it, for the ``with`` block.
+
+    ``peak`` is the largest sum seen (sampled every ``interval`` seconds), in bytes.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            total = sum(_status_kb(p, "VmRSS:") for p in process_tree(self.pid)) * 1024
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class Dockerd:

@@ -30,6 +30,7 @@ from tests.integration.engine import (
     PLUGINS_DIR,
     Dockerd,
     Serve,
+    TreeRss,
     docker_missing,
     plugin_name,
     teardown,
@@ -56,6 +57,7 @@ class Engine:
     work: Path
     corpus: Path
     load_peak_rss: int = 0
+    load_peak_tree_rss: int = 0
 
     @property
     def layers(self) -> list[str]:
@@ -88,8 +90,10 @@ def engine(corpus_dir: Path) -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def image(engine: Engine) -> str:
     """The corpus image, loaded once (serve's peak memory noted right after)."""
-    engine.docker("load", "-i", str(engine.corpus / "app-docker-save.tar"))
+    with TreeRss(engine.serve.pid) as tree:
+        engine.docker("load", "-i", str(engine.corpus / "app-docker-save.tar"))
     engine.load_peak_rss = engine.serve.peak_rss()
+    engine.load_peak_tree_rss = tree.peak
     return IMAGE
 
 
@@ -122,6 +126,10 @@ def test_load_streams_into_lamina(engine: Engine, image: str) -> None:
     assert len(engine.layers) >= 3
     assert engine.load_peak_rss <= RSS_LIMIT, (
         f"lamina serve peaked at {engine.load_peak_rss / MB:.0f} MiB while loading the image"
+    )
+    # with the processes it applies layers in (its fork server and their children)
+    assert engine.load_peak_tree_rss <= RSS_LIMIT, (
+        f"lamina serve and its helpers peaked at {engine.load_peak_tree_rss / MB:.0f} MiB"
     )
     status = engine.docker("info", "--format", "{{json .DriverStatus}}")
     assert ["Home", str(engine.dockerd.driver_home)] in json.loads(status)
