@@ -48,7 +48,7 @@ from lamina.driver import REMOVING_SUFFIX
 from tests import tarbuild as tb
 from tests.conftest import mounts_under
 from tests.crash import child
-from tests.snapshot import Node, snapshot, tree_differences
+from tests.snapshot import Node, snapshot, snapshot_tar, tree_differences
 
 REPO = Path(__file__).resolve().parents[2]
 BASELINE = ("base", "sib", "victim")
@@ -185,6 +185,9 @@ class Torture:
                 with open(self.tars / f"{id}.tar", "rb") as f:
                     drv.apply_diff(id, None if id == "base" else "base", f)
             self.baseline: dict[str, Tree | None] = {id: view(drv, id) for id in BASELINE}
+        # The references start from the tar itself: base, with no parent, is its tar.
+        base = {path: node for path, node in (self.baseline["base"] or {}).items() if path != "/"}
+        assert base == snapshot_tar(self.tars / "base.tar"), "base differs from its tar"
         self.surveys: dict[str, Survey] = {}
 
     @contextmanager

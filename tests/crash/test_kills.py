@@ -5,8 +5,9 @@ into an existing one, ``create``, ``create_rw``, ``remove`` of an idle and of a
 mounted layer, ``get``/``put``, ``diff`` against its own parent and against
 another layer) the harness first runs it uninterrupted — which gives the crash
 points it reaches and the reference of what it leaves — then kills it at every
-one of those points (at every N for the points reached once per tar entry) and
-at random instants within its duration.  After each kill the store is opened
+one of those points (at several N — first, second, middle, last two, one at
+random — for the points reached once per tar entry) and at random instants
+within its duration.  After each kill the store is opened
 again and judged (:meth:`tests.crash.harness.Torture.judge`).  Both backends;
 about 230 kills (the summary line counts them), two to three minutes.
 """
@@ -44,3 +45,10 @@ def test_killed_at_random_instants(torture: Torture, op: str) -> None:
 def test_every_crash_point_is_reached(torture: Torture, backend: str) -> None:
     reached = {name for op in child.OPS for name in torture.survey(op).reached}
     assert all_points() - reached == UNREACHED[backend]
+
+
+def test_enough_kills(torture: Torture) -> None:
+    # Last in the module: with every operation run, at least 100 kills per backend.
+    if set(torture.tally.by_op) != set(child.OPS):
+        pytest.skip("counts only when every operation above has run (no -k)")
+    assert torture.tally.kills >= 100, torture.tally.by_op
