@@ -251,7 +251,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _send_diff(self, req: JsonDoc) -> None:
         log.debug("Diff %s", req)
-        with self.server.plugin.diff(req) as tar:
+        with contextlib.ExitStack() as stack:
+            tar = stack.enter_context(self.server.plugin.diff(req))
             # The first read happens before the status line, so that a diff that
             # cannot start (an unmountable parent) is still an {"Err": …} answer.
             chunk = tar.read(CHUNK)
@@ -263,6 +264,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 while chunk:
                     self.wfile.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                     chunk = tar.read(CHUNK)
+                stack.close()  # before the last chunk: a failure to close still cuts it short
             except Exception as e:
                 # The status is sent: all that is left is to cut the stream short, which
                 # Docker's chunked reader reports as an error rather than a shorter tar.
@@ -271,7 +273,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 with contextlib.suppress(OSError):
                     self.request.shutdown(socket.SHUT_RDWR)
                 return
-            self.wfile.write(b"0\r\n\r\n")
+        self.wfile.write(b"0\r\n\r\n")
 
 
 class PluginServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

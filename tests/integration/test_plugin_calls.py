@@ -5,6 +5,7 @@ In process, on a recording stand-in for the driver: no socket, no store, no root
 
 from __future__ import annotations
 
+import http.client
 import io
 from pathlib import Path
 from typing import Any
@@ -111,3 +112,51 @@ def test_bad_requests_are_invalid_arguments(drv: mock.MagicMock) -> None:
         plugin.create_rw({"ID": "a", "StorageOpt": {"size": 5}})
     with pytest.raises(errors.InvalidArgument, match="ID must be a string"):
         plugin.put({"ID": ["a"]})
+
+
+class FailingTar(io.RawIOBase):
+    """A diff stream that gives ``good`` bytes, then fails as an export can."""
+
+    def __init__(self, good: int) -> None:
+        self.good = good
+        self.closed_by_server = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        if self.good <= 0:
+            raise errors.LaminaError("file vanished", layer="c", path="/big")
+        n = min(len(buf), self.good)
+        buf[:n] = b"x" * n
+        self.good -= n
+        return n
+
+    def close(self) -> None:
+        self.closed_by_server = True
+        super().close()
+
+
+def test_a_diff_that_fails_is_an_error_or_cut_short(drv: mock.MagicMock, tmp_path: Path) -> None:
+    from lamina.plugin_http import PluginServer
+    from tests.integration.test_plugin import Client
+
+    plugin = Plugin()
+    plugin.init({"Home": "/h"})
+    server = PluginServer(tmp_path / "p.sock", plugin)
+    server.start()
+    try:
+        drv.diff.return_value = early = FailingTar(0)
+        assert "file vanished" in Client(server.path).err("GraphDriver.Diff", {"ID": "c"})
+        assert early.closed_by_server
+        drv.diff.return_value = late = FailingTar(3 << 20)
+        resp = Client(server.path).diff("c")
+        assert resp.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            resp.read()
+        assert late.closed_by_server
+        drv.exists.return_value = True
+        assert Client(server.path).ok("GraphDriver.Exists", {"ID": "c"})  # still serving
+    finally:
+        assert server.stop(grace=10)
+    assert not (tmp_path / "p.sock").exists()
