@@ -8,7 +8,8 @@ JSON line: the size, or the error, which is raised here again as the same
 engine (:mod:`lamina.archive.apply`) already resolves every name from a
 directory fd of the layer and never leaves it; the child is the second wall,
 as Docker's chrooted extraction is: if the engine had a bug, the name would
-still find nothing of the host.
+still find nothing of the host.  This module is the caller's side;
+:mod:`lamina.archive.jail` is the fork server's and the child's.
 
 What the child sees.  Its own mount namespace (private: nothing propagates
 back) whose root is a small read-only tmpfs holding only::
@@ -31,24 +32,27 @@ container): every module the child runs is imported before it, an import hook
 refuses any import after it, decompressors run in the caller, and the engine
 looks up no names (owners are numeric).
 
-Process model, and why.  Measured on the development machine (2 cores,
-Python 3.11; ``tests/security/test_isolation.py`` prints it again): a fresh
-interpreter that imports the tar engine costs ~90 ms; ``fork`` of the caller
-~1.5 ms, but forking a threaded process (the plugin server serves requests on
-threads) copies locks that other threads hold, a known way to deadlock the
-child.  So lamina runs a fork server, as :mod:`multiprocessing` does: the
-first isolated apply of a process re-executes the interpreter once
-(``python -I -S``, given only the caller's ``sys.path``), that helper imports
-the engine, stays single-threaded, and forks one child per apply.  Per apply
-that costs ~4 ms (fork, namespace, mounts, pivot, pipes).  A request is one
+Process model, and why.  Measured on the development machine (2 cores, shared
+and loaded; Python 3.11): a fresh interpreter that imports the tar engine
+costs ~180 ms of CPU (~330 ms wall); ``fork`` of the caller costs little, but
+forking a threaded process (the plugin server serves requests on threads)
+copies locks that other threads hold, a known way to deadlock the child.  So
+lamina runs a fork server, as :mod:`multiprocessing` does: the first isolated
+apply of a process re-executes the interpreter once (``python -I -S``, given
+only the caller's ``sys.path``), that helper imports the engine, stays
+single-threaded, and forks one child per apply.  Per apply that costs ~10 ms
+of CPU (caller ~1, fork server ~2, child ~8: its namespace, mounts, pivot,
+copy-on-write faults and exit) and ~20 ms wall on that machine
+(``tests/security/test_isolation.py`` prints it).  A request is one
 ``SCM_RIGHTS`` message carrying the data pipe, the result pipe and a socket of
 its own, on which the server says the child's pid and, once reaped, its exit
 status; the caller closing that socket (or dying) kills the child, and the
 server exits when the caller's end of its control socket closes.
 
-The data path is one pipe grown to 1 MiB, written in 1 MiB chunks; the caller
-polls it together with the result pipe, over which the child also reports how
-many entries it has applied (for the progress bar).
+The data path is one pipe grown to 1 MiB, written in 1 MiB blocking writes;
+the child closes it once it has its answer (the caller's next write fails and
+it stops), then writes the answer.  Between writes the caller reads the
+child's entry counts (for the progress bar), which the child never blocks on.
 
 ``LAMINA_NOREEXEC=1`` applies in the calling process instead, as the seed
 driver's variable did: for debugging, or where namespaces are not available.
@@ -58,23 +62,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import ctypes.util
-import errno
 import fcntl
-import gc
 import json
 import os
-import platform
-import resource
-import select
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
-import traceback
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
@@ -90,29 +84,9 @@ CHUNK = 1 << 20
 PATH_MAX = 4096
 PIPE_SIZE = 1 << 20
 MAX_RESULT = 16 << 20  # a result line longer than this is a broken child
-PROGRESS_EVERY = 0.1  # seconds between the child's entry counts
 
 _F_SETPIPE_SZ = 1031
-_CLONE_NEWNS, _CLONE_NEWUSER = 0x00020000, 0x10000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_BIND, _MS_MOVE, _MS_REC = 32, 4096, 8192, 16384
-_MS_NOATIME, _MS_NODIRATIME, _MS_RELATIME = 1024, 2048, 1 << 21
-_MS_PRIVATE = 1 << 18
-_LOCKDOWN = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
-_ST_NOATIME, _ST_NODIRATIME, _ST_RELATIME = 1024, 2048, 4096
-_MNT_DETACH = 2
-_PR_SET_PDEATHSIG = 1
-_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41,
-               "ppc64le": 203, "ppc64": 203, "s390x": 217, "i686": 217, "i386": 217,
-               "armv7l": 218, "armv6l": 218}.get(platform.machine())
-
 _local = threading.local()
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.syscall.restype = ctypes.c_long
 
 
 def inline_requested() -> bool:
@@ -196,7 +170,6 @@ class _Run:
         self.report = progress.current()
         self.final: dict[str, Any] | None = None
         self._pending = b""
-        self._poller = select.poll()
 
     def run(self, tar: BinaryIO | None) -> dict[str, Any]:
         for attempt in (1, 2):
@@ -211,12 +184,11 @@ class _Run:
         broken: tuple[int, BaseException] | None = None
         done = False
         try:
-            os.set_blocking(data_w, False)
+            # The data pipe blocks: the child reads it until it has its answer, and then
+            # closes it (EPIPE here) before it writes that answer, which may be long.
             os.set_blocking(res_r, False)
-            self._poller.register(data_w, select.POLLOUT)
-            self._poller.register(res_r, select.POLLIN)
             header = json.dumps(self.spec).encode()
-            self._send(data_w, res_r, len(header).to_bytes(8, "big") + header)
+            self._send(data_w, len(header).to_bytes(8, "big") + header)
             if tar is not None:
                 broken = self._pump(tar, data_w, res_r)
             os.close(data_w)
@@ -276,31 +248,23 @@ class _Run:
                 return pumped, e
             if not chunk:
                 break
-            if not self._send(data_w, res_r, chunk):
+            if not self._send(data_w, chunk):
                 break  # the child stopped reading: it has its answer
             pumped += len(chunk)
             if self.report is not None:
                 self.report(len(chunk), 0)
+                self._drain(res_r)  # the child's entry counts
         return None
 
-    def _send(self, data_w: int, res_r: int, data: bytes) -> bool:
-        """Write ``data`` to the child, reading its reports while the pipe is full."""
+    @staticmethod
+    def _send(data_w: int, data: bytes) -> bool:
+        """Write ``data`` to the child; False once it has stopped reading."""
         view = memoryview(data)
-        while view:
-            try:
+        try:
+            while view:
                 view = view[os.write(data_w, view):]
-                continue
-            except BlockingIOError:
-                pass
-            except BrokenPipeError:
-                return False
-            for fd, events in self._poller.poll():
-                if fd == res_r and events & (select.POLLIN | select.POLLHUP):
-                    self._drain(res_r)
-                    if self.final is not None:
-                        return False
-                if fd == data_w and events & (select.POLLERR | select.POLLHUP):
-                    return False
+        except BrokenPipeError:
+            return False
         return True
 
     def _drain(self, res_r: int) -> None:
@@ -425,7 +389,7 @@ class _ForkServer:
 
 
 _BOOT = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-         "from lamina.archive.isolate import serve; serve(int(sys.argv[2]))")
+         "from lamina.archive.jail import serve; serve(int(sys.argv[2]))")
 _server: _ForkServer | None = None
 _server_lock = threading.Lock()
 
@@ -457,333 +421,3 @@ def _import_path() -> list[str]:
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     rest = [p for p in sys.path if p and os.path.isabs(p) and os.path.exists(p)]
     return [here, *(p for p in rest if p != here)]
-
-
-# --- the fork server --------------------------------------------------------------------
-
-
-class _Child:
-    __slots__ = ("pid", "pidfd", "req")
-
-    def __init__(self, pid: int, pidfd: int, req: socket.socket) -> None:
-        self.pid, self.pidfd, self.req = pid, pidfd, req
-
-
-def serve(ctl_fd: int) -> None:
-    """The fork server's loop: one forked child per request, until the caller goes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller handles ^C and tells us
-    os.chdir("/")
-    gc.freeze()  # what is loaded now stays shared with every child (fewer pages to copy)
-    ctl = socket.socket(fileno=ctl_fd)
-    poller = select.poll()
-    poller.register(ctl, select.POLLIN)
-    by_pidfd: dict[int, _Child] = {}
-    by_req: dict[int, _Child] = {}
-    while True:
-        for fd, _ in poller.poll():
-            if fd == ctl.fileno():
-                if not _accept(ctl, poller, by_pidfd, by_req):
-                    for child in by_pidfd.values():
-                        _kill(child.pid)
-                        os.waitpid(child.pid, 0)
-                    return
-            elif fd in by_pidfd:
-                child = by_pidfd.pop(fd)
-                poller.unregister(fd)
-                os.close(fd)
-                _, status = os.waitpid(child.pid, 0)
-                with contextlib.suppress(OSError):
-                    child.req.send(b"status %d" % status)
-                if by_req.pop(child.req.fileno(), None) is not None:
-                    poller.unregister(child.req)
-                child.req.close()
-            elif fd in by_req:
-                child = by_req[fd]
-                try:
-                    said = child.req.recv(16)
-                except OSError:
-                    said = b""
-                if not said or said == b"kill":  # the caller gave up, or died
-                    _kill(child.pid)
-                if not said:
-                    poller.unregister(fd)
-                    del by_req[fd]
-
-
-def _accept(ctl: socket.socket, poller: select.poll, by_pidfd: dict[int, _Child],
-            by_req: dict[int, _Child]) -> bool:
-    """Fork a child for one request; False when the caller has gone."""
-    msg, fds, _, _ = socket.recv_fds(ctl, 64, 3)
-    if not msg and not fds:
-        return False
-    if len(fds) != 3:
-        for fd in fds:
-            os.close(fd)
-        return True
-    data_fd, res_fd, req_fd = fds
-    req = socket.socket(fileno=req_fd)
-    server = os.getpid()
-    try:
-        pid = os.fork()
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            req.send(b"error " + str(e).encode())
-        req.close()
-        os.close(data_fd)
-        os.close(res_fd)
-        return True
-    if pid == 0:  # pragma: no cover - the child; it never returns into this loop
-        code = 70
-        try:
-            code = _child(data_fd, res_fd, server)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    os.close(data_fd)
-    os.close(res_fd)
-    pidfd = os.pidfd_open(pid)
-    child = _Child(pid, pidfd, req)
-    by_pidfd[pidfd] = child
-    poller.register(pidfd, select.POLLIN)
-    try:
-        req.send(b"pid %d" % pid)
-    except OSError:
-        _kill(pid)
-        return True
-    by_req[req.fileno()] = child
-    poller.register(req, select.POLLIN)
-    return True
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-# --- the child ----------------------------------------------------------------------------
-
-
-class _Reporter:
-    """The child's side of the result pipe: entry counts, then one final record."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.entries = 0
-        self.last = time.monotonic()
-
-    def progress(self, nbytes: int, nentries: int) -> None:
-        self.entries += nentries
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY:
-            self.last = now
-            self._write({"entries": self.entries})
-            self.entries = 0
-
-    def final(self, record: dict[str, Any]) -> None:
-        if self.entries:
-            self._write({"entries": self.entries})
-        self._write(record)
-
-    def _write(self, record: dict[str, Any]) -> None:
-        view = memoryview(json.dumps(record).encode() + b"\n")
-        with contextlib.suppress(BrokenPipeError):  # the caller is gone: nobody to tell
-            while view:
-                view = view[os.write(self.fd, view):]
-
-
-def _child(data_fd: int, res_fd: int, server: int) -> int:
-    """A forked child: read the spec, switch roots, apply, report.  Its exit code."""
-    # No collection here: garbage of the server's could close an fd number reused below.
-    gc.disable()
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != server:
-        return 1  # the fork server died before the line above
-    for low, high in _gaps(sorted((data_fd, res_fd))):
-        os.closerange(low, high)
-    out = _Reporter(res_fd)
-    spec = _read_spec(data_fd)
-    try:
-        root, lowers = _enter_jail(spec["root"], spec["lowers"])
-    except OSError as e:
-        out.final({"setup": str(e)})
-        return 0
-    _seal()
-    if spec["action"] == "probe":
-        out.final(_probe_here(root, lowers, spec["paths"]))
-        return 0
-    out.final(_apply_here(spec, root, lowers, data_fd, out))
-    return 0
-
-
-def _gaps(keep: list[int]) -> list[tuple[int, int]]:
-    # fd ranges to close: everything from 3 up but ``keep``.
-    out, low = [], 3
-    for fd in keep:
-        if fd > low:
-            out.append((low, fd))
-        low = max(low, fd + 1)
-    out.append((low, os.sysconf("SC_OPEN_MAX")))
-    return out
-
-
-def _read_spec(fd: int) -> dict[str, Any]:
-    def exactly(n: int) -> bytes:
-        parts, left = [], n
-        while left:
-            chunk = os.read(fd, left)
-            if not chunk:
-                raise EOFError("the caller closed the pipe before the spec")
-            parts.append(chunk)
-            left -= len(chunk)
-        return b"".join(parts)
-
-    spec: dict[str, Any] = json.loads(exactly(int.from_bytes(exactly(8), "big")))
-    return spec
-
-
-def _apply_here(spec: dict[str, Any], root: str, lowers: list[str], data_fd: int,
-                out: _Reporter) -> dict[str, Any]:
-    stream = os.fdopen(data_fd, "rb", buffering=0)
-    try:
-        applier = Applier(
-            root, layer=spec["layer"],
-            ids=IdMapper([tuple(r) for r in spec["uids"]], [tuple(r) for r in spec["gids"]]),
-            overlay_whiteouts=spec["overlay_whiteouts"], max_entries=spec["max_entries"],
-            max_size=spec["max_size"], lowers=lowers, max_path=spec["max_path"],
-        )
-        if spec["progress"]:
-            with progress.reporting(out.progress):
-                size = applier.apply(stream)
-        else:
-            size = applier.apply(stream)
-        return {"size": size, **_usage()}
-    except errors.LaminaError as e:
-        return {"error": type(e).__name__, "message": str(e), "layer": e.layer, "path": e.path,
-                **_usage()}
-    except OSError as e:
-        name = e.filename if isinstance(e.filename, str) else None
-        return {"oserror": [e.errno, e.strerror, name]}
-    except BaseException as e:  # a bug: the caller raises it with this traceback
-        return {"bug": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    finally:
-        stream.close()  # from here the caller's writes fail: it stops sending
-
-
-def _usage() -> dict[str, float]:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return {"maxrss_kb": ru.ru_maxrss, "cpu_s": ru.ru_utime + ru.ru_stime}
-
-
-def _probe_here(root: str, lowers: list[str], paths: list[str]) -> dict[str, Any]:
-    def writable(where: str) -> bool:
-        try:
-            os.mkdir(f"{where}/.lamina-probe")
-        except OSError:
-            return False
-        os.rmdir(f"{where}/.lamina-probe")
-        return True
-
-    try:
-        import lamina.cli  # noqa: F401  (not imported before the switch: must be refused)
-        imports = "allowed"
-    except ImportError:
-        imports = "refused"
-    return {"root": sorted(os.listdir("/")), "layer": root, "lowers": lowers,
-            "root_writable": writable(""), "layer_writable": writable(root),
-            "lowers_writable": [writable(p) for p in lowers],
-            "visible": [p for p in paths if os.path.lexists(p)], "imports": imports}
-
-
-# --- the switch -------------------------------------------------------------------------
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _mount(source: str | None, target: str, fstype: str | None, flags: int,
-           data: str | None = None) -> None:
-    _check(_libc.mount(source.encode() if source else None, target.encode(),
-                       fstype.encode() if fstype else None, flags,
-                       data.encode() if data else None), f"mount {target}")
-
-
-def _bind(fd: int, target: str, flags: int) -> None:
-    """Bind the directory open as ``fd`` at ``target``, with ``flags`` (nosuid, rdonly…)."""
-    _mount(f"/proc/self/fd/{fd}", target, None, _MS_BIND)
-    # A remount in a user namespace must keep the locked atime flags of the source.
-    have = os.fstatvfs(fd).f_flag
-    atime = ((_MS_NOATIME if have & _ST_NOATIME else 0)
-             | (_MS_NODIRATIME if have & _ST_NODIRATIME else 0)
-             | (_MS_RELATIME if have & _ST_RELATIME else 0))
-    _mount(None, target, None, _MS_BIND | _MS_REMOUNT | flags | atime)
-
-
-def _unshare() -> None:
-    if os.geteuid() == 0:
-        _check(_libc.unshare(_CLONE_NEWNS), "unshare")
-        return
-    uid, gid = os.geteuid(), os.getegid()
-    _check(_libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS), "unshare (user namespace)")
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                       ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
-
-
-def _enter_jail(root: str, lowers: list[str]) -> tuple[str, list[str]]:
-    """Make this process's root a fresh one holding only the layer (see the docstring)."""
-    base = os.path.dirname(root)
-    if base in ("", "/"):
-        raise OSError(errno.EINVAL, f"no place to build a root beside {root}")
-    _unshare()
-    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing below propagates to the host
-    held = [os.open(p, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            for p in [root, *lowers, "/proc/self/fd"]]
-    try:
-        # The new root hides the layer's own parent; the fds above still reach everything.
-        _mount("lamina", base, "tmpfs", _LOCKDOWN, "size=64k,nr_inodes=4096,mode=0755")
-        names = ["layer", *(f"lower/{i}" for i in range(len(lowers))), "proc/self/fd"]
-        for name in names:
-            os.makedirs(f"{base}/{name}")
-        _bind(held[0], f"{base}/layer", _LOCKDOWN)
-        for i, fd in enumerate(held[1:-1]):
-            _bind(fd, f"{base}/lower/{i}", _LOCKDOWN | _MS_RDONLY)
-        _bind(held[-1], f"{base}/proc/self/fd", _LOCKDOWN | _MS_RDONLY)
-        _mount(None, base, None, _MS_REMOUNT | _MS_BIND | _LOCKDOWN | _MS_RDONLY)
-    finally:
-        for fd in held:
-            os.close(fd)
-    os.chdir(base)
-    _switch_root()
-    os.chdir("/")
-    return "/layer", [f"/lower/{i}" for i in range(len(lowers))]
-
-
-def _switch_root() -> None:
-    """Make the current directory the root and drop the old one (pivot_root, else chroot)."""
-    if _PIVOT_ROOT is not None:
-        if _libc.syscall(ctypes.c_long(_PIVOT_ROOT), b".", b".") == 0:
-            _check(_libc.umount2(b".", _MNT_DETACH), "umount the old root")
-            return
-        if ctypes.get_errno() != errno.EINVAL:  # EINVAL: the root is rootfs (an initramfs)
-            _check(-1, "pivot_root")
-    _mount(".", "/", None, _MS_MOVE)
-    os.chroot(".")
-
-
-class _NoImports:
-    """An import hook that refuses every import (installed once the root is switched)."""
-
-    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        raise ImportError(f"lamina: no import after the switch to the layer's root ({name})")
-
-
-def _seal() -> None:
-    """Refuse imports from here on: whatever they found would come from the new root."""
-    sys.meta_path.insert(0, _NoImports())
-    sys.path[:] = []
-    sys.path_importer_cache.clear()
