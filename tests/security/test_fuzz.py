@@ -9,7 +9,8 @@
   layer, or a layer that exports and re-applies to itself; nothing outside the home
   changes; nothing but ``LaminaError`` escapes.  The same on the tar reader alone, with
   many more inputs.
-- ``fuzz/tar_reader.py`` (atheris, libFuzzer) for a bounded number of inputs.
+- the atheris (libFuzzer) targets ``fuzz/tar_reader.py`` and ``fuzz/apply_layer.py`` for a
+  bounded number of inputs each.
 
 In CI (``CI=true``) hypothesis is derandomized, so that a CI run is reproducible; locally
 each run explores new inputs.
@@ -241,26 +242,28 @@ def test_the_reader_raises_only_unsafe_archive(data: bytes) -> None:
 # --- atheris ------------------------------------------------------------------------------------
 
 
-def test_atheris_target_runs_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``fuzz/tar_reader.py`` for 20,000 inputs from its seed corpus: no finding."""
+@pytest.mark.parametrize("target, runs", [("tar_reader", 20_000), ("apply_layer", 3_000)])
+def test_atheris_target_runs_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   target: str, runs: int) -> None:
+    """``fuzz/TARGET.py`` for a bounded number of inputs from its seed corpus: no finding."""
     try:
         import atheris  # noqa: F401
     except ImportError:
         lacking("atheris (the dev extra installs it on x86_64)")
-    target = REPO / "fuzz" / "tar_reader.py"
+    script = REPO / "fuzz" / f"{target}.py"
     corpus = tmp_path / "corpus"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, str(target), "-seeds", str(corpus)], check=True, env=env)
+    subprocess.run([sys.executable, str(script), "-seeds", str(corpus)], check=True, env=env)
     proc = subprocess.run(
-        [sys.executable, str(target), str(corpus), "-runs=20000", "-max_len=65536",
+        [sys.executable, str(script), str(corpus), f"-runs={runs}", "-max_len=65536",
          "-rss_limit_mb=2048", "-timeout=20", "-print_final_stats=1",
          f"-artifact_prefix={tmp_path}/"],
         capture_output=True, text=True, env=env, timeout=600, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     execs = re.search(r"stat::number_of_executed_units:\s*(\d+)", proc.stderr)
-    assert execs is not None and int(execs.group(1)) >= 20000, proc.stderr[-2000:]
+    assert execs is not None and int(execs.group(1)) >= runs, proc.stderr[-2000:]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("crash-", "oom-",
                                                                         "timeout-"))]
     with capsys.disabled():
-        print(f"\natheris: {execs.group(1)} inputs, no finding")
+        print(f"\natheris {target}: {execs.group(1)} inputs, no finding")
