@@ -391,6 +391,8 @@ class TarReader:
             for key, value in pax.items()
             if key.startswith("SCHILY.xattr.")
         }
+        if any("\0" in key for key in xattrs):
+            raise self._error(f"NUL byte in an xattr name at offset {offset}", name)
         entry = Entry(
             name=name,
             type=REG if kind == "S" else kind,

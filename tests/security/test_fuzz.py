@@ -239,6 +239,23 @@ def test_the_reader_raises_only_unsafe_archive(data: bytes) -> None:
         pass
 
 
+# --- what the fuzzers found, kept ---------------------------------------------------------------
+
+FOUND = {
+    # fuzz/apply_layer.py: os.setxattr raised ValueError on a NUL in the name
+    "nul-in-xattr-name": tb.raw_pax({"SCHILY.xattr.user.a\0b": "v"})
+    + tb.raw_member("f", b"x") + tb.END,
+}
+
+
+@pytest.mark.usefixtures("isolation")
+@pytest.mark.parametrize("data", FOUND.values(), ids=FOUND.keys())
+def test_what_the_fuzzers_found(driver: lamina.Driver, data: bytes) -> None:
+    with pytest.raises(errors.UnsafeArchive):
+        driver.apply_diff("l", None, io.BytesIO(data))
+    assert not driver.exists("l")
+
+
 # --- atheris ------------------------------------------------------------------------------------
 
 
