@@ -48,7 +48,18 @@ _MS_PRIVATE = 1 << 18
 _LOCKDOWN = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
 _ST_NOATIME, _ST_NODIRATIME, _ST_RELATIME = 1024, 2048, 4096
 _MNT_DETACH = 2
-_PR_SET_PDEATHSIG = 1
+_PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 24, 38
+_CAP_VERSION_3 = 0x20080522
+KEPT_CAPABILITIES = frozenset({
+    0, 1, 2, 3, 4,  # chown, dac_override, dac_read_search, fowner, fsetid
+    21,  # sys_admin: trusted.* xattrs (overlay's opaque marker)
+    24,  # sys_resource: the root-reserved blocks and quotas, as for an inline apply
+    27, 31,  # mknod, setfcap (security.capability)
+    32, 33,  # mac_override, mac_admin: security.* xattrs under an LSM
+})
+"""What a child keeps of root's capabilities once its root is switched: what writing a
+layer needs, as root writes it inline.  Gone: kill, ptrace, setuid, module loading, raw
+I/O, the network, time, BPF… ; and no exec could give any back (no_new_privs)."""
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41,
                "ppc64le": 203, "ppc64": 203, "s390x": 217, "i686": 217, "i386": 217,
                "armv7l": 218, "armv6l": 218}.get(platform.machine())
@@ -59,6 +70,24 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+try:
+    with open("/proc/sys/kernel/cap_last_cap") as _f:
+        _LAST_CAP = int(_f.read())
+except (OSError, ValueError):  # pragma: no cover - no such file before Linux 3.2
+    _LAST_CAP = 40
 
 
 # --- the fork server --------------------------------------------------------------------
@@ -207,7 +236,7 @@ def _child(data_fd: int, res_fd: int, server: int) -> int:
     """A forked child: read the spec, switch roots, apply, report.  Its exit code."""
     # No collection here: garbage of the server's could close an fd number reused below.
     gc.disable()
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != server:
         return 1  # the fork server died before the line above
     for low, high in _gaps(sorted((data_fd, res_fd))):
@@ -216,6 +245,7 @@ def _child(data_fd: int, res_fd: int, server: int) -> int:
     spec = _read_spec(data_fd)
     try:
         root, lowers = enter_jail(spec["root"], spec["lowers"])
+        drop_capabilities()
     except OSError as e:
         out.final({"setup": str(e)})
         return 0
@@ -303,7 +333,8 @@ def _probe_here(root: str, lowers: list[str], paths: list[str]) -> dict[str, Any
     return {"root": sorted(os.listdir("/")), "layer": root, "lowers": lowers,
             "root_writable": writable(""), "layer_writable": writable(root),
             "lowers_writable": [writable(p) for p in lowers],
-            "visible": [p for p in paths if os.path.lexists(p)], "imports": imports}
+            "visible": [p for p in paths if os.path.lexists(p)], "imports": imports,
+            "capabilities": capabilities()}
 
 
 # --- the switch -------------------------------------------------------------------------
@@ -384,6 +415,30 @@ def _switch_root() -> None:
             _check(-1, "pivot_root")
     _mount(".", "/", None, _MS_MOVE)
     os.chroot(".")
+
+
+def drop_capabilities() -> None:
+    """Keep only :data:`KEPT_CAPABILITIES` (of those this process has), for good: the
+    bounding set too, and no_new_privs."""
+    keep = sum(1 << cap for cap in KEPT_CAPABILITIES) & capabilities(permitted=True)
+    for cap in range(_LAST_CAP + 1):
+        if not keep >> cap & 1:
+            _check(_libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), "drop a capability")
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = keep & 0xFFFFFFFF
+    data[1].effective = data[1].permitted = keep >> 32
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+
+
+def capabilities(*, permitted: bool = False) -> int:
+    """This process's effective (or permitted) capabilities, as a bit mask."""
+    header = _CapHeader(_CAP_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    field = "permitted" if permitted else "effective"
+    return int(getattr(data[0], field)) | int(getattr(data[1], field)) << 32
 
 
 class _NoImports:

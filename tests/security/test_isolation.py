@@ -55,6 +55,8 @@ def test_the_child_sees_only_the_layer(tmp_path: Path) -> None:
     assert seen["root_writable"] is False
     assert seen["lowers_writable"] == [False, False, False]
     assert seen["imports"] == "refused"
+    kept = sum(1 << cap for cap in jail.KEPT_CAPABILITIES) & jail.capabilities(permitted=True)
+    assert seen["capabilities"] == kept
     assert not (layer / ".lamina-probe").exists()
     assert os.listdir(layer) == []
     assert (tmp_path / "staged").is_dir() and os.listdir(tmp_path / "staged") == ["diff"]
@@ -345,8 +347,9 @@ def test_isolation_of_a_non_root_caller(tmp_path: Path) -> None:
                 os.setuid(65534)
                 # A process that was root is not dumpable, and its /proc/self files stay
                 # root's; one started as the user is dumpable.
-                jail._libc.prctl(4, 1)  # PR_SET_DUMPABLE
+                jail._libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
                 root, _ = jail.enter_jail(str(base / "layer"), [])
+                jail.drop_capabilities()
                 with open(f"{root}/f", "w") as f:
                     f.write("f")
                 os.chown(f"{root}/f", 65534, 65534)
