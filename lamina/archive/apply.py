@@ -437,6 +437,7 @@ class Applier:
                         raise UnsafeArchive(f"{part!r} is not a directory", layer=self.layer,
                                             path=name) from None
                     elif not create or (copy_up_only and found is None):
+                        os.close(fd)
                         return None
                     else:
                         self._mkdir_parent(fd, part, found)
@@ -447,6 +448,7 @@ class Applier:
                     target = self._link_target(fd, part, name)
                     if target is None:  # an overlay whiteout: the name is free again
                         if not create or copy_up_only:
+                            os.close(fd)
                             return None
                         os.unlink(part, dir_fd=fd)
                         self._mkdir_parent(fd, part, None)

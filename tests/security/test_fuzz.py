@@ -22,9 +22,11 @@ import io
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from hypothesis import strategies as st
 import lamina
 from lamina import errors
 from lamina.archive import codecs, reader
+from lamina.archive.apply import Applier
 from tests import tarbuild as tb
 from tests.archive.test_hostile import fingerprint
 from tests.conftest import Stores, in_ci, lacking
@@ -254,6 +257,32 @@ def test_what_the_fuzzers_found(driver: lamina.Driver, data: bytes) -> None:
     with pytest.raises(errors.UnsafeArchive):
         driver.apply_diff("l", None, io.BytesIO(data))
     assert not driver.exists("l")
+
+
+@settings(FUZZ, max_examples=300)
+@given(data=st.one_of(ARBITRARY, entries(whiteouts=True).map(tb.build)),
+       overlay=st.booleans())
+def test_the_engine_leaves_no_fd_open(data: bytes, overlay: bool) -> None:
+    """Found by fuzz/apply_layer.py (EMFILE after 400,000 inputs): a whiteout below a
+    directory that is not there left that walk's fd open.  In-process, every apply
+    (refused or not) gives back every fd it opened."""
+    work = Path(tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    try:
+        lower = work / "lower"
+        (lower / "usr/lib").mkdir(parents=True)
+        (lower / "lib").symlink_to("usr/lib")
+        (lower / "evil").symlink_to(work / "outside")
+        (work / "layer").mkdir()
+        before = sorted(os.listdir("/proc/self/fd"))
+        try:
+            stream, _ = codecs.decompressed(io.BytesIO(data))
+            Applier(work / "layer", overlay_whiteouts=overlay, lowers=[str(lower)],
+                    max_path=3000).apply(stream)
+        except errors.LaminaError:
+            pass
+        assert sorted(os.listdir("/proc/self/fd")) == before
+    finally:
+        shutil.rmtree(work)
 
 
 # --- atheris ------------------------------------------------------------------------------------
