@@ -42,7 +42,7 @@ apply of a process re-executes the interpreter once (``python -I -S``, given
 only the caller's ``sys.path``), that helper imports the engine, stays
 single-threaded, and forks one child per apply.  Per apply that costs ~10 ms
 of CPU (caller ~1, fork server ~2, child ~8: its namespace, mounts, pivot,
-copy-on-write faults and exit) and 15–30 ms wall on that machine
+copy-on-write faults and exit) and 15 to 30 ms wall on that machine
 (``tests/security/test_isolation.py`` prints it).  A request is one
 ``SCM_RIGHTS`` message carrying the data pipe, the result pipe and a socket of
 its own, on which the server says the child's pid and, once reaped, its exit
@@ -53,8 +53,8 @@ The data path is one pipe grown to 1 MiB, written in 1 MiB blocking writes;
 the child closes it once it has its answer (the caller's next write fails and
 it stops), then writes the answer.  Between writes the caller reads the
 child's entry counts (for the progress bar), which the child never blocks on.
-The pipe costs two copies: large files went through at 0.5–0.6 GB/s here
-against 0.7–1 GB/s in-process (tmpfs, plain tar; a gzip layer is bound by its
+The pipe costs two copies: large files went through at 0.5 to 0.6 GB/s here
+against 0.7 to 1 GB/s in-process (tmpfs, plain tar; a gzip layer is bound by its
 decompression either way); ``splice(2)`` at both ends would remove them.
 
 ``LAMINA_NOREEXEC=1`` applies in the calling process instead, as the seed

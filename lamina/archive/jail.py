@@ -242,7 +242,10 @@ def _child(data_fd: int, res_fd: int, server: int) -> int:
     for low, high in _gaps(sorted((data_fd, res_fd))):
         os.closerange(low, high)
     out = _Reporter(res_fd)
-    spec = _read_spec(data_fd)
+    try:
+        spec = _read_spec(data_fd)
+    except (EOFError, ValueError):
+        return 1  # the caller gave up before it said what to do
     try:
         root, lowers = enter_jail(spec["root"], spec["lowers"])
         drop_capabilities()
