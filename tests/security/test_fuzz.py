@@ -206,7 +206,8 @@ def mutated(draw: st.DrawFn) -> bytes:
 ARBITRARY = st.one_of(st.binary(max_size=3000), mutated())
 
 
-@settings(FUZZ, max_examples=60)
+@pytest.mark.usefixtures("isolation")
+@settings(FUZZ, max_examples=40)
 @given(data=ARBITRARY)
 def test_arbitrary_bytes_give_a_lamina_error_or_a_layer(
     stores: Stores, home: Path, data: bytes
