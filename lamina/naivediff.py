@@ -4,7 +4,8 @@ Used by backends that keep whole trees (vfs) and as the fallback of those that
 can read their own changes natively (overlay) when asked about another parent.
 
 A path is changed when its mode, owner, device number, or (for non-directories)
-mtime or size differ, or its ``security.capability`` differs — Docker's rules
+mtime, size or link count differ, or its ``security.capability`` differs — Docker's rules
+(plus the link count, so that a hard link made or broken is not lost)
 (directories' sizes and mtimes are not a measure of change).  Where metadata
 cannot tell, the content decides: symlink targets are always compared, and a
 regular file whose metadata is equal but that was touched after the layer's
@@ -166,6 +167,10 @@ def differs(
     if not stat.S_ISDIR(mode) and (
         ost.st_size != nst.st_size or not _same_time(ost.st_mtime_ns, nst.st_mtime_ns)
     ):
+        return True
+    if not stat.S_ISDIR(mode) and ost.st_nlink != nst.st_nlink:
+        # A hard link made or broken: the file goes out in full with its links, so
+        # that diff then apply gives the same links (Docker's rules miss this).
         return True
     if stat.S_ISLNK(mode):
         return os.readlink(name, dir_fd=ofd) != os.readlink(name, dir_fd=nfd)
