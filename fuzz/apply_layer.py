@@ -30,12 +30,25 @@ with atheris.instrument_imports(include=["lamina"]):
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fuzz.tar_reader import write_seeds
 
-_work = tempfile.mkdtemp(prefix="lamina-fuzz-", dir="/dev/shm")
+# libFuzzer ends the process with exit(): nothing of Python's runs after it, so each run
+# sweeps the work directories of runs that are gone ($LAMINA_FUZZ_WORK, else /dev/shm).
+_WORK_IN = os.environ.get("LAMINA_FUZZ_WORK") or (
+    "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+_work = os.path.join(_WORK_IN, f"lamina-fuzz-{os.getpid()}")
 SENTINEL = os.path.join(_work, "outside")
 LOWER = os.path.join(_work, "lower")
 
 
+def _sweep() -> None:
+    for name in os.listdir(_WORK_IN):
+        pid = name.removeprefix("lamina-fuzz-")
+        if name.startswith("lamina-fuzz-") and pid.isdigit() and not os.path.exists(
+                f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(_WORK_IN, name), ignore_errors=True)
+
+
 def _setup() -> None:
+    shutil.rmtree(_work, ignore_errors=True)
     os.makedirs(os.path.join(SENTINEL, "dir"))
     with open(os.path.join(SENTINEL, "file"), "w") as f:
         f.write("sentinel")
@@ -58,8 +71,7 @@ def _picture() -> list[tuple[str, int, int, int]]:
     return sorted(out)
 
 
-_setup()
-_BEFORE = _picture()
+_BEFORE: list[tuple[str, int, int, int]] = []
 _count = 0
 
 
@@ -120,11 +132,11 @@ def main() -> None:
             os.unlink(path)
         _hostile_seeds(sys.argv[2])
         return
-    try:
-        atheris.Setup(sys.argv, TestOneInput)
-        atheris.Fuzz()
-    finally:
-        shutil.rmtree(_work, ignore_errors=True)
+    _sweep()
+    _setup()
+    _BEFORE.extend(_picture())
+    atheris.Setup(sys.argv, TestOneInput)
+    atheris.Fuzz()
 
 
 if __name__ == "__main__":

@@ -299,14 +299,18 @@ def test_atheris_target_runs_clean(tmp_path: Path, capsys: pytest.CaptureFixture
         lacking("atheris (the dev extra installs it on x86_64)")
     script = REPO / "fuzz" / f"{target}.py"
     corpus = tmp_path / "corpus"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    work = Path(tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LAMINA_FUZZ_WORK": str(work)}
     subprocess.run([sys.executable, str(script), "-seeds", str(corpus)], check=True, env=env)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(corpus), f"-runs={runs}", "-max_len=65536",
-         "-rss_limit_mb=2048", "-timeout=20", "-print_final_stats=1",
-         f"-artifact_prefix={tmp_path}/"],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(script), str(corpus), f"-runs={runs}", "-max_len=65536",
+             "-rss_limit_mb=2048", "-timeout=20", "-print_final_stats=1",
+             f"-artifact_prefix={tmp_path}/"],
+            capture_output=True, text=True, env=env, timeout=600, check=False,
+        )
+    finally:
+        shutil.rmtree(work)
     assert proc.returncode == 0, proc.stderr[-4000:]
     execs = re.search(r"stat::number_of_executed_units:\s*(\d+)", proc.stderr)
     assert execs is not None and int(execs.group(1)) >= runs, proc.stderr[-2000:]
