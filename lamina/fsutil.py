@@ -21,7 +21,7 @@ import fcntl
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -233,6 +233,31 @@ def copy_xattrs(
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
                 raise
+
+
+def open_dir_beneath(root_fd: int, parts: Sequence[str]) -> int:
+    """A new fd of the directory ``parts`` below ``root_fd``, never through a symlink."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_file_beneath(root_fd: int, path: str) -> int:
+    """A read-only fd of the file ``path`` below ``root_fd``, never through a symlink."""
+    parts = path.split("/")
+    fd = open_dir_beneath(root_fd, parts[:-1])
+    try:
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def _fdpath(dir_fd: int, name: str) -> str:

@@ -226,16 +226,10 @@ class WindowsImporter:
             os.close(src)
 
     def _existing(self, root_fd: int, parts: Sequence[str]) -> int | None:
-        fd = os.dup(root_fd)
-        for part in parts:
-            try:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            except OSError:
-                os.close(fd)
-                return None
-            os.close(fd)
-            fd = nfd
-        return fd
+        try:
+            return fsutil.open_dir_beneath(root_fd, parts)
+        except OSError:
+            return None
 
     def _save_mutated(self, pfd: int, base: str, backup: str) -> None:
         # The seed saves these before the import mutates them; diff_getter serves them.
@@ -314,16 +308,7 @@ def export(root: Path) -> Iterator[bytes]:
 
 
 def _data(root_fd: int, path: str, size: int) -> Iterator[bytes]:
-    parts = path.split("/")
-    fd = os.dup(root_fd)
-    try:
-        for part in parts[:-1]:
-            nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-        ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-    finally:
-        os.close(fd)
+    ffd = fsutil.open_file_beneath(root_fd, path)
     try:
         left = size
         while left > 0:

@@ -159,11 +159,7 @@ class TreeGetter(DiffGetter):
             raise errors.InvalidArgument("bad path", layer=self.layer, path=path)
         fd = os.open(self.root, _DIR_FLAGS)
         try:
-            for part in parts[:-1]:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
-            ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            ffd = fsutil.open_file_beneath(fd, "/".join(parts))
         except OSError as e:
             raise errors.NotFound(f"cannot open: {e.strerror}", layer=self.layer,
                                   path=path) from e
