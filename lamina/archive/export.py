@@ -32,6 +32,7 @@ from lamina.idmap import IdMapper
 READ_CHUNK = 1 << 20
 CAPABILITY = "security.capability"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
 
 
 class Action(enum.Enum):
@@ -48,6 +49,7 @@ class Item:
 
     path: str
     action: Action
+    stat: os.stat_result | None = None  # its lstat, when the walk that found it had it
 
 
 class IterStream(io.RawIOBase):
@@ -83,12 +85,11 @@ def open_stream(chunks: Iterator[bytes]) -> BinaryIO:
     return cast(BinaryIO, io.BufferedReader(IterStream(chunks), READ_CHUNK))
 
 
-class _Dirs:
+class Dirs:
     """Directory fds of the layer, opened without following links, cached by path."""
 
-    def __init__(self, root_fd: int, layer: str | None) -> None:
+    def __init__(self, root_fd: int) -> None:
         self.root_fd = root_fd
-        self.layer = layer
         self._cache: dict[str, int] = {}
 
     def open(self, rel: str) -> int:
@@ -118,117 +119,157 @@ def export_changes(
     ids: IdMapper | None = None,
 ) -> BinaryIO:
     """A tar stream of ``items`` (in order: parents before children) from ``root``."""
-    return open_stream(_generate(os.fspath(root), items, layer, ids or IdMapper()))
+    return cast(BinaryIO, io.BufferedReader(_TarStream(os.fspath(root), items, ids or IdMapper()),
+                                            READ_CHUNK))
 
 
-def _generate(
-    root: str, items: Iterable[Item], layer: str | None, ids: IdMapper
-) -> Iterator[bytes]:
-    root_fd = os.open(root, _DIR_FLAGS)
-    dirs = _Dirs(root_fd, layer)
-    seen: dict[tuple[int, int], str] = {}
-    report = progress.current()
-    try:
-        for item in items:
-            parent, _, base = item.path.rpartition("/")
-            if item.action is not Action.ENTRY:
-                marker = OPAQUE_MARKER if item.action is Action.OPAQUE else WHITEOUT_PREFIX + base
-                if item.action is Action.OPAQUE:
-                    parent = item.path
-                name = f"{parent}/{marker}" if parent else marker
-                chunk = header(name, "0")
-                if report is not None:
-                    report(len(chunk), 1)
-                yield chunk
-                continue
-            written = 0
-            crashpoints.reached("diff:chunk")
-            for chunk in _member(dirs, parent, base, item.path, seen, ids):
-                written += len(chunk)
-                yield chunk
-            if report is not None:
-                report(written, 1)
-        yield END_OF_ARCHIVE
-    finally:
-        dirs.close()
-        os.close(root_fd)
+class _TarStream(io.RawIOBase):
+    """The tar of a list of items, made as it is read.
 
+    ``readinto`` fills the caller's whole buffer: headers are copied in and file
+    data is read straight into it (``readv``), so a byte of data is copied once on
+    its way out of the page cache, and a ``read`` of the buffered stream that wraps
+    this costs one call here, however many small members it spans.
+    """
 
-def _member(
-    dirs: _Dirs,
-    parent: str,
-    base: str,
-    path: str,
-    seen: dict[tuple[int, int], str],
-    ids: IdMapper,
-) -> Iterator[bytes]:
-    try:
-        pfd = dirs.open(parent)
-        st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            return  # gone since the change list was made (a running container)
-        raise
-    mode = st.st_mode
-    uid, gid = ids.to_container(st.st_uid, st.st_gid)
-    perm, mtime = stat.S_IMODE(mode), int(st.st_mtime)
-    if not stat.S_ISDIR(mode) and st.st_nlink > 1:
-        key = (st.st_dev, st.st_ino)
-        first = seen.get(key)
-        if first is not None:
-            yield header(path, "1", linkname=first, mode=perm, uid=uid, gid=gid, mtime=mtime)
-            return
-        seen[key] = path
-    if stat.S_ISREG(mode):
-        yield from _regular(pfd, base, path, st, (perm, uid, gid, mtime))
-    elif stat.S_ISDIR(mode):
-        yield header(path + "/", "5", xattrs=_capability(pfd, base), mode=perm, uid=uid,
-                     gid=gid, mtime=mtime)
-    elif stat.S_ISLNK(mode):
-        yield header(path, "2", linkname=os.readlink(base, dir_fd=pfd), mode=perm, uid=uid,
-                     gid=gid, mtime=mtime)
-    else:
-        kind = "3" if stat.S_ISCHR(mode) else "4" if stat.S_ISBLK(mode) else "6"
-        yield header(path, kind, devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev),
-                     mode=perm, uid=uid, gid=gid, mtime=mtime)
+    def __init__(self, root: str, items: Iterable[Item], ids: IdMapper) -> None:
+        self._root_fd = os.open(root, _DIR_FLAGS)
+        self._dirs = Dirs(self._root_fd)
+        self._items = iter(items)
+        self._ids = ids
+        self._seen: dict[tuple[int, int], str] = {}  # (dev, ino) -> first path, for links
+        self._report = progress.current()
+        self._out = memoryview(b"")  # header (or padding) bytes not yet handed out
+        self._fd = -1  # the regular file whose data is being handed out
+        self._left = 0  # its bytes still to hand out
+        self._pad = b""  # the padding that follows them
+        self._ended = False
 
+    def readable(self) -> bool:
+        return True
 
-def _regular(
-    pfd: int, base: str, path: str, st: os.stat_result, owner: tuple[int, int, int, int]
-) -> Iterator[bytes]:
-    try:
-        fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    except FileNotFoundError:
-        return
-    try:
-        size = st.st_size
-        perm, uid, gid, mtime = owner
-        yield header(path, "0", size=size, xattrs=_capability(fd), mode=perm, uid=uid, gid=gid,
-                     mtime=mtime)
-        left = size
-        while left > 0:
-            chunk = os.read(fd, min(READ_CHUNK, left))
-            if not chunk:
-                # The file shrank while we read it: keep the archive well formed.
-                yield bytes(left)
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        size = len(view)
+        pos = 0
+        while pos < size:
+            if self._out:
+                n = min(len(self._out), size - pos)
+                view[pos : pos + n] = self._out[:n]
+                self._out = self._out[n:]
+                pos += n
+            elif self._left:
+                pos += self._data(view[pos : pos + min(self._left, size - pos)])
+            elif not self._next():
                 break
-            left -= len(chunk)
-            yield chunk
-        yield padding(size)
-    finally:
-        os.close(fd)
+        return pos
+
+    def _data(self, into: memoryview) -> int:
+        n = os.readv(self._fd, [into])
+        if n == 0:  # the file shrank while we read it: keep the archive well formed
+            n = len(into)
+            into[:] = bytes(n)
+        self._left -= n
+        if not self._left:
+            os.close(self._fd)
+            self._fd = -1
+            self._out = memoryview(self._pad)
+        return n
+
+    def _next(self) -> bool:
+        """Queue the next member's header (and open its data); False at the end."""
+        if self._ended:
+            return False
+        for item in self._items:
+            chunk = self._member(item)
+            if chunk:
+                self._out = memoryview(chunk)
+                if self._report is not None:
+                    self._report(len(chunk) + self._left + len(self._pad), 1)
+                return True
+        self._ended = True
+        self._out = memoryview(END_OF_ARCHIVE)
+        return True
+
+    def _member(self, item: Item) -> bytes:
+        """``item``'s header blocks; a regular file's fd, size and padding are set aside."""
+        parent, _, base = item.path.rpartition("/")
+        if item.action is not Action.ENTRY:
+            if item.action is Action.OPAQUE:
+                return header(f"{item.path}/{OPAQUE_MARKER}", "0")
+            return header(f"{parent}/{WHITEOUT_PREFIX}{base}" if parent
+                          else WHITEOUT_PREFIX + base, "0")
+        crashpoints.reached("diff:chunk")
+        path = item.path
+        try:
+            pfd = self._dirs.open(parent)
+            st = item.stat or os.stat(base, dir_fd=pfd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return b""  # gone since the change list was made (a running container)
+            raise
+        mode = st.st_mode
+        uid, gid = self._ids.to_container(st.st_uid, st.st_gid)
+        perm, mtime = mode & 0o7777, int(st.st_mtime)
+        if st.st_nlink > 1 and not stat.S_ISDIR(mode):
+            key = (st.st_dev, st.st_ino)
+            first = self._seen.get(key)
+            if first is not None:
+                return header(path, "1", linkname=first, mode=perm, uid=uid, gid=gid,
+                              mtime=mtime)
+            self._seen[key] = path
+        if stat.S_ISREG(mode):
+            try:
+                fd = os.open(base, _FILE_FLAGS, dir_fd=pfd)
+            except FileNotFoundError:
+                return b""
+            size = st.st_size
+            try:
+                chunk = header(path, "0", size=size, xattrs=_capability(fd), mode=perm, uid=uid,
+                               gid=gid, mtime=mtime)
+            except BaseException:
+                os.close(fd)
+                raise
+            if size:
+                self._fd, self._left, self._pad = fd, size, padding(size)
+            else:
+                os.close(fd)
+            return chunk
+        if stat.S_ISDIR(mode):
+            try:
+                xattrs = _capability(self._dirs.open(path))
+            except OSError:
+                return b""  # replaced since it was listed
+            return header(path + "/", "5", xattrs=xattrs, mode=perm, uid=uid, gid=gid,
+                          mtime=mtime)
+        if stat.S_ISLNK(mode):
+            return header(path, "2", linkname=os.readlink(base, dir_fd=pfd), mode=perm,
+                          uid=uid, gid=gid, mtime=mtime)
+        kind = "3" if stat.S_ISCHR(mode) else "4" if stat.S_ISBLK(mode) else "6"
+        return header(path, kind, devmajor=os.major(st.st_rdev), devminor=os.minor(st.st_rdev),
+                      mode=perm, uid=uid, gid=gid, mtime=mtime)
+
+    def close(self) -> None:
+        if not self.closed:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self._dirs.close()
+            os.close(self._root_fd)
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
+        super().close()
 
 
-def _capability(target: int, base: str | None = None) -> dict[str, bytes] | None:
+def _capability(fd: int) -> dict[str, bytes] | None:
+    # listxattr first: most files have none, and a getxattr that fails costs ~4x more.
     try:
-        if base is None:
-            value = os.getxattr(target, CAPABILITY)
-        else:
-            value = os.getxattr(f"/proc/self/fd/{target}/{base}", CAPABILITY,
-                                follow_symlinks=False)
+        if CAPABILITY not in os.listxattr(fd):
+            return None
+        return {CAPABILITY: os.getxattr(fd, CAPABILITY)}
     except OSError:
         return None
-    return {CAPABILITY: value}
 
 
 def check_root(root: str | os.PathLike[str], layer: str) -> None:

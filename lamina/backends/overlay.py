@@ -38,7 +38,7 @@ from lamina import errors, fsutil, mount, naivediff
 from lamina import quota as quotas
 from lamina.archive import isolate
 from lamina.archive.apply import OVERLAY_OPAQUE_XATTR, lower_lookup
-from lamina.archive.export import Action, Item, export_changes, open_stream
+from lamina.archive.export import Action, Dirs, Item, export_changes, open_stream
 from lamina.backends.base import APPLY_OPTIONS, StoreDriver
 from lamina.backends.vfs import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
@@ -368,26 +368,62 @@ def _opaque(path: str) -> bool:
 
 
 def native_items(diff: Path) -> Iterator[Item]:
-    """The export of an overlay ``diff/`` as it is: whiteouts and opaque markers turned back."""
-    root = str(diff)
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(os.path.join(root, rel) if rel else root) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        children = []
-        for entry in entries:
-            path = f"{rel}/{entry.name}" if rel else entry.name
-            st = entry.stat(follow_symlinks=False)
-            if _is_whiteout(st):
+    """The export of an overlay ``diff/`` as it is: whiteouts and opaque markers turned back.
+
+    Depth first, each directory's entries sorted, as Docker's archiver walks.  Directories
+    are opened from the layer root without following links (``scandir`` of an fd,
+    ``fstatat``), so one swapped for a symlink meanwhile cannot lead the walk out of the
+    layer; each item carries the lstat it was found with, for the export's header.
+    """
+    root = os.open(diff, _DIR_FLAGS)
+    dirs = Dirs(root)
+    try:
+        stack = [("", iter(_listing(root)))]
+        while stack:
+            rel, entries = stack[-1]
+            found = next(entries, None)
+            if found is None:
+                stack.pop()
+                continue
+            name, st = found
+            path = f"{rel}/{name}" if rel else name
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 yield Item(path, Action.WHITEOUT)
                 continue
-            yield Item(path, Action.ENTRY)
+            yield Item(path, Action.ENTRY, st)
             if stat.S_ISDIR(st.st_mode):
-                if _opaque(os.path.join(root, path)):
+                try:
+                    fd = dirs.open(path)
+                    opaque = _fd_opaque(fd)
+                    listing = _listing(fd)
+                except OSError:
+                    continue  # replaced or removed since its parent was listed
+                if opaque:
                     yield Item(path, Action.OPAQUE)
-                children.append(path)
-        stack.extend(reversed(children))
+                stack.append((path, iter(listing)))
+    finally:
+        dirs.close()
+        os.close(root)
+
+
+def _listing(fd: int) -> list[tuple[str, os.stat_result]]:
+    """A directory's entries, sorted by name, with their lstat (through the fd)."""
+    out = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            try:
+                out.append((entry.name, entry.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                continue  # gone since the listing (a running container's layer)
+    out.sort(key=lambda pair: pair[0])
+    return out
+
+
+def _fd_opaque(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, OVERLAY_OPAQUE_XATTR) == b"y"
+    except OSError:
+        return False
 
 
 def native_changes(diff: Path, lowers: list[str]) -> list[Change]:
