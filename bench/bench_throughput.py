@@ -92,6 +92,60 @@ class Bench:
               f"vs GNU tar + sync -f: ratio {ours / synced:5.2f}", flush=True)
 
 
+    def export(self, rootfs: Path, size: int, entries: int) -> None:
+        """diff of the base layer to /dev/null, against ``tar -c`` of the same tree."""
+        self.fresh()
+        self.apply(rootfs, "base")
+        with lamina.open_driver(self.home) as drv:
+            tree = drv.get("base")
+
+            def export() -> None:
+                with drv.diff("base") as tar, open(os.devnull, "wb") as null:
+                    while chunk := tar.read(1 << 20):
+                        null.write(chunk)
+
+            ours = median_time(self.runs, lambda: None, export)
+            theirs = median_time(
+                self.runs, lambda: None,
+                lambda: sh(f"cd {tree} && {' '.join(TAR)} -cf - . | cat >/dev/null"))
+            drv.put("base")
+        self.row("diff (export) of the base layer", ours, theirs, "GNU")
+        print(f"{'':<44} {size / ours / 1e6:7.0f} MB/s, {entries / ours:8.0f} files/s",
+              flush=True)
+
+    def docker_chain(self) -> None:
+        """The corpus image's 3 layers applied as a chain, against ``docker load``."""
+        with tarfile.open(CORPUS / "app-docker-save.tar") as outer:
+            manifest = json.load(outer.extractfile("manifest.json"))  # type: ignore[arg-type]
+            layers = manifest[0]["Layers"]
+
+        def chain() -> None:
+            with lamina.open_driver(self.home, backend=self.backend) as drv, \
+                    tarfile.open(CORPUS / "app-docker-save.tar") as outer:
+                parent = None
+                for i, name in enumerate(layers):
+                    member = outer.extractfile(name)
+                    assert member is not None
+                    drv.apply_diff(f"img{i}", parent, member)  # type: ignore[arg-type]
+                    parent = f"img{i}"
+
+        ours = median_time(self.runs, self.fresh, chain)
+        self.row("3 corpus layers as a chain", ours, docker_load(self.work, self.runs),
+                 "docker load")
+
+    def rss(self, cache: Path) -> None:
+        """Peak RSS applying and exporting a 1 GB layer."""
+        big = cache / "big-layer.tar"
+        big_layer_tar(big)
+        home = self.work / "rss-home"
+        code = (f"import lamina\nd = lamina.open_driver({str(home)!r}, backend={self.backend!r})"
+                f"\nd.apply_diff('big', None, open({str(big)!r}, 'rb'))")
+        print(f"peak RSS applying a 1 GB layer: {peak_rss(code)} MB", flush=True)
+        code = (f"import lamina\nd = lamina.open_driver({str(home)!r})\n"
+                "with d.diff('big') as t:\n    while t.read(1 << 20): pass")
+        print(f"peak RSS exporting a 1 GB layer: {peak_rss(code)} MB", flush=True)
+
+
 def small_files_tar(path: Path, count: int = 50_000) -> None:
     """A layer of ``count`` small files in 500 directories (built once, cached)."""
     if path.exists():
@@ -178,6 +232,9 @@ def docker_load(work: Path, runs: int) -> float:
                        shell=True, check=False)
 
 
+ROWS = ("plain", "gz", "zst", "small", "export", "docker", "rss")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,7 +242,12 @@ def main() -> None:
     parser.add_argument("--work", default="/var/tmp")
     parser.add_argument("--backend", default="overlay")
     parser.add_argument("--skip-docker", action="store_true")
+    parser.add_argument("--only", default=",".join(ROWS),
+                        help=f"comma-separated rows to run, of: {','.join(ROWS)}")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    if args.skip_docker:
+        only.discard("docker")
     cache = Path(args.work) / "lamina-bench-data"
     cache.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lamina-bench-", dir=args.work))
@@ -199,60 +261,28 @@ def main() -> None:
             entries = sum(1 for _ in tf)
         size = rootfs.stat().st_size
         o = b.out
-        b.apply_vs("apply rootfs.tar (plain)", rootfs, f"{' '.join(TAR)} -xpf {rootfs} -C {o}",
-                   size, entries)
-        b.apply_vs("apply rootfs.tar.gz", CORPUS / "rootfs.tar.gz",
-                   f"pigz -dc {CORPUS}/rootfs.tar.gz | {' '.join(TAR)} -xpf - -C {o}", size,
-                   entries)
-        b.apply_vs("apply rootfs.tar.zst", CORPUS / "rootfs.tar.zst",
-                   f"{' '.join(TAR)} --zstd -xpf {CORPUS}/rootfs.tar.zst -C {o}", size, entries)
-        small = cache / "small-files.tar"
-        small_files_tar(small)
-        b.apply_vs("apply 50k small files (plain)", small,
-                   f"{' '.join(TAR)} -xpf {small} -C {o}", small.stat().st_size, 50_500)
-        # Export: the base layer to /dev/null, against tar -c of the same tree.
-        b.fresh()
-        b.apply(rootfs, "base")
-        with lamina.open_driver(b.home) as drv:
-            tree = drv.get("base")
-
-            def export() -> None:
-                with drv.diff("base") as tar, open(os.devnull, "wb") as null:
-                    while chunk := tar.read(1 << 20):
-                        null.write(chunk)
-
-            ours = median_time(args.runs, lambda: None, export)
-            theirs = median_time(
-                args.runs, lambda: None,
-                lambda: sh(f"cd {tree} && {' '.join(TAR)} -cf - . | cat >/dev/null"))
-            drv.put("base")
-        b.row("diff (export) of the base layer", ours, theirs, "GNU")
-        if not args.skip_docker:
-            with tarfile.open(CORPUS / "app-docker-save.tar") as outer:
-                manifest = json.load(outer.extractfile("manifest.json"))  # type: ignore[arg-type]
-                layers = manifest[0]["Layers"]
-
-            def chain() -> None:
-                with lamina.open_driver(b.home, backend=args.backend) as drv, \
-                        tarfile.open(CORPUS / "app-docker-save.tar") as outer:
-                    parent = None
-                    for i, name in enumerate(layers):
-                        member = outer.extractfile(name)
-                        assert member is not None
-                        drv.apply_diff(f"img{i}", parent, member)
-                        parent = f"img{i}"
-
-            ours = median_time(args.runs, b.fresh, chain)
-            b.row("3 corpus layers as a chain", ours, docker_load(work, args.runs), "docker load")
-        big = cache / "big-layer.tar"
-        big_layer_tar(big)
-        home = work / "rss-home"
-        code = (f"import lamina\nd = lamina.open_driver({str(home)!r}, backend={args.backend!r})"
-                f"\nd.apply_diff('big', None, open({str(big)!r}, 'rb'))")
-        print(f"peak RSS applying a 1 GB layer: {peak_rss(code)} MB", flush=True)
-        code = (f"import lamina\nd = lamina.open_driver({str(home)!r})\n"
-                "with d.diff('big') as t:\n    while t.read(1 << 20): pass")
-        print(f"peak RSS exporting a 1 GB layer: {peak_rss(code)} MB", flush=True)
+        if "plain" in only:
+            b.apply_vs("apply rootfs.tar (plain)", rootfs,
+                       f"{' '.join(TAR)} -xpf {rootfs} -C {o}", size, entries)
+        if "gz" in only:
+            b.apply_vs("apply rootfs.tar.gz", CORPUS / "rootfs.tar.gz",
+                       f"pigz -dc {CORPUS}/rootfs.tar.gz | {' '.join(TAR)} -xpf - -C {o}", size,
+                       entries)
+        if "zst" in only:
+            b.apply_vs("apply rootfs.tar.zst", CORPUS / "rootfs.tar.zst",
+                       f"{' '.join(TAR)} --zstd -xpf {CORPUS}/rootfs.tar.zst -C {o}", size,
+                       entries)
+        if "small" in only:
+            small = cache / "small-files.tar"
+            small_files_tar(small)
+            b.apply_vs("apply 50k small files (plain)", small,
+                       f"{' '.join(TAR)} -xpf {small} -C {o}", small.stat().st_size, 50_500)
+        if "export" in only:
+            b.export(rootfs, size, entries)
+        if "docker" in only:
+            b.docker_chain()
+        if "rss" in only:
+            b.rss(cache)
     finally:
         b.fresh()
         for home in work.iterdir():
