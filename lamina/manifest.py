@@ -32,6 +32,14 @@ _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Row = list[object]
+Digests = dict[int, tuple[int, int, int]]
+"""CRC-32s of regular files' data taken while the apply wrote them: inode ->
+(size, mtime_ns, crc), both as ``fstat`` gave them once the file was complete.  The
+walk uses one only while the file still has that size and mtime (the applier
+forgets an inode it reuses for anything but data from the stream), and reads
+every other file, so a stale entry can cost a read but never a wrong digest."""
+MAX_DIGESTS = 1 << 18
+"""Files whose digest one apply keeps (some 60 MB); beyond them files are read again."""
 
 
 @dataclass(frozen=True)
@@ -90,19 +98,21 @@ def _file(dir_fd: int, name: str) -> tuple[str, dict[str, str]]:
 
 
 def rows(
-    root: str | os.PathLike[str], only: Sequence[str] | None = None
+    root: str | os.PathLike[str], only: Sequence[str] | None = None,
+    digests: Digests | None = None,
 ) -> Iterator[tuple[Row, os.stat_result]]:
     """Every path below ``root`` as a manifest row (with its lstat), sorted by path;
-    with ``only``, just those top-level names and what is below them."""
+    with ``only``, just those top-level names and what is below them; ``digests``
+    spare reading the files they still match."""
     fd = os.open(root, _DIR_FLAGS)
     try:
-        yield from _walk(fd, "", only)
+        yield from _walk(fd, "", only, digests or {})
     finally:
         os.close(fd)
 
 
 def _walk(
-    fd: int, rel: str, only: Sequence[str] | None = None
+    fd: int, rel: str, only: Sequence[str] | None, digests: Digests
 ) -> Iterator[tuple[Row, os.stat_result]]:
     for name in sorted(os.listdir(fd)):
         if only is not None and name not in only:
@@ -113,7 +123,11 @@ def _walk(
         kind = _kind(mode)
         sub = -1
         if kind == "f":
-            detail, xattrs = _file(fd, name)
+            known = digests.get(st.st_ino)
+            if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+                detail, xattrs = f"{known[2]:08x}", _xattrs(f"/proc/self/fd/{fd}/{name}")
+            else:
+                detail, xattrs = _file(fd, name)
         elif kind == "d":
             sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
             detail, xattrs = "", _xattrs(sub)
@@ -130,19 +144,23 @@ def _walk(
         yield row, st
         if sub >= 0:
             try:
-                yield from _walk(sub, path)
+                yield from _walk(sub, path, None, digests)
             finally:
                 os.close(sub)
 
 
 def record(
-    root: str | os.PathLike[str], into: Path, *, only: Sequence[str] | None = None
+    root: str | os.PathLike[str], into: Path, *, only: Sequence[str] | None = None,
+    digests: Digests | None = None,
 ) -> Totals:
-    """Write the manifest of the tree ``root`` to ``into``; return its totals."""
+    """Write the manifest of the tree ``root`` to ``into``; return its totals.
+
+    ``digests``: the apply's CRC-32s (:data:`Digests`), so that the files it has just
+    written are not read again."""
     body: list[str] = []
     seen: set[tuple[int, int]] = set()
     total = disk = inodes = 0
-    for row, st in rows(root, only):
+    for row, st in rows(root, only, digests):
         body.append(json.dumps(row, separators=(",", ":")))
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             if (st.st_dev, st.st_ino) in seen:

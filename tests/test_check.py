@@ -28,7 +28,9 @@ from typing import Any
 import pytest
 
 import lamina
-from lamina import check
+from lamina import check, manifest
+from lamina.archive import isolate
+from lamina.backends.base import StoreDriver
 from tests import tarbuild as tb
 from tests.conftest import Stores, mounts_under
 from tests.layers import apply, tree
@@ -140,6 +142,50 @@ def test_damage_is_found_reported_and_repaired(stores: Stores, damage: str) -> N
     apply(drv, "onapp", "app", ON_APP)
     assert (own_content(drv, "app") / "app/data/d3").read_bytes() == bytes([3]) * 1003
     check_clean(drv)
+
+
+# -- the manifest's digests, taken while the apply writes the files -----------------------
+
+REWRITES = [  # names written twice, links, a file over a directory, a lower file linked
+    tb.directory("app"), tb.file("app/main", b"second " * 500, mode=0o755),
+    tb.file("app/twice", b"first"), tb.file("app/twice", b"second, longer"),
+    tb.hardlink("app/twice-link", "app/twice"), tb.hardlink("app/tool-link", "usr/bin/tool"),
+    tb.file("app/empty"), tb.directory("app/dir"), tb.file("app/dir", b"a file over a dir"),
+]
+
+
+@pytest.mark.parametrize("isolated", [True, False], ids=["isolated", "inline"])
+def test_manifest_from_digests_is_what_reading_gives(
+    stores: Stores, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, isolated: bool
+) -> None:
+    if not isolated:
+        monkeypatch.setenv(isolate.NOREEXEC, "1")
+    drv = stores.open()
+    assert isinstance(drv, StoreDriver)
+    build(drv)
+    apply(drv, "more", "onapp", REWRITES)
+    for id in ("base", "app", "onapp", "more"):
+        layer_dir = drv.store.layer_dir(lamina.driver.LayerId(id))
+        manifest.record(drv.content_of(layer_dir), tmp_path / id, only=drv.content_only)
+        assert (layer_dir / manifest.NAME).read_text() == (tmp_path / id).read_text(), id
+    check_clean(drv)
+
+
+def test_a_digest_counts_only_while_the_file_is_as_it_was(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f").write_bytes(b"data")
+    st = (root / "f").stat()
+    manifest.record(root, tmp_path / "read")
+    read = (tmp_path / "read").read_text()
+    # One that matches the file's size and mtime is taken (that spares the read)…
+    trusted = {st.st_ino: (st.st_size, st.st_mtime_ns, 0x12345678)}
+    manifest.record(root, tmp_path / "trusted", digests=trusted)
+    assert '"12345678"' in (tmp_path / "trusted").read_text()
+    # … one whose size or mtime differs is stale: the file is read.
+    for size, mtime in ((st.st_size + 1, st.st_mtime_ns), (st.st_size, st.st_mtime_ns + 1)):
+        manifest.record(root, tmp_path / "stale", digests={st.st_ino: (size, mtime, 0x1234)})
+        assert (tmp_path / "stale").read_text() == read
 
 
 def test_repair_through_the_api_says_what_it_did(stores: Stores) -> None:

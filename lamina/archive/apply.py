@@ -31,6 +31,7 @@ from lamina import crashpoints, fsutil, progress
 from lamina.archive.reader import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, TarReader
 from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive, Unsupported
 from lamina.idmap import IdMapper
+from lamina.manifest import MAX_DIGESTS, Digests
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -83,6 +84,7 @@ class Applier:
         max_size: int | None = None,
         lowers: Sequence[str] = (),
         max_path: int | None = None,
+        digests: Digests | None = None,
     ) -> None:
         self.root = os.fspath(root)
         self.lowers = list(lowers)  # overlay: the lower layers' diff dirs, nearest first
@@ -102,6 +104,8 @@ class Applier:
         # entry repeated a million times is remembered once.
         self._dirs: dict[int, tuple[tuple[str, ...], int, int]] = {}
         self._retired: list[int] = []  # fds dropped from the cache, closed between entries
+        # The CRC-32 of each file written from the stream, for the layer's manifest.
+        self.digests: Digests = {} if digests is None else digests
 
     # -- entry point --------------------------------------------------------
 
@@ -185,7 +189,7 @@ class Applier:
     def _regular(self, reader: TarReader, pfd: int, base: str, entry: Entry) -> None:
         fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
         try:
-            reader.copy_data(entry, fd)
+            crc = reader.copy_data(entry, fd, checksum=len(self.digests) < MAX_DIGESTS)
             uid, gid = self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name)
             os.fchown(fd, uid, gid)
             os.fchmod(fd, entry.mode)
@@ -193,6 +197,11 @@ class Applier:
             for key, value in entry.xattrs.items():
                 _setxattr(fd, key, value)
             os.utime(fd, ns=(_atime(entry), entry.mtime))
+            if crc is not None:
+                st = os.fstat(fd)
+                self.digests[st.st_ino] = (st.st_size, st.st_mtime_ns, crc)
+            elif self.digests:  # sparse, or past MAX_DIGESTS: forget the inode's old one
+                self.digests.pop(os.fstat(fd).st_ino, None)
         finally:
             os.close(fd)
 
@@ -279,7 +288,10 @@ class Applier:
             fsutil.copy_node(src, tfd, base, st, overlay_xattrs=False)
         finally:
             os.close(src)
-        return os.lstat(base, dir_fd=tfd)
+        copied = os.lstat(base, dir_fd=tfd)
+        # Its inode may be one a file of this archive had, before that was replaced.
+        self.digests.pop(copied.st_ino, None)
+        return copied
 
     # -- whiteouts ------------------------------------------------------------
 

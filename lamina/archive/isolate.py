@@ -79,6 +79,7 @@ from lamina import errors, progress
 from lamina.archive.apply import Applier
 from lamina.archive.codecs import DECODE_ERRORS
 from lamina.idmap import IdMapper
+from lamina.manifest import MAX_DIGESTS, Digests
 
 NOREEXEC = "LAMINA_NOREEXEC"
 """The environment variable that makes :func:`apply_layer` apply in-process."""
@@ -107,10 +108,12 @@ def apply_layer(
     max_entries: int | None = None,
     max_size: int | None = None,
     lowers: Sequence[str] = (),
+    digests: Digests | None = None,
 ) -> int:
     """Apply the uncompressed tar ``stream`` into the directory ``root``; its file data size.
 
-    The arguments are :class:`~lamina.archive.apply.Applier`'s.  The apply runs in
+    The arguments are :class:`~lamina.archive.apply.Applier`'s; ``digests`` receives the
+    CRC-32s of the files written (for :func:`lamina.manifest.record`).  The apply runs in
     an isolated child (see the module docstring) unless ``LAMINA_NOREEXEC=1``.
     """
     ids = ids or IdMapper()
@@ -120,7 +123,7 @@ def apply_layer(
     if inline_requested():
         return Applier(root, layer=layer, ids=ids, overlay_whiteouts=overlay_whiteouts,
                        max_entries=max_entries, max_size=max_size, lowers=lowers,
-                       max_path=max_path).apply(stream)
+                       max_path=max_path, digests=digests).apply(stream)
     spec = {
         "action": "apply",
         "root": os.path.abspath(root),
@@ -134,7 +137,7 @@ def apply_layer(
         "max_path": max_path,
         "progress": progress.current() is not None,
     }
-    result = _Run(spec, layer).run(stream)
+    result = _Run(spec, layer, digests).run(stream)
     return int(result["size"])
 
 
@@ -167,9 +170,11 @@ class IsolationError(RuntimeError):
 class _Run:
     """One request to the fork server: pipes, the pump, the result."""
 
-    def __init__(self, spec: dict[str, Any], layer: str | None) -> None:
+    def __init__(self, spec: dict[str, Any], layer: str | None,
+                 digests: Digests | None = None) -> None:
         self.spec = spec
         self.layer = layer
+        self.digests = digests
         self.report = progress.current()
         self.final: dict[str, Any] | None = None
         self._pending = b""
@@ -288,10 +293,25 @@ class _Run:
             if "entries" in record and len(record) == 1:
                 if self.report is not None:
                     self.report(0, int(record["entries"]))
+            elif "digests" in record and len(record) == 1:
+                self._take_digests(record["digests"])
             else:
                 self.final = record
         if len(self._pending) > MAX_RESULT:
             raise IsolationError("the isolated apply sent an overlong result")
+
+    def _take_digests(self, flat: Any) -> None:
+        """Keep a batch of the child's digests: inode, size, mtime_ns, crc, … in one list."""
+        if not (isinstance(flat, list) and len(flat) % 4 == 0
+                and all(type(v) is int for v in flat)):
+            raise IsolationError("the isolated apply sent malformed digests")
+        if self.digests is None:
+            return
+        it = iter(flat)
+        for ino, size, mtime, crc in zip(it, it, it, it, strict=True):
+            if len(self.digests) >= MAX_DIGESTS:
+                return
+            self.digests[ino] = (size, mtime, crc)
 
     def _result(self, status: int) -> dict[str, Any]:
         final = self.final

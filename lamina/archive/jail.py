@@ -10,7 +10,9 @@ request, reaped through a pidfd, killed when its caller gives up or goes away.
 A child (:func:`_child`) reads the spec from the head of the data pipe, enters its
 jail (:func:`enter_jail`), seals imports, applies the rest of the pipe with
 :class:`~lamina.archive.apply.Applier`, closes the pipe (the caller stops sending) and
-writes one JSON line: ``{"size": …}``, ``{"error": class, "message", "layer", "path"}``,
+writes one JSON line: ``{"size": …}`` (after the CRC-32s of the files it wrote, in lines
+of ``{"digests": [inode, size, mtime_ns, crc, …]}``),
+``{"error": class, "message", "layer", "path"}``,
 ``{"oserror": [errno, strerror, filename]}``, ``{"setup": why}`` (it could not isolate
 itself) or ``{"bug": …, "traceback": …}``; before that, ``{"entries": n}`` counts.
 """
@@ -37,8 +39,10 @@ from typing import Any
 from lamina import errors, progress
 from lamina.archive.apply import Applier
 from lamina.idmap import IdMapper
+from lamina.manifest import Digests
 
 PROGRESS_EVERY = 0.1  # seconds between the child's entry counts
+DIGESTS_PER_LINE = 4096  # files per digests line: each well below isolate.MAX_RESULT
 
 _CLONE_NEWNS, _CLONE_NEWUSER = 0x00020000, 0x10000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
@@ -219,6 +223,17 @@ class _Reporter:
             finally:
                 os.set_blocking(self.fd, True)
 
+    def digests(self, digests: Digests) -> None:
+        """The CRC-32s of the files written, in lines of :data:`DIGESTS_PER_LINE`."""
+        flat: list[int] = []
+        for ino, (size, mtime, crc) in digests.items():
+            flat += (ino, size, mtime, crc)
+            if len(flat) >= 4 * DIGESTS_PER_LINE:
+                self._write({"digests": flat})
+                flat = []
+        if flat:
+            self._write({"digests": flat})
+
     def final(self, record: dict[str, Any]) -> None:
         if self.entries:
             self._write({"entries": self.entries})
@@ -256,7 +271,11 @@ def _child(data_fd: int, res_fd: int, server: int) -> int:
     if spec["action"] == "probe":
         out.final(_probe_here(root, lowers, spec["paths"]))
         return 0
-    out.final(_apply_here(spec, root, lowers, data_fd, out))
+    digests: Digests = {}
+    record = _apply_here(spec, root, lowers, data_fd, out, digests)
+    if "size" in record:  # the data pipe is closed by now: the caller reads these
+        out.digests(digests)
+    out.final(record)
     return 0
 
 
@@ -287,7 +306,7 @@ def _read_spec(fd: int) -> dict[str, Any]:
 
 
 def _apply_here(spec: dict[str, Any], root: str, lowers: list[str], data_fd: int,
-                out: _Reporter) -> dict[str, Any]:
+                out: _Reporter, digests: Digests) -> dict[str, Any]:
     stream = os.fdopen(data_fd, "rb", buffering=0)
     try:
         applier = Applier(
@@ -295,6 +314,7 @@ def _apply_here(spec: dict[str, Any], root: str, lowers: list[str], data_fd: int
             ids=IdMapper([tuple(r) for r in spec["uids"]], [tuple(r) for r in spec["gids"]]),
             overlay_whiteouts=spec["overlay_whiteouts"], max_entries=spec["max_entries"],
             max_size=spec["max_size"], lowers=lowers, max_path=spec["max_path"],
+            digests=digests,
         )
         if spec["progress"]:
             with progress.reporting(out.progress):

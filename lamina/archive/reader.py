@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from isal import isal_zlib
+
 from lamina.archive.codecs import DECODE_ERRORS
 from lamina.errors import UnsafeArchive
 
@@ -195,19 +197,25 @@ class TarReader:
         self._buf, self._pos = b"", 0
         return ended + b"".join(rest)
 
-    def copy_data(self, entry: Entry, fd: int) -> None:
-        """Write ``entry``'s data to ``fd`` (expanding a sparse file), then skip the padding."""
+    def copy_data(self, entry: Entry, fd: int, *, checksum: bool = False) -> int | None:
+        """Write ``entry``'s data to ``fd`` (expanding a sparse file), then skip the padding.
+
+        With ``checksum``, return the CRC-32 of the data as written (None for a sparse
+        file), computed on the way so that nobody has to read the file again for it.
+        """
+        crc: int | None = None
         if entry.sparse is None:
-            self._write_span(fd, entry.data_size, entry.name)
+            crc = self._write_span(fd, entry.data_size, entry.name, checksum)
         else:
             for offset, length in entry.sparse:
                 os.lseek(fd, offset, os.SEEK_SET)
-                self._write_span(fd, length, entry.name)
+                self._write_span(fd, length, entry.name, False)
             os.ftruncate(fd, entry.size)
         pad = -entry.data_size % BLOCK
         if pad:
             self._read_exact(pad, "padding", entry.name)
         self._pending = 0
+        return crc
 
     def read_data(self, entry: Entry, limit: int = MAX_META) -> bytes:
         """The whole data of a small member (refused past ``limit``)."""
@@ -218,10 +226,14 @@ class TarReader:
         self._pending = 0
         return data
 
-    def _write_span(self, fd: int, n: int, name: str) -> None:
+    def _write_span(self, fd: int, n: int, name: str, checksum: bool) -> int | None:
+        crc = 0
         for view in self._chunks(n, name):
+            if checksum:
+                crc = isal_zlib.crc32(view, crc)
             while view:
                 view = view[os.write(fd, view) :]
+        return crc if checksum else None
 
     def _next(self) -> Entry | None:
         pax: dict[str, bytes] = {}

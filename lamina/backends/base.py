@@ -133,8 +133,10 @@ class StoreDriver(Driver, abc.ABC):
         """
 
     @abc.abstractmethod
-    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO) -> int:
-        """Apply an uncompressed tar into a layer being built in ``staged``."""
+    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
+               digests: manifest.Digests) -> int:
+        """Apply an uncompressed tar into a layer being built in ``staged``; put the
+        CRC-32s of the files it writes in ``digests``, where it can, for the manifest."""
 
     @abc.abstractmethod
     def _restage(self, staged: Path, id: LayerId) -> dict[str, Any]:
@@ -155,10 +157,12 @@ class StoreDriver(Driver, abc.ABC):
     def content_of(self, layer_dir: Path) -> Path:
         """The layer's own content inside its directory (live or staged)."""
 
-    def record_manifest(self, layer_dir: Path) -> dict[str, int]:
+    def record_manifest(
+        self, layer_dir: Path, digests: manifest.Digests | None = None
+    ) -> dict[str, int]:
         # What a read-only layer holds, for `lamina check`, and its size, for `lamina df`.
         totals = manifest.record(self.content_of(layer_dir), layer_dir / manifest.NAME,
-                                 only=self.content_only)
+                                 only=self.content_only, digests=digests)
         return {"bytes": totals.bytes, "disk": totals.disk, "inodes": totals.inodes}
 
     # -- quotas ---------------------------------------------------------------
@@ -320,10 +324,11 @@ class StoreDriver(Driver, abc.ABC):
                 raise errors.NotFound("parent layer vanished", layer=lid, path=pid)
             with self.store.staging(lid) as staged:
                 fields = self._populate(staged, lid, pid, quota)
+                digests: manifest.Digests = {}
                 if tar is not None:
-                    size = self._apply(staged, lid, pid, tar)
+                    size = self._apply(staged, lid, pid, tar, digests)
                 if not rw:
-                    fields["totals"] = self.record_manifest(staged)
+                    fields["totals"] = self.record_manifest(staged, digests)
                 meta = {"id": lid, "parent": pid, "rw": rw, "created": wall_time(), **fields}
                 self.store.write_meta(staged, lid, meta)
                 # One syncfs makes the whole layer durable before it becomes visible.
@@ -375,10 +380,11 @@ class StoreDriver(Driver, abc.ABC):
                 raise errors.Busy("cannot apply into a mounted layer", layer=lid)
             with self.store.staging(lid) as staged:
                 fields = self._restage(staged, lid)
-                size = self._apply(staged, lid, pid, tar)
+                digests: manifest.Digests = {}
+                size = self._apply(staged, lid, pid, tar, digests)
                 meta = {**self.store.meta(lid), **fields}
                 if not meta.get("rw"):
-                    meta["totals"] = self.record_manifest(staged)
+                    meta["totals"] = self.record_manifest(staged, digests)
                 self.store.write_meta(staged, lid, meta)
                 fsutil.syncfs(staged)
                 self.store.swap(staged, lid)

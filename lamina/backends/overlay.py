@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from lamina import errors, fsutil, mount, naivediff
+from lamina import errors, fsutil, manifest, mount, naivediff
 from lamina import quota as quotas
 from lamina.archive import isolate
 from lamina.archive.apply import OVERLAY_OPAQUE_XATTR, lower_lookup
@@ -228,10 +228,11 @@ class OverlayDriver(StoreDriver):
                 fsutil.atomic_write(staged / name, (live / name).read_bytes())
         return {}
 
-    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO) -> int:
+    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
+               digests: manifest.Digests) -> int:
         return isolate.apply_layer(staged / DIFF, tar, layer=id, ids=self.ids,
                                    overlay_whiteouts=True, lowers=self._lowers(parent),
-                                   **self.apply_limits)
+                                   digests=digests, **self.apply_limits)
 
     def remove(self, id: str) -> None:
         # The layer's l/ link goes with it, as overlay2's does: left behind it would

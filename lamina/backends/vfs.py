@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from lamina import errors, fsutil, naivediff
+from lamina import errors, fsutil, manifest, naivediff
 from lamina import quota as quotas
 from lamina.archive import isolate
 from lamina.archive.export import Action, Item, export_changes
@@ -95,8 +95,10 @@ class VfsDriver(StoreDriver):
         fsutil.copy_tree(self._tree(id), tree, reflink=self._reflink)
         return {"touched_ns": self.store.now_ns(staged)}
 
-    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO) -> int:
-        return isolate.apply_layer(staged / FS, tar, layer=id, ids=self.ids, **self.apply_limits)
+    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
+               digests: manifest.Digests) -> int:
+        return isolate.apply_layer(staged / FS, tar, layer=id, ids=self.ids, digests=digests,
+                                   **self.apply_limits)
 
     # -- views --------------------------------------------------------------------
 

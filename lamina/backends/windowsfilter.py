@@ -25,7 +25,7 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from lamina import errors, mount
+from lamina import errors, manifest, mount
 from lamina.archive import wclayer
 from lamina.archive.apply import lower_lookup
 from lamina.archive.export import open_stream
@@ -74,7 +74,8 @@ class WindowsFilterDriver(StoreDriver):
         (staged / wclayer.RECORD).write_text(_EMPTY_RECORD)
         return {"format": "windowsfilter"}
 
-    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO) -> int:
+    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
+               digests: manifest.Digests) -> int:
         parents = [self.store.layer_dir(p) for p in self._chain_of(parent)]
         return wclayer.WindowsImporter(staged, parents, layer=id).apply(tar)
 
