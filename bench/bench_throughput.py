@@ -164,10 +164,10 @@ class Bench:
         home = self.work / "rss-home"
         code = (f"import lamina\nd = lamina.open_driver({str(home)!r}, backend={self.backend!r})"
                 f"\nd.apply_diff('big', None, open({str(big)!r}, 'rb'))")
-        print(f"peak RSS applying a 1 GB layer: {peak_rss(code)} MB", flush=True)
+        say_rss("applying a 1 GB layer", peak_rss(code))
         code = (f"import lamina\nd = lamina.open_driver({str(home)!r})\n"
                 "with d.diff('big') as t:\n    while t.read(1 << 20): pass")
-        print(f"peak RSS exporting a 1 GB layer: {peak_rss(code)} MB", flush=True)
+        say_rss("exporting a 1 GB layer", peak_rss(code))
 
 
 def small_files_tar(path: Path, count: int = 50_000) -> None:
@@ -217,13 +217,34 @@ def big_layer_tar(path: Path, size: int = 1 << 30) -> None:
             tf.addfile(info, io.BytesIO(b"x" * 100))
 
 
-def peak_rss(code: str) -> int:
-    """Peak RSS in MB of a fresh Python running ``code`` (its children included)."""
-    done = subprocess.run([sys.executable, "-c", code + "\nimport resource\n"
-                           "print(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
-                           " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))"],
+_RSS_REPORT = """
+import json, resource
+from lamina.archive import isolate
+def hwm(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    except OSError:
+        return 0
+server = isolate._server.proc.pid if isolate._server is not None else None
+out = {"caller": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+       "fork server": hwm(server) if server else 0,
+       "child": int((isolate.last_child_usage() or {}).get("maxrss_kb", 0))}
+print(json.dumps(out))
+"""
+
+
+def peak_rss(code: str) -> dict[str, int]:
+    """Peak RSS in MB of each process of a fresh Python running ``code``: the caller,
+    its fork server and the isolated child that applied (0 where there was none)."""
+    done = subprocess.run([sys.executable, "-c", code + _RSS_REPORT],
                           check=True, capture_output=True, text=True)
-    return int(done.stdout.split()[-1]) // 1024
+    return {k: v // 1024 for k, v in json.loads(done.stdout.splitlines()[-1]).items()}
+
+
+def say_rss(what: str, peaks: dict[str, int]) -> None:
+    parts = ", ".join(f"{k} {v} MB" for k, v in peaks.items() if v)
+    print(f"peak RSS {what}: {sum(peaks.values())} MB in all ({parts})", flush=True)
 
 
 class DockerLoad:
