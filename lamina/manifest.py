@@ -30,6 +30,7 @@ FORMAT = 1
 _XATTRS = ("security.capability", "trusted.overlay.opaque")
 _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps's, built once
 
 Row = list[object]
 Digests = dict[int, tuple[int, int, int]]
@@ -161,7 +162,7 @@ def record(
     seen: set[tuple[int, int]] = set()
     total = disk = inodes = 0
     for row, st in rows(root, only, digests):
-        body.append(json.dumps(row, separators=(",", ":")))
+        body.append(_ENCODE(row))
         if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
             if (st.st_dev, st.st_ino) in seen:
                 continue

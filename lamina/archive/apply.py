@@ -49,7 +49,13 @@ _CACHE_MAX = 512
 
 def split_name(name: str, *, layer: str | None = None) -> list[str]:
     """Clean an archive name into components; refuse one that climbs above the root."""
-    parts: list[str] = []
+    parts = [part for part in name.split("/") if part and part != "."]
+    if ".." not in parts:  # nearly every name: nothing more to clean
+        if len(parts) > MAX_DEPTH + 1:
+            raise UnsafeArchive(f"name is more than {MAX_DEPTH} directories deep", layer=layer,
+                                path=name)
+        return parts
+    parts = []
     for part in name.split("/"):
         if part in ("", "."):
             continue
@@ -96,8 +102,9 @@ class Applier:
         self.max_path = max_path  # bytes a path below the root may have (None: any)
         self._root_fd = -1
         self._root_ino = 0
-        self._cache: dict[tuple[str, ...], tuple[int, tuple[int, ...]]] = {}
-        self._lengths: dict[tuple[str, ...], int] = {}  # bytes of each cached dir's path
+        # Open directories by path: (fd, inode chain from the root, bytes of the path).
+        self._cache: dict[tuple[str, ...], tuple[int, tuple[int, ...], int]] = {}
+        self._identity = self.ids.identity  # owners need no translation
         self._written: set[tuple[int, str]] = set()  # (parent inode, name) this archive wrote
         self._holds: set[int] = set()  # directory inodes with written entries below them
         # Deferred directory times: inode -> (path, mtime, atime).  By inode, so that an
@@ -141,7 +148,8 @@ class Applier:
             except OSError as e:
                 raise _os_error(e, self.layer, entry.name) from e
             finally:
-                self._close_retired()
+                if self._retired:
+                    self._close_retired()
             if report is not None:
                 report(reader.consumed - seen, 1)
                 seen = reader.consumed
@@ -162,23 +170,33 @@ class Applier:
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout_entry(entry.name, parts[:-1], base)
             return
-        pfd, chain = self._resolve(parts[:-1], create=True, name=entry.name)
-        self._check_length(self._lengths[tuple(parts[:-1])], base, entry.name)
-        if entry.type == LINK:
+        key = tuple(parts[:-1])
+        hit = self._cache.get(key)
+        if hit is None:
+            self._resolve(key, create=True, name=entry.name)
+            hit = self._cache[key]
+        pfd, chain, length = hit
+        self._check_length(length, base, entry.name)
+        # Each kind is created first and the name cleared only when it is taken
+        # (EEXIST): in a fresh layer no name is, and a lookup per entry is saved.
+        kind = entry.type
+        if kind == REG:
+            self._regular(reader, pfd, base, entry)
+        elif kind == DIR:
+            self._directory(pfd, base, entry, (*key, base))
+        elif kind == LINK:
             self._hardlink(pfd, base, entry)
-        else:
-            merge = self._clear(pfd, base, entry.type == DIR)
-            if entry.type == REG:
-                self._regular(reader, pfd, base, entry)
-            elif entry.type == DIR:
-                self._directory(pfd, base, entry, merge, tuple(parts))
-            elif entry.type == SYMLINK:
+        elif kind == SYMLINK:
+            try:
                 os.symlink(entry.linkname, base, dir_fd=pfd)
-                self._chown_at(pfd, base, entry)
-                self._xattrs_at(pfd, base, entry)
-                os.utime(base, ns=(_atime(entry), entry.mtime), dir_fd=pfd, follow_symlinks=False)
-            else:
-                self._device(pfd, base, entry)
+            except FileExistsError:
+                self._clear(pfd, base, False)
+                os.symlink(entry.linkname, base, dir_fd=pfd)
+            self._chown_at(pfd, base, entry)
+            self._xattrs_at(pfd, base, entry)
+            os.utime(base, ns=(_atime(entry), entry.mtime), dir_fd=pfd, follow_symlinks=False)
+        else:
+            self._device(pfd, base, entry)
         self._mark_written(chain, base)
 
     def _mark_written(self, chain: tuple[int, ...], base: str) -> None:
@@ -187,11 +205,17 @@ class Applier:
             self._holds.update(chain)
 
     def _regular(self, reader: TarReader, pfd: int, base: str, entry: Entry) -> None:
-        fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+        try:
+            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            self._clear(pfd, base, False)
+            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
         try:
             crc = reader.copy_data(entry, fd, checksum=len(self.digests) < MAX_DIGESTS)
-            uid, gid = self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name)
-            os.fchown(fd, uid, gid)
+            if self._identity:
+                os.fchown(fd, entry.uid, entry.gid)
+            else:
+                os.fchown(fd, *self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name))
             os.fchmod(fd, entry.mode)
             # chown drops security.capability, so xattrs come after it.
             for key, value in entry.xattrs.items():
@@ -205,11 +229,12 @@ class Applier:
         finally:
             os.close(fd)
 
-    def _directory(
-        self, pfd: int, base: str, entry: Entry, merge: bool, parts: tuple[str, ...]
-    ) -> None:
-        if not merge:
+    def _directory(self, pfd: int, base: str, entry: Entry, parts: tuple[str, ...]) -> None:
+        try:
             os.mkdir(base, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            if not self._clear(pfd, base, True):  # not a directory to merge into
+                os.mkdir(base, 0o700, dir_fd=pfd)
         fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
         try:
             self._dir_metadata(fd, entry)
@@ -218,8 +243,10 @@ class Applier:
             os.close(fd)
 
     def _dir_metadata(self, fd: int, entry: Entry) -> None:
-        uid, gid = self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name)
-        os.fchown(fd, uid, gid)
+        if self._identity:
+            os.fchown(fd, entry.uid, entry.gid)
+        else:
+            os.fchown(fd, *self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name))
         os.fchmod(fd, entry.mode)
         for key, value in entry.xattrs.items():
             _setxattr(fd, key, value)
@@ -232,17 +259,26 @@ class Applier:
             # delete a lower file instead of adding a device (Docker's overlay2 does so).
             raise Unsupported("a 0/0 character device cannot be stored on overlay: it is "
                               "overlayfs' whiteout", layer=self.layer, path=entry.name)
-        os.mknod(base, kind | 0o600, os.makedev(entry.devmajor, entry.devminor), dir_fd=pfd)
+        device = os.makedev(entry.devmajor, entry.devminor)
+        try:
+            os.mknod(base, kind | 0o600, device, dir_fd=pfd)
+        except FileExistsError:
+            self._clear(pfd, base, False)
+            os.mknod(base, kind | 0o600, device, dir_fd=pfd)
         self._chown_at(pfd, base, entry)
         os.chmod(base, entry.mode, dir_fd=pfd, follow_symlinks=False)
         self._xattrs_at(pfd, base, entry)
         os.utime(base, ns=(_atime(entry), entry.mtime), dir_fd=pfd, follow_symlinks=False)
 
     def _chown_at(self, pfd: int, base: str, entry: Entry) -> None:
-        uid, gid = self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name)
+        uid, gid = entry.uid, entry.gid
+        if not self._identity:
+            uid, gid = self.ids.to_host(uid, gid, self.layer, entry.name)
         os.chown(base, uid, gid, dir_fd=pfd, follow_symlinks=False)
 
     def _xattrs_at(self, pfd: int, base: str, entry: Entry) -> None:
+        if not entry.xattrs:
+            return
         for key, value in entry.xattrs.items():
             _setxattr(f"/proc/self/fd/{pfd}/{base}", key, value, follow=False)
 
@@ -397,21 +433,21 @@ class Applier:
         """
         key = tuple(parts)
         hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        found = self._walk(key, create, name, copy_up_only)
-        if found is None:
-            return None  # type: ignore[return-value]
-        if len(self._cache) >= _CACHE_MAX:
-            self._drop_cache()
-        fd, chain, length = found
-        self._cache[key] = (fd, chain)
-        self._lengths[key] = length
-        return fd, chain
+        if hit is None:
+            found = self._walk(key, create, name, copy_up_only)
+            if found is None:
+                return None  # type: ignore[return-value]
+            if len(self._cache) >= _CACHE_MAX:
+                self._drop_cache()
+            self._cache[key] = hit = found
+        return hit[0], hit[1]
 
     def _check_length(self, length: int, part: str, name: str) -> None:
         """Refuse a path that would pass ``max_path`` with ``part`` added below it."""
-        if self.max_path is not None and length + len(os.fsencode(part)) + 1 > self.max_path:
+        if self.max_path is None:
+            return
+        size = len(part) if part.isascii() else len(os.fsencode(part))
+        if length + size + 1 > self.max_path:
             # Docker's extraction fails there too (ENAMETOOLONG); lamina would later,
             # in every tool that names the file by its path.
             raise UnsafeArchive(f"path in the layer is longer than {self.max_path} bytes",
@@ -544,9 +580,8 @@ class Applier:
 
     def _drop_cache(self) -> None:
         # The entry being applied may still use a cached fd: close them after it.
-        self._retired.extend(fd for fd, _ in self._cache.values())
+        self._retired.extend(hit[0] for hit in self._cache.values())
         self._cache.clear()
-        self._lengths.clear()
 
     def _close_retired(self) -> None:
         for fd in self._retired:
