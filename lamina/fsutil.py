@@ -21,6 +21,7 @@ import fcntl
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -42,6 +43,41 @@ COPY_CHUNK = 1 << 24
 def _raise_errno(what: str, path: str | os.PathLike[str]) -> None:
     err = ctypes.get_errno()
     raise OSError(err, f"{what}: {os.strerror(err)}", os.fspath(path))
+
+
+WRITEBACK_PERIOD = 0.25
+"""Seconds between the syncfs calls of :func:`writeback`."""
+
+
+@contextmanager
+def writeback(path: str | os.PathLike[str], period: float = WRITEBACK_PERIOD) -> Iterator[None]:
+    """While the block runs, write the filesystem's dirty data out every ``period`` seconds.
+
+    A layer is durable once a ``syncfs`` returns; one at the end would wait for all
+    of the layer's data at once.  A thread calls ``syncfs`` now and then while the
+    layer is written, so the disk works while the tar engine does (the thread waits
+    in the kernel, without the GIL), and the final ``syncfs`` finds little left: it
+    took 0.4-0.6 s of a 200 MB layer's ~3 s apply here, and ~0.01-0.1 s with this.
+    (Per-file ``sync_file_range`` was tried first: it puts the block allocation and
+    the I/O submission on the writing thread, and the apply got slower.)  A block
+    shorter than ``period`` costs no syncfs.  Best effort: errors are the final
+    ``syncfs``'s to report.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(period):
+            _libc.syncfs(fd)
+
+    thread = threading.Thread(target=run, name="lamina-writeback", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        os.close(fd)
 
 
 def syncfs(path: str | os.PathLike[str]) -> None:

@@ -323,12 +323,13 @@ class StoreDriver(Driver, abc.ABC):
             if pid is not None and not self.store.exists(pid):
                 raise errors.NotFound("parent layer vanished", layer=lid, path=pid)
             with self.store.staging(lid) as staged:
-                fields = self._populate(staged, lid, pid, quota)
                 digests: manifest.Digests = {}
-                if tar is not None:
-                    size = self._apply(staged, lid, pid, tar, digests)
-                if not rw:
-                    fields["totals"] = self.record_manifest(staged, digests)
+                with fsutil.writeback(staged):  # the disk writes while the layer is made
+                    fields = self._populate(staged, lid, pid, quota)
+                    if tar is not None:
+                        size = self._apply(staged, lid, pid, tar, digests)
+                    if not rw:
+                        fields["totals"] = self.record_manifest(staged, digests)
                 meta = {"id": lid, "parent": pid, "rw": rw, "created": wall_time(), **fields}
                 self.store.write_meta(staged, lid, meta)
                 # One syncfs makes the whole layer durable before it becomes visible.
@@ -379,12 +380,13 @@ class StoreDriver(Driver, abc.ABC):
             if self.store.count(lid) > 0:
                 raise errors.Busy("cannot apply into a mounted layer", layer=lid)
             with self.store.staging(lid) as staged:
-                fields = self._restage(staged, lid)
                 digests: manifest.Digests = {}
-                size = self._apply(staged, lid, pid, tar, digests)
-                meta = {**self.store.meta(lid), **fields}
-                if not meta.get("rw"):
-                    meta["totals"] = self.record_manifest(staged, digests)
+                with fsutil.writeback(staged):
+                    fields = self._restage(staged, lid)
+                    size = self._apply(staged, lid, pid, tar, digests)
+                    meta = {**self.store.meta(lid), **fields}
+                    if not meta.get("rw"):
+                        meta["totals"] = self.record_manifest(staged, digests)
                 self.store.write_meta(staged, lid, meta)
                 fsutil.syncfs(staged)
                 self.store.swap(staged, lid)
