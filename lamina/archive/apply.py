@@ -24,8 +24,8 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Sequence
-from typing import BinaryIO
+from collections.abc import Iterable, Iterator, Sequence
+from typing import BinaryIO, Protocol
 
 from lamina import crashpoints, fsutil, progress
 from lamina.archive.reader import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, TarReader
@@ -45,6 +45,17 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DEVICE_TYPES = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
 _CACHE_MAX = 512
+
+
+class EntrySource(Protocol):
+    """What the applier reads members from: a :class:`TarReader`, or the isolated
+    child's reader of pre-parsed records (:mod:`lamina.archive.records`)."""
+
+    consumed: int
+
+    def __iter__(self) -> Iterator[Entry]: ...
+
+    def copy_data(self, entry: Entry, fd: int, *, checksum: bool = False) -> int | None: ...
 
 
 def split_name(name: str, *, layer: str | None = None) -> list[str]:
@@ -118,10 +129,14 @@ class Applier:
 
     def apply(self, stream: BinaryIO) -> int:
         """Apply the (decompressed) tar ``stream``; return the bytes of regular-file data."""
+        return self.apply_entries(TarReader(stream, layer=self.layer))
+
+    def apply_entries(self, reader: EntrySource) -> int:
+        """Apply the members ``reader`` gives (a tar's, or records of one); as :meth:`apply`."""
         self._root_fd = os.open(self.root, _DIR_FLAGS)
         try:
             self._root_ino = os.fstat(self._root_fd).st_ino
-            size = self._apply_all(TarReader(stream, layer=self.layer))
+            size = self._apply_all(reader)
             self._set_dir_times()
             return size
         finally:
@@ -129,7 +144,7 @@ class Applier:
             self._close_retired()
             os.close(self._root_fd)
 
-    def _apply_all(self, reader: TarReader) -> int:
+    def _apply_all(self, reader: EntrySource) -> int:
         report = progress.current()
         total = 0
         seen = 0
@@ -157,7 +172,7 @@ class Applier:
 
     # -- one entry ------------------------------------------------------------
 
-    def _apply_entry(self, reader: TarReader, entry: Entry) -> None:
+    def _apply_entry(self, reader: EntrySource, entry: Entry) -> None:
         parts = split_name(entry.name, layer=self.layer)
         if not parts:
             if entry.type != DIR:
@@ -204,7 +219,7 @@ class Applier:
         if chain[-1] not in self._holds:
             self._holds.update(chain)
 
-    def _regular(self, reader: TarReader, pfd: int, base: str, entry: Entry) -> None:
+    def _regular(self, reader: EntrySource, pfd: int, base: str, entry: Entry) -> None:
         try:
             fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
         except FileExistsError:

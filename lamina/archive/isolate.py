@@ -76,8 +76,9 @@ from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from lamina import errors, progress
+from lamina.archive import records
 from lamina.archive.apply import Applier
-from lamina.archive.codecs import DECODE_ERRORS
+from lamina.archive.reader import TarReader
 from lamina.idmap import IdMapper
 from lamina.manifest import MAX_DIGESTS, Digests
 
@@ -189,7 +190,7 @@ class _Run:
                                      f"keeps dying (set {NOREEXEC}=1 to apply in-process)",
                                      layer=self.layer)
         req, data_w, res_r = started
-        broken: tuple[int, BaseException] | None = None
+        broken: errors.LaminaError | None = None
         done = False
         try:
             # The data pipe blocks: the child reads it until it has its answer, and then
@@ -213,10 +214,8 @@ class _Run:
             if not done:
                 _abandon(req)
             req.close()
-        if broken is not None:
-            offset, cause = broken
-            raise errors.UnsafeArchive(f"unreadable archive stream at offset {offset}: {cause}",
-                                       layer=self.layer) from cause
+        if broken is not None and (self.final is None or "aborted" in self.final):
+            raise broken  # the tar is bad there, and the child applied all before it
         return self._result(status)
 
     def _start(self, fresh: bool) -> tuple[socket.socket, int, int] | None:
@@ -246,22 +245,27 @@ class _Run:
                                      layer=self.layer)
         return None
 
-    def _pump(self, tar: BinaryIO, data_w: int, res_r: int) -> tuple[int, BaseException] | None:
-        """Copy the tar into the data pipe; (offset, error) if the stream could not be read."""
-        pumped = 0
-        while self.final is None:
-            try:
-                chunk = tar.read(CHUNK)
-            except DECODE_ERRORS as e:
-                return pumped, e
-            if not chunk:
-                break
-            if not self._send(data_w, chunk):
-                break  # the child stopped reading: it has its answer
-            pumped += len(chunk)
+    def _pump(self, tar: BinaryIO, data_w: int, res_r: int) -> errors.LaminaError | None:
+        """Read the tar here and send the child its members as records (see
+        :mod:`lamina.archive.records`); the tar's error, if it is bad."""
+        reader = TarReader(tar, layer=self.layer)
+        seen = 0
+
+        def between() -> None:
+            nonlocal seen
             if self.report is not None:
-                self.report(len(chunk), 0)
+                self.report(reader.consumed - seen, 0)
+                seen = reader.consumed
                 self._drain(res_r)  # the child's entry counts
+
+        try:
+            records.send(reader, data_w, between)
+            reader.finish()  # the rest of the stream, after the tar's end marker
+        except BrokenPipeError:
+            return None  # the child stopped reading: it has its answer
+        except errors.LaminaError as e:
+            return e
+        between()
         return None
 
     @staticmethod

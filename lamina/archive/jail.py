@@ -38,6 +38,7 @@ from typing import Any
 
 from lamina import errors, progress
 from lamina.archive.apply import Applier
+from lamina.archive.records import Aborted, RecordReader
 from lamina.idmap import IdMapper
 from lamina.manifest import Digests
 
@@ -316,12 +317,15 @@ def _apply_here(spec: dict[str, Any], root: str, lowers: list[str], data_fd: int
             max_size=spec["max_size"], lowers=lowers, max_path=spec["max_path"],
             digests=digests,
         )
+        reader = RecordReader(stream.fileno())
         if spec["progress"]:
             with progress.reporting(out.progress):
-                size = applier.apply(stream)
+                size = applier.apply_entries(reader)
         else:
-            size = applier.apply(stream)
+            size = applier.apply_entries(reader)
         return {"size": size, **_usage()}
+    except Aborted:  # the caller found the tar bad there, and says why
+        return {"aborted": True, **_usage()}
     except errors.LaminaError as e:
         return {"error": type(e).__name__, "message": str(e), "layer": e.layer, "path": e.path,
                 **_usage()}

@@ -232,11 +232,22 @@ class TarReader:
         self._pending = 0
         return crc
 
-    def read_data(self, entry: Entry, limit: int = MAX_META) -> bytes:
-        """The whole data of a small member (refused past ``limit``)."""
+    def finish(self) -> int:
+        """After the last member: read the stream to its end (a compressed stream checks
+        its trailer only there); the bytes that followed the end of the archive."""
+        left = len(self._buf) - self._pos
+        self._buf, self._pos = b"", 0
+        while chunk := self._pull(READ_SIZE):
+            left += len(chunk)
+        self.consumed += left
+        return left
+
+    def read_data(self, entry: Entry, limit: int = MAX_META, what: str = "member data") -> bytes:
+        """The whole data of a small member (refused past ``limit``); ``what`` names it
+        in the error of a truncated archive."""
         if entry.data_size > limit:
             raise self._error(f"member data of {entry.data_size} bytes is too large", entry.name)
-        data = self._read_exact(entry.data_size, "member data", entry.name)
+        data = self._read_exact(entry.data_size, what, entry.name)
         self._read_exact(-entry.data_size % BLOCK, "padding", entry.name)
         self._pending = 0
         return data
