@@ -1,12 +1,15 @@
 """Layer writes in an isolated child process (contract §2, "Safety").
 
 :func:`apply_layer` is how the backends write a layer tar.  The caller's
-process decompresses the stream (and would hash it); a child process, which
-alone writes the layer, gets the plain tar through a pipe and sends back one
-JSON line: the size, or the error, which is raised here again as the same
-:class:`~lamina.errors.LaminaError` (same class, same message).  The tar
-engine (:mod:`lamina.archive.apply`) already resolves every name from a
-directory fd of the layer and never leaves it; the child is the second wall,
+process decompresses the stream and parses the tar (pure computation: no name
+reaches the filesystem there); a child process, which alone writes the layer,
+gets the members through a pipe as pre-parsed records (:mod:`lamina.archive.records`)
+and sends back one JSON line: the size, or the error, which is raised here again
+as the same :class:`~lamina.errors.LaminaError` (same class, same message; a bad
+tar's error comes from the caller's parse once the child has applied every member
+before it).  So the parse and the apply run on two cores.  The tar engine's applier
+(:mod:`lamina.archive.apply`) resolves every name from a directory fd of the layer
+and never leaves it; the child is the second wall,
 as Docker's chrooted extraction is: if the engine had a bug, the name would
 still find nothing of the host.  This module is the caller's side;
 :mod:`lamina.archive.jail` is the fork server's and the child's.
@@ -49,13 +52,12 @@ its own, on which the server says the child's pid and, once reaped, its exit
 status; the caller closing that socket (or dying) kills the child, and the
 server exits when the caller's end of its control socket closes.
 
-The data path is one pipe grown to 1 MiB, written in 1 MiB blocking writes;
-the child closes it once it has its answer (the caller's next write fails and
-it stops), then writes the answer.  Between writes the caller reads the
-child's entry counts (for the progress bar), which the child never blocks on.
-The pipe costs two copies: large files went through at 0.5 to 0.6 GB/s here
-against 0.7 to 1 GB/s in-process (tmpfs, plain tar; a gzip layer is bound by its
-decompression either way); ``splice(2)`` at both ends would remove them.
+The data path is one pipe grown to 1 MiB, written in blocking writes (small
+members batched, large files' data straight from the reader's buffer); the child
+closes it once it has its answer (the caller's next write fails and it stops),
+then writes the answer.  Between writes the caller reads the child's entry
+counts (for the progress bar), which the child never blocks on.  The pipe costs
+two copies of the data.
 
 ``LAMINA_NOREEXEC=1`` applies in the calling process instead, as the seed
 driver's variable did: for debugging, or where namespaces are not available.

@@ -8,13 +8,15 @@ library and runs no program.  Its loop is single-threaded: one forked child per
 request, reaped through a pidfd, killed when its caller gives up or goes away.
 
 A child (:func:`_child`) reads the spec from the head of the data pipe, enters its
-jail (:func:`enter_jail`), seals imports, applies the rest of the pipe with
+jail (:func:`enter_jail`), seals imports, applies the records in the rest of the pipe
+(:class:`~lamina.archive.records.RecordReader`) with
 :class:`~lamina.archive.apply.Applier`, closes the pipe (the caller stops sending) and
 writes one JSON line: ``{"size": …}`` (after the CRC-32s of the files it wrote, in lines
 of ``{"digests": [inode, size, mtime_ns, crc, …]}``),
 ``{"error": class, "message", "layer", "path"}``,
-``{"oserror": [errno, strerror, filename]}``, ``{"setup": why}`` (it could not isolate
-itself) or ``{"bug": …, "traceback": …}``; before that, ``{"entries": n}`` counts.
+``{"oserror": [errno, strerror, filename]}``, ``{"aborted": true}`` (the records stopped
+before their end: the caller found the tar bad there), ``{"setup": why}`` (it could not
+isolate itself) or ``{"bug": …, "traceback": …}``; before that, ``{"entries": n}`` counts.
 """
 
 from __future__ import annotations
