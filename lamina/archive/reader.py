@@ -37,6 +37,13 @@ _ZERO_BLOCK = bytes(BLOCK)
 # A header's fields: name mode uid gid size mtime chksum typeflag linkname magic version
 # uname gname devmajor devminor prefix (GNU puts its sparse map where prefix is).
 _HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s12x")
+# The typeflags the fast path reads (others, and 'x' after the first, take the general
+# path): the entry's type, and whether the member stores data (as in _member).
+_FAST_TYPES: dict[int, tuple[str, bool]] = {
+    0: (REG, True), 0x30: (REG, True), 0x37: (REG, True), 0x31: (LINK, False),
+    0x32: (SYMLINK, False), 0x33: (CHR, False), 0x34: (BLK, False), 0x35: (DIR, False),
+    0x36: (FIFO, False),
+}
 
 
 @dataclass(slots=True)
@@ -60,6 +67,13 @@ class Entry:
     raw: bytes = b""  # the header blocks as read (only with ``keep_raw``)
     data_size: int = 0  # bytes stored in the archive for this member
     offset: int = 0  # where the member's header started in the stream
+
+
+# The fraction of a PAX time of k digits times _NS_SCALE[k] is in nanoseconds.
+_NS_SCALE: tuple[int, ...] = tuple(10 ** (9 - k) for k in range(10))
+# The PAX keys lamina meets most, to their names without a decode each (others: decoded).
+_PAX_KEYS = {key.encode(): key for key in ("mtime", "atime", "ctime", "path", "linkpath",
+                                            "size", "uid", "gid", "uname", "gname")}
 
 
 def _cstr(raw: bytes) -> bytes:
@@ -92,8 +106,36 @@ def _num(raw: bytes, what: str, offset: int) -> int:
         raise UnsafeArchive(f"bad number {text!r} in {what} at offset {offset}") from None
 
 
+def _sum_ok(header: bytes) -> bool:
+    """Whether the checksum field is octal and equals the header's unsigned sum (if not,
+    the general path decides: a signed sum, another spelling, or an error)."""
+    try:
+        stored = int(header[148:156].partition(b"\0")[0], 8)
+    except ValueError:
+        return False
+    if header.isascii():  # the whole sum is below 512 * 127 < 65521: one adler32 call
+        return stored == (zlib.adler32(header) & 0xFFFF) + 255 - sum(header[148:156])
+    return stored == ((zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF)
+                      + 254 - sum(header[148:156]))
+
+
 def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
+
+
+def _fast_time(value: bytes) -> int | None:
+    """A PAX time of plain digits (``1700000000.123456789``) in nanoseconds, else None.
+
+    Digits only, so that joining the two halves is exactly what _pax_time computes (int()
+    also takes signs, spaces and underscores, which would not join the same way)."""
+    whole, _, frac = value.partition(b".")
+    digits = whole + frac
+    if not whole or len(frac) > 9 or not digits.isdigit():
+        return None
+    try:
+        return int(digits) * _NS_SCALE[len(frac)]
+    except ValueError:  # past int()'s digit limit, where _pax_time's halves may not be
+        return None
 
 
 class TarReader:
@@ -185,12 +227,19 @@ class TarReader:
 
     def __iter__(self) -> Iterator[Entry]:
         while True:
-            if self._pending:
-                self._skip(self._pending, "<previous member>")
+            pending = self._pending
+            if pending:
+                if pending <= len(self._buf) - self._pos:  # small members: no generator
+                    self._pos += pending
+                    self.consumed += pending
+                else:
+                    self._skip(pending, "<previous member>")
                 self._pending = 0
-            entry = self._next()
+            entry = self._fast_next()
             if entry is None:
-                return
+                entry = self._next()
+                if entry is None:
+                    return
             self._pending = entry.data_size + (-entry.data_size % BLOCK)
             yield entry
 
@@ -216,6 +265,19 @@ class TarReader:
         file), computed on the way so that nobody has to read the file again for it.
         """
         crc: int | None = None
+        n = entry.data_size
+        pos = self._pos
+        end = pos + n + (-n % BLOCK)
+        if entry.sparse is None and end <= len(self._buf):  # data and padding in the buffer
+            view = memoryview(self._buf)[pos : pos + n]
+            self._pos = end
+            self.consumed += end - pos
+            self._pending = 0
+            if checksum:
+                crc = isal_zlib.crc32(view)
+            while view:
+                view = view[os.write(fd, view) :]
+            return crc
         if entry.sparse is None:
             crc = self._write_span(fd, entry.data_size, entry.name, checksum)
         else:
@@ -270,6 +332,117 @@ class TarReader:
             while view:
                 view = view[os.write(fd, view) :]
         return crc if checksum else None
+
+    def _fast_next(self) -> Entry | None:
+        """The next member if it has the common shape and is whole in the buffer, else
+        None with nothing consumed: then _next reads it (and reports any fault) as ever.
+
+        The common shape: at most one PAX header of plain records (no sparse map), then
+        a ustar or GNU header of a plain type, each with an unsigned checksum and octal
+        numbers that int() takes whole.  What it accepts it decodes exactly as _next and
+        _member do, with fewer calls (tests/archive/test_reader_fastpath.py checks)."""
+        buf = self._buf
+        start = self._pos
+        end = start + BLOCK
+        if end > len(buf):
+            if start != len(buf):  # a header across the buffer's end
+                return None
+            # An empty buffer: fill it as _read would, so that the first member of the
+            # stream, and of each refill, takes the fast path too.
+            buf = self._buf = self._pull(READ_SIZE)
+            start = self._pos = 0
+            end = BLOCK
+            if end > len(buf):
+                return None
+        header = buf[start:end]
+        pax: dict[str, bytes] = {}
+        xattrs: dict[str, bytes] = {}
+        has_xattrs = False
+        try:
+            if header[156] == 0x78:  # one PAX header ('x'), its records in the buffer
+                size = int(header[124:136].partition(b"\0")[0], 8)
+                if not 0 <= size <= MAX_META or not _sum_ok(header):
+                    return None
+                data = buf[end : end + size]
+                end += size + (-size % BLOCK) + BLOCK
+                if end > len(buf):
+                    return None
+                records = data.split(b"\n")
+                if records.pop():  # the records must end with a newline
+                    return None
+                for record in records:  # "LEN KEY=VALUE": LEN counts the newline too
+                    length, _, rest = record.partition(b" ")
+                    key, eq, value = rest.partition(b"=")
+                    if not eq or int(length) != len(record) + 1:
+                        return None
+                    name = _PAX_KEYS.get(key)
+                    if name is None:
+                        if not key or key.startswith(b"GNU.sparse."):  # sparse: general path
+                            return None
+                        name = key.decode("utf-8", "replace")
+                        has_xattrs = has_xattrs or name.startswith("SCHILY.xattr.")
+                    pax[name] = value
+                header = buf[end - BLOCK : end]
+            kind = _FAST_TYPES.get(header[156])
+            if kind is None or not _sum_ok(header):
+                return None
+            (raw_name, raw_mode, raw_uid, raw_gid, raw_size, raw_mtime, _, _, raw_link, magic,
+             _, _, _, raw_major, raw_minor, prefix) = _HEADER.unpack(header)
+            size = int(raw_size.partition(b"\0")[0], 8)
+            mode = int(raw_mode.partition(b"\0")[0], 8) & 0o7777
+            mtime = int(raw_mtime.partition(b"\0")[0], 8) * 1_000_000_000
+            if size < 0:
+                return None
+            raw_name = raw_name.partition(b"\0")[0]
+            if magic == b"ustar\x00" and prefix[0]:
+                raw_name = prefix.partition(b"\0")[0] + b"/" + raw_name
+            raw_link = raw_link.partition(b"\0")[0]
+            atime: int | None = None
+            if not pax:
+                uid = int(raw_uid.partition(b"\0")[0], 8)
+                gid = int(raw_gid.partition(b"\0")[0], 8)
+            else:
+                raw_name = pax.get("path", raw_name)
+                raw_link = pax.get("linkpath", raw_link)
+                if b"\0" in raw_name or b"\0" in raw_link:
+                    return None
+                if "size" in pax:
+                    size = int(pax["size"])
+                uid = int(pax["uid"]) if "uid" in pax else int(raw_uid.partition(b"\0")[0], 8)
+                gid = int(pax["gid"]) if "gid" in pax else int(raw_gid.partition(b"\0")[0], 8)
+                if size < 0 or ("uid" in pax and uid < 0) or ("gid" in pax and gid < 0):
+                    return None
+                if "mtime" in pax:
+                    pax_mtime = _fast_time(pax["mtime"])
+                    if pax_mtime is None:
+                        return None
+                    mtime = pax_mtime
+                if "atime" in pax:
+                    atime = _fast_time(pax["atime"])
+                    if atime is None:
+                        return None
+                if has_xattrs:
+                    xattrs = {key[13:]: value for key, value in pax.items()
+                              if key.startswith("SCHILY.xattr.")}
+                    if any("\0" in key for key in xattrs):
+                        return None
+            name = raw_name.decode("utf-8", "surrogateescape")
+            type_, stores = kind
+            if header[156] in (0, 0x30) and name.endswith("/"):
+                type_, stores = DIR, False  # old V7 archives spell directories this way
+            devmajor = devminor = 0
+            if type_ in (CHR, BLK):
+                devmajor = int(raw_major.partition(b"\0")[0], 8)
+                devminor = int(raw_minor.partition(b"\0")[0], 8)
+        except ValueError:
+            return None
+        offset = self.consumed + (end - BLOCK - start)
+        self._pos = end
+        self.consumed += end - start
+        return Entry(name, type_, mode, uid, gid, size if type_ == REG else 0, mtime, atime,
+                     raw_link.decode("utf-8", "surrogateescape"), devmajor, devminor, xattrs,
+                     None, pax, buf[start:end] if self._keep_raw else b"",
+                     size if stores else 0, offset)
 
     def _next(self) -> Entry | None:
         pax: dict[str, bytes] = {}
