@@ -302,6 +302,9 @@ def main() -> None:
     parser.add_argument("--work", default="/var/tmp")
     parser.add_argument("--backend", default="overlay")
     parser.add_argument("--skip-docker", action="store_true")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the work directory (its layers unmounted) for a later "
+                        "run to find the disk undisturbed by its deletion (see Bench)")
     parser.add_argument("--only", default=",".join(ROWS),
                         help=f"comma-separated rows to run, of: {','.join(ROWS)}")
     args = parser.parse_args()
@@ -347,7 +350,10 @@ def main() -> None:
             if home.is_dir() and (home / "lamina.json").exists():
                 with lamina.open_driver(home) as drv:
                     drv.cleanup()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"work directory left in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
