@@ -4,7 +4,7 @@ The caller reads the tar with :class:`~lamina.archive.reader.TarReader` (every
 check of the format, every bound on hostile input) and sends the child each
 member as one record: a fixed head, the member's names, xattrs and sparse map,
 then its stored data.  The child, which alone touches the filesystem, turns the
-records back into :class:`~lamina.archive.reader.Entry` objects for the
+records back into :class:`~lamina.archive.entry.Entry` objects for the
 :class:`~lamina.archive.apply.Applier` with one ``struct`` unpack per member.
 So on two cores the parsing runs beside the apply instead of before it: the tar
 engine's Python time per member was about half parsing.
@@ -21,9 +21,9 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 
-from isal import isal_zlib
-
-from lamina.archive.reader import Entry, TarReader
+from lamina.archive.buffered import BufferedInput
+from lamina.archive.entry import Entry
+from lamina.archive.reader import TarReader
 
 # record kind, member type, flags, mode, uid, gid, size, data_size, mtime, atime,
 # devmajor, devminor, and the lengths of the name, link name, xattrs and sparse map
@@ -107,59 +107,25 @@ def _write(fd: int, data: bytes | bytearray) -> None:
         view = view[os.write(fd, view):]
 
 
-class RecordReader:
+class RecordReader(BufferedInput):
     """The child's side: records from the pipe ``fd`` as entries, with
     :class:`~lamina.archive.reader.TarReader`'s interface for the applier."""
 
     def __init__(self, fd: int) -> None:
+        super().__init__()
         self._fd = fd
-        self._buf = b""
-        self._pos = 0
-        self.consumed = 0  # bytes of the record stream handed out so far
-        self._pending = 0  # data of the current member not yet consumed
 
-    def _take(self, n: int) -> bytes:
-        """Exactly ``n`` bytes; :class:`Aborted` if the stream ends first."""
-        pos = self._pos
-        if pos + n <= len(self._buf):
-            self._pos = pos + n
-            self.consumed += n
-            return self._buf[pos : pos + n]
-        parts = [self._buf[pos:]]
-        need = n - (len(self._buf) - pos)
-        self._buf, self._pos = b"", 0
-        while need > 0:
-            chunk = os.read(self._fd, max(READ_SIZE, need))
-            if not chunk:
-                raise Aborted
-            if len(chunk) > need:
-                parts.append(chunk[:need])
-                self._buf, self._pos = chunk, need
-                need = 0
-            else:
-                parts.append(chunk)
-                need -= len(chunk)
-        self.consumed += n
-        return b"".join(parts)
+    def _refill(self, need: int) -> bytes:
+        return os.read(self._fd, max(READ_SIZE, need))
 
-    def _views(self, n: int) -> Iterator[memoryview]:
-        while n > 0:
-            if self._pos == len(self._buf):
-                self._buf, self._pos = os.read(self._fd, READ_SIZE), 0
-                if not self._buf:
-                    raise Aborted
-            take = min(len(self._buf) - self._pos, n)
-            yield memoryview(self._buf)[self._pos : self._pos + take]
-            self._pos += take
-            self.consumed += take
-            n -= take
+    def _ended(self, what: str, name: str | None) -> Exception:
+        return Aborted()  # the caller cut the stream, and says why
 
     def __iter__(self) -> Iterator[Entry]:
         head_size = _HEAD.size
         while True:
             if self._pending:
-                for _ in self._views(self._pending):
-                    pass
+                self._skip(self._pending, "<previous member>")
                 self._pending = 0
             pos = self._pos
             if pos + head_size <= len(self._buf):  # the usual case: no copy of the head
@@ -167,12 +133,13 @@ class RecordReader:
                 self._pos = pos + head_size
                 self.consumed += head_size
             else:
-                fields = _HEAD.unpack(self._take(head_size))
+                fields = _HEAD.unpack(self._read_exact(head_size, "record", None))
             (kind, type_, flags, mode, uid, gid, size, data_size, mtime, atime, major, minor,
              name_len, link_len, xattr_len, regions) = fields
             if kind == _END:
                 return
-            rest = self._take(name_len + link_len + xattr_len + regions * _REGION.size)
+            rest = self._read_exact(name_len + link_len + xattr_len + regions * _REGION.size,
+                                   "record", None)
             name = rest[:name_len].decode("utf-8", "surrogateescape")
             link = rest[name_len : name_len + link_len].decode("utf-8", "surrogateescape") if (
                 link_len) else ""
@@ -195,31 +162,10 @@ class RecordReader:
 
     def copy_data(self, entry: Entry, fd: int, *, checksum: bool = False) -> int | None:
         """Write ``entry``'s data to ``fd`` (expanding a sparse file), as TarReader does."""
-        crc = 0
-        n = entry.data_size
-        pos = self._pos
-        if entry.sparse is None and pos + n <= len(self._buf):  # all of it at hand
-            view = memoryview(self._buf)[pos : pos + n]
-            self._pos = pos + n
-            self.consumed += n
-            if checksum:
-                crc = isal_zlib.crc32(view)
-            while view:
-                view = view[os.write(fd, view):]
-        elif entry.sparse is None:
-            for view in self._views(n):
-                if checksum:
-                    crc = isal_zlib.crc32(view, crc)
-                while view:
-                    view = view[os.write(fd, view):]
+        crc = None  # as TarReader: no digest for a sparse file
+        if entry.sparse is None:
+            crc = self._write_span(fd, entry.data_size, entry.name, checksum)
         else:
-            checksum = False  # as TarReader: no digest for a sparse file
-            for offset, length in entry.sparse:
-                os.lseek(fd, offset, os.SEEK_SET)
-                for view in self._views(length):
-                    while view:
-                        view = view[os.write(fd, view):]
-            os.ftruncate(fd, entry.size)
+            self._write_sparse(fd, entry.sparse, entry)
         self._pending = 0
-        return crc if checksum else None
-
+        return crc
