@@ -15,6 +15,10 @@ lower layers only: an entry this archive wrote is never removed by them,
 wherever the marker sits in the archive.  With ``overlay_whiteouts`` they are
 recorded the way overlayfs wants them (a 0/0 character device, the
 ``trusted.overlay.opaque`` xattr) instead of deleting lower content.
+
+The path resolution is :mod:`lamina.archive.resolve` (the :class:`Applier` is a
+:class:`~lamina.archive.resolve.LayerPaths`), the overlay union it consults
+:mod:`lamina.archive.union`; this module writes the entries.
 """
 
 from __future__ import annotations
@@ -24,27 +28,32 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Protocol
 
 from lamina import crashpoints, fsutil, progress
 from lamina.archive.reader import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, TarReader
+from lamina.archive.resolve import DIR_FLAGS as _DIR_FLAGS
+from lamina.archive.resolve import MAX_DEPTH, MAX_SYMLINKS, LayerPaths
+from lamina.archive.union import (
+    OPAQUE_MARKER,
+    OVERLAY_OPAQUE_XATTR,
+    WHITEOUT_PREFIX,
+    is_whiteout,
+    lower_lookup,
+    opaque,
+)
 from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive, Unsupported
 from lamina.idmap import IdMapper
 from lamina.manifest import MAX_DIGESTS, Digests
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
-OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
-MAX_SYMLINKS = 40
-MAX_DEPTH = 512
-"""Directories a path may go down.  PATH_MAX allows no deeper name but of one-letter
-components, and it keeps every tree walk of a layer (copies, removal, os.walk,
-export) within Python's recursion limit."""
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+__all__ = [
+    "MAX_DEPTH", "MAX_SYMLINKS", "OPAQUE_MARKER", "OVERLAY_OPAQUE_XATTR", "WHITEOUT_PREFIX",
+    "Applier", "EntrySource", "lower_lookup", "split_name", "xattr_allowed",
+]
+
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DEVICE_TYPES = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
-_CACHE_MAX = 512
 
 
 class EntrySource(Protocol):
@@ -87,7 +96,7 @@ def xattr_allowed(key: str) -> bool:
     return not key.startswith(("trusted.overlay.", "user.overlay."))
 
 
-class Applier:
+class Applier(LayerPaths):
     """Applies one layer tar into the directory ``root`` (see the module docstring)."""
 
     def __init__(
@@ -103,25 +112,17 @@ class Applier:
         max_path: int | None = None,
         digests: Digests | None = None,
     ) -> None:
-        self.root = os.fspath(root)
-        self.lowers = list(lowers)  # overlay: the lower layers' diff dirs, nearest first
-        self.layer = layer
-        self.ids = ids or IdMapper()
-        self.overlay_whiteouts = overlay_whiteouts
+        super().__init__(os.fspath(root), layer=layer, ids=ids or IdMapper(),
+                         overlay_whiteouts=overlay_whiteouts, lowers=lowers,
+                         max_path=max_path)
         self.max_entries = max_entries
         self.max_size = max_size
-        self.max_path = max_path  # bytes a path below the root may have (None: any)
-        self._root_fd = -1
-        self._root_ino = 0
-        # Open directories by path: (fd, inode chain from the root, bytes of the path).
-        self._cache: dict[tuple[str, ...], tuple[int, tuple[int, ...], int]] = {}
         self._identity = self.ids.identity  # owners need no translation
         self._written: set[tuple[int, str]] = set()  # (parent inode, name) this archive wrote
         self._holds: set[int] = set()  # directory inodes with written entries below them
         # Deferred directory times: inode -> (path, mtime, atime).  By inode, so that an
         # entry repeated a million times is remembered once.
         self._dirs: dict[int, tuple[tuple[str, ...], int, int]] = {}
-        self._retired: list[int] = []  # fds dropped from the cache, closed between entries
         # The CRC-32 of each file written from the stream, for the layer's manifest.
         self.digests: Digests = {} if digests is None else digests
 
@@ -310,7 +311,7 @@ class Applier:
             tst = os.lstat(target[-1], dir_fd=tfd)
         except FileNotFoundError:
             tst = self._copy_up(tfd, target[-1], entry)
-        if self.overlay_whiteouts and _is_whiteout(tst):
+        if self.overlay_whiteouts and is_whiteout(tst):
             raise UnsafeArchive(f"hard link target {entry.linkname!r} is deleted",
                                 layer=self.layer, path=entry.name)
         if stat.S_ISDIR(tst.st_mode):
@@ -326,7 +327,7 @@ class Applier:
     def _copy_up(self, tfd: int, base: str, entry: Entry) -> os.stat_result:
         """Bring a hard link's target up from a lower layer (overlay), or refuse."""
         lower = None
-        if self.lowers and not _opaque(tfd):
+        if self.lowers and not opaque(tfd):
             where = os.path.relpath(os.readlink(f"/proc/self/fd/{tfd}"), self.root)
             parts = [] if where == "." else where.split("/")
             lower = lower_lookup(self.lowers, [*parts, base])
@@ -388,7 +389,7 @@ class Applier:
 
     def _union_has(self, pfd: int, base: str) -> bool:
         """Whether a lower layer shows ``base`` in the directory ``pfd`` (overlay)."""
-        if not self.lowers or _opaque(pfd):
+        if not self.lowers or opaque(pfd):
             return False
         where = os.path.relpath(os.readlink(f"/proc/self/fd/{pfd}"), self.root)
         parts = [] if where == "." else where.split("/")
@@ -435,173 +436,7 @@ class Applier:
         os.unlink(base, dir_fd=pfd)
         return False
 
-    # -- path resolution ----------------------------------------------------
-
-    def _resolve(
-        self, parts: Iterable[str], *, create: bool, name: str, copy_up_only: bool = False
-    ) -> tuple[int, tuple[int, ...]]:
-        """The directory ``parts`` names, chroot-style; (fd, inode chain from the root).
-
-        With ``create=False`` a missing directory gives None (typed loosely for brevity
-        at the call sites that pass ``create=True``); with ``copy_up_only`` only
-        directories that a lower layer has are created.
-        """
-        key = tuple(parts)
-        hit = self._cache.get(key)
-        if hit is None:
-            found = self._walk(key, create, name, copy_up_only)
-            if found is None:
-                return None  # type: ignore[return-value]
-            if len(self._cache) >= _CACHE_MAX:
-                self._drop_cache()
-            self._cache[key] = hit = found
-        return hit[0], hit[1]
-
-    def _check_length(self, length: int, part: str, name: str) -> None:
-        """Refuse a path that would pass ``max_path`` with ``part`` added below it."""
-        if self.max_path is None:
-            return
-        size = len(part) if part.isascii() else len(os.fsencode(part))
-        if length + size + 1 > self.max_path:
-            # Docker's extraction fails there too (ENAMETOOLONG); lamina would later,
-            # in every tool that names the file by its path.
-            raise UnsafeArchive(f"path in the layer is longer than {self.max_path} bytes",
-                                layer=self.layer, path=name)
-
-    def _walk(
-        self, parts: tuple[str, ...], create: bool, name: str, copy_up_only: bool = False
-    ) -> tuple[int, tuple[int, ...], int] | None:
-        # (fd, inode, name) of the directories above the current one, root first.
-        stack: list[tuple[int, int, str]] = []
-        fd, ino = os.dup(self._root_fd), self._root_ino
-        todo = list(reversed(parts))
-        links = 0
-        length = 0  # bytes of the current directory's path below the root
-        try:
-            while todo:
-                part = todo.pop()
-                if part in ("", "."):
-                    continue
-                if part == "..":
-                    if stack:  # never above the root
-                        os.close(fd)
-                        fd, ino, left = stack.pop()
-                        length -= len(os.fsencode(left)) + 1
-                    continue
-                self._check_length(length, part, name)
-                target: str | None = None
-                try:
-                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    found = self._in_lowers(stack, fd, part)
-                    if found is not None and stat.S_ISLNK(found[1].st_mode):
-                        target = os.readlink(found[0])
-                    elif found is not None and not stat.S_ISDIR(found[1].st_mode):
-                        raise UnsafeArchive(f"{part!r} is not a directory", layer=self.layer,
-                                            path=name) from None
-                    elif not create or (copy_up_only and found is None):
-                        os.close(fd)
-                        return None
-                    else:
-                        self._mkdir_parent(fd, part, found)
-                        nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except OSError as e:
-                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    target = self._link_target(fd, part, name)
-                    if target is None:  # an overlay whiteout: the name is free again
-                        if not create or copy_up_only:
-                            os.close(fd)
-                            return None
-                        os.unlink(part, dir_fd=fd)
-                        self._mkdir_parent(fd, part, None)
-                        nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                if target is not None:
-                    links += 1
-                    if links > MAX_SYMLINKS:
-                        raise UnsafeArchive("too many levels of symbolic links",
-                                            layer=self.layer, path=name) from None
-                    if target.startswith("/"):
-                        for above, _, _ in stack:
-                            os.close(above)
-                        stack.clear()
-                        os.close(fd)
-                        fd, ino = os.dup(self._root_fd), self._root_ino
-                        length = 0
-                    todo.extend(reversed(target.split("/")))
-                    continue
-                stack.append((fd, ino, part))
-                fd, ino = nfd, os.fstat(nfd).st_ino
-                length += len(os.fsencode(part)) + 1
-                if len(stack) > MAX_DEPTH:  # symlinks can lead deeper than the name says
-                    raise UnsafeArchive(f"path is more than {MAX_DEPTH} directories deep",
-                                        layer=self.layer, path=name)
-            chain = (*(i for _, i, _ in stack), ino)
-            return fd, chain, length
-        except BaseException:
-            os.close(fd)
-            raise
-        finally:
-            for above, _, _ in stack:
-                os.close(above)
-
-    def _link_target(self, fd: int, part: str, name: str) -> str | None:
-        """The target of the symlink ``part``; None for an overlay whiteout."""
-        st = os.lstat(part, dir_fd=fd)
-        if stat.S_ISLNK(st.st_mode):
-            return os.readlink(part, dir_fd=fd)
-        if self.overlay_whiteouts and _is_whiteout(st):
-            return None
-        raise UnsafeArchive(f"{part!r} is not a directory", layer=self.layer, path=name)
-
-    def _in_lowers(
-        self, stack: list[tuple[int, int, str]], fd: int, part: str
-    ) -> tuple[str, os.stat_result] | None:
-        """What the lower layers have at the union path of ``part``: (path, lstat).
-
-        Consulted only for a name missing from the layer being written; an opaque
-        directory above it in this layer hides the lowers.
-        """
-        if not self.lowers:
-            return None
-        if any(_opaque(above) for above, _, _ in stack) or _opaque(fd):
-            return None
-        return lower_lookup(self.lowers, [*(n for _, _, n in stack), part])
-
-    def _mkdir_parent(
-        self, fd: int, part: str, lower: tuple[str, os.stat_result] | None
-    ) -> None:
-        """Create a parent directory the archive did not name.
-
-        Where a lower layer has the directory, it is copied up with its metadata
-        (the union must not change); elsewhere it is 0755 and owned by the
-        (mapped) root, as Docker does.
-        """
-        if lower is not None:
-            path, st = lower
-            os.mkdir(part, 0o700, dir_fd=fd)
-            dfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            try:
-                os.fchown(dfd, st.st_uid, st.st_gid)
-                os.fchmod(dfd, stat.S_IMODE(st.st_mode))
-                fsutil.copy_xattrs(path, f"/proc/self/fd/{dfd}", overlay=False)
-                os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
-            finally:
-                os.close(dfd)
-            return
-        os.mkdir(part, 0o755, dir_fd=fd)
-        uid, gid = self.ids.to_host(0, 0, self.layer, part)
-        os.chown(part, uid, gid, dir_fd=fd, follow_symlinks=False)
-
-    def _drop_cache(self) -> None:
-        # The entry being applied may still use a cached fd: close them after it.
-        self._retired.extend(hit[0] for hit in self._cache.values())
-        self._cache.clear()
-
-    def _close_retired(self) -> None:
-        for fd in self._retired:
-            os.close(fd)
-        self._retired.clear()
+    # -- directory times ------------------------------------------------------
 
     def _set_dir_times(self) -> None:
         # Children change their parent's mtime, so directories get theirs last.
@@ -625,53 +460,6 @@ class Applier:
                 os.close(fd)
 
 
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def _opaque(fd: int) -> bool:
-    try:
-        return os.getxattr(fd, OVERLAY_OPAQUE_XATTR) == b"y"
-    except OSError:
-        return False
-
-
-def lower_lookup(lowers: Sequence[str], parts: Sequence[str]) -> tuple[str, os.stat_result] | None:
-    """What the union of ``lowers`` (overlay diff dirs, nearest first) has at ``parts``.
-
-    Returns the path in the lower that provides it and its lstat, or None where
-    no lower has it (missing, whited out, or hidden by an opaque directory).
-    The parts are a path already resolved in the union, so no symlink is followed.
-    """
-    for lower in lowers:
-        path = lower
-        hidden = False
-        for i, part in enumerate(parts):
-            path = f"{path}/{part}"
-            try:
-                st = os.lstat(path)
-            except (FileNotFoundError, NotADirectoryError):
-                break  # this lower lacks it; a deeper one may have it
-            if _is_whiteout(st):
-                return None
-            if i == len(parts) - 1:
-                return path, st
-            if not stat.S_ISDIR(st.st_mode):
-                return None  # a non-directory in the way: the union has no such path
-            if _opaque_path(path):
-                hidden = True
-        else:
-            continue
-        if hidden:
-            return None
-    return None
-
-
-def _opaque_path(path: str) -> bool:
-    try:
-        return os.getxattr(path, OVERLAY_OPAQUE_XATTR, follow_symlinks=False) == b"y"
-    except OSError:
-        return False
 
 
 def _atime(entry: Entry) -> int:
