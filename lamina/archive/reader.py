@@ -467,18 +467,7 @@ class TarReader(BufferedInput):
         name = decode(raw_name)
         if "size" in pax:
             size = self._pax_int(pax["size"], "size", offset)
-        data_size = size
-        if kind in ("0", "\0") and name.endswith("/"):
-            kind = DIR  # old V7 archives spell directories this way
-        if kind in "7\0":
-            kind = REG
-        elif kind == "D":
-            kind = DIR  # GNU dumpdir: a directory whose data (a listing) is skipped
-        elif kind not in "0123456S":
-            raise self._error(f"unsupported tar member type {kind!r} at offset {offset}", name)
-        else:
-            # As Go's reader (and so Docker) does: these types carry no data.
-            data_size = 0 if kind in "123456" else size
+        kind, data_size = self._member_type(kind, name, size, offset)
         mtime = num(raw_mtime, "mtime", offset) * 1_000_000_000
         xattrs: dict[str, bytes] = {}
         atime = None
@@ -486,21 +475,8 @@ class TarReader(BufferedInput):
             uid = num(raw_uid, "uid", offset)
             gid = num(raw_gid, "gid", offset)
         else:
-            if "mtime" in pax:
-                mtime = self._pax_time(pax["mtime"], "mtime", offset)
-            if "atime" in pax:
-                atime = self._pax_time(pax["atime"], "atime", offset)
-            uid = self._pax_int(pax["uid"], "uid", offset) if "uid" in pax else num(
-                raw_uid, "uid", offset)
-            gid = self._pax_int(pax["gid"], "gid", offset) if "gid" in pax else num(
-                raw_gid, "gid", offset)
-            xattrs = {
-                key[len("SCHILY.xattr.") :]: value
-                for key, value in pax.items()
-                if key.startswith("SCHILY.xattr.")
-            }
-            if any("\0" in key for key in xattrs):
-                raise self._error(f"NUL byte in an xattr name at offset {offset}", name)
+            mtime, atime, uid, gid, xattrs = self._pax_overrides(pax, raw_uid, raw_gid, mtime,
+                                                                 offset, name)
         device = kind in "34"
         entry = Entry(
             name=name,
@@ -527,3 +503,42 @@ class TarReader(BufferedInput):
             read_pax_sparse(self, entry, pax, pax_sparse, offset)
         return entry
 
+    def _member_type(self, kind: str, name: str, size: int, offset: int) -> tuple[str, int]:
+        """A member's typeflag as an entry's type (``S`` stays: sparse), and the bytes of
+        data it stores."""
+        data_size = size
+        if kind in ("0", "\0") and name.endswith("/"):
+            kind = DIR  # old V7 archives spell directories this way
+        if kind in "7\0":
+            kind = REG
+        elif kind == "D":
+            kind = DIR  # GNU dumpdir: a directory whose data (a listing) is skipped
+        elif kind not in "0123456S":
+            raise self._error(f"unsupported tar member type {kind!r} at offset {offset}", name)
+        else:
+            # As Go's reader (and so Docker) does: these types carry no data.
+            data_size = 0 if kind in "123456" else size
+        return kind, data_size
+
+    def _pax_overrides(
+        self, pax: dict[str, bytes], raw_uid: bytes, raw_gid: bytes, mtime: int, offset: int,
+        name: str,
+    ) -> tuple[int, int | None, int, int, dict[str, bytes]]:
+        """mtime, atime, uid, gid and xattrs as the member's PAX records give them."""
+        atime = None
+        if "mtime" in pax:
+            mtime = self._pax_time(pax["mtime"], "mtime", offset)
+        if "atime" in pax:
+            atime = self._pax_time(pax["atime"], "atime", offset)
+        uid = self._pax_int(pax["uid"], "uid", offset) if "uid" in pax else num(
+            raw_uid, "uid", offset)
+        gid = self._pax_int(pax["gid"], "gid", offset) if "gid" in pax else num(
+            raw_gid, "gid", offset)
+        xattrs = {
+            key[len("SCHILY.xattr.") :]: value
+            for key, value in pax.items()
+            if key.startswith("SCHILY.xattr.")
+        }
+        if any("\0" in key for key in xattrs):
+            raise self._error(f"NUL byte in an xattr name at offset {offset}", name)
+        return mtime, atime, uid, gid, xattrs
