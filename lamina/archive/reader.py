@@ -42,6 +42,10 @@ __all__ = [
 
 READ_SIZE = 1 << 20
 MAX_META_PER_MEMBER = 4 * MAX_META  # all of one member's extended headers, together
+MAX_ID = 0xFFFF_FFFE
+"""The largest owner id: uid_t is 32 bits, and -1 means "unchanged" to chown."""
+MAX_NS = 1 << 63
+"""Times (in ns) and sizes must fit 64 signed bits: time_t, off_t, and the records."""
 
 _ZERO_BLOCK = bytes(BLOCK)
 # The typeflags the fast path reads (others, and 'x' after the first, take the general
@@ -167,7 +171,19 @@ class TarReader(BufferedInput):
                 if entry is None:
                     return
             self._pending = entry.data_size + (-entry.data_size % BLOCK)
+            if not (0 <= entry.uid <= MAX_ID and 0 <= entry.gid <= MAX_ID
+                    and -MAX_NS <= entry.mtime < MAX_NS and entry.size < MAX_NS
+                    and (entry.atime is None or -MAX_NS <= entry.atime < MAX_NS)):
+                raise self._error(self._out_of_range(entry), entry.name)
             yield entry
+
+    @staticmethod
+    def _out_of_range(entry: Entry) -> str:
+        if not (0 <= entry.uid <= MAX_ID and 0 <= entry.gid <= MAX_ID):
+            return f"owner {entry.uid}:{entry.gid} out of range"
+        if entry.size >= MAX_NS:
+            return f"size {entry.size} out of range"
+        return "time out of range"
 
     def trailer(self, limit: int = MAX_META) -> bytes:
         """After the last member (``keep_raw``): the end-of-archive blocks and whatever

@@ -529,6 +529,11 @@ MALFORMED = {
         tb.gzipped(GOOD + BIG + tb.END)
     ),
     "truncated-in-padding": GOOD[:700],
+    # Values no system call takes (uid_t, time_t): refused, not an OverflowError.
+    "uid-past-32-bits": GOOD + tb.build([tb.file("x", b"1", pax={"uid": str(1 << 32)})]),
+    "gid-past-64-bits": GOOD + tb.build([tb.file("x", b"1", pax={"gid": str(1 << 64)})]),
+    "mtime-past-time_t": GOOD + tb.build([tb.file("x", b"1", pax={"mtime": "1" + "0" * 30})]),
+    "atime-before-time_t": GOOD + tb.build([tb.file("x", b"1", pax={"atime": "-" + "9" * 30})]),
 }
 
 
