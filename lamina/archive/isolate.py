@@ -87,7 +87,6 @@ from lamina.manifest import MAX_DIGESTS, Digests
 NOREEXEC = "LAMINA_NOREEXEC"
 """The environment variable that makes :func:`apply_layer` apply in-process."""
 
-CHUNK = 1 << 20
 PATH_MAX = 4096
 PIPE_SIZE = 1 << 20
 MAX_RESULT = 16 << 20  # a result line longer than this is a broken child

@@ -69,16 +69,15 @@ def encode_head(entry: Entry) -> bytes:
 END = _HEAD.pack(_END, b"\0", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
-def send(reader: TarReader, fd: int, between: Callable[[], None] | None = None) -> int:
+def send(reader: TarReader, fd: int, between: Callable[[], None] | None = None) -> None:
     """Send every member of ``reader`` to the pipe ``fd`` as records, then the end record.
 
     Raises what the reader raises for a bad tar (nothing more is sent then), and
     BrokenPipeError once the child has stopped reading.  ``between`` is called after
-    each flush (the caller's progress).  Returns the members sent.
+    each flush (the caller's progress).
     """
     out = bytearray()
-    count = 0
-    for count, entry in enumerate(reader, 1):  # noqa: B007 - the count is returned
+    for entry in reader:
         out += encode_head(entry)
         size = entry.data_size
         if size <= SMALL:
@@ -98,7 +97,6 @@ def send(reader: TarReader, fd: int, between: Callable[[], None] | None = None) 
                 between()
     out += END
     _write(fd, out)
-    return count
 
 
 def _write(fd: int, data: bytes | bytearray) -> None:

@@ -53,7 +53,7 @@ def lower_lookup(lowers: Sequence[str], parts: Sequence[str]) -> tuple[str, os.s
                 return path, st
             if not stat.S_ISDIR(st.st_mode):
                 return None  # a non-directory in the way: the union has no such path
-            if _opaque_path(path):
+            if opaque_path(path):
                 hidden = True
         else:
             continue
@@ -62,7 +62,8 @@ def lower_lookup(lowers: Sequence[str], parts: Sequence[str]) -> tuple[str, os.s
     return None
 
 
-def _opaque_path(path: str) -> bool:
+def opaque_path(path: str) -> bool:
+    """:func:`opaque`, for a directory named by a path (not followed if a link)."""
     try:
         return os.getxattr(path, OVERLAY_OPAQUE_XATTR, follow_symlinks=False) == b"y"
     except OSError:

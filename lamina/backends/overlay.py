@@ -39,6 +39,7 @@ from lamina import quota as quotas
 from lamina.archive import isolate
 from lamina.archive.apply import OVERLAY_OPAQUE_XATTR, lower_lookup
 from lamina.archive.export import Action, Dirs, Item, export_changes, open_stream
+from lamina.archive.union import is_whiteout, opaque, opaque_path
 from lamina.backends.base import APPLY_OPTIONS, StoreDriver
 from lamina.backends.vfs import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
@@ -357,17 +358,6 @@ class OverlayDriver(StoreDriver):
                 ("Max Depth", str(MAX_DEPTH))]
 
 
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-
-
-def _opaque(path: str) -> bool:
-    try:
-        return os.getxattr(path, OVERLAY_OPAQUE_XATTR, follow_symlinks=False) == b"y"
-    except OSError:
-        return False
-
-
 def native_items(diff: Path) -> Iterator[Item]:
     """The export of an overlay ``diff/`` as it is: whiteouts and opaque markers turned back.
 
@@ -388,18 +378,18 @@ def native_items(diff: Path) -> Iterator[Item]:
                 continue
             name, st = found
             path = f"{rel}/{name}" if rel else name
-            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            if is_whiteout(st):
                 yield Item(path, Action.WHITEOUT)
                 continue
             yield Item(path, Action.ENTRY, st)
             if stat.S_ISDIR(st.st_mode):
                 try:
                     fd = dirs.open(path)
-                    opaque = _fd_opaque(fd)
+                    hidden = opaque(fd)
                     listing = _listing(fd)
                 except OSError:
                     continue  # replaced or removed since its parent was listed
-                if opaque:
+                if hidden:
                     yield Item(path, Action.OPAQUE)
                 stack.append((path, iter(listing)))
     finally:
@@ -418,13 +408,6 @@ def _listing(fd: int) -> list[tuple[str, os.stat_result]]:
                 continue  # gone since the listing (a running container's layer)
     out.sort(key=lambda pair: pair[0])
     return out
-
-
-def _fd_opaque(fd: int) -> bool:
-    try:
-        return os.getxattr(fd, OVERLAY_OPAQUE_XATTR) == b"y"
-    except OSError:
-        return False
 
 
 def native_changes(diff: Path, lowers: list[str]) -> list[Change]:
@@ -448,7 +431,7 @@ def _native_dir(diff: str, lowers: list[str], parts: list[str], out: list[Change
         path = "/" + "/".join(sub)
         st = entry.stat(follow_symlinks=False)
         lower = None if hidden else lower_lookup(lowers, sub)
-        if _is_whiteout(st):
+        if is_whiteout(st):
             if lower is not None:
                 out.append(Change(path, ChangeKind.DELETE))
             continue
@@ -464,14 +447,14 @@ def _native_dir(diff: str, lowers: list[str], parts: list[str], out: list[Change
         if changed:
             out.append(Change(path, ChangeKind.MODIFY))
         if is_dir:
-            opaque = _opaque(os.path.join(here, entry.name))
+            hides = opaque_path(os.path.join(here, entry.name))
             if not stat.S_ISDIR(lst.st_mode):
                 _native_dir(diff, lowers, sub, out, hidden=True)
             else:
                 # Paths compare with the parent's view by path, opaque or not (as
                 # the naive diff does): what is there again is a modification.
                 _native_dir(diff, lowers, sub, out, hidden=False)
-                if opaque:
+                if hides:
                     _hidden_children(lpath, lowers, sub, os.path.join(here, entry.name), out)
             if len(out) > mark and not changed:
                 out.insert(mark, Change(path, ChangeKind.MODIFY))
@@ -489,7 +472,7 @@ def _hidden_children(lpath: str, lowers: list[str], parts: list[str], upper: str
                 lower_names.add(name)
         except (FileNotFoundError, NotADirectoryError):
             continue
-        if _opaque(base):
+        if opaque_path(base):
             break
     for name in sorted(lower_names - present):
         if lower_lookup(lowers, [*parts, name]) is not None:
