@@ -1,5 +1,5 @@
 """``python -m lamina``: the same as the ``lamina`` command."""
 
-from lamina.cli import main
+from lamina.frontends.cli import main
 
 raise SystemExit(main())

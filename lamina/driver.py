@@ -246,7 +246,7 @@ def open_driver(
     gid_map: IdMap | None = None,
 ) -> Driver:
     """Open (creating if needed) the store at ``home`` with ``backend``; recovers it."""
-    from lamina import store
+    from lamina.store import layers as store
 
     _load_builtin_backends()
     home = Path(home)

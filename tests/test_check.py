@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 
 import lamina
-from lamina import check, manifest
 from lamina.archive import isolate
 from lamina.backends.base import StoreDriver
+from lamina.store import check, manifest
 from tests import tarbuild as tb
 from tests.conftest import Stores, mounts_under
 from tests.layers import apply, tree

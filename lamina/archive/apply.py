@@ -31,7 +31,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Protocol
 
-from lamina import crashpoints, fsutil, progress
+from lamina import crashpoints, progress
 from lamina.archive.reader import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, TarReader
 from lamina.archive.resolve import DIR_FLAGS as _DIR_FLAGS
 from lamina.archive.resolve import MAX_DEPTH, MAX_SYMLINKS, LayerPaths
@@ -44,8 +44,9 @@ from lamina.archive.union import (
     opaque,
 )
 from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive, Unsupported
-from lamina.idmap import IdMapper
-from lamina.manifest import MAX_DIGESTS, Digests
+from lamina.host import fsutil
+from lamina.host.idmap import IdMapper
+from lamina.store.manifest import MAX_DIGESTS, Digests
 
 __all__ = [
     "MAX_DEPTH", "MAX_SYMLINKS", "OPAQUE_MARKER", "OVERLAY_OPAQUE_XATTR", "WHITEOUT_PREFIX",

@@ -27,7 +27,7 @@ from lamina import crashpoints, progress
 from lamina.archive.apply import OPAQUE_MARKER, WHITEOUT_PREFIX
 from lamina.archive.writer import END_OF_ARCHIVE, header, padding
 from lamina.errors import NotFound
-from lamina.idmap import IdMapper
+from lamina.host.idmap import IdMapper
 
 READ_CHUNK = 1 << 20
 CAPABILITY = "security.capability"

@@ -81,8 +81,8 @@ from lamina import errors, progress
 from lamina.archive import records
 from lamina.archive.apply import Applier
 from lamina.archive.reader import TarReader
-from lamina.idmap import IdMapper
-from lamina.manifest import MAX_DIGESTS, Digests
+from lamina.host.idmap import IdMapper
+from lamina.store.manifest import MAX_DIGESTS, Digests
 
 NOREEXEC = "LAMINA_NOREEXEC"
 """The environment variable that makes :func:`apply_layer` apply in-process."""
@@ -115,7 +115,7 @@ def apply_layer(
     """Apply the uncompressed tar ``stream`` into the directory ``root``; its file data size.
 
     The arguments are :class:`~lamina.archive.apply.Applier`'s; ``digests`` receives the
-    CRC-32s of the files written (for :func:`lamina.manifest.record`).  The apply runs in
+    CRC-32s of the files written (for :func:`lamina.store.manifest.record`).  The apply runs in
     an isolated child (see the module docstring) unless ``LAMINA_NOREEXEC=1``.
     """
     ids = ids or IdMapper()

@@ -41,8 +41,8 @@ from typing import Any
 from lamina import errors, progress
 from lamina.archive.apply import Applier
 from lamina.archive.records import Aborted, RecordReader
-from lamina.idmap import IdMapper
-from lamina.manifest import Digests
+from lamina.host.idmap import IdMapper
+from lamina.store.manifest import Digests
 
 PROGRESS_EVERY = 0.1  # seconds between the child's entry counts
 DIGESTS_PER_LINE = 4096  # files per digests line: each well below isolate.MAX_RESULT
@@ -355,7 +355,7 @@ def _probe_here(root: str, lowers: list[str], paths: list[str]) -> dict[str, Any
         return True
 
     try:
-        import lamina.cli  # noqa: F401  (not imported before the switch: must be refused)
+        import lamina.frontends.cli  # noqa: F401  (not imported before the switch: must be refused)
         imports = "allowed"
     except ImportError:
         imports = "refused"

@@ -14,10 +14,10 @@ import os
 import stat
 from collections.abc import Iterable, Sequence
 
-from lamina import fsutil
 from lamina.archive.union import is_whiteout, lower_lookup, opaque
 from lamina.errors import UnsafeArchive
-from lamina.idmap import IdMapper
+from lamina.host import fsutil
+from lamina.host.idmap import IdMapper
 
 MAX_SYMLINKS = 40
 MAX_DEPTH = 512

@@ -32,11 +32,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from lamina import fsutil, progress
+from lamina import progress
 from lamina.archive.apply import WHITEOUT_PREFIX, lower_lookup
 from lamina.archive.reader import DIR, LINK, REG, SYMLINK, Entry, TarReader
 from lamina.archive.writer import padding
 from lamina.errors import LaminaError, UnsafeArchive
+from lamina.host import fsutil
 
 ROOTS = ("Files", "Hives", "UtilityVM")
 LINKABLE = ("Files/", "UtilityVM/Files/")

@@ -19,12 +19,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, TypedDict
 
-from lamina import crashpoints, errors, fsutil, manifest, mount, quota
+from lamina import crashpoints, errors
 from lamina.archive import codecs
 from lamina.driver import Driver, IdMap, LayerId, check_id
-from lamina.idmap import IdMapper
-from lamina.quota import parse_size
-from lamina.store import META, Store, wall_time
+from lamina.host import fsutil, mount, quota
+from lamina.host.idmap import IdMapper
+from lamina.host.quota import parse_size
+from lamina.store import manifest
+from lamina.store.layers import META, Store, wall_time
 
 log = logging.getLogger("lamina")
 

@@ -18,7 +18,7 @@ alone (cost proportional to the change, lower layers consulted only for the
 paths that changed); against any other parent both union views are mounted and
 compared naively.
 
-Crash model: as :mod:`lamina.store` for building and removal.  Mounts do not
+Crash model: as :mod:`lamina.store.layers` for building and removal.  Mounts do not
 survive a reboot and may outlive a process that died; on open, a mount with no
 count is unmounted and a count with no mount is reset.
 """
@@ -34,15 +34,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from lamina import errors, fsutil, manifest, mount, naivediff
-from lamina import quota as quotas
-from lamina.archive import isolate
+from lamina import errors
+from lamina.archive import isolate, naivediff
 from lamina.archive.apply import OVERLAY_OPAQUE_XATTR, lower_lookup
 from lamina.archive.export import Action, Dirs, Item, export_changes, open_stream
 from lamina.archive.union import is_whiteout, opaque, opaque_path
 from lamina.backends.base import APPLY_OPTIONS, StoreDriver
 from lamina.backends.vfs import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
+from lamina.host import fsutil, mount
+from lamina.host import quota as quotas
+from lamina.store import manifest
 
 DIFF, WORK, MERGED, LOWER, LINK = "diff", "work", "merged", "lower", "link"
 MAX_DEPTH = 500  # overlayfs' limit on lower layers

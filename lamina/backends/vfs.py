@@ -3,9 +3,9 @@
 A new layer starts as a copy of its parent's tree (reflinks where the backing
 filesystem has them, else ``copy_file_range``), kept in ``layers/ID/fs``.  Its
 union view is that directory, so ``get`` only counts.  Changes are found by
-comparing the tree with its parent's (:mod:`lamina.naivediff`).
+comparing the tree with its parent's (:mod:`lamina.archive.naivediff`).
 
-Crash model: as :mod:`lamina.store` — a layer is built and synced in staging
+Crash model: as :mod:`lamina.store.layers` — a layer is built and synced in staging
 and published by one rename; an apply into an existing layer builds a new copy
 and swaps it in atomically.  Nothing is mounted, so there is nothing to recover
 beyond what the store sweeps.
@@ -17,12 +17,14 @@ import os
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from lamina import errors, fsutil, manifest, naivediff
-from lamina import quota as quotas
-from lamina.archive import isolate
+from lamina import errors
+from lamina.archive import isolate, naivediff
 from lamina.archive.export import Action, Item, export_changes
 from lamina.backends.base import APPLY_OPTIONS, StoreDriver
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
+from lamina.host import fsutil
+from lamina.host import quota as quotas
+from lamina.store import manifest
 
 FS = "fs"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -12,7 +12,7 @@ overlay of the chain's ``Files/`` (tombstones are overlay whiteouts), ``changes`
 lists adds, modifications and deletions.  Windows containers themselves need
 Windows: writable (sandbox) layers are ``Unsupported`` here.
 
-Crash model: as :mod:`lamina.store` — a layer is imported in staging, synced and
+Crash model: as :mod:`lamina.store.layers` — a layer is imported in staging, synced and
 published by one rename.
 """
 
@@ -25,13 +25,15 @@ import stat
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
-from lamina import errors, manifest, mount
+from lamina import errors
 from lamina.archive import wclayer
 from lamina.archive.apply import lower_lookup
 from lamina.archive.export import open_stream
 from lamina.backends.base import StoreDriver
 from lamina.backends.vfs import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
+from lamina.host import mount
+from lamina.store import manifest
 
 FILES, MERGED = "Files", "merged"
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import lamina
-from lamina import errors, mount
+from lamina import errors
 from lamina.backends.overlay import MAX_DEPTH, why_unsupported
+from lamina.host import mount
 from tests import tarbuild as tb
 
 pytestmark = pytest.mark.root

@@ -43,8 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lamina
-from lamina import check, crashpoints, fsutil
+from lamina import crashpoints
 from lamina.driver import REMOVING_SUFFIX
+from lamina.host import fsutil
+from lamina.store import check
 from tests import tarbuild as tb
 from tests.conftest import mounts_under
 from tests.crash import child

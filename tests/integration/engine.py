@@ -27,7 +27,7 @@ from pathlib import Path
 PLUGINS_DIR = Path("/run/docker/plugins")
 """Where Docker looks for legacy plugins' sockets (fixed in Docker)."""
 REPO = Path(__file__).resolve().parents[2]
-STATE_SUFFIX = ".init.json"  # lamina.plugin.STATE_SUFFIX: what serve records beside its socket
+STATE_SUFFIX = ".init.json"  # plugin.STATE_SUFFIX: what serve records beside its socket
 
 
 def plugin_name(prefix: str = "lamina-test") -> str:

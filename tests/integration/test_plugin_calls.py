@@ -1,4 +1,5 @@
-"""Each graph driver call reaches the driver with Docker's fields, as :mod:`lamina.plugin` says.
+"""Each graph driver call reaches the driver with Docker's fields, as
+:mod:`lamina.frontends.docker.plugin` says.
 
 In process, on a recording stand-in for the driver: no socket, no store, no root.
 """
@@ -16,7 +17,7 @@ import pytest
 
 import lamina
 from lamina import Change, ChangeKind, errors
-from lamina.plugin import Plugin
+from lamina.frontends.docker.plugin import Plugin
 
 
 @pytest.fixture
@@ -139,7 +140,7 @@ class FailingTar(io.RawIOBase):
 
 
 def test_a_diff_that_fails_is_an_error_or_cut_short(drv: mock.MagicMock, tmp_path: Path) -> None:
-    from lamina.plugin_http import PluginServer
+    from lamina.frontends.docker.http import PluginServer
     from tests.integration.test_plugin import Client
 
     plugin = Plugin()

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 import lamina
-from lamina import errors, mount
-from lamina.quota import parse_size
+from lamina import errors
+from lamina.host import mount
+from lamina.host.quota import parse_size
 
 pytestmark = pytest.mark.root
 

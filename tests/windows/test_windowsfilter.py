@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 import lamina
-from lamina import errors, mount
+from lamina import errors
 from lamina.driver import ChangeKind, backends
+from lamina.host import mount
 
 pytestmark = pytest.mark.root
 
@@ -218,7 +219,7 @@ def test_writable_layers_need_windows(drv: lamina.Driver) -> None:
 
 
 def test_check_covers_windows_layers(drv: lamina.Driver) -> None:
-    from lamina import check
+    from lamina.store import check
 
     drv.apply_diff("base", None, io.BytesIO(base_layer()))
     drv.apply_diff("child", "base", io.BytesIO(child_layer()))

@@ -33,7 +33,8 @@ import struct
 import subprocess
 from pathlib import Path
 
-from lamina import errors, fsutil
+from lamina import errors
+from lamina.host import fsutil
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long

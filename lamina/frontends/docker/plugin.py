@@ -2,7 +2,7 @@
 
 Docker (``dockerd --experimental --storage-driver NAME``) finds a legacy plugin by
 its socket's name, ``/run/docker/plugins/NAME.sock``, and calls it with HTTP POSTs
-(:mod:`lamina.plugin_http` carries them).  :class:`Plugin` answers each call with
+(:mod:`lamina.frontends.docker.http` carries them).  :class:`Plugin` answers each call with
 one shared :class:`~lamina.driver.Driver`; request and answer fields are Docker's
 (moby's ``daemon/graphdriver/proxy.go``):
 
@@ -52,9 +52,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import lamina
-from lamina import errors, fsutil
+from lamina import errors
 from lamina.driver import Driver, IdMap
-from lamina.plugin_http import PluginServer
+from lamina.frontends.docker.http import PluginServer
+from lamina.host import fsutil
 
 log = logging.getLogger("lamina.serve")
 

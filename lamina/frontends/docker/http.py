@@ -1,4 +1,5 @@
-"""HTTP/1.1 over a unix socket for :mod:`lamina.plugin`, as Docker's plugin client speaks it.
+"""HTTP/1.1 over a unix socket for :mod:`lamina.frontends.docker.plugin`, as Docker's plugin
+client speaks it.
 
 Every call is a ``POST /Method``: a JSON body answered with a JSON body, on
 connections Docker keeps alive between calls.  Two calls stream: ``ApplyDiff``'s
@@ -11,7 +12,7 @@ that fails once its tar has started is cut short, which Docker's chunked reader
 reports as an error rather than taking a shorter tar.
 
 Concurrency: Docker calls in parallel, on several connections; each connection has
-its own thread, all on the one :class:`~lamina.plugin.Plugin`, whose driver's locks
+its own thread, all on the one :class:`~lamina.frontends.docker.plugin.Plugin`, whose driver's locks
 (flocks, per layer and per store) serialize what must be.
 
 :meth:`PluginServer.stop` is the graceful half of a shutdown: no new connections,
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from lamina import errors
 
 if TYPE_CHECKING:
-    from lamina.plugin import Plugin
+    from lamina.frontends.docker.plugin import Plugin
 
 log = logging.getLogger("lamina.serve")
 

@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lamina import errors, fsutil, manifest, mount
+from lamina import errors
 from lamina.backends.base import StoreDriver
 from lamina.driver import REMOVING_SUFFIX, Driver, LayerId, check_id
-from lamina.store import META
+from lamina.host import fsutil, mount
+from lamina.store import manifest
+from lamina.store.layers import META
 
 
 @dataclass

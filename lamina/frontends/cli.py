@@ -239,7 +239,7 @@ def cmd_resize(drv: Driver, args: argparse.Namespace) -> Result:
 
 def cmd_check(drv: Driver, args: argparse.Namespace) -> Result:
     """``check``: verify the store (metadata, chains, mounts, content); ``--repair`` fixes it."""
-    from lamina import check
+    from lamina.store import check
 
     report = check.check(drv, repair=args.repair)
     lines = [f"problem: {p}" for p in report.problems]
@@ -257,7 +257,7 @@ def cmd_check(drv: Driver, args: argparse.Namespace) -> Result:
 
 def cmd_df(drv: Driver, args: argparse.Namespace) -> Result:
     """``df``: each layer's own bytes, disk use and inodes (counters kept at apply time)."""
-    from lamina import check
+    from lamina.store import check
 
     usage, orphans = check.df(drv)
     table = [["ID", "PARENT", "BYTES", "DISK", "INODES", "SOURCE"]]
@@ -288,12 +288,13 @@ def cmd_cleanup(drv: Driver, args: argparse.Namespace) -> Result:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """``serve``: Docker's graph driver plugin on a unix socket (:mod:`lamina.plugin`).
+    """``serve``: Docker's graph driver plugin on a unix socket
+    (:mod:`lamina.frontends.docker.plugin`).
 
     It opens its store when Docker calls ``Init`` (the home Docker names, unless
     ``--home`` was given) and runs until SIGTERM or SIGINT.
     """
-    from lamina import plugin
+    from lamina.frontends.docker import plugin
 
     return plugin.serve(args.socket or plugin.DEFAULT_SOCKET, home=args.home, backend=args.backend,
                         options=args.driver_opts, verbose=args.verbose)

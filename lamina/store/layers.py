@@ -36,8 +36,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lamina import crashpoints, errors, fsutil, mount
+from lamina import crashpoints, errors
 from lamina.driver import REMOVING_SUFFIX, LayerId, check_id
+from lamina.host import fsutil, mount
 
 log = logging.getLogger("lamina")
 
