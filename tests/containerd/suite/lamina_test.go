@@ -30,6 +30,7 @@ import (
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/log"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/containerd/snapshots/proxy"
 	"github.com/containerd/containerd/snapshots/testsuite"
@@ -149,6 +150,8 @@ func newSnapshotter(ctx context.Context, root string) (snapshots.Snapshotter, fu
 		removeSockDir()
 		return nil, nil, fmt.Errorf("starting %v: %w", argv, err)
 	}
+	// Goes to the subtest's log (logtest): test_suite.py finds a failed subtest's server by it.
+	log.G(ctx).WithField("log", logPath).WithField("pid", cmd.Process.Pid).Info("lamina snapshotter started")
 	exited := make(chan struct{})
 	var waitErr error
 	go func() {
