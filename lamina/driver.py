@@ -36,7 +36,8 @@ A worked life cycle::
         drv.remove("ctr")
 
 Backends subclass :class:`Driver` and register a factory by name with
-:func:`register_backend`; :func:`open_driver` picks one.
+:func:`lamina.registry.register_backend`; :func:`lamina.registry.open_driver` picks one.
+This module is the contract only: it imports nothing of lamina but its errors.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from __future__ import annotations
 import abc
 import enum
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,70 +212,11 @@ class Driver(abc.ABC):
         """Release what this driver holds (not the mounts other processes counted)."""
 
 
-BackendFactory = Callable[..., Driver]
-"""``factory(home, options, uid_map, gid_map) -> Driver``; raises ``Unsupported``."""
+def __getattr__(name: str) -> object:
+    # The registry lived here before it had a module of its own; old callers still find
+    # it (PEP 562), without the contract importing the registry.
+    if name in ("_backends", "backends", "open_driver", "register_backend", "BackendFactory"):
+        from lamina import registry
 
-_backends: dict[str, BackendFactory] = {}
-_AUTO_ORDER = ("overlay", "vfs")  # auto never picks a backend of Windows layers
-
-
-def register_backend(name: str, factory: BackendFactory) -> None:
-    """Register a backend factory by name (moby's ``graphdriver.Register``)."""
-    _backends[name] = factory
-
-
-def backends(layer_format: str | None = "linux") -> list[str]:
-    """The registered backends' names: those storing ``layer_format`` layers (Linux
-    layers by default; ``"windows"`` for Windows container layers; None for all)."""
-    _load_builtin_backends()
-    return sorted(
-        name for name, factory in _backends.items()
-        if layer_format is None or getattr(factory, "layer_format", "linux") == layer_format
-    )
-
-
-def _load_builtin_backends() -> None:
-    # Importing a backend module registers it.
-    from lamina import backends as _  # noqa: F401
-
-
-def open_driver(
-    home: str | Path,
-    backend: str = "auto",
-    options: Sequence[str] | Mapping[str, str] = (),
-    uid_map: IdMap | None = None,
-    gid_map: IdMap | None = None,
-) -> Driver:
-    """Open (creating if needed) the store at ``home`` with ``backend``; recovers it."""
-    from lamina.store import layers as store
-
-    _load_builtin_backends()
-    home = Path(home)
-    recorded = store.recorded_backend(home)
-    if backend == "auto":
-        backend = recorded or _pick_auto(home, options, uid_map, gid_map)
-    if backend not in _backends:
-        raise errors.InvalidArgument(
-            f"unknown backend {backend!r} (known: {', '.join(sorted(_backends))})", path=str(home)
-        )
-    if recorded is not None and recorded != backend:
-        raise errors.InvalidArgument(
-            f"home was made with backend {recorded!r}, not {backend!r}", path=str(home)
-        )
-    return _backends[backend](home, options, uid_map, gid_map)
-
-
-def _pick_auto(
-    home: Path,
-    options: Sequence[str] | Mapping[str, str],
-    uid_map: IdMap | None,
-    gid_map: IdMap | None,
-) -> str:
-    for name in _AUTO_ORDER:
-        factory = _backends.get(name)
-        probe = getattr(factory, "supported", None)
-        if factory is None:
-            continue
-        if probe is None or probe(home) is None:
-            return name
-    raise errors.Unsupported("no backend can work here", path=str(home))
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

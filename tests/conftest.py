@@ -1,6 +1,6 @@
 """Fixtures shared by lamina's suites.
 
-- ``backend``: every registered backend (``lamina.driver.backends()``), so a backend that
+- ``backend``: every registered backend (``lamina.registry.backends()``), so a backend that
   registers itself runs the whole conformance suite with no change here.
 - ``driver``: a store opened in a fresh home with that backend; cleaned up and closed
   after the test, which then checks that nothing is left mounted under the home.
@@ -52,7 +52,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
-        from lamina.driver import backends
+        from lamina.registry import backends
 
         # Module scope, so that a module's expensive fixtures are built once per backend.
         metafunc.parametrize("backend", backends(), scope="module")

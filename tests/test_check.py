@@ -30,7 +30,7 @@ import pytest
 import lamina
 from lamina.archive import isolate
 from lamina.backends.base import StoreDriver
-from lamina.store import check, manifest
+from lamina.store import check, manifest, usage
 from tests import tarbuild as tb
 from tests.conftest import Stores, mounts_under
 from tests.layers import apply, tree
@@ -237,7 +237,7 @@ def test_orphans_are_found_and_repaired(stores: Stores) -> None:
     assert f"{names['removing']}: an unfinished removal" in problems
     assert f"{names['staging']}: a layer being built or abandoned" in problems
     assert f"{names['count']}: a mount count of 2 for a layer that is gone" in problems
-    _, orphans = check.df(drv)
+    _, orphans = usage.df(drv)
     assert str(drv.home / "layers" / names["removing"]) in orphans
     assert str(drv.home / names["staging"]) in orphans
 
@@ -247,7 +247,7 @@ def test_orphans_are_found_and_repaired(stores: Stores) -> None:
     assert "half.0badcafe: leftover removed" in done
     assert "ghost: its count dropped" in done
     check_clean(drv)
-    assert check.df(drv)[1] == []
+    assert usage.df(drv)[1] == []
     assert sorted(os.listdir(drv.home / "staging")) == []
     assert sorted(drv.layers()) == ["app", "base", "ctr", "onapp"]
 
@@ -292,7 +292,7 @@ def test_opening_drops_what_check_would_find(stores: Stores) -> None:
     assert out.returncode == 0, out
     assert "0 problems" in out.stdout
     check_clean(drv)
-    assert check.df(drv)[1] == []
+    assert usage.df(drv)[1] == []
 
 
 # -- df ---------------------------------------------------------------------------------------
@@ -308,7 +308,7 @@ def tar_totals(entries: list[tb.Entry]) -> tuple[int, int]:
 def test_df_numbers_are_what_was_applied(stores: Stores, backend: str) -> None:
     drv = stores.open()
     build(drv)
-    rows = {u.id: u for u in check.df(drv)[0]}
+    rows = {u.id: u for u in usage.df(drv)[0]}
     base, app, onapp = tar_totals(BASE), tar_totals(APP), tar_totals(ON_APP)
     if backend == "vfs":  # a vfs layer holds its parent's tree too
         app = (base[0] + app[0], base[1] + app[1])
@@ -322,7 +322,7 @@ def test_df_numbers_are_what_was_applied(stores: Stores, backend: str) -> None:
 
     # The counters, not a walk: content changed behind lamina's back is not seen.
     (own_content(drv, "app") / "app" / "big").write_bytes(b"z" * 100_000)
-    assert check.df(drv)[0] == list(rows.values())
+    assert usage.df(drv)[0] == list(rows.values())
 
     out = lamina_cli(drv, "--json", "df")
     assert out.returncode == 0, out
@@ -338,6 +338,6 @@ def test_df_lists_orphans(stores: Stores) -> None:
     drv = stores.open()
     build(drv)
     names = make_orphans(drv)
-    _, orphans = check.df(drv)
+    _, orphans = usage.df(drv)
     assert sorted(orphans) == sorted([str(drv.home / names["staging"]),
                                       str(drv.home / "layers" / names["removing"])])

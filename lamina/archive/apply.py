@@ -32,8 +32,8 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Protocol
 
 from lamina import crashpoints, progress
+from lamina.archive.digests import MAX_DIGESTS, Digests
 from lamina.archive.reader import BLK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry, TarReader
-from lamina.archive.resolve import DIR_FLAGS as _DIR_FLAGS
 from lamina.archive.resolve import MAX_DEPTH, MAX_SYMLINKS, LayerPaths
 from lamina.archive.union import (
     OPAQUE_MARKER,
@@ -45,8 +45,8 @@ from lamina.archive.union import (
 )
 from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive, Unsupported
 from lamina.host import fsutil
+from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.idmap import IdMapper
-from lamina.store.manifest import MAX_DIGESTS, Digests
 
 __all__ = [
     "MAX_DEPTH", "MAX_SYMLINKS", "OPAQUE_MARKER", "OVERLAY_OPAQUE_XATTR", "WHITEOUT_PREFIX",
@@ -135,7 +135,7 @@ class Applier(LayerPaths):
 
     def apply_entries(self, reader: EntrySource) -> int:
         """Apply the members ``reader`` gives (a tar's, or records of one); as :meth:`apply`."""
-        self._root_fd = os.open(self.root, _DIR_FLAGS)
+        self._root_fd = os.open(self.root, DIR_FLAGS)
         try:
             self._root_ino = os.fstat(self._root_fd).st_ino
             size = self._apply_all(reader)
@@ -252,7 +252,7 @@ class Applier(LayerPaths):
         except FileExistsError:
             if not self._clear(pfd, base, True):  # not a directory to merge into
                 os.mkdir(base, 0o700, dir_fd=pfd)
-        fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        fd = os.open(base, DIR_FLAGS, dir_fd=pfd)
         try:
             self._dir_metadata(fd, entry)
             self._dirs[os.fstat(fd).st_ino] = (parts, entry.mtime, _atime(entry))
@@ -336,7 +336,7 @@ class Applier(LayerPaths):
             raise UnsafeArchive(f"hard link target {entry.linkname!r} not found",
                                 layer=self.layer, path=entry.name)
         path, st = lower
-        src = os.open(os.path.dirname(path), _DIR_FLAGS)
+        src = os.open(os.path.dirname(path), DIR_FLAGS)
         try:
             fsutil.copy_node(src, tfd, base, st, overlay_xattrs=False)
         finally:
@@ -413,7 +413,7 @@ class Applier(LayerPaths):
             self._drop_cache()
             shutil.rmtree(name, dir_fd=pfd)
             return
-        fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
         try:
             for child in os.listdir(fd):
                 self._remove_lower(fd, st.st_ino, child)
@@ -451,7 +451,7 @@ class Applier(LayerPaths):
                 continue
             pfd, _ = found
             try:
-                fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=pfd)
+                fd = os.open(parts[-1], DIR_FLAGS, dir_fd=pfd)
             except OSError:
                 continue  # replaced or removed by a later entry
             try:

@@ -27,11 +27,11 @@ from lamina import crashpoints, progress
 from lamina.archive.apply import OPAQUE_MARKER, WHITEOUT_PREFIX
 from lamina.archive.writer import END_OF_ARCHIVE, header, padding
 from lamina.errors import NotFound
+from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.idmap import IdMapper
 
 READ_CHUNK = 1 << 20
 CAPABILITY = "security.capability"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
 
 
@@ -99,7 +99,7 @@ class Dirs:
         if not rel:
             return self.root_fd
         parent, _, base = rel.rpartition("/")
-        fd = os.open(base, _DIR_FLAGS, dir_fd=self.open(parent))
+        fd = os.open(base, DIR_FLAGS, dir_fd=self.open(parent))
         if len(self._cache) > 256:
             self.close()
         self._cache[rel] = fd
@@ -133,7 +133,7 @@ class _TarStream(io.RawIOBase):
     """
 
     def __init__(self, root: str, items: Iterable[Item], ids: IdMapper) -> None:
-        self._root_fd = os.open(root, _DIR_FLAGS)
+        self._root_fd = os.open(root, DIR_FLAGS)
         self._dirs = Dirs(self._root_fd)
         self._items = iter(items)
         self._ids = ids

@@ -80,9 +80,9 @@ from typing import Any, BinaryIO
 from lamina import errors, progress
 from lamina.archive import records
 from lamina.archive.apply import Applier
+from lamina.archive.digests import MAX_DIGESTS, Digests
 from lamina.archive.reader import TarReader
 from lamina.host.idmap import IdMapper
-from lamina.store.manifest import MAX_DIGESTS, Digests
 
 NOREEXEC = "LAMINA_NOREEXEC"
 """The environment variable that makes :func:`apply_layer` apply in-process."""

@@ -40,9 +40,9 @@ from typing import Any
 
 from lamina import errors, progress
 from lamina.archive.apply import Applier
+from lamina.archive.digests import Digests
 from lamina.archive.records import Aborted, RecordReader
 from lamina.host.idmap import IdMapper
-from lamina.store.manifest import Digests
 
 PROGRESS_EVERY = 0.1  # seconds between the child's entry counts
 DIGESTS_PER_LINE = 4096  # files per digests line: each well below isolate.MAX_RESULT

@@ -24,8 +24,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from lamina.driver import Change, ChangeKind
+from lamina.host.fsutil import DIR_FLAGS
+from lamina.host.usage import Tally
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CAPABILITY = "security.capability"
 _CMP_CHUNK = 1 << 20
 
@@ -60,8 +61,7 @@ def size_of(root: str | os.PathLike[str], found: list[Change]) -> int:
     Only regular files count, so that the size of a diff equals what
     ``apply_diff`` of it returns (the regular-file data of the tar).
     """
-    total = 0
-    seen: set[tuple[int, int]] = set()
+    tally = Tally()
     with _opendir(root) as rfd:
         for change in found:
             if change.kind is ChangeKind.DELETE:
@@ -70,20 +70,14 @@ def size_of(root: str | os.PathLike[str], found: list[Change]) -> int:
                 st = os.stat(change.path.lstrip("/"), dir_fd=rfd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if st.st_nlink > 1:
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                seen.add(key)
-            total += st.st_size
-    return total
+            if stat.S_ISREG(st.st_mode):
+                tally.add(st)
+    return tally.bytes
 
 
 @contextmanager
 def _opendir(path: str | os.PathLike[str], dir_fd: int | None = None) -> Iterator[int]:
-    fd = os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+    fd = os.open(path, DIR_FLAGS, dir_fd=dir_fd)
     try:
         yield fd
     finally:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from lamina.archive.union import is_whiteout, lower_lookup, opaque
 from lamina.errors import UnsafeArchive
 from lamina.host import fsutil
+from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.idmap import IdMapper
 
 MAX_SYMLINKS = 40
@@ -24,7 +25,6 @@ MAX_DEPTH = 512
 """Directories a path may go down.  PATH_MAX allows no deeper name but of one-letter
 components, and it keeps every tree walk of a layer (copies, removal, os.walk,
 export) within Python's recursion limit."""
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CACHE_MAX = 512
 
 

@@ -38,6 +38,7 @@ from lamina.archive.reader import DIR, LINK, REG, SYMLINK, Entry, TarReader
 from lamina.archive.writer import padding
 from lamina.errors import LaminaError, UnsafeArchive
 from lamina.host import fsutil
+from lamina.host.fsutil import DIR_FLAGS
 
 ROOTS = ("Files", "Hives", "UtilityVM")
 LINKABLE = ("Files/", "UtilityVM/Files/")
@@ -49,7 +50,6 @@ MUTATED = {
 }
 RECORD = "tar-split.jsonl"
 VENDOR_PREFIXES = ("MSWINDOWS.", "LIBARCHIVE.")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 20
 
 
@@ -93,7 +93,7 @@ class WindowsImporter:
         total = 0
         report = progress.current()
         seen = 0
-        root_fd = os.open(self.root, _DIR_FLAGS)
+        root_fd = os.open(self.root, DIR_FLAGS)
         try:
             with open(self.root / RECORD, "w", encoding="ascii") as record:
                 for entry in reader:
@@ -165,10 +165,10 @@ class WindowsImporter:
         fd = os.dup(root_fd)
         for part in parts:
             try:
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
                 os.mkdir(part, 0o755, dir_fd=fd)
-                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
             except OSError:
                 os.close(fd)
                 raise UnsafeArchive(f"{part!r} is not a directory", layer=self.layer,
@@ -220,7 +220,7 @@ class WindowsImporter:
         if found is None or not stat.S_ISREG(found[1].st_mode):
             raise UnsafeArchive(f"hard link target {entry.linkname!r} not found",
                                 layer=self.layer, path=entry.name)
-        src = os.open(os.path.dirname(found[0]), _DIR_FLAGS)
+        src = os.open(os.path.dirname(found[0]), DIR_FLAGS)
         try:
             _copy_as(src, os.path.basename(found[0]), pfd, parts[-1])
         finally:
@@ -291,7 +291,7 @@ def _set_vendor_xattrs(pfd: int, base: str, entry: Entry) -> None:
 
 def export(root: Path) -> Iterator[bytes]:
     """The imported tar again, byte for byte, from the record and the layer's files."""
-    root_fd = os.open(root, _DIR_FLAGS)
+    root_fd = os.open(root, DIR_FLAGS)
     try:
         with open(root / RECORD, encoding="ascii") as record:
             for line in record:

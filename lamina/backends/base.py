@@ -10,86 +10,27 @@ from __future__ import annotations
 
 import abc
 import collections
-import json
 import logging
 import os
 import shutil
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, TypedDict
+from typing import Any, BinaryIO, ClassVar
 
 from lamina import crashpoints, errors
 from lamina.archive import codecs
+from lamina.archive.digests import Digests
 from lamina.driver import Driver, IdMap, LayerId, check_id
 from lamina.host import fsutil, mount, quota
 from lamina.host.idmap import IdMapper
-from lamina.host.quota import parse_size
+from lamina.host.usage import Totals
+from lamina.options import apply_limits, parse_options, parse_size, storage_size
 from lamina.store import manifest
-from lamina.store.layers import META, Store, wall_time
+from lamina.store.layers import Store, wall_time
+from lamina.store.meta import LayerMeta, Quota
 
 log = logging.getLogger("lamina")
-
-STORAGE_OPTS = frozenset({"size"})
-
-APPLY_OPTIONS = {
-    "apply.max_entries": "refuse a layer tar of more entries than this (default: no limit)",
-    "apply.max_size": "refuse a layer tar of more file data than this (Docker's units: 50M, "
-                      "1.5GB; default: no limit)",
-}
-"""Driver options of the backends that apply with lamina's tar engine: limits on what one
-``apply_diff`` may write (a backend lists them in its ``known_options``)."""
-
-
-def parse_options(
-    options: Sequence[str] | Mapping[str, str], known: Mapping[str, str], backend: str
-) -> dict[str, str]:
-    """``key=value`` strings or a mapping, checked against ``known`` (key → help)."""
-    pairs: list[tuple[str, str]] = []
-    if isinstance(options, Mapping):
-        pairs = [(str(k), str(v)) for k, v in options.items()]
-    else:
-        for item in options:
-            key, sep, value = str(item).partition("=")
-            if not sep:
-                raise errors.InvalidArgument(f"driver option {item!r} is not key=value")
-            pairs.append((key.strip(), value.strip()))
-    out = {}
-    for key, value in pairs:
-        if key not in known:
-            names = ", ".join(known) or "none"
-            raise errors.InvalidArgument(
-                f"unknown option {key!r} for backend {backend} (known: {names})"
-            )
-        out[key] = value
-    return out
-
-
-class ApplyLimits(TypedDict):
-    """What one apply may write (the tar engine's ``max_entries`` and ``max_size``)."""
-
-    max_entries: int | None
-    max_size: int | None
-
-
-def apply_limits(options: Mapping[str, str]) -> ApplyLimits:
-    """The :class:`ApplyLimits` the ``apply.*`` options set."""
-    limits = ApplyLimits(max_entries=None, max_size=None)
-    entries = options.get("apply.max_entries")
-    if entries is not None:
-        if not entries.isdigit() or int(entries) <= 0:
-            raise errors.InvalidArgument(f"apply.max_entries must be a positive number, not "
-                                         f"{entries!r}", path="apply.max_entries")
-        limits["max_entries"] = int(entries)
-    size = options.get("apply.max_size")
-    if size is not None:
-        try:
-            limits["max_size"] = parse_size(size)
-        except errors.InvalidArgument:
-            raise errors.InvalidArgument(f"apply.max_size must be a size (50M, 1.5GB), not "
-                                         f"{size!r}", path="apply.max_size") from None
-    return limits
-
 
 class StoreDriver(Driver, abc.ABC):
     """A :class:`Driver` over a :class:`Store`; backends fill in the abstract hooks."""
@@ -136,7 +77,7 @@ class StoreDriver(Driver, abc.ABC):
 
     @abc.abstractmethod
     def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
-               digests: manifest.Digests) -> int:
+               digests: Digests) -> int:
         """Apply an uncompressed tar into a layer being built in ``staged``; put the
         CRC-32s of the files it writes in ``digests``, where it can, for the manifest."""
 
@@ -159,13 +100,40 @@ class StoreDriver(Driver, abc.ABC):
     def content_of(self, layer_dir: Path) -> Path:
         """The layer's own content inside its directory (live or staged)."""
 
-    def record_manifest(
-        self, layer_dir: Path, digests: manifest.Digests | None = None
-    ) -> dict[str, int]:
-        # What a read-only layer holds, for `lamina check`, and its size, for `lamina df`.
-        totals = manifest.record(self.content_of(layer_dir), layer_dir / manifest.NAME,
-                                 only=self.content_only, digests=digests)
-        return {"bytes": totals.bytes, "disk": totals.disk, "inodes": totals.inodes}
+    def record_manifest(self, layer_dir: Path, digests: Digests | None = None) -> Totals:
+        """Record what a read-only layer holds (for ``check``) and return its totals (for
+        ``df``)."""
+        return manifest.record(self.content_of(layer_dir), layer_dir / manifest.NAME,
+                               only=self.content_only, digests=digests)
+
+    # -- what check and df see (lamina.store.layers.StoreBacked) --------------------
+
+    def union_point(self, id: LayerId) -> Path | None:
+        """Where ``id``'s union view is mounted while in use (None: never a mount)."""
+        return None
+
+    def needs_mount(self, id: LayerId) -> bool:
+        """Whether ``id``'s view, while counted, is a mount at :meth:`union_point`."""
+        return False
+
+    def stray_links(self) -> list[str]:
+        """The backend's links in the home that lead to no layer (none by default)."""
+        return []
+
+    def sweep_links(self) -> list[str]:
+        """Remove the stray links that no builder still needs; the ones removed."""
+        return []
+
+    def discard(self, id: LayerId) -> None:
+        """Remove a damaged layer whatever its metadata says (a repair, children first):
+        what is mounted in it is unmounted, then it is retired and deleted as by
+        :meth:`remove`."""
+        with self.store.layer_lock(id):
+            doomed = self.store.retire(id, damaged=True)
+            with self._mine_lock:
+                self._mine.pop(id, None)
+            self.store.delete(doomed)  # unmounts what is mounted inside it first
+        self.sweep_links()
 
     # -- quotas ---------------------------------------------------------------
 
@@ -220,12 +188,9 @@ class StoreDriver(Driver, abc.ABC):
             return staged, {}
         if self.quota_mechanism == quota.PROJECT:
             project = quota.allocate_project(self.home)
-            return staged, {"quota": {"mechanism": quota.PROJECT, "project": project,
-                                      "size": size}}
+            return staged, {"quota": Quota(quota.PROJECT, size, project=project)}
         quota.make_image(staged / quota.IMAGE, base + size, staged / quota.IMAGE_MOUNT)
-        return staged / quota.IMAGE_MOUNT, {
-            "quota": {"mechanism": quota.LOOP, "size": size, "base": base}
-        }
+        return staged / quota.IMAGE_MOUNT, {"quota": Quota(quota.LOOP, size, base=base)}
 
     @abc.abstractmethod
     def _writable_dirs(self, id: LayerId) -> list[Path]:
@@ -237,28 +202,26 @@ class StoreDriver(Driver, abc.ABC):
         new = parse_size(size, layer=lid)
         with self.store.layer_lock(lid):
             meta = self.store.meta(lid)
-            info = meta.get("quota")
-            if not isinstance(info, dict):
+            info = meta.quota
+            if info is None:
                 raise errors.InvalidArgument("layer has no size quota", layer=lid, path="size")
             layer_dir = self.store.layer_dir(lid)
-            if info["mechanism"] == quota.PROJECT:
+            if info.mechanism == quota.PROJECT and info.project is not None:
                 where = self._writable_dirs(lid)[0]
-                used, _ = quota.usage(where, info["project"])
-                limit = int(info.get("base", 0)) + new
+                used, _ = quota.usage(where, info.project)
+                limit = info.base + new
                 if used > limit:
                     raise errors.InvalidArgument(
                         f"{used} bytes are in use, more than {new}", layer=lid, path="size")
-                quota.set_limit(where, info["project"], limit)
+                quota.set_limit(where, info.project, limit)
             else:
-                if new < int(info["size"]):
+                if new < info.size:
                     raise errors.InvalidArgument(
                         "a loop-image quota can grow, not shrink", layer=lid, path="size")
                 quota.grow_image(layer_dir / quota.IMAGE, layer_dir / quota.IMAGE_MOUNT,
-                                 int(info.get("base", 0)) + new,
-                                 in_use=self.store.count(lid) > 0)
-            info["size"] = new
-            fsutil.atomic_write(layer_dir / META,
-                                json.dumps({**meta, "quota": info}, sort_keys=True).encode())
+                                 info.base + new, in_use=self.store.count(lid) > 0)
+            info.size = new
+            self.store.rewrite_meta(meta)
 
     def _check_depth(self, id: LayerId, parent: LayerId | None, rw: bool) -> None:
         """Refuse a layer deeper than the backend can serve (before anything is written)."""
@@ -269,20 +232,9 @@ class StoreDriver(Driver, abc.ABC):
         self, id: LayerId, opts: Mapping[str, str] | None, rw: bool
     ) -> int | None:
         """The layer's quota in bytes (its ``size`` option, else the driver's default)."""
-        for key in opts or {}:
-            if key not in STORAGE_OPTS:
-                raise errors.InvalidArgument(f"unknown storage option {key!r}", layer=id)
-        size = (opts or {}).get("size")
-        if size is not None and not rw:
-            raise errors.InvalidArgument(
-                "a size quota applies to writable layers only", layer=id, path="size"
-            )
-        if size is None and rw:
-            size = self.options.get(f"{self.backend_name}.size")
-        if size is None:
-            return None
-        quota = parse_size(size, layer=id)
-        if self.quota_mechanism is None:
+        quota = storage_size(opts, layer=id, rw=rw,
+                             default=self.options.get(f"{self.backend_name}.size"))
+        if quota is not None and self.quota_mechanism is None:
             raise errors.Unsupported(f"size quotas: {self.quota_reason}", layer=id, path="size")
         return quota
 
@@ -325,15 +277,16 @@ class StoreDriver(Driver, abc.ABC):
             if pid is not None and not self.store.exists(pid):
                 raise errors.NotFound("parent layer vanished", layer=lid, path=pid)
             with self.store.staging(lid) as staged:
-                digests: manifest.Digests = {}
+                digests: Digests = {}
                 with fsutil.writeback(staged):  # the disk writes while the layer is made
                     fields = self._populate(staged, lid, pid, quota)
+                    meta = LayerMeta(lid, pid, rw, wall_time(), quota=fields.pop("quota", None),
+                                     fields=fields)
                     if tar is not None:
                         size = self._apply(staged, lid, pid, tar, digests)
                     if not rw:
-                        fields["totals"] = self.record_manifest(staged, digests)
-                meta = {"id": lid, "parent": pid, "rw": rw, "created": wall_time(), **fields}
-                self.store.write_meta(staged, lid, meta)
+                        meta.totals = self.record_manifest(staged, digests)
+                self.store.write_meta(staged, meta)
                 # One syncfs makes the whole layer durable before it becomes visible.
                 fsutil.syncfs(staged)
                 self.store.publish(staged, lid, pid)
@@ -367,10 +320,10 @@ class StoreDriver(Driver, abc.ABC):
             meta = self.store.meta(lid)
         except errors.NotFound:
             return None
-        if "quota" in meta:
+        if meta.quota is not None:
             raise errors.Unsupported("cannot apply a tar into a layer with a size quota",
                                      layer=lid)
-        pid = LayerId(meta["parent"]) if meta.get("parent") else None
+        pid = meta.parent
         want = self.store.resolve(parent) if parent else None
         if want != pid:
             raise errors.InvalidArgument(
@@ -382,14 +335,15 @@ class StoreDriver(Driver, abc.ABC):
             if self.store.count(lid) > 0:
                 raise errors.Busy("cannot apply into a mounted layer", layer=lid)
             with self.store.staging(lid) as staged:
-                digests: manifest.Digests = {}
+                digests: Digests = {}
                 with fsutil.writeback(staged):
                     fields = self._restage(staged, lid)
                     size = self._apply(staged, lid, pid, tar, digests)
-                    meta = {**self.store.meta(lid), **fields}
-                    if not meta.get("rw"):
-                        meta["totals"] = self.record_manifest(staged, digests)
-                self.store.write_meta(staged, lid, meta)
+                    meta = self.store.meta(lid)
+                    meta.fields.update(fields)
+                    if not meta.rw:
+                        meta.totals = self.record_manifest(staged, digests)
+                self.store.write_meta(staged, meta)
                 fsutil.syncfs(staged)
                 self.store.swap(staged, lid)
         return size

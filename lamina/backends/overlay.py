@@ -37,19 +37,22 @@ from typing import Any, BinaryIO, ClassVar
 from lamina import errors
 from lamina.archive import isolate, naivediff
 from lamina.archive.apply import OVERLAY_OPAQUE_XATTR, lower_lookup
+from lamina.archive.digests import Digests
 from lamina.archive.export import Action, Dirs, Item, export_changes, open_stream
 from lamina.archive.union import is_whiteout, opaque, opaque_path
-from lamina.backends.base import APPLY_OPTIONS, StoreDriver
+from lamina.backends.base import StoreDriver
 from lamina.backends.vfs import TreeGetter
-from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
+from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil, mount
 from lamina.host import quota as quotas
-from lamina.store import manifest
+from lamina.host.fsutil import DIR_FLAGS
+from lamina.host.usage import tree_totals
+from lamina.options import APPLY_OPTIONS
+from lamina.registry import register_backend
 
 DIFF, WORK, MERGED, LOWER, LINK = "diff", "work", "merged", "lower", "link"
 MAX_DEPTH = 500  # overlayfs' limit on lower layers
 MOUNT_OPTIONS = ("index=off", "redirect_dir=off", "metacopy=off")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def why_unsupported(home: Path) -> str | None:
@@ -122,34 +125,50 @@ class OverlayDriver(StoreDriver):
             # Read under the lock: get and put mount and count under it, so a list
             # read before it could be older than the counts.
             mounted = set(mount.mounted_below(str(self.store.layers_dir)))
+            counts = self.store.counted()
             for lid in list(self.store.ids()):
                 point = str(self._merged(lid))
-                count = self.store.count(lid)
+                count = counts.get(lid, 0)
+                if count < 0:
+                    continue  # an unreadable count: check reports it, repair resets it
                 if point in mounted and count == 0:
                     mount.unmount(point)  # left by a process that died between mount and count
-                elif point not in mounted and count > 0 and self._needs_mount(lid):
+                elif point not in mounted and count > 0 and self.needs_mount(lid):
                     self.store.set_count(lid, 0)  # the mount is gone (a reboot, a kill)
             for lid, count in self.store.counted().items():
                 if count and not self.store.exists(lid):
                     self.store.set_count(lid, 0)
             # Under the lock too: a builder makes its link before it publishes the
             # layer (under the lock), so a link seen dangling here stays so.
-            self._sweep_links()
+            self.sweep_links()
 
-    def _sweep_links(self) -> None:
+    def stray_links(self) -> list[str]:
+        """``l/`` links whose layer is gone (or not yet published)."""
         links = self.home / "l"
-        for name in os.listdir(links):
-            path = links / name
-            if path.is_symlink() and not path.exists():
-                try:
-                    target = os.readlink(path)
-                except FileNotFoundError:
-                    continue  # removed meanwhile (by its layer's remove)
-                lid = target.split("/")[-2] if target.count("/") >= 2 else ""
-                building = any(e.startswith(f"{lid}.") for e in os.listdir(self.store.staging_dir))
-                if not building:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+        if not links.is_dir():
+            return []
+        return sorted(name for name in os.listdir(links)
+                      if (links / name).is_symlink() and not (links / name).exists())
+
+    def sweep_links(self) -> list[str]:
+        """Remove the stray ``l/`` links of layers nobody is building; their names."""
+        links = self.home / "l"
+        # Staging entries are ID.TOKEN and ID.TOKEN.lock (ids may hold dots, tokens not).
+        building = {e.removesuffix(".lock").rsplit(".", 1)[0]
+                    for e in os.listdir(self.store.staging_dir)}
+        swept = []
+        for name in self.stray_links():
+            try:
+                target = os.readlink(links / name)
+            except FileNotFoundError:
+                continue  # removed meanwhile (by its layer's remove)
+            lid = target.split("/")[-2] if target.count("/") >= 2 else ""
+            if lid in building:
+                continue  # made before its layer is published
+            with contextlib.suppress(FileNotFoundError):
+                (links / name).unlink()
+                swept.append(name)
+        return swept
 
     # -- paths --------------------------------------------------------------------
 
@@ -167,7 +186,10 @@ class OverlayDriver(StoreDriver):
         layers = str(self.store.layers_dir)
         return [f"{layers}/{p}/{DIFF}" for p in [parent, *self.store.chain(parent)]]
 
-    def _needs_mount(self, id: LayerId) -> bool:
+    def union_point(self, id: LayerId) -> Path | None:
+        return self._merged(id)
+
+    def needs_mount(self, id: LayerId) -> bool:
         return self.store.parent(id) is not None
 
     # -- building -------------------------------------------------------------------
@@ -196,7 +218,8 @@ class OverlayDriver(StoreDriver):
             # l/ links need no special case (upper and work share its filesystem).
             for sub in (DIFF, WORK):
                 os.symlink(f"{quotas.IMAGE_MOUNT}/{sub}", staged / sub)
-        project = fields.get("quota", {}).get("project")
+        capped = fields.get("quota")
+        project = capped.project if capped is not None else None
         if project is not None and quota is not None:
             for sub in (DIFF, WORK):
                 quotas.set_project(space / sub, project)
@@ -232,7 +255,7 @@ class OverlayDriver(StoreDriver):
         return {}
 
     def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
-               digests: manifest.Digests) -> int:
+               digests: Digests) -> int:
         return isolate.apply_layer(staged / DIFF, tar, layer=id, ids=self.ids,
                                    overlay_whiteouts=True, lowers=self._lowers(parent),
                                    digests=digests, **self.apply_limits)
@@ -255,16 +278,15 @@ class OverlayDriver(StoreDriver):
     def _mount(self, id: LayerId, mount_label: str) -> Path:
         self._capped_space(id)  # a loop-capped upper must be there before the union
         meta = self.store.meta(id)
-        parent = meta.get("parent")
-        if not parent:
+        if meta.parent is None:
             return self._diff(id)
-        lowers = self._lowers(LayerId(parent))
+        lowers = self._lowers(meta.parent)
         options = list(MOUNT_OPTIONS)
         if mount_label:
             options.append(f"context={mount_label}")
         layer_dir = self.store.layer_dir(id)
         try:
-            if meta.get("rw"):
+            if meta.rw:
                 mount.mount_overlay(str(layer_dir / MERGED), lowers, str(layer_dir / DIFF),
                                     str(layer_dir / WORK), options=options,
                                     relative_to=str(self.home))
@@ -277,7 +299,7 @@ class OverlayDriver(StoreDriver):
         return layer_dir / MERGED
 
     def _view(self, id: LayerId) -> Path:
-        return self._merged(id) if self._needs_mount(id) else self._diff(id)
+        return self._merged(id) if self.needs_mount(id) else self._diff(id)
 
     def _unmount(self, id: LayerId) -> None:
         try:
@@ -311,7 +333,7 @@ class OverlayDriver(StoreDriver):
         lid = self.store.require(id)
         pid, own = self._diff_parent(lid, parent)
         if own:
-            return _tree_size(self._diff(lid))
+            return tree_totals(self._diff(lid)).bytes
         with self._viewed(lid) as new, self._parent_view(pid) as old:
             return naivediff.size_of(new, naivediff.changes(old, new))
 
@@ -368,7 +390,7 @@ def native_items(diff: Path) -> Iterator[Item]:
     ``fstatat``), so one swapped for a symlink meanwhile cannot lead the walk out of the
     layer; each item carries the lstat it was found with, for the export's header.
     """
-    root = os.open(diff, _DIR_FLAGS)
+    root = os.open(diff, DIR_FLAGS)
     dirs = Dirs(root)
     try:
         stack = [("", iter(_listing(root)))]
@@ -486,31 +508,15 @@ def _differs(lpath: str, lst: os.stat_result, upath: str, ust: os.stat_result) -
     udir, uname = os.path.split(upath)
     if lname != uname:  # pragma: no cover - same path in both
         return True
-    lfd = os.open(ldir, _DIR_FLAGS)
+    lfd = os.open(ldir, DIR_FLAGS)
     try:
-        ufd = os.open(udir, _DIR_FLAGS)
+        ufd = os.open(udir, DIR_FLAGS)
         try:
             return naivediff.differs(lfd, ufd, lname, lst, ust)
         finally:
             os.close(ufd)
     finally:
         os.close(lfd)
-
-
-def _tree_size(root: Path) -> int:
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if st.st_nlink > 1:
-                if (st.st_dev, st.st_ino) in seen:
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-            total += st.st_size
-    return total
 
 
 register_backend("overlay", OverlayDriver)

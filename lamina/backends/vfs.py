@@ -19,15 +19,18 @@ from typing import Any, BinaryIO, ClassVar
 
 from lamina import errors
 from lamina.archive import isolate, naivediff
+from lamina.archive.digests import Digests
 from lamina.archive.export import Action, Item, export_changes
-from lamina.backends.base import APPLY_OPTIONS, StoreDriver
-from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
+from lamina.backends.base import StoreDriver
+from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil
 from lamina.host import quota as quotas
-from lamina.store import manifest
+from lamina.host.fsutil import DIR_FLAGS
+from lamina.host.usage import tree_totals
+from lamina.options import APPLY_OPTIONS
+from lamina.registry import register_backend
 
 FS = "fs"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class VfsDriver(StoreDriver):
@@ -66,11 +69,12 @@ class VfsDriver(StoreDriver):
     ) -> dict[str, Any]:
         # A capped layer's quota comes on top of its copy of the parent.
         loop = quota is not None and self.quota_mechanism == quotas.LOOP
-        base = quotas.tree_usage(self._tree(parent)) if loop and parent is not None else 0
+        base = tree_totals(self._tree(parent)).disk if loop and parent is not None else 0
         space, fields = self._start_quota(staged, id, quota, base)
         tree = space / FS
         tree.mkdir(mode=0o755)
-        project = fields.get("quota", {}).get("project")
+        capped = fields.get("quota")
+        project = capped.project if capped is not None else None
         if project is not None:
             quotas.set_project(tree, project)  # before the copy, so that it is charged
         if parent is not None:
@@ -81,7 +85,7 @@ class VfsDriver(StoreDriver):
         if project is not None and quota is not None:
             used, _ = quotas.usage(tree, project)
             quotas.set_limit(tree, project, used + quota)
-            fields["quota"]["base"] = used
+            fields["quota"].base = used
         # Files touched after this instant may differ from the parent in content only.
         return {"touched_ns": self.store.now_ns(staged), **fields}
 
@@ -98,7 +102,7 @@ class VfsDriver(StoreDriver):
         return {"touched_ns": self.store.now_ns(staged)}
 
     def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
-               digests: manifest.Digests) -> int:
+               digests: Digests) -> int:
         return isolate.apply_layer(staged / FS, tar, layer=id, ids=self.ids, digests=digests,
                                    **self.apply_limits)
 
@@ -122,7 +126,7 @@ class VfsDriver(StoreDriver):
     def changes(self, id: str, parent: str | None = None) -> list[Change]:
         lid = self.store.require(id)
         pid, own = self._diff_parent(lid, parent)
-        touched = self.store.meta(lid).get("touched_ns") if own else None
+        touched = self.store.meta(lid).fields.get("touched_ns") if own else None
         return naivediff.changes(
             self._tree(pid) if pid is not None else None,
             self._tree(lid),
@@ -161,7 +165,7 @@ class TreeGetter(DiffGetter):
         parts = [p for p in path.split("/") if p not in ("", ".")]
         if not parts or ".." in parts:
             raise errors.InvalidArgument("bad path", layer=self.layer, path=path)
-        fd = os.open(self.root, _DIR_FLAGS)
+        fd = os.open(self.root, DIR_FLAGS)
         try:
             ffd = fsutil.open_file_beneath(fd, "/".join(parts))
         except OSError as e:

@@ -28,12 +28,13 @@ from typing import Any, BinaryIO, ClassVar
 from lamina import errors
 from lamina.archive import wclayer
 from lamina.archive.apply import lower_lookup
+from lamina.archive.digests import Digests
 from lamina.archive.export import open_stream
 from lamina.backends.base import StoreDriver
 from lamina.backends.vfs import TreeGetter
-from lamina.driver import Change, ChangeKind, DiffGetter, LayerId, register_backend
+from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import mount
-from lamina.store import manifest
+from lamina.registry import register_backend
 
 FILES, MERGED = "Files", "merged"
 
@@ -77,7 +78,7 @@ class WindowsFilterDriver(StoreDriver):
         return {"format": "windowsfilter"}
 
     def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
-               digests: manifest.Digests) -> int:
+               digests: Digests) -> int:
         parents = [self.store.layer_dir(p) for p in self._chain_of(parent)]
         return wclayer.WindowsImporter(staged, parents, layer=id).apply(tar)
 
@@ -111,6 +112,12 @@ class WindowsFilterDriver(StoreDriver):
         except OSError as e:
             raise errors.LaminaError(f"cannot mount: {e}", layer=id, path=str(target)) from e
         return target
+
+    def union_point(self, id: LayerId) -> Path | None:
+        return self.store.layer_dir(id) / MERGED
+
+    def needs_mount(self, id: LayerId) -> bool:
+        return self.store.parent(id) is not None
 
     def _view(self, id: LayerId) -> Path:
         lowers = self._files(id)

@@ -257,9 +257,9 @@ def cmd_check(drv: Driver, args: argparse.Namespace) -> Result:
 
 def cmd_df(drv: Driver, args: argparse.Namespace) -> Result:
     """``df``: each layer's own bytes, disk use and inodes (counters kept at apply time)."""
-    from lamina.store import check
+    from lamina.store import usage as store_usage
 
-    usage, orphans = check.df(drv)
+    usage, orphans = store_usage.df(drv)
     table = [["ID", "PARENT", "BYTES", "DISK", "INODES", "SOURCE"]]
     for u in usage:
         table.append([u.id, u.parent or "-", human_size(u.bytes), human_size(u.disk),

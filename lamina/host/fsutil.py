@@ -38,6 +38,8 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 FICLONE = 0x40049409
 COPY_CHUNK = 1 << 24
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+"""How every walk below a layer root opens a directory: never through a symlink."""
 
 
 def _raise_errno(what: str, path: str | os.PathLike[str]) -> None:
@@ -276,7 +278,7 @@ def open_dir_beneath(root_fd: int, parts: Sequence[str]) -> int:
     fd = os.dup(root_fd)
     try:
         for part in parts:
-            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            nfd = os.open(part, DIR_FLAGS,
                           dir_fd=fd)
             os.close(fd)
             fd = nfd
@@ -311,8 +313,8 @@ def copy_tree(
     fifos and devices (overlay whiteouts included) are kept; file data is reflinked
     where the filesystem can, else copied in the kernel.
     """
-    src_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    dst_fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    src_fd = os.open(src, DIR_FLAGS)
+    dst_fd = os.open(dst, DIR_FLAGS)
     try:
         links: dict[tuple[int, int], str] = {}
         _copy_dir(src_fd, dst_fd, dst_fd, "", links, reflink)
@@ -344,9 +346,9 @@ def _copy_dir(
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             os.mkdir(name, 0o700, dir_fd=dst_fd)
-            sub_src = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            sub_src = os.open(name, DIR_FLAGS,
                               dir_fd=src_fd)
-            sub_dst = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+            sub_dst = os.open(name, DIR_FLAGS,
                               dir_fd=dst_fd)
             try:
                 _copy_dir(sub_src, sub_dst, dst_root, f"{rel}{name}/", links, reflink)

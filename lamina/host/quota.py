@@ -26,7 +26,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import secrets
 import shutil
 import struct
@@ -51,25 +50,6 @@ FIRST_PROJECT_ID = 0x4C000000  # lamina's ids start here, away from admins' usua
 LOOP_MIN = 2 << 20  # the smallest image worth making
 PROJECT, LOOP = "project", "loop"
 IMAGE, IMAGE_MOUNT = "quota.img", "q"  # a loop-capped layer's image and its mount point
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-_SIZE_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtpb]?)(i?b)?\s*", re.IGNORECASE)
-
-
-def parse_size(value: str, *, layer: str | None = None) -> int:
-    """Bytes in a size with Docker's units: ``50M``, ``1.5GB``, ``10g``, ``1024`` (binary)."""
-    match = _SIZE_RE.fullmatch(str(value))
-    if match is None:
-        raise errors.InvalidArgument(f"invalid size {value!r}", layer=layer, path="size")
-    number, unit, suffix = match.groups()
-    if unit.lower() == "b" and suffix:
-        raise errors.InvalidArgument(f"invalid size {value!r}", layer=layer, path="size")
-    size = int(float(number) * _UNITS[unit.lower()])
-    if size <= 0:
-        raise errors.InvalidArgument(f"size must be positive, not {value!r}", layer=layer,
-                                     path="size")
-    return size
-
 
 def _quotactl(fd: int, cmd: int, qid: int, buf: ctypes.Array[ctypes.c_char]) -> None:
     res = _libc.syscall(ctypes.c_long(SYS_QUOTACTL_FD), ctypes.c_uint(fd),
@@ -156,21 +136,6 @@ def allocate_project(home: Path) -> int:
             raise errors.Corrupt(f"unreadable {path.name}: {e}", path=str(path)) from e
         fsutil.atomic_write(path, json.dumps({"last": last + 1}).encode())
     return last + 1
-
-
-def tree_usage(root: str | os.PathLike[str]) -> int:
-    """Bytes the files below ``root`` take on disk (blocks, hard links once)."""
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if st.st_nlink > 1 and not os.path.isdir(os.path.join(dirpath, name)):
-                if (st.st_dev, st.st_ino) in seen:
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
-    return total
 
 
 def _run(*argv: str) -> None:

@@ -1,4 +1,4 @@
-"""``lamina check`` and ``lamina df``: verify a store, repair it, and account for it.
+"""``lamina check``: verify a store and repair it.
 
 ``check`` looks at every layer directory: its metadata (readable, its own id,
 a parent that exists, a chain that agrees), its content against the manifest
@@ -10,25 +10,26 @@ and every layer built on it, since their union is wrong too — finishes or drop
 leftovers, and fixes counts, saying what it did; a second check then finds
 nothing.
 
-``df`` reads the sizes recorded at apply time (bytes, bytes on disk, inodes of
-each read-only layer's own content) instead of walking the layers; only
-writable layers, whose content changes while containers run, are walked.
+It knows no backend: what is a backend's own (its content inside a layer
+directory, where it mounts a union, its links in the home) it learns through the
+:class:`~lamina.store.layers.StoreBacked` hooks.
+
+Crash model: a repair removes a layer as ``remove`` does (renamed to
+``ID-removing`` first, then deleted), so a repair killed midway leaves what the
+next open or check finishes; counts are rewritten under the store lock.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from lamina import errors
-from lamina.backends.base import StoreDriver
 from lamina.driver import REMOVING_SUFFIX, Driver, LayerId, check_id
-from lamina.host import fsutil, mount
+from lamina.host import mount
 from lamina.store import manifest
-from lamina.store.layers import META
+from lamina.store.layers import StoreBacked, store_backed
+from lamina.store.meta import LayerMeta
 
 
 @dataclass
@@ -45,19 +46,13 @@ class Report:
         return not self.problems
 
 
-def _store_driver(drv: Driver) -> StoreDriver:
-    if not isinstance(drv, StoreDriver):
-        raise errors.Unsupported(f"backend {drv.name} cannot be checked")
-    return drv
-
-
 def check(drv: Driver, *, repair: bool = False, content: bool = True) -> Report:
     """Verify the store behind ``drv``; with ``repair``, fix what is broken."""
-    sd = _store_driver(drv)
+    sd = store_backed(drv)
     store = sd.store
     report = Report()
     broken: dict[LayerId, str] = {}
-    metas: dict[LayerId, dict[str, Any]] = {}
+    metas: dict[LayerId, LayerMeta] = {}
     for entry in sorted(os.listdir(store.layers_dir)):
         if entry.endswith(REMOVING_SUFFIX):
             report.problems.append(f"{entry}: an unfinished removal")
@@ -69,30 +64,29 @@ def check(drv: Driver, *, repair: bool = False, content: bool = True) -> Report:
             continue
         try:
             meta = store.meta(lid)
-            if meta.get("id") != lid:
-                raise errors.Corrupt(f"metadata names {meta.get('id')!r}", layer=lid)
+            if meta.id != lid:
+                raise errors.Corrupt(f"metadata names {meta.id!r}", layer=lid)
             metas[lid] = meta
         except errors.LaminaError as e:
             broken[lid] = f"metadata: {e}"
     report.layers = len(metas)
     for lid, meta in metas.items():
-        parent = meta.get("parent")
-        if parent and parent not in metas:
-            broken[lid] = f"its parent {parent} is missing"
+        if meta.parent and meta.parent not in metas:
+            broken[lid] = f"its parent {meta.parent} is missing"
             continue
         try:
             store.chain(lid)
         except errors.LaminaError as e:
             broken[lid] = str(e)
             continue
-        if content and not meta.get("rw"):
+        if content and not meta.rw:
             where = store.layer_dir(lid)
             recorded = where / manifest.NAME
             if not recorded.is_file():
                 report.problems.append(f"{lid}: no manifest (made before manifests were kept)")
                 if repair:
-                    meta["totals"] = sd.record_manifest(where)
-                    _write_meta(store.layer_dir(lid), meta)
+                    meta.totals = sd.record_manifest(where)
+                    store.rewrite_meta(meta)
                     report.repairs.append(f"{lid}: manifest recorded from its present content")
                 continue
             found = manifest.verify(sd.content_of(where), recorded, only=sd.content_only)
@@ -107,73 +101,65 @@ def check(drv: Driver, *, repair: bool = False, content: bool = True) -> Report:
     _check_leftovers(sd, report)
     if repair:
         for lid in _children_first(doomed, metas):
-            _drop(sd, lid)
+            sd.discard(lid)
             why = broken.get(lid) or "built on a damaged layer"
             report.repairs.append(f"{lid}: removed ({why})")
         for path in store.sweep():
             report.repairs.append(f"{path}: leftover removed")
-        _sweep_links(sd, report)
+        for name in sd.sweep_links():
+            report.repairs.append(f"l/{name}: dangling link removed")
     return report
 
 
-def _write_meta(layer_dir: Path, meta: dict[str, Any]) -> None:
-    fsutil.atomic_write(layer_dir / META, json.dumps(meta, sort_keys=True).encode())
-
-
-def _with_descendants(broken: dict[LayerId, str], metas: dict[LayerId, dict[str, Any]]) -> set[
+def _with_descendants(broken: dict[LayerId, str], metas: dict[LayerId, LayerMeta]) -> set[
         LayerId]:
     doomed = set(broken)
     grew = True
     while grew:
         grew = False
         for lid, meta in metas.items():
-            if lid not in doomed and meta.get("parent") in doomed:
+            if lid not in doomed and meta.parent in doomed:
                 doomed.add(lid)
                 grew = True
     return doomed
 
 
-def _children_first(doomed: set[LayerId], metas: dict[LayerId, dict[str, Any]]) -> list[LayerId]:
+def _children_first(doomed: set[LayerId], metas: dict[LayerId, LayerMeta]) -> list[LayerId]:
     def depth(lid: LayerId) -> int:
-        chain = metas.get(lid, {}).get("chain")
-        return len(chain) if isinstance(chain, list) else 0
+        meta = metas.get(lid)
+        return len(meta.chain) if meta is not None else 0
 
     return sorted(doomed, key=depth, reverse=True)
 
 
-def _drop(sd: StoreDriver, lid: LayerId) -> None:
-    store = sd.store
-    layer_dir = store.layer_dir(lid)
-    mount.unmount_below(layer_dir)
-    doomed = store.layers_dir / f"{lid}{REMOVING_SUFFIX}"
-    with store.locked():
-        store.delete(doomed)
-        os.rename(layer_dir, doomed)
-        store.set_count(lid, 0)
-    store.delete(doomed)
-
-
-def _check_counts(sd: StoreDriver, metas: dict[LayerId, dict[str, Any]], report: Report,
+def _check_counts(sd: StoreBacked, metas: dict[LayerId, LayerMeta], report: Report,
                   repair: bool) -> None:
     store = sd.store
-    for lid, count in store.counted().items():
-        if lid not in metas:
+    counts = store.counted()
+    for lid, count in counts.items():
+        if count < 0:
+            report.problems.append(f"{lid}: an unreadable mount count")
+        elif lid not in metas:
             report.problems.append(f"{lid}: a mount count of {count} for a layer that is gone")
-            if repair:
-                with store.locked():
-                    store.set_count(lid, 0)
-                report.repairs.append(f"{lid}: its count dropped")
+        else:
+            continue
+        if repair:
+            with store.locked():
+                store.set_count(lid, 0)
+            report.repairs.append(f"{lid}: its count dropped")
+            counts[lid] = 0
     mounted = set(mount.mounted_below(str(store.layers_dir)))
     for lid in metas:
-        merged = str(store.layer_dir(lid) / "merged")
-        count = store.count(lid)
-        if merged in mounted and count == 0:
+        point = sd.union_point(lid)
+        if point is None:
+            continue
+        count = max(counts.get(lid, 0), 0)
+        if str(point) in mounted and count == 0:
             report.problems.append(f"{lid}: mounted with no count")
             if repair:
-                mount.unmount(merged)
+                mount.unmount(str(point))
                 report.repairs.append(f"{lid}: unmounted")
-        needs_mount = sd.name == "overlay" and metas[lid].get("parent")
-        if needs_mount and merged not in mounted and count > 0:
+        if str(point) not in mounted and count > 0 and sd.needs_mount(lid):
             report.problems.append(f"{lid}: a count of {count} with nothing mounted")
             if repair:
                 with store.locked():
@@ -181,77 +167,10 @@ def _check_counts(sd: StoreDriver, metas: dict[LayerId, dict[str, Any]], report:
                 report.repairs.append(f"{lid}: its count reset")
 
 
-def _check_leftovers(sd: StoreDriver, report: Report) -> None:
+def _check_leftovers(sd: StoreBacked, report: Report) -> None:
     store = sd.store
     for entry in os.listdir(store.staging_dir):
         if not entry.endswith(".lock"):
             report.problems.append(f"staging/{entry}: a layer being built or abandoned")
-    links = sd.home / "l"
-    if links.is_dir():
-        for name in os.listdir(links):
-            path = links / name
-            if path.is_symlink() and not path.exists():
-                report.problems.append(f"l/{name}: a short link to a layer that is gone")
-
-
-def _sweep_links(sd: StoreDriver, report: Report) -> None:
-    links = sd.home / "l"
-    if not links.is_dir():
-        return
-    building = {e.split(".", 1)[0] for e in os.listdir(sd.store.staging_dir)}
-    for name in os.listdir(links):
-        path = links / name
-        if path.is_symlink() and not path.exists():
-            target = os.readlink(path).split("/")
-            if len(target) >= 2 and target[-2] in building:
-                continue
-            path.unlink()
-            report.repairs.append(f"l/{name}: dangling link removed")
-
-
-@dataclass
-class Usage:
-    """One layer's line of ``lamina df``."""
-
-    id: str
-    parent: str | None
-    rw: bool
-    bytes: int
-    disk: int
-    inodes: int
-    live: bool  # walked now (a writable layer), not read from the counters
-
-
-def df(drv: Driver) -> tuple[list[Usage], list[str]]:
-    """Every layer's own bytes, bytes on disk and inodes; and the store's orphans."""
-    sd = _store_driver(drv)
-    store = sd.store
-    rows = []
-    for lid in store.ids():
-        meta = store.meta(lid)
-        totals = meta.get("totals")
-        if isinstance(totals, dict) and not meta.get("rw"):
-            rows.append(Usage(lid, meta.get("parent"), False, int(totals["bytes"]),
-                              int(totals["disk"]), int(totals["inodes"]), False))
-            continue
-        content = sd.content_of(store.layer_dir(lid))
-        size = disk = inodes = 0
-        seen: set[tuple[int, int]] = set()
-        for dirpath, dirs, files in os.walk(content):
-            for name in dirs + files:
-                st = os.lstat(os.path.join(dirpath, name))
-                if st.st_nlink > 1 and name in files:
-                    if (st.st_dev, st.st_ino) in seen:
-                        continue
-                    seen.add((st.st_dev, st.st_ino))
-                inodes += 1
-                disk += st.st_blocks * 512
-                if os.path.isfile(os.path.join(dirpath, name)) and not os.path.islink(
-                        os.path.join(dirpath, name)):
-                    size += st.st_size
-        rows.append(Usage(lid, meta.get("parent"), bool(meta.get("rw")), size, disk, inodes, True))
-    orphans = [str(store.staging_dir / e) for e in os.listdir(store.staging_dir)
-               if not e.endswith(".lock")]
-    orphans += [str(store.layers_dir / e) for e in os.listdir(store.layers_dir)
-                if e.endswith(REMOVING_SUFFIX)]
-    return rows, orphans
+    for name in sd.stray_links():
+        report.problems.append(f"l/{name}: a short link to a layer that is gone")

@@ -34,18 +34,65 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Protocol, runtime_checkable
 
 from lamina import crashpoints, errors
 from lamina.driver import REMOVING_SUFFIX, LayerId, check_id
 from lamina.host import fsutil, mount
+from lamina.host.usage import Totals
+from lamina.store import meta as meta_file
+from lamina.store.meta import ID_FILE, META, LayerMeta
 
 log = logging.getLogger("lamina")
 
 FORMAT = 1
-META = "layer.json"
-CHAIN = "layerchain.json"
-ID_FILE = "layerID"
+
+
+@runtime_checkable
+class StoreBacked(Protocol):
+    """A driver over a :class:`Store`, as ``check`` and ``df`` see it: the hooks through
+    which a backend tells what is its own (content, mounts, links), so that the store
+    tier never reads a backend's internals."""
+
+    store: Store
+    home: Path
+    content_only: tuple[str, ...] | None
+    """The names in ``content_of()`` that are the layer's content (None: all of it)."""
+
+    def content_of(self, layer_dir: Path) -> Path:
+        """The layer's own content inside its directory (live or staged)."""
+        ...
+
+    def record_manifest(self, layer_dir: Path) -> Totals:
+        """Record the manifest of a read-only layer's present content; its totals."""
+        ...
+
+    def union_point(self, id: LayerId) -> Path | None:
+        """Where the backend mounts ``id``'s union view (None: it never mounts one)."""
+        ...
+
+    def needs_mount(self, id: LayerId) -> bool:
+        """Whether ``id``'s view, while counted, is a mount at :meth:`union_point`."""
+        ...
+
+    def stray_links(self) -> list[str]:
+        """The backend's links in the home that lead to no layer (for the report)."""
+        ...
+
+    def sweep_links(self) -> list[str]:
+        """Remove the stray links that no builder still needs; the ones removed."""
+        ...
+
+    def discard(self, id: LayerId) -> None:
+        """Remove a damaged layer whatever its metadata says (its children are gone)."""
+        ...
+
+
+def store_backed(drv: object) -> StoreBacked:
+    """``drv`` as the store tier sees it, or ``Unsupported`` for a driver of no store."""
+    if not isinstance(drv, StoreBacked):
+        raise errors.Unsupported(f"backend {getattr(drv, 'name', drv)} keeps no lamina store")
+    return drv
 
 
 def recorded_backend(home: Path) -> str | None:
@@ -125,31 +172,20 @@ class Store:
             raise errors.NotFound("no such layer", layer=lid)
         return lid
 
-    def meta(self, id: LayerId) -> dict[str, Any]:
-        """The layer's metadata (``parent``, ``rw``, backend fields)."""
-        try:
-            data = json.loads((self.layers_dir / id / META).read_text())
-        except FileNotFoundError:
-            raise errors.NotFound("no such layer", layer=id) from None
-        except (OSError, ValueError) as e:
-            raise errors.Corrupt(f"unreadable {META}: {e}", layer=id) from e
-        if not isinstance(data, dict):
-            raise errors.Corrupt(f"bad {META}", layer=id)
-        return data
+    def meta(self, id: LayerId) -> LayerMeta:
+        """The layer's metadata (:mod:`lamina.store.meta`)."""
+        return meta_file.read(self.layers_dir / id, id)
 
     def parent(self, id: LayerId) -> LayerId | None:
         """The layer's parent id."""
-        parent = self.meta(id).get("parent")
-        return LayerId(parent) if parent else None
+        return self.meta(id).parent
 
     def chain(self, id: LayerId) -> list[LayerId]:
         """The layer's ancestors, nearest first (recorded in its metadata at creation)."""
         meta = self.meta(id)
-        chain = meta.get("chain")
-        parent = meta.get("parent")
-        if not isinstance(chain, list) or (chain[:1] != [parent] if parent else chain):
+        if meta.chain[:1] != ([meta.parent] if meta.parent else []):
             raise errors.Corrupt("bad parent chain in metadata", layer=id)
-        return [LayerId(c) for c in chain]
+        return meta.chain
 
     def ids(self) -> Iterator[LayerId]:
         """Every complete layer."""
@@ -164,25 +200,26 @@ class Store:
         out = []
         for c in self.ids():
             try:
-                if self.meta(c).get("parent") == id:
+                if self.meta(c).parent == id:
                     out.append(c)
             except errors.NotFound:
                 continue  # removed by someone else since it was listed
+            except errors.Corrupt:
+                continue  # not a child anyone can use; check reports it
         return out
 
-    def write_meta(self, staged: Path, id: LayerId, meta: dict[str, Any]) -> None:
-        """Write a layer's metadata files into its staging dir.
+    def write_meta(self, staged: Path, meta: LayerMeta) -> None:
+        """Write a new layer's metadata files into its staging dir, its chain from its
+        parent's (no fsync: the syncfs that precedes publishing covers them)."""
+        ancestors = [meta.parent, *self.chain(meta.parent)] if meta.parent else []
+        meta.chain = ancestors
+        meta_file.write_seed_files(staged, meta.id, [self.layer_dir(a) for a in ancestors])
+        meta_file.write(staged, meta, staged=True)
 
-        No fsync here: the syncfs that precedes publishing makes them durable
-        together with the layer's content.
-        """
-        parent = meta.get("parent")
-        ancestors = [LayerId(parent), *self.chain(LayerId(parent))] if parent else []
-        meta = {**meta, "chain": ancestors}
-        # The seed driver's files: the chain as layer directories, and the id.
-        (staged / CHAIN).write_text(json.dumps([str(self.layer_dir(a)) for a in ancestors]))
-        (staged / ID_FILE).write_text(id)
-        (staged / META).write_text(json.dumps(meta, sort_keys=True))
+    def rewrite_meta(self, meta: LayerMeta) -> None:
+        """Replace live layer ``meta.id``'s metadata, atomically and durably (the caller
+        holds the layer's lock)."""
+        meta_file.write(self.layer_dir(meta.id), meta, staged=False)
 
     # -- building -------------------------------------------------------------
 
@@ -227,14 +264,18 @@ class Store:
 
     # -- removal --------------------------------------------------------------
 
-    def retire(self, id: LayerId) -> Path:
-        """Take ``id`` out of the store (the commit point of a removal); delete later."""
+    def retire(self, id: LayerId, *, damaged: bool = False) -> Path:
+        """Take ``id`` out of the store (the commit point of a removal); delete later.
+
+        ``damaged``: a layer whose metadata may be unreadable, removed by a repair after
+        its children; it is retired without looking at what it says."""
         with self.locked():
-            if not self.exists(id):
-                raise errors.NotFound("no such layer", layer=id)
-            kids = self.children(id)
-            if kids:
-                raise errors.Busy(f"layer is the parent of {', '.join(kids)}", layer=id)
+            if not damaged:
+                if not self.exists(id):
+                    raise errors.NotFound("no such layer", layer=id)
+                kids = self.children(id)
+                if kids:
+                    raise errors.Busy(f"layer is the parent of {', '.join(kids)}", layer=id)
             doomed = self.layers_dir / f"{id}{REMOVING_SUFFIX}"
             fsutil.remove_tree(doomed)  # an older removal of the same id, unfinished
             crashpoints.reached("retire:before-rename")
@@ -249,12 +290,16 @@ class Store:
 
     def count(self, id: LayerId) -> int:
         """Outstanding get() calls of ``id`` (shared by every process)."""
+        path = self.mounts_dir / id
         try:
-            return int((self.mounts_dir / id).read_text() or 0)
+            text = path.read_text()
         except FileNotFoundError:
             return 0
-        except ValueError:
-            return 0
+        except (OSError, UnicodeDecodeError) as e:
+            raise errors.Corrupt(f"unreadable mount count: {e}", layer=id, path=str(path)) from e
+        if not text.isdigit() and text != "":
+            raise errors.Corrupt(f"bad mount count {text[:20]!r}", layer=id, path=str(path))
+        return int(text or 0)
 
     def set_count(self, id: LayerId, value: int) -> None:
         """Record ``id``'s count; call with the store lock held."""
@@ -269,11 +314,14 @@ class Store:
         os.replace(tmp, path)
 
     def counted(self) -> dict[LayerId, int]:
-        """Every layer with an outstanding count."""
+        """Every layer with an outstanding count (-1: its count file is unreadable)."""
         out = {}
         for name in os.listdir(self.mounts_dir):
             if not name.startswith("."):
-                out[LayerId(name)] = self.count(LayerId(name))
+                try:
+                    out[LayerId(name)] = self.count(LayerId(name))
+                except errors.Corrupt:
+                    out[LayerId(name)] = -1
         return out
 
     # -- recovery ---------------------------------------------------------------

@@ -20,38 +20,21 @@ import json
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from isal import isal_zlib
+
+from lamina.archive.digests import Digests
+from lamina.host.fsutil import DIR_FLAGS
+from lamina.host.usage import Tally, Totals
 
 NAME = "manifest.jsonl"
 FORMAT = 1
 _XATTRS = ("security.capability", "trusted.overlay.opaque")
 _CHUNK = 1 << 20
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps's, built once
 
 Row = list[object]
-Digests = dict[int, tuple[int, int, int]]
-"""CRC-32s of regular files' data taken while the apply wrote them: inode ->
-(size, mtime_ns, crc), both as ``fstat`` gave them once the file was complete.  The
-walk uses one only while the file still has that size and mtime (the applier
-forgets an inode it reuses for anything but data from the stream), and reads
-every other file, so a stale entry can cost a read but never a wrong digest."""
-MAX_DIGESTS = 1 << 18
-"""Files whose digest one apply keeps (some 60 MB); beyond them files are read again."""
-
-
-@dataclass(frozen=True)
-class Totals:
-    """What a layer's own content takes: apparent bytes, bytes on disk, inodes."""
-
-    bytes: int
-    disk: int
-    inodes: int
-
-
 def _kind(mode: int) -> str:
     if stat.S_ISREG(mode):
         return "f"
@@ -105,7 +88,7 @@ def rows(
     """Every path below ``root`` as a manifest row (with its lstat), sorted by path;
     with ``only``, just those top-level names and what is below them; ``digests``
     spare reading the files they still match."""
-    fd = os.open(root, _DIR_FLAGS)
+    fd = os.open(root, DIR_FLAGS)
     try:
         yield from _walk(fd, "", only, digests or {})
     finally:
@@ -130,7 +113,7 @@ def _walk(
             else:
                 detail, xattrs = _file(fd, name)
         elif kind == "d":
-            sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            sub = os.open(name, DIR_FLAGS, dir_fd=fd)
             detail, xattrs = "", _xattrs(sub)
         else:
             if kind == "l":
@@ -159,19 +142,12 @@ def record(
     ``digests``: the apply's CRC-32s (:data:`Digests`), so that the files it has just
     written are not read again."""
     body: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    total = disk = inodes = 0
+    tally = Tally()
     for row, st in rows(root, only, digests):
         body.append(_ENCODE(row))
-        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-        inodes += 1
-        disk += st.st_blocks * 512
-        if stat.S_ISREG(st.st_mode):
-            total += st.st_size
-    totals = Totals(total, disk, inodes)
+        tally.add(st)
+    totals = tally.totals()
+    total, disk, inodes = totals.bytes, totals.disk, totals.inodes
     header = {"format": FORMAT, "bytes": total, "disk": disk, "inodes": inodes}
     # No fsync: the layer's syncfs (or the caller's) makes it durable with the content.
     into.write_text("\n".join([json.dumps(header), *body]) + "\n")

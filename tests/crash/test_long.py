@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lamina.driver import backends
+from lamina.registry import backends
 from tests.crash import child
 from tests.crash.harness import Torture
 

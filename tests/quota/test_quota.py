@@ -22,7 +22,7 @@ import pytest
 import lamina
 from lamina import errors
 from lamina.host import mount
-from lamina.host.quota import parse_size
+from lamina.options import parse_size
 
 pytestmark = pytest.mark.root
 

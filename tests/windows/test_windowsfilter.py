@@ -21,8 +21,9 @@ import pytest
 
 import lamina
 from lamina import errors
-from lamina.driver import ChangeKind, backends
+from lamina.driver import ChangeKind
 from lamina.host import mount
+from lamina.registry import backends
 
 pytestmark = pytest.mark.root
 

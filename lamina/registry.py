@@ -1,0 +1,87 @@
+"""The backends by name, and the choice of one for a home (moby's ``graphdriver.Register``
+and ``graphdriver.New``).
+
+A backend module registers its factory when it is imported; :func:`open_driver`
+imports the built-in ones (:mod:`lamina.backends`) the first time it runs, the one
+place where this tier reaches into the one below it by name, as moby's daemon does with
+its drivers' ``register`` package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lamina import errors
+from lamina.store.layers import recorded_backend
+
+if TYPE_CHECKING:
+    from lamina.driver import Driver, IdMap
+
+BackendFactory = Callable[..., "Driver"]
+"""``factory(home, options, uid_map, gid_map) -> Driver``; raises ``Unsupported``."""
+
+_backends: dict[str, BackendFactory] = {}
+_AUTO_ORDER = ("overlay", "vfs")  # auto never picks a backend of Windows layers
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Register a backend factory by name (moby's ``graphdriver.Register``)."""
+    _backends[name] = factory
+
+
+def backends(layer_format: str | None = "linux") -> list[str]:
+    """The registered backends' names: those storing ``layer_format`` layers (Linux
+    layers by default; ``"windows"`` for Windows container layers; None for all)."""
+    _load_builtin_backends()
+    return sorted(
+        name for name, factory in _backends.items()
+        if layer_format is None or getattr(factory, "layer_format", "linux") == layer_format
+    )
+
+
+def _load_builtin_backends() -> None:
+    # Importing a backend module registers it.
+    importlib.import_module("lamina.backends")
+
+
+def open_driver(
+    home: str | Path,
+    backend: str = "auto",
+    options: Sequence[str] | Mapping[str, str] = (),
+    uid_map: IdMap | None = None,
+    gid_map: IdMap | None = None,
+) -> Driver:
+    """Open (creating if needed) the store at ``home`` with ``backend``; recovers it."""
+    _load_builtin_backends()
+    home = Path(home)
+    recorded = recorded_backend(home)
+    if backend == "auto":
+        backend = recorded or _pick_auto(home, options, uid_map, gid_map)
+    if backend not in _backends:
+        raise errors.InvalidArgument(
+            f"unknown backend {backend!r} (known: {', '.join(sorted(_backends))})", path=str(home)
+        )
+    if recorded is not None and recorded != backend:
+        raise errors.InvalidArgument(
+            f"home was made with backend {recorded!r}, not {backend!r}", path=str(home)
+        )
+    return _backends[backend](home, options, uid_map, gid_map)
+
+
+def _pick_auto(
+    home: Path,
+    options: Sequence[str] | Mapping[str, str],
+    uid_map: IdMap | None,
+    gid_map: IdMap | None,
+) -> str:
+    for name in _AUTO_ORDER:
+        factory = _backends.get(name)
+        probe = getattr(factory, "supported", None)
+        if factory is None:
+            continue
+        if probe is None or probe(home) is None:
+            return name
+    raise errors.Unsupported("no backend can work here", path=str(home))

@@ -1,0 +1,176 @@
+"""A layer's metadata, ``layer.json``: its one typed reader and its one writer.
+
+Every field is checked when it is read, so a tampered or damaged file is one
+``Corrupt`` naming the layer, never a ``TypeError`` somewhere later.  Beside it in
+the layer's directory, for the seed driver's tools, ``layerchain.json`` (the
+parents' directories, nearest first) and ``layerID`` (the id redirect file).
+
+Crash model.  A new layer's files are written into its staging directory without
+an fsync: the ``syncfs`` before the rename that publishes the layer makes them
+durable with its content.  A live layer's metadata is replaced with
+:func:`lamina.host.fsutil.atomic_write` (temp, fsync, rename, fsync of the
+directory): a kill or power cut leaves the old file or the new one, whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lamina import errors
+from lamina.driver import LayerId
+from lamina.host import fsutil
+from lamina.host.usage import Totals
+
+META = "layer.json"
+CHAIN = "layerchain.json"
+ID_FILE = "layerID"
+
+
+@dataclass
+class Quota:
+    """A writable layer's size cap: by project quota (``project``) or a loop image."""
+
+    mechanism: str
+    size: int
+    project: int | None = None
+    base: int = 0
+    """Bytes the layer started with (vfs: its copy of the parent), the cap on top."""
+
+
+@dataclass
+class LayerMeta:
+    """What ``layer.json`` says of a layer."""
+
+    id: LayerId
+    parent: LayerId | None
+    rw: bool
+    created: str = ""
+    chain: list[LayerId] = field(default_factory=list)
+    """The layer's ancestors, nearest first (recorded at creation)."""
+    totals: Totals | None = None
+    """What a read-only layer's own content takes (from its manifest)."""
+    quota: Quota | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    """The backend's own fields (vfs ``touched_ns``, …), and any this version does not
+    know, kept as found."""
+
+    @classmethod
+    def from_json(cls, data: object, id: LayerId) -> LayerMeta:
+        """The metadata in a decoded ``layer.json``; ``Corrupt`` if a field is off."""
+        if not isinstance(data, dict):
+            raise errors.Corrupt(f"bad {META}: not an object", layer=id)
+        rest = dict(data)
+        try:
+            meta = cls(
+                id=LayerId(_str(rest.pop("id", None), "id")),
+                parent=_opt_id(rest.pop("parent", None), "parent"),
+                rw=_bool(rest.pop("rw", False), "rw"),
+                created=_str(rest.pop("created", ""), "created"),
+                chain=[LayerId(_str(c, "chain")) for c in _list(rest.pop("chain", []), "chain")],
+                totals=_totals(rest.pop("totals", None)),
+                quota=_quota(rest.pop("quota", None)),
+                fields=rest,
+            )
+        except _Bad as e:
+            raise errors.Corrupt(f"bad {META}: {e}", layer=id) from None
+        return meta
+
+    def to_json(self) -> dict[str, Any]:
+        """The document written to ``layer.json``."""
+        out: dict[str, Any] = {**self.fields, "id": self.id, "parent": self.parent,
+                               "rw": self.rw, "created": self.created, "chain": self.chain}
+        if self.totals is not None:
+            out["totals"] = dataclasses.asdict(self.totals)
+        if self.quota is not None:
+            out["quota"] = {k: v for k, v in dataclasses.asdict(self.quota).items()
+                            if v is not None}
+        return out
+
+
+def read(layer_dir: Path, id: LayerId) -> LayerMeta:
+    """Layer ``id``'s metadata; ``NotFound`` when it has none, ``Corrupt`` when it is bad."""
+    try:
+        data = json.loads((layer_dir / META).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        raise errors.NotFound("no such layer", layer=id) from None
+    except (OSError, ValueError) as e:
+        raise errors.Corrupt(f"unreadable {META}: {e}", layer=id) from e
+    return LayerMeta.from_json(data, id)
+
+
+def write(layer_dir: Path, meta: LayerMeta, *, staged: bool) -> None:
+    """Write ``meta`` into ``layer_dir``: a staging directory (``staged``: no fsync, the
+    syncfs before publishing covers it) or a live layer's (atomically, durably)."""
+    data = json.dumps(meta.to_json(), sort_keys=True).encode()
+    if staged:
+        (layer_dir / META).write_bytes(data)
+    else:
+        fsutil.atomic_write(layer_dir / META, data)
+
+
+def write_seed_files(staged: Path, id: LayerId, ancestors: list[Path]) -> None:
+    """The seed driver's files: the chain as layer directories, and the id (no fsync, as
+    :func:`write` with ``staged``)."""
+    (staged / CHAIN).write_text(json.dumps([str(a) for a in ancestors]))
+    (staged / ID_FILE).write_text(id)
+
+
+class _Bad(Exception):
+    pass
+
+
+def _str(value: object, what: str) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"{what} is {type(value).__name__}, not a string")
+    return value
+
+
+def _opt_id(value: object, what: str) -> LayerId | None:
+    return None if value is None or value == "" else LayerId(_str(value, what))
+
+
+def _bool(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"{what} is {type(value).__name__}, not a boolean")
+    return value
+
+
+def _int(value: object, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _Bad(f"{what} is {value!r}, not a count")
+    return value
+
+
+def _list(value: object, what: str) -> list[object]:
+    if not isinstance(value, list):
+        raise _Bad(f"{what} is {type(value).__name__}, not a list")
+    return value
+
+
+def _dict(value: object, what: str) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise _Bad(f"{what} is {type(value).__name__}, not an object")
+    return value
+
+
+def _totals(value: object) -> Totals | None:
+    if value is None:
+        return None
+    d = _dict(value, "totals")
+    return Totals(_int(d.get("bytes"), "totals.bytes"), _int(d.get("disk"), "totals.disk"),
+                  _int(d.get("inodes"), "totals.inodes"))
+
+
+def _quota(value: object) -> Quota | None:
+    if value is None:
+        return None
+    d = _dict(value, "quota")
+    mechanism = _str(d.get("mechanism"), "quota.mechanism")
+    project = d.get("project")
+    return Quota(mechanism, _int(d.get("size"), "quota.size"),
+                 None if project is None else _int(project, "quota.project"),
+                 _int(d.get("base", 0), "quota.base"))

@@ -1,0 +1,50 @@
+"""``lamina df``: what each layer takes, from the counters kept when it was made.
+
+A read-only layer's bytes, bytes on disk and inodes were counted when its manifest
+was written (:mod:`lamina.store.manifest`), so ``df`` reads them instead of walking
+the layer; only writable layers, whose content changes while containers run, are
+walked (:func:`lamina.host.usage.tree_totals`, the one size walk).  Read-only; no
+crash model to state.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from lamina.driver import REMOVING_SUFFIX, Driver
+from lamina.host.usage import tree_totals
+from lamina.store.layers import store_backed
+
+
+@dataclass
+class Usage:
+    """One layer's line of ``lamina df``."""
+
+    id: str
+    parent: str | None
+    rw: bool
+    bytes: int
+    disk: int
+    inodes: int
+    live: bool  # walked now (a writable layer), not read from the counters
+
+
+def df(drv: Driver) -> tuple[list[Usage], list[str]]:
+    """Every layer's own bytes, bytes on disk and inodes; and the store's orphans."""
+    sd = store_backed(drv)
+    store = sd.store
+    rows = []
+    for lid in store.ids():
+        meta = store.meta(lid)
+        if meta.totals is not None and not meta.rw:
+            t = meta.totals
+            rows.append(Usage(lid, meta.parent, False, t.bytes, t.disk, t.inodes, False))
+            continue
+        t = tree_totals(sd.content_of(store.layer_dir(lid)))
+        rows.append(Usage(lid, meta.parent, meta.rw, t.bytes, t.disk, t.inodes, True))
+    orphans = [str(store.staging_dir / e) for e in os.listdir(store.staging_dir)
+               if not e.endswith(".lock")]
+    orphans += [str(store.layers_dir / e) for e in os.listdir(store.layers_dir)
+                if e.endswith(REMOVING_SUFFIX)]
+    return rows, orphans
