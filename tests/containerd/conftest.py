@@ -27,10 +27,10 @@ PLUGIN = "lamina"
 
 
 @pytest.fixture(scope="module")
-def containerd_work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A directory for the module's stores and logs; unmounted and removed at the end."""
+def containerd_work(backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory for the module's (and backend's) stores and logs; removed at the end."""
     require_root()
-    work = tmp_path_factory.mktemp("containerd")
+    work = tmp_path_factory.mktemp(f"containerd-{backend}")
     yield work
     unmount_below(work)
     shutil.rmtree(work, ignore_errors=True)
