@@ -20,11 +20,14 @@ from typing import Any, BinaryIO, ClassVar
 
 from lamina import crashpoints, errors
 from lamina.archive import codecs
+from lamina.archive.diffid import DigestingReader
 from lamina.archive.digests import Digests
+from lamina.backends import snapshot_hooks
+from lamina.backends.snapshot_hooks import SnapshotMount
 from lamina.driver import Driver, IdMap, LayerId, check_id
 from lamina.host import fsutil, mount, quota
 from lamina.host.idmap import IdMapper
-from lamina.host.usage import Totals
+from lamina.host.usage import Totals, tree_totals
 from lamina.options import apply_limits, parse_options, parse_size, storage_size
 from lamina.store import manifest
 from lamina.store.layers import Store, wall_time
@@ -284,6 +287,7 @@ class StoreDriver(Driver, abc.ABC):
                                      fields=fields)
                     if tar is not None:
                         size = self._apply(staged, lid, pid, tar, digests)
+                        self._identify(meta, tar, replacing=False)
                     if not rw:
                         meta.totals = self.record_manifest(staged, digests)
                 self.store.write_meta(staged, meta)
@@ -302,6 +306,7 @@ class StoreDriver(Driver, abc.ABC):
     def apply_diff(self, id: str, parent: str | None, stream: BinaryIO) -> int:
         lid = check_id(id)
         tar, _ = codecs.decompressed(stream)
+        tar = DigestingReader(tar).as_stream()  # the diff id, as the tar passes (_identify)
         while True:
             if not self.store.exists(lid):
                 try:
@@ -341,6 +346,7 @@ class StoreDriver(Driver, abc.ABC):
                     size = self._apply(staged, lid, pid, tar, digests)
                     meta = self.store.meta(lid)
                     meta.fields.update(fields)
+                    self._identify(meta, tar, replacing=True)
                     if not meta.rw:
                         meta.totals = self.record_manifest(staged, digests)
                 self.store.write_meta(staged, meta)
@@ -355,6 +361,8 @@ class StoreDriver(Driver, abc.ABC):
         with self.store.layer_lock(lid):
             if not self.store.exists(lid):
                 raise errors.NotFound("no such layer", layer=lid)
+            if self._kept_for_snapshots(lid):
+                return
             if self.store.children(lid):
                 raise errors.Busy(
                     f"layer is the parent of {', '.join(self.store.children(lid))}", layer=lid
@@ -442,3 +450,66 @@ class StoreDriver(Driver, abc.ABC):
         self._release_images()
         for path in self.store.sweep():
             log.info("lamina: swept %s", path)
+
+    # -- snapshotter hooks (lamina.frontends.containerd; lamina.store.snapshots) --------
+
+    def _identify(self, meta: LayerMeta, tar: BinaryIO, *, replacing: bool) -> None:
+        """Record a read-only layer's ``diff_id`` and ``chain_id`` in ``meta.fields`` after
+        ``tar`` was applied into it; an apply into a layer that had content already
+        leaves it with neither (its content is no longer one tar's)."""
+        ids = snapshot_hooks.identify(self.store, meta, tar, replacing=replacing)
+        meta.fields.pop("diff_id", None)
+        meta.fields.pop("chain_id", None)
+        meta.fields.update(ids)
+
+    def _kept_for_snapshots(self, id: LayerId) -> bool:
+        """In :meth:`remove` (with the layer's lock): whether snapshots keep ``id`` (True:
+        the caller's claim is released and the layer stays); ``Busy`` for a layer the
+        snapshotter made."""
+        if id in getattr(self, "_snapshot_removals", ()):
+            return False
+        return snapshot_hooks.kept_for_snapshots(self.home, id)
+
+    def remove_for_snapshots(self, id: LayerId) -> None:
+        """:meth:`remove` for the snapshotter, whose hold on ``id`` does not keep it."""
+        removals: set[LayerId] = self.__dict__.setdefault("_snapshot_removals", set())
+        removals.add(id)
+        try:
+            self.remove(id)
+        finally:
+            removals.discard(id)
+
+    def seal(self, id: LayerId, fields: Mapping[str, Any] | None = None) -> None:
+        """Turn writable layer ``id`` read-only in place (a snapshot's Commit: no copy):
+        its content made durable, its manifest recorded, ``rw`` false in its metadata
+        (with ``fields`` added: a ``chain_id`` containerd named it by)."""
+        with self.store.layer_lock(id):
+            meta = self.store.meta(id)
+            if not meta.rw:
+                return
+            meta.fields.update(fields or {})
+            layer_dir = self.store.layer_dir(id)
+            usage = self.snapshot_usage(id)  # while writable: what it adds
+            meta.totals = self.record_manifest(layer_dir)
+            meta.fields["usage"] = {"bytes": usage.bytes, "disk": usage.disk,
+                                    "inodes": usage.inodes}
+            fsutil.syncfs(layer_dir)  # the content and the manifest, before the flag
+            meta.rw = False
+            self.store.rewrite_meta(meta)  # the commit point
+
+    def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
+        """The mounts that show layer ``id``'s union view (containerd mounts them): the
+        layer itself writable, or (``writable`` false) its view read-only."""
+        raise errors.Unsupported(f"backend {self.name} serves no snapshots", layer=id)
+
+    def snapshot_usage(self, id: LayerId) -> Totals:
+        """What layer ``id`` adds over its parent (its own content)."""
+        meta = self.store.meta(id)
+        if not meta.rw:
+            kept = meta.fields.get("usage")
+            if isinstance(kept, dict) and all(isinstance(kept.get(k), int)
+                                              for k in ("bytes", "disk", "inodes")):
+                return Totals(kept["bytes"], kept["disk"], kept["inodes"])
+            if meta.totals is not None:
+                return meta.totals
+        return tree_totals(self.content_of(self.store.layer_dir(id)))

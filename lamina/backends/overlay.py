@@ -41,6 +41,7 @@ from lamina.archive.digests import Digests
 from lamina.archive.export import Action, Dirs, Item, export_changes, open_stream
 from lamina.archive.union import is_whiteout, opaque, opaque_path
 from lamina.backends.base import StoreDriver
+from lamina.backends.snapshot_hooks import SnapshotMount, bind
 from lamina.backends.vfs import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil, mount
@@ -269,7 +270,7 @@ class OverlayDriver(StoreDriver):
         except FileNotFoundError:
             short = ""
         super().remove(lid)
-        if short:
+        if short and not self.store.exists(lid):  # (kept for snapshots: not removed)
             with contextlib.suppress(FileNotFoundError):
                 (self.home / "l" / short).unlink()
 
@@ -380,6 +381,27 @@ class OverlayDriver(StoreDriver):
         api = "new mount API (lowerdir+)" if mount.lowerdir_plus_available() else "mount(2)"
         return [*super().status(), ("Native Overlay Diff", "true"), ("Mount", api),
                 ("Max Depth", str(MAX_DEPTH))]
+
+    # -- snapshotter hooks (lamina.frontends.containerd) --------------------------------
+
+    def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
+        """A base layer is a bind of its ``diff/``; a layer with parents an overlay whose
+        lowers are the ``l/`` short links (nearest first: 128 of them fit the page of
+        options containerd's mount takes, which strips their common directory)."""
+        layer_dir = self.store.layer_dir(id)
+        lower_file = layer_dir / LOWER
+        lowers = lower_file.read_text().split(":") if lower_file.exists() else []
+        if not writable:
+            lowers = [f"l/{self._short(id)}", *lowers]
+        if len(lowers) <= (0 if writable else 1):
+            return [bind(self._diff(id), writable=writable)]
+        options = [*MOUNT_OPTIONS]
+        if writable:
+            options += [f"workdir={layer_dir / WORK}", f"upperdir={self._diff(id)}"]
+        else:
+            options.append("ro")
+        options.append("lowerdir=" + ":".join(f"{self.home}/{low}" for low in lowers))
+        return [SnapshotMount("overlay", "overlay", tuple(options))]
 
 
 def native_items(diff: Path) -> Iterator[Item]:

@@ -13,6 +13,7 @@ beyond what the store sweeps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
@@ -22,11 +23,12 @@ from lamina.archive import isolate, naivediff
 from lamina.archive.digests import Digests
 from lamina.archive.export import Action, Item, export_changes
 from lamina.backends.base import StoreDriver
+from lamina.backends.snapshot_hooks import SnapshotMount, bind
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil
 from lamina.host import quota as quotas
 from lamina.host.fsutil import DIR_FLAGS
-from lamina.host.usage import tree_totals
+from lamina.host.usage import Tally, Totals, tree_totals
 from lamina.options import APPLY_OPTIONS
 from lamina.registry import register_backend
 
@@ -152,6 +154,24 @@ class VfsDriver(StoreDriver):
     def status(self) -> list[tuple[str, str]]:
         copy = "copy" if self.options.get("vfs.copy") == "copy" else "reflink where possible"
         return [*super().status(), ("Copy", copy), ("Native Diff", "false")]
+
+    # -- snapshotter hooks (lamina.frontends.containerd) --------------------------------
+
+    def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
+        """A bind of the layer's tree: a vfs layer holds its whole union view."""
+        return [bind(self._tree(id), writable=writable)]
+
+    def snapshot_usage(self, id: LayerId) -> Totals:
+        """A writable layer's changes over its parent (its tree is a whole copy)."""
+        if not self.store.meta(id).rw:
+            return super().snapshot_usage(id)
+        tree = self._tree(id)
+        tally = Tally()
+        for change in self.changes(id):
+            if change.kind is not ChangeKind.DELETE:
+                with contextlib.suppress(FileNotFoundError):
+                    tally.add(os.lstat(f"{tree}{change.path}"))
+        return tally.totals()
 
 
 class TreeGetter(DiffGetter):

@@ -300,6 +300,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         options=args.driver_opts, verbose=args.verbose)
 
 
+def cmd_snapshotter(drv: Driver, args: argparse.Namespace) -> Result:
+    """``snapshotter``: containerd's snapshot API on a unix socket, until SIGTERM or SIGINT
+    (:mod:`lamina.frontends.containerd.server`)."""
+    from lamina.backends.base import StoreDriver
+    from lamina.frontends.containerd import server
+
+    if not isinstance(drv, StoreDriver):
+        raise errors.Unsupported(f"backend {drv.name} cannot serve containerd snapshots")
+    status = server.serve(drv, args.socket or server.DEFAULT_SOCKET, verbose=args.verbose)
+    return Result({"snapshotter": "stopped"}, status=status)
+
+
 def human_size(size: int) -> str:
     """``size`` bytes with decimal units and three significant digits, as ``docker`` shows."""
     value = float(size)
@@ -445,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("size", metavar="SIZE", help="the new quota, in Docker's units (50M, 1.5GB)")
     command("ls", cmd_ls, "list every layer with its parent, size and mount count")
     command("cleanup", cmd_cleanup, "unmount everything and sweep leftovers")
+
+    p = command("snapshotter", cmd_snapshotter,
+                "serve containerd's snapshot API (a proxy plugin) on a unix socket")
+    p.add_argument("--socket", metavar="PATH", type=Path, default=None,
+                   help="the unix socket (default: /run/lamina/snapshotter.sock)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every call")
 
     # serve opens its store itself (when Docker calls Init): main() runs it apart.
     about = "answer Docker's graph driver plugin protocol on a unix socket"

@@ -1,0 +1,244 @@
+"""``lamina snapshotter``: containerd's snapshot API on a unix socket (a proxy plugin).
+
+containerd loads it with::
+
+    [proxy_plugins.lamina]
+      type = "snapshot"
+      address = "/run/lamina/snapshotter.sock"
+
+and every call of ``containerd.services.snapshots.v1.Snapshots`` becomes one call of
+:class:`~lamina.frontends.containerd.snapshotter.Snapshotter`.  Errors go back as the
+gRPC status codes containerd's ``errdefs`` maps to its own: ``NotFound``,
+``AlreadyExists``, ``InvalidArgument``, ``FailedPrecondition`` (lamina's ``Busy``),
+``Unimplemented`` (``Unsupported``); anything else is ``Unknown`` with the message.
+
+SIGTERM or SIGINT stops it cleanly: the socket stops taking calls, the calls in
+progress finish (up to :data:`GRACE` seconds), the store is closed, exit status 0.
+Nothing is mounted by the server, so nothing is left mounted; a restarted server finds
+every snapshot (:mod:`lamina.store.snapshots`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from lamina import errors
+from lamina.backends.base import StoreDriver
+from lamina.backends.snapshot_hooks import SnapshotMount
+from lamina.frontends.containerd.api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from lamina.frontends.containerd.snapshotter import Snapshotter
+from lamina.store.snapshots import ACTIVE, COMMITTED, VIEW, Record
+
+log = logging.getLogger("lamina")
+
+DEFAULT_SOCKET = "/run/lamina/snapshotter.sock"
+GRACE = 20.0
+"""Seconds the calls in progress get to finish after SIGTERM."""
+WORKERS = 16
+LIST_BATCH = 100
+"""Snapshots a List response carries (containerd's own server sends 100 at a time)."""
+
+_KIND = {VIEW: snapshots_pb2.VIEW, ACTIVE: snapshots_pb2.ACTIVE,
+         COMMITTED: snapshots_pb2.COMMITTED}
+_CODES: list[tuple[type[errors.LaminaError], grpc.StatusCode]] = [
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.Busy, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Unsupported, grpc.StatusCode.UNIMPLEMENTED),
+]
+
+T = TypeVar("T")
+
+
+def status_code(e: errors.LaminaError) -> grpc.StatusCode:
+    """The gRPC status containerd's errdefs turns back into the same kind of error."""
+    for kind, code in _CODES:
+        if isinstance(e, kind):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def _timestamp(ns: int) -> Timestamp:
+    return Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def info_of(rec: Record) -> snapshots_pb2.Info:
+    """A snapshot as containerd's ``Info`` message."""
+    return snapshots_pb2.Info(name=rec.name, parent=rec.parent, kind=_KIND[rec.kind],
+                              created_at=_timestamp(rec.created),
+                              updated_at=_timestamp(rec.updated), labels=rec.labels)
+
+
+def mounts_of(specs: Sequence[SnapshotMount]) -> list[mount_pb2.Mount]:
+    """Mount specs as containerd's ``Mount`` messages."""
+    return [mount_pb2.Mount(type=m.type, source=m.source, options=list(m.options))
+            for m in specs]
+
+
+def _call(fn: Callable[..., T]) -> Callable[..., T]:
+    """A servicer method whose lamina errors become gRPC statuses."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Servicer, request: Any, context: grpc.ServicerContext) -> T:
+        if self.verbose:
+            log.info("lamina snapshotter: %s %s", fn.__name__,
+                     str(request).replace("\n", " ")[:300])
+        try:
+            return fn(self, request, context)
+        except errors.LaminaError as e:
+            context.abort(status_code(e), str(e))
+        except OSError as e:
+            log.exception("lamina snapshotter: %s failed", fn.__name__)
+            context.abort(grpc.StatusCode.UNKNOWN, f"{fn.__name__}: {e}")
+
+    return wrapper
+
+
+class Servicer(snapshots_pb2_grpc.SnapshotsServicer):
+    """The Snapshots service over one :class:`Snapshotter`."""
+
+    def __init__(self, sn: Snapshotter, *, verbose: bool = False) -> None:
+        self.sn = sn
+        self.verbose = verbose
+
+    @_call
+    def Prepare(self, request: snapshots_pb2.PrepareSnapshotRequest,
+                context: grpc.ServicerContext) -> snapshots_pb2.PrepareSnapshotResponse:
+        specs = self.sn.prepare(request.key, request.parent, dict(request.labels))
+        return snapshots_pb2.PrepareSnapshotResponse(mounts=mounts_of(specs))
+
+    @_call
+    def View(self, request: snapshots_pb2.ViewSnapshotRequest,
+             context: grpc.ServicerContext) -> snapshots_pb2.ViewSnapshotResponse:
+        specs = self.sn.view(request.key, request.parent, dict(request.labels))
+        return snapshots_pb2.ViewSnapshotResponse(mounts=mounts_of(specs))
+
+    @_call
+    def Mounts(self, request: snapshots_pb2.MountsRequest,
+               context: grpc.ServicerContext) -> snapshots_pb2.MountsResponse:
+        return snapshots_pb2.MountsResponse(mounts=mounts_of(self.sn.mounts(request.key)))
+
+    @_call
+    def Commit(self, request: snapshots_pb2.CommitSnapshotRequest,
+               context: grpc.ServicerContext) -> empty_pb2.Empty:
+        self.sn.commit(request.name, request.key, dict(request.labels))
+        return empty_pb2.Empty()
+
+    @_call
+    def Remove(self, request: snapshots_pb2.RemoveSnapshotRequest,
+               context: grpc.ServicerContext) -> empty_pb2.Empty:
+        self.sn.remove(request.key)
+        return empty_pb2.Empty()
+
+    @_call
+    def Stat(self, request: snapshots_pb2.StatSnapshotRequest,
+             context: grpc.ServicerContext) -> snapshots_pb2.StatSnapshotResponse:
+        return snapshots_pb2.StatSnapshotResponse(info=info_of(self.sn.stat(request.key)))
+
+    @_call
+    def Update(self, request: snapshots_pb2.UpdateSnapshotRequest,
+               context: grpc.ServicerContext) -> snapshots_pb2.UpdateSnapshotResponse:
+        paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
+        rec = self.sn.update(request.info.name, dict(request.info.labels), paths)
+        return snapshots_pb2.UpdateSnapshotResponse(info=info_of(rec))
+
+    def List(self, request: snapshots_pb2.ListSnapshotsRequest,
+             context: grpc.ServicerContext) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
+        try:
+            found = self.sn.list(list(request.filters))
+        except errors.LaminaError as e:
+            context.abort(status_code(e), str(e))
+        for start in range(0, len(found), LIST_BATCH):
+            batch = found[start:start + LIST_BATCH]
+            yield snapshots_pb2.ListSnapshotsResponse(info=[info_of(r) for r in batch])
+
+    @_call
+    def Usage(self, request: snapshots_pb2.UsageRequest,
+              context: grpc.ServicerContext) -> snapshots_pb2.UsageResponse:
+        totals = self.sn.usage(request.key)
+        return snapshots_pb2.UsageResponse(size=totals.disk, inodes=totals.inodes)
+
+    @_call
+    def Cleanup(self, request: snapshots_pb2.CleanupRequest,
+                context: grpc.ServicerContext) -> empty_pb2.Empty:
+        self.sn.cleanup()
+        return empty_pb2.Empty()
+
+
+def _claim_socket(path: Path) -> None:
+    """Make room for the socket at ``path``: its directory, and no live socket there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise errors.InvalidArgument("not a socket: refusing to replace it", path=str(path))
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # a stale socket of a server that died
+    else:
+        raise errors.Busy("another server listens on this socket", path=str(path))
+    finally:
+        probe.close()
+
+
+def start(sn: Snapshotter, socket_path: Path, *, verbose: bool = False) -> grpc.Server:
+    """A started gRPC server of ``sn`` on ``socket_path`` (for tests and :func:`serve`)."""
+    _claim_socket(socket_path)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS,
+                                                    thread_name_prefix="snapshotter"),
+                         options=[("grpc.max_receive_message_length", 16 << 20),
+                                  ("grpc.max_send_message_length", 16 << 20)])
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
+        Servicer(sn, verbose=verbose), server)
+    if server.add_insecure_port(f"unix:{socket_path}") == 0:
+        raise errors.InvalidArgument("cannot listen on the socket", path=str(socket_path))
+    os.chmod(socket_path, 0o660)
+    server.start()
+    return server
+
+
+def serve(driver: StoreDriver, socket_path: str | Path = DEFAULT_SOCKET, *,
+          verbose: bool = False) -> int:
+    """Serve ``driver``'s store on ``socket_path`` until SIGTERM or SIGINT; exit status."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    path = Path(socket_path).absolute()
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    sn = Snapshotter(driver)
+    try:
+        server = start(sn, path, verbose=verbose)
+        log.info("lamina snapshotter: serving %s (%s) on %s", driver.home, driver.name, path)
+        try:
+            while not stop.wait(3600):
+                pass
+        finally:
+            server.stop(GRACE).wait()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    finally:
+        sn.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
