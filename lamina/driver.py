@@ -203,6 +203,12 @@ class Driver(abc.ABC):
     def mount_count(self, id: str) -> int:
         """How many :meth:`get` calls of ``id`` are not yet given back."""
 
+    def size(self, id: str) -> int:
+        """The bytes of ``id``'s own changes, as recorded when it was made where the backend
+        keeps that (lamina's, for ``ls``: Docker's layer store keeps ApplyDiff's size the
+        same way); else :meth:`diff_size`."""
+        return self.diff_size(id)
+
     def resize(self, id: str, size: str) -> None:
         """Change writable layer ``id``'s size quota (lamina's, not Docker's: the seed's
         ExpandSandboxSize); never below what the layer uses."""

@@ -14,8 +14,9 @@ CI that cannot run a test must not pass by skipping it.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -55,7 +56,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         from lamina.registry import backends
 
         # Module scope, so that a module's expensive fixtures are built once per backend.
-        metafunc.parametrize("backend", backends(), scope="module")
+        # A module that runs a suite against some backends only names them in BACKENDS.
+        names = getattr(metafunc.module, "BACKENDS", None) or backends()
+        metafunc.parametrize("backend", names, scope="module")
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -70,18 +73,23 @@ def mounts_under(path: Path) -> list[str]:
     return found
 
 
+Opener = Callable[..., lamina.Driver]
+"""``opener(home, **kw) -> Driver``: how a suite opens a store (see ``open_store``)."""
+
+
 class Stores:
     """Opens stores with one backend and closes whatever the test left open."""
 
-    def __init__(self, backend: str, home: Path) -> None:
+    def __init__(self, backend: str, home: Path, opener: Opener | None = None) -> None:
         self.backend = backend
         self.home = home
+        self.opener = opener or functools.partial(lamina.open_driver, backend=backend)
         self._open: list[lamina.Driver] = []
 
     def open(self, home: Path | None = None, **kw: Any) -> lamina.Driver:
-        """``open_driver(home, backend=…, **kw)``; a backend that cannot work here is lacking."""
+        """``opener(home, **kw)``; a backend that cannot work here is lacking."""
         try:
-            drv = lamina.open_driver(home or self.home, backend=self.backend, **kw)
+            drv = self.opener(home or self.home, **kw)
         except errors.Unsupported as e:
             lacking(f"backend {self.backend} cannot work here: {e}")
         self._open.append(drv)
@@ -112,9 +120,17 @@ def home(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def stores(backend: str, home: Path) -> Iterator[Stores]:
+def open_store(backend: str) -> Opener:
+    """How the suites open a store: ``lamina.open_driver`` with ``backend``.  A module that
+    runs the contract suite against another driver overrides this fixture (see
+    :mod:`tests.contract`)."""
+    return functools.partial(lamina.open_driver, backend=backend)
+
+
+@pytest.fixture
+def stores(backend: str, home: Path, open_store: Opener) -> Iterator[Stores]:
     """A :class:`Stores` for ``backend``; after the test, nothing may stay mounted."""
-    opened = Stores(backend, home)
+    opened = Stores(backend, home, open_store)
     yield opened
     opened.finish()
     assert mounts_under(home.parent) == [], "cleanup() left mounts behind"

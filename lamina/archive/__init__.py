@@ -1,0 +1,1 @@
+"""The tar engine: read, apply (isolated), export and compare layers; no store, no backend."""

@@ -26,6 +26,7 @@ from typing import BinaryIO, cast
 from lamina import crashpoints, progress
 from lamina.archive.apply import OPAQUE_MARKER, WHITEOUT_PREFIX
 from lamina.archive.writer import END_OF_ARCHIVE, header, padding
+from lamina.driver import Change, ChangeKind
 from lamina.errors import NotFound
 from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.idmap import IdMapper
@@ -78,6 +79,13 @@ class IterStream(io.RawIOBase):
         if close is not None:
             close()
         super().close()
+
+
+def change_items(changes: Iterable[Change]) -> list[Item]:
+    """What to export for a list of changes (a naive diff's): each added or modified path
+    as it is now, each deleted one as a whiteout."""
+    return [Item(c.path[1:], Action.WHITEOUT if c.kind is ChangeKind.DELETE else Action.ENTRY)
+            for c in changes]
 
 
 def open_stream(chunks: Iterator[bytes]) -> BinaryIO:

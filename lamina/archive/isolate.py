@@ -242,7 +242,7 @@ class _Run:
         os.close(data_w)
         os.close(res_r)
         if said.startswith(b"error "):
-            raise errors.LaminaError(f"cannot fork the isolated apply: {said[6:].decode()}",
+            raise errors.Unsupported(f"cannot fork the isolated apply: {said[6:].decode()}",
                                      layer=self.layer)
         return None
 
@@ -324,7 +324,7 @@ class _Run:
             _local.usage = {key: final[key] for key in ("maxrss_kb", "cpu_s")}
         if final is None:
             how = _describe(status)
-            raise errors.LaminaError(f"the isolated apply died without an answer ({how})",
+            raise errors.Unsupported(f"the isolated apply died without an answer ({how})",
                                      layer=self.layer)
         if "error" in final:
             raise _rebuild(final)

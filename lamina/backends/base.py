@@ -12,7 +12,6 @@ import abc
 import collections
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,15 +22,17 @@ from lamina.archive import codecs
 from lamina.archive.diffid import DigestingReader
 from lamina.archive.digests import Digests
 from lamina.backends import snapshot_hooks
+from lamina.backends.quotas import LayerQuotas
 from lamina.backends.snapshot_hooks import SnapshotMount
-from lamina.driver import Driver, IdMap, LayerId, check_id
-from lamina.host import fsutil, mount, quota
+from lamina.driver import DiffGetter, Driver, IdMap, LayerId, check_id
+from lamina.host import fsutil
+from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.idmap import IdMapper
 from lamina.host.usage import Totals, tree_totals
 from lamina.options import apply_limits, parse_options, parse_size, storage_size
 from lamina.store import manifest
 from lamina.store.layers import Store, wall_time
-from lamina.store.meta import LayerMeta, Quota
+from lamina.store.meta import LayerMeta
 
 log = logging.getLogger("lamina")
 
@@ -42,6 +43,8 @@ class StoreDriver(Driver, abc.ABC):
     known_options: ClassVar[Mapping[str, str]] = {}
     content_only: ClassVar[tuple[str, ...] | None] = None
     """The names in ``content_of()`` that are the layer's content (None: all of it)."""
+    quota_unsupported: ClassVar[str | None] = None
+    """Why this backend never caps a layer (None: it can, where the home allows)."""
 
     def __init__(
         self,
@@ -58,10 +61,10 @@ class StoreDriver(Driver, abc.ABC):
         # get() calls made through this driver object, given back by cleanup().
         self._mine: collections.Counter[LayerId] = collections.Counter()
         self._mine_lock = threading.Lock()
-        self.quota_mechanism, self.quota_reason = self._quota_support()
+        self.quotas = LayerQuotas(self.home, self.store, self.quota_unsupported)
         self.store.sweep()
         self._recover()
-        self._remount_images()
+        self.quotas.remount_all()
 
     @property
     def name(self) -> str:
@@ -140,61 +143,6 @@ class StoreDriver(Driver, abc.ABC):
 
     # -- quotas ---------------------------------------------------------------
 
-    def _quota_support(self) -> tuple[str | None, str]:
-        """The quota mechanism this home can use, and what status() says of it."""
-        if os.geteuid() != 0:
-            return None, "they need root"
-        reason = quota.project_quota_reason(self.home)
-        if reason is None:
-            return quota.PROJECT, f"project quotas ({fsutil.fs_type(self.home)})"
-        if shutil.which("mkfs.ext4") and shutil.which("mount"):
-            return quota.LOOP, f"loop-mounted ext4 images ({reason})"
-        return None, f"{reason}; and no mkfs.ext4 for loop images"
-
-    def _remount_images(self) -> None:
-        # Loop images do not survive a reboot (or a cleanup) mounted: mount them again.
-        for lid in self.store.ids():
-            try:
-                self._capped_space(lid)
-            except (OSError, errors.LaminaError) as e:
-                log.warning("lamina: cannot mount the quota image of %s: %s", lid, e)
-
-    def _capped_space(self, id: LayerId) -> Path | None:
-        """Where a loop-capped layer's writable content is (mounted on demand), else None."""
-        layer_dir = self.store.layer_dir(id)
-        if not (layer_dir / quota.IMAGE).is_file():
-            return None
-        point = layer_dir / quota.IMAGE_MOUNT
-        if not os.path.ismount(point):
-            quota.mount_image(layer_dir / quota.IMAGE, point)
-        return point
-
-    def _release_images(self) -> None:
-        # cleanup(): the images of layers nobody has mounted are unmounted too.
-        for lid in self.store.ids():
-            point = self.store.layer_dir(lid) / quota.IMAGE_MOUNT
-            if self.store.count(lid) == 0 and os.path.ismount(point):
-                try:
-                    mount.unmount(str(point), lazy=False)
-                except OSError as e:
-                    log.warning("lamina: cleanup cannot unmount %s: %s", point, e)
-
-    def _start_quota(self, staged: Path, id: LayerId, size: int | None,
-                     base: int = 0) -> tuple[Path, dict[str, Any]]:
-        """Prepare a new writable layer's capped space inside ``staged``.
-
-        Returns the directory that will hold the layer's writable content, and the
-        metadata to record.  ``base``: bytes the layer starts with (vfs: the parent's
-        copy), which the quota comes on top of.
-        """
-        if size is None:
-            return staged, {}
-        if self.quota_mechanism == quota.PROJECT:
-            project = quota.allocate_project(self.home)
-            return staged, {"quota": Quota(quota.PROJECT, size, project=project)}
-        quota.make_image(staged / quota.IMAGE, base + size, staged / quota.IMAGE_MOUNT)
-        return staged / quota.IMAGE_MOUNT, {"quota": Quota(quota.LOOP, size, base=base)}
-
     @abc.abstractmethod
     def _writable_dirs(self, id: LayerId) -> list[Path]:
         """The directories a writable layer's content is written to (for project ids)."""
@@ -204,27 +152,7 @@ class StoreDriver(Driver, abc.ABC):
         lid = self.store.require(id)
         new = parse_size(size, layer=lid)
         with self.store.layer_lock(lid):
-            meta = self.store.meta(lid)
-            info = meta.quota
-            if info is None:
-                raise errors.InvalidArgument("layer has no size quota", layer=lid, path="size")
-            layer_dir = self.store.layer_dir(lid)
-            if info.mechanism == quota.PROJECT and info.project is not None:
-                where = self._writable_dirs(lid)[0]
-                used, _ = quota.usage(where, info.project)
-                limit = info.base + new
-                if used > limit:
-                    raise errors.InvalidArgument(
-                        f"{used} bytes are in use, more than {new}", layer=lid, path="size")
-                quota.set_limit(where, info.project, limit)
-            else:
-                if new < info.size:
-                    raise errors.InvalidArgument(
-                        "a loop-image quota can grow, not shrink", layer=lid, path="size")
-                quota.grow_image(layer_dir / quota.IMAGE, layer_dir / quota.IMAGE_MOUNT,
-                                 info.base + new, in_use=self.store.count(lid) > 0)
-            info.size = new
-            self.store.rewrite_meta(meta)
+            self.quotas.resize(lid, new, lambda: self._writable_dirs(lid)[0])
 
     def _check_depth(self, id: LayerId, parent: LayerId | None, rw: bool) -> None:
         """Refuse a layer deeper than the backend can serve (before anything is written)."""
@@ -237,8 +165,8 @@ class StoreDriver(Driver, abc.ABC):
         """The layer's quota in bytes (its ``size`` option, else the driver's default)."""
         quota = storage_size(opts, layer=id, rw=rw,
                              default=self.options.get(f"{self.backend_name}.size"))
-        if quota is not None and self.quota_mechanism is None:
-            raise errors.Unsupported(f"size quotas: {self.quota_reason}", layer=id, path="size")
+        if quota is not None:
+            self.quotas.require(id)
         return quota
 
     def create(
@@ -290,6 +218,7 @@ class StoreDriver(Driver, abc.ABC):
                         self._identify(meta, tar, replacing=False)
                     if not rw:
                         meta.totals = self.record_manifest(staged, digests)
+                        meta.size = size
                 self.store.write_meta(staged, meta)
                 # One syncfs makes the whole layer durable before it becomes visible.
                 fsutil.syncfs(staged)
@@ -349,6 +278,9 @@ class StoreDriver(Driver, abc.ABC):
                     self._identify(meta, tar, replacing=True)
                     if not meta.rw:
                         meta.totals = self.record_manifest(staged, digests)
+                        # Docker creates a layer empty, then applies into it: the size
+                        # is the apply's then; after a second apply it is not known.
+                        meta.size = size if meta.size == 0 else None
                 self.store.write_meta(staged, meta)
                 fsutil.syncfs(staged)
                 self.store.swap(staged, lid)
@@ -406,6 +338,11 @@ class StoreDriver(Driver, abc.ABC):
     def _view(self, id: LayerId) -> Path:
         """Where ``id``'s union view is while it is mounted."""
 
+    def size(self, id: str) -> int:
+        lid = self.store.require(id)
+        recorded = self.store.meta(lid).size
+        return recorded if recorded is not None else self.diff_size(lid)
+
     def mount_count(self, id: str) -> int:
         return self.store.count(self.store.require(id))
 
@@ -433,7 +370,7 @@ class StoreDriver(Driver, abc.ABC):
             ("Backing Filesystem", fsutil.fs_type(self.home)),
             ("Home", str(self.home)),
             ("Layers", str(sum(1 for _ in self.store.ids()))),
-            ("Quota", self.quota_reason if self.quota_mechanism else f"none: {self.quota_reason}"),
+            ("Quota", self.quotas.status()),
         ]
 
     def cleanup(self) -> None:
@@ -447,7 +384,7 @@ class StoreDriver(Driver, abc.ABC):
                 except (errors.LaminaError, OSError) as e:
                     log.warning("lamina: cleanup cannot release %s: %s", lid, e)
                     break
-        self._release_images()
+        self.quotas.release_idle()
         for path in self.store.sweep():
             log.info("lamina: swept %s", path)
 
@@ -513,3 +450,25 @@ class StoreDriver(Driver, abc.ABC):
             if meta.totals is not None:
                 return meta.totals
         return tree_totals(self.content_of(self.store.layer_dir(id)))
+
+
+class TreeGetter(DiffGetter):
+    """Opens files below a layer directory without following any symlink."""
+
+    def __init__(self, root: Path, layer: LayerId) -> None:
+        self.root = root
+        self.layer = layer
+
+    def get(self, path: str) -> BinaryIO:
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if not parts or ".." in parts:
+            raise errors.InvalidArgument("bad path", layer=self.layer, path=path)
+        fd = os.open(self.root, DIR_FLAGS)
+        try:
+            ffd = fsutil.open_file_beneath(fd, "/".join(parts))
+        except OSError as e:
+            raise errors.NotFound(f"cannot open: {e.strerror}", layer=self.layer,
+                                  path=path) from e
+        finally:
+            os.close(fd)
+        return os.fdopen(ffd, "rb")

@@ -38,11 +38,10 @@ from lamina import errors
 from lamina.archive import isolate, naivediff
 from lamina.archive.apply import OVERLAY_OPAQUE_XATTR, lower_lookup
 from lamina.archive.digests import Digests
-from lamina.archive.export import Action, Dirs, Item, export_changes, open_stream
+from lamina.archive.export import Action, Dirs, Item, change_items, export_changes, open_stream
 from lamina.archive.union import is_whiteout, opaque, opaque_path
-from lamina.backends.base import StoreDriver
+from lamina.backends.base import StoreDriver, TreeGetter
 from lamina.backends.snapshot_hooks import SnapshotMount, bind
-from lamina.backends.vfs import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil, mount
 from lamina.host import quota as quotas
@@ -53,7 +52,6 @@ from lamina.registry import register_backend
 
 DIFF, WORK, MERGED, LOWER, LINK = "diff", "work", "merged", "lower", "link"
 MAX_DEPTH = 500  # overlayfs' limit on lower layers
-MOUNT_OPTIONS = ("index=off", "redirect_dir=off", "metacopy=off")
 
 
 def why_unsupported(home: Path) -> str | None:
@@ -85,7 +83,7 @@ def _probe_mount(where: Path) -> str | None:
         os.setxattr(base / "upper", OVERLAY_OPAQUE_XATTR, b"y")
         os.mknod(base / "upper" / "w", stat.S_IFCHR | 0o600, 0)
         mount.mount_overlay(str(base / "merged"), [str(base / "lower")], str(base / "upper"),
-                            str(base / "work"), options=MOUNT_OPTIONS)
+                            str(base / "work"), options=mount.MOUNT_OPTIONS)
         mount.unmount(str(base / "merged"))
     except OSError as e:
         return f"overlayfs cannot be used on {fsutil.fs_type(where)} at {where}: {e}"
@@ -174,7 +172,7 @@ class OverlayDriver(StoreDriver):
     # -- paths --------------------------------------------------------------------
 
     def _diff(self, id: LayerId) -> Path:
-        capped = self._capped_space(id)  # a loop-capped layer's diff is in its image
+        capped = self.quotas.capped_space(id)  # a loop-capped layer's diff is in its image
         return (capped or self.store.layer_dir(id)) / DIFF
 
     def _merged(self, id: LayerId) -> Path:
@@ -207,7 +205,8 @@ class OverlayDriver(StoreDriver):
     def _populate(
         self, staged: Path, id: LayerId, parent: LayerId | None, quota: int | None = None
     ) -> dict[str, Any]:
-        space, fields = self._start_quota(staged, id, quota)
+        space, cap = self.quotas.start(staged, quota)
+        fields: dict[str, Any] = {} if cap is None else {"quota": cap}
         diff = space / DIFF
         diff.mkdir(mode=0o755)
         uid, gid = self.ids.to_host(0, 0, id, "/")
@@ -219,8 +218,7 @@ class OverlayDriver(StoreDriver):
             # l/ links need no special case (upper and work share its filesystem).
             for sub in (DIFF, WORK):
                 os.symlink(f"{quotas.IMAGE_MOUNT}/{sub}", staged / sub)
-        capped = fields.get("quota")
-        project = capped.project if capped is not None else None
+        project = cap.project if cap is not None else None
         if project is not None and quota is not None:
             for sub in (DIFF, WORK):
                 quotas.set_project(space / sub, project)
@@ -277,12 +275,12 @@ class OverlayDriver(StoreDriver):
     # -- views ------------------------------------------------------------------------
 
     def _mount(self, id: LayerId, mount_label: str) -> Path:
-        self._capped_space(id)  # a loop-capped upper must be there before the union
+        self.quotas.capped_space(id)  # a loop-capped upper must be there before the union
         meta = self.store.meta(id)
         if meta.parent is None:
             return self._diff(id)
         lowers = self._lowers(meta.parent)
-        options = list(MOUNT_OPTIONS)
+        options = list(mount.MOUNT_OPTIONS)
         if mount_label:
             options.append(f"context={mount_label}")
         layer_dir = self.store.layer_dir(id)
@@ -295,7 +293,7 @@ class OverlayDriver(StoreDriver):
                 mount.mount_overlay(str(layer_dir / MERGED), [str(layer_dir / DIFF), *lowers],
                                     options=options, relative_to=str(self.home))
         except OSError as e:
-            raise errors.LaminaError(f"cannot mount: {e}", layer=id,
+            raise errors.Unsupported(f"the kernel refused the union mount: {e}", layer=id,
                                      path=str(layer_dir / MERGED)) from e
         return layer_dir / MERGED
 
@@ -349,10 +347,7 @@ class OverlayDriver(StoreDriver):
     def _naive_export(self, lid: LayerId, pid: LayerId | None) -> Iterator[bytes]:
         # Both views stay mounted until the stream is read to its end or closed.
         with self._viewed(lid) as new, self._parent_view(pid) as old:
-            items = [
-                Item(c.path[1:], Action.WHITEOUT if c.kind is ChangeKind.DELETE else Action.ENTRY)
-                for c in naivediff.changes(old, new)
-            ]
+            items = change_items(naivediff.changes(old, new))
             with export_changes(new, items, layer=lid, ids=self.ids) as stream:
                 while chunk := stream.read(1 << 20):
                     yield chunk
@@ -395,7 +390,7 @@ class OverlayDriver(StoreDriver):
             lowers = [f"l/{self._short(id)}", *lowers]
         if len(lowers) <= (0 if writable else 1):
             return [bind(self._diff(id), writable=writable)]
-        options = [*MOUNT_OPTIONS]
+        options = [*mount.MOUNT_OPTIONS]
         if writable:
             options += [f"workdir={layer_dir / WORK}", f"upperdir={self._diff(id)}"]
         else:

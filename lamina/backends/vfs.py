@@ -21,13 +21,12 @@ from typing import Any, BinaryIO, ClassVar
 from lamina import errors
 from lamina.archive import isolate, naivediff
 from lamina.archive.digests import Digests
-from lamina.archive.export import Action, Item, export_changes
-from lamina.backends.base import StoreDriver
+from lamina.archive.export import change_items, export_changes
+from lamina.backends.base import StoreDriver, TreeGetter
 from lamina.backends.snapshot_hooks import SnapshotMount, bind
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil
 from lamina.host import quota as quotas
-from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.usage import Tally, Totals, tree_totals
 from lamina.options import APPLY_OPTIONS
 from lamina.registry import register_backend
@@ -61,7 +60,7 @@ class VfsDriver(StoreDriver):
         return self.options.get("vfs.copy", "reflink") != "copy"
 
     def _tree(self, id: LayerId) -> Path:
-        capped = self._capped_space(id)  # a loop-capped layer's tree is in its image
+        capped = self.quotas.capped_space(id)  # a loop-capped layer's tree is in its image
         return (capped or self.store.layer_dir(id)) / FS
 
     # -- building ---------------------------------------------------------------
@@ -70,13 +69,13 @@ class VfsDriver(StoreDriver):
         self, staged: Path, id: LayerId, parent: LayerId | None, quota: int | None = None
     ) -> dict[str, Any]:
         # A capped layer's quota comes on top of its copy of the parent.
-        loop = quota is not None and self.quota_mechanism == quotas.LOOP
+        loop = quota is not None and self.quotas.mechanism == quotas.LOOP
         base = tree_totals(self._tree(parent)).disk if loop and parent is not None else 0
-        space, fields = self._start_quota(staged, id, quota, base)
+        space, cap = self.quotas.start(staged, quota, base)
+        fields: dict[str, Any] = {} if cap is None else {"quota": cap}
         tree = space / FS
         tree.mkdir(mode=0o755)
-        capped = fields.get("quota")
-        project = capped.project if capped is not None else None
+        project = cap.project if cap is not None else None
         if project is not None:
             quotas.set_project(tree, project)  # before the copy, so that it is charged
         if parent is not None:
@@ -87,7 +86,8 @@ class VfsDriver(StoreDriver):
         if project is not None and quota is not None:
             used, _ = quotas.usage(tree, project)
             quotas.set_limit(tree, project, used + quota)
-            fields["quota"].base = used
+            assert cap is not None
+            cap.base = used
         # Files touched after this instant may differ from the parent in content only.
         return {"touched_ns": self.store.now_ns(staged), **fields}
 
@@ -141,10 +141,7 @@ class VfsDriver(StoreDriver):
 
     def diff(self, id: str, parent: str | None = None) -> BinaryIO:
         lid = self.store.require(id)
-        items = [
-            Item(c.path[1:], Action.WHITEOUT if c.kind is ChangeKind.DELETE else Action.ENTRY)
-            for c in self.changes(lid, parent)
-        ]
+        items = change_items(self.changes(lid, parent))
         return export_changes(self._tree(lid), items, layer=lid, ids=self.ids)
 
     def diff_getter(self, id: str) -> DiffGetter:
@@ -172,28 +169,6 @@ class VfsDriver(StoreDriver):
                 with contextlib.suppress(FileNotFoundError):
                     tally.add(os.lstat(f"{tree}{change.path}"))
         return tally.totals()
-
-
-class TreeGetter(DiffGetter):
-    """Opens files below a layer directory without following any symlink."""
-
-    def __init__(self, root: Path, layer: LayerId) -> None:
-        self.root = root
-        self.layer = layer
-
-    def get(self, path: str) -> BinaryIO:
-        parts = [p for p in path.split("/") if p not in ("", ".")]
-        if not parts or ".." in parts:
-            raise errors.InvalidArgument("bad path", layer=self.layer, path=path)
-        fd = os.open(self.root, DIR_FLAGS)
-        try:
-            ffd = fsutil.open_file_beneath(fd, "/".join(parts))
-        except OSError as e:
-            raise errors.NotFound(f"cannot open: {e.strerror}", layer=self.layer,
-                                  path=path) from e
-        finally:
-            os.close(fd)
-        return os.fdopen(ffd, "rb")
 
 
 register_backend("vfs", VfsDriver)

@@ -30,8 +30,7 @@ from lamina.archive import wclayer
 from lamina.archive.apply import lower_lookup
 from lamina.archive.digests import Digests
 from lamina.archive.export import open_stream
-from lamina.backends.base import StoreDriver
-from lamina.backends.vfs import TreeGetter
+from lamina.backends.base import StoreDriver, TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import mount
 from lamina.registry import register_backend
@@ -46,6 +45,7 @@ class WindowsFilterDriver(StoreDriver):
     layer_format = "windows"
     known_options: ClassVar[dict[str, str]] = {}
     content_only: ClassVar[tuple[str, ...] | None] = wclayer.ROOTS
+    quota_unsupported: ClassVar[str | None] = "Windows sandboxes need Windows"
 
     @classmethod
     def supported(cls, home: Path) -> str | None:
@@ -59,8 +59,6 @@ class WindowsFilterDriver(StoreDriver):
             raise errors.Unsupported(reason, path=str(home))
         super().__init__(*args, **kwargs)
 
-    def _quota_support(self) -> tuple[str | None, str]:
-        return None, "Windows sandboxes need Windows"
 
     # -- building -------------------------------------------------------------------
 
@@ -107,10 +105,10 @@ class WindowsFilterDriver(StoreDriver):
             return Path(lowers[0])
         target = self.store.layer_dir(id) / MERGED
         try:
-            mount.mount_overlay(str(target), lowers, options=("index=off", "redirect_dir=off",
-                                                               "metacopy=off"))
+            mount.mount_overlay(str(target), lowers, options=mount.MOUNT_OPTIONS)
         except OSError as e:
-            raise errors.LaminaError(f"cannot mount: {e}", layer=id, path=str(target)) from e
+            raise errors.Unsupported(f"the kernel refused the union mount: {e}", layer=id,
+                                     path=str(target)) from e
         return target
 
     def union_point(self, id: LayerId) -> Path | None:

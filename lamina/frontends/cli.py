@@ -275,7 +275,7 @@ def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
     rows: list[dict[str, Any]] = []
     table = [["ID", "PARENT", "SIZE", "MOUNTS"]]
     for layer in sorted(drv.layers()):
-        parent, size, mounts = drv.parent(layer), drv.diff_size(layer), drv.mount_count(layer)
+        parent, size, mounts = drv.parent(layer), drv.size(layer), drv.mount_count(layer)
         rows.append({"id": layer, "parent": parent, "size": size, "mounts": mounts})
         table.append([layer, parent or "-", human_size(size), str(mounts)])
     return Result({"layers": rows}, _columns(table))

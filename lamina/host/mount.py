@@ -43,20 +43,20 @@ AT_FDCWD = -100
 MS_RDONLY = 1
 MNT_DETACH = 2
 PAGE = os.sysconf("SC_PAGE_SIZE")
+MOUNT_OPTIONS = ("index=off", "redirect_dir=off", "metacopy=off")
+"""The overlayfs features lamina's unions keep off, so that an upper directory always
+holds a layer's full changes (and its native diff is exact)."""
 
 
-class MountError(OSError):
-    """A mount failed; ``detail`` carries what the kernel logged about it."""
-
-    def __init__(self, err: int, what: str, detail: str = "") -> None:
-        super().__init__(err, f"{what}: {os.strerror(err)}{': ' + detail if detail else ''}")
-        self.detail = detail
+def mount_error(err: int, what: str, detail: str = "") -> OSError:
+    """An ``OSError`` for a failed mount call, with what the kernel logged about it."""
+    return OSError(err, f"{what}: {os.strerror(err)}{': ' + detail if detail else ''}")
 
 
 def _check(result: int, what: str, fs_fd: int = -1) -> int:
     if result < 0:
         err = ctypes.get_errno()
-        raise MountError(err, what, _kernel_log(fs_fd))
+        raise mount_error(err, what, _kernel_log(fs_fd))
     return result
 
 
@@ -91,7 +91,7 @@ def lowerdir_plus_available() -> bool:
         return False
     try:
         _fsconfig(fd, FSCONFIG_SET_STRING, "lowerdir+", "/")
-    except MountError:
+    except OSError:
         return False
     finally:
         os.close(fd)
@@ -169,7 +169,7 @@ def _mount_legacy(
     data += list(options)
     text = ",".join(data).encode()
     if len(text) >= PAGE:
-        raise MountError(errno.EINVAL, "overlay mount options exceed a page")
+        raise mount_error(errno.EINVAL, "overlay mount options exceed a page")
     flags = MS_RDONLY if upper is None else 0
     if relative_to is None:
         _check(_libc.mount(b"overlay", os.fsencode(target), b"overlay", flags, text), "mount")
@@ -198,7 +198,7 @@ def _mount_legacy(
         os.waitpid(pid, 0)
     code = int(answer or b"5")
     if code:
-        raise MountError(code, "mount")
+        raise mount_error(code, "mount")
 
 
 def unmount(target: str, *, lazy: bool = True) -> None:
@@ -212,7 +212,7 @@ def unmount(target: str, *, lazy: bool = True) -> None:
     if err == errno.EBUSY and lazy:
         _check(_libc.umount2(os.fsencode(target), MNT_DETACH), "umount")
         return
-    raise MountError(err, "umount")
+    raise mount_error(err, "umount")
 
 
 def mounted_below(prefix: str) -> list[str]:

@@ -54,6 +54,9 @@ class LayerMeta:
     totals: Totals | None = None
     """What a read-only layer's own content takes (from its manifest)."""
     quota: Quota | None = None
+    size: int | None = None
+    """The regular-file bytes of a read-only layer's own changes as its apply counted
+    them (what Docker records as a layer's size); None when not known."""
     fields: dict[str, Any] = field(default_factory=dict)
     """The backend's own fields (vfs ``touched_ns``, …), and any this version does not
     know, kept as found."""
@@ -73,6 +76,7 @@ class LayerMeta:
                 chain=[LayerId(_str(c, "chain")) for c in _list(rest.pop("chain", []), "chain")],
                 totals=_totals(rest.pop("totals", None)),
                 quota=_quota(rest.pop("quota", None)),
+                size=_opt_int(rest.pop("size", None), "size"),
                 fields=rest,
             )
         except _Bad as e:
@@ -85,6 +89,8 @@ class LayerMeta:
                                "rw": self.rw, "created": self.created, "chain": self.chain}
         if self.totals is not None:
             out["totals"] = dataclasses.asdict(self.totals)
+        if self.size is not None:
+            out["size"] = self.size
         if self.quota is not None:
             out["quota"] = {k: v for k, v in dataclasses.asdict(self.quota).items()
                             if v is not None}
@@ -143,6 +149,10 @@ def _int(value: object, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise _Bad(f"{what} is {value!r}, not a count")
     return value
+
+
+def _opt_int(value: object, what: str) -> int | None:
+    return None if value is None else _int(value, what)
 
 
 def _list(value: object, what: str) -> list[object]:

@@ -1,0 +1,2 @@
+"""``lamina serve``: Docker's graph driver plugin protocol (``plugin``) over HTTP on a unix
+socket (``http``)."""
