@@ -13,9 +13,11 @@ cd "$(dirname "$0")/.."
 say() { printf 'bootstrap: %s\n' "$*" >&2; }
 
 # The Debian packages: filesystems for the backends' tests (ext4, xfs), xattr tools,
-# the codecs and GNU tar for compat tests, and Docker, skopeo and debootstrap for the
-# corpus and the Docker tests.
-DEB_PACKAGES=(e2fsprogs xfsprogs attr zstd pigz tar docker.io skopeo debootstrap)
+# the codecs and GNU tar for compat tests, Docker, skopeo and debootstrap for the
+# corpus and the Docker tests, and containerd, runc, Go and containerd's Go source
+# for the snapshotter's tests (containerd's own suite is built from that source).
+DEB_PACKAGES=(e2fsprogs xfsprogs attr zstd pigz tar docker.io skopeo debootstrap
+              containerd runc golang-go golang-github-containerd-containerd-dev)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
 
