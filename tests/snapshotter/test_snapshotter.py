@@ -1,0 +1,297 @@
+"""``lamina snapshotter`` through its gRPC surface: a real server on a unix socket, a real
+client (the generated stub), on every Linux backend.
+
+Hostile input (keys of any bytes and length, missing and active parents, filters that
+do not parse, 1,000 concurrent calls), restarts, the remote-snapshotter protocol (a
+layer applied through the driver found by its chain id) and the two users of a layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+import lamina
+from lamina.archive.diffid import chain_id
+from lamina.backends.base import StoreDriver
+from lamina.frontends.containerd import filters, server
+from lamina.frontends.containerd.api import snapshots_pb2 as pb
+from lamina.frontends.containerd.api import snapshots_pb2_grpc
+from lamina.frontends.containerd.snapshotter import REF_LABEL, Snapshotter
+
+pytestmark = pytest.mark.root
+
+BACKENDS = ["overlay", "vfs"]
+
+
+class Served:
+    """A store served on a socket, with a client; ``restart()`` starts it anew."""
+
+    def __init__(self, home: Path, backend: str, sock: Path) -> None:
+        self.home, self.backend, self.sock = home, backend, sock
+        self._start()
+
+    def _start(self) -> None:
+        drv = lamina.open_driver(self.home, backend=self.backend)
+        assert isinstance(drv, StoreDriver)
+        self.drv = drv
+        self.sn = Snapshotter(drv)
+        self.server = server.start(self.sn, self.sock)
+        self.channel = grpc.insecure_channel(f"unix:{self.sock}")
+        self.stub: Any = snapshots_pb2_grpc.SnapshotsStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.server.stop(5).wait()
+        self.sn.close()
+        self.drv.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self._start()
+
+    # shorthands
+    def prepare(self, key: str, parent: str = "", **labels: str) -> Any:
+        return self.stub.Prepare(pb.PrepareSnapshotRequest(key=key, parent=parent,
+                                                           labels=labels))
+
+    def commit(self, name: str, key: str) -> None:
+        self.stub.Commit(pb.CommitSnapshotRequest(name=name, key=key))
+
+    def stat(self, key: str) -> Any:
+        return self.stub.Stat(pb.StatSnapshotRequest(key=key)).info
+
+    def names(self, *fs: str) -> list[str]:
+        out = []
+        for resp in self.stub.List(pb.ListSnapshotsRequest(filters=list(fs))):
+            out += [i.name for i in resp.info]
+        return sorted(out)
+
+
+@pytest.fixture(params=BACKENDS)
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
+    s = Served(tmp_path / "home", request.param, tmp_path / "s.sock")
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def code(e: pytest.ExceptionInfo[grpc.RpcError]) -> grpc.StatusCode:
+    return e.value.code()  # type: ignore[attr-defined, no-any-return]
+
+
+def test_life_cycle_and_mount_specs(served: Served) -> None:
+    m = served.prepare("a-key", "").mounts
+    assert [(x.type, list(x.options)) for x in m] == [("bind", ["rbind", "rw"])]
+    served.commit("base", "a-key")
+    with pytest.raises(grpc.RpcError) as e:
+        served.stat("a-key")
+    assert code(e) == grpc.StatusCode.NOT_FOUND
+    info = served.stat("base")
+    assert info.kind == pb.COMMITTED and info.parent == ""
+    m = served.prepare("top", "base").mounts
+    if served.backend == "overlay":
+        (o,) = m
+        assert o.type == "overlay"
+        opts = {k: v for k, _, v in (x.partition("=") for x in o.options)}
+        assert opts["lowerdir"].startswith(str(served.home / "l")) and "upperdir" in opts
+    else:
+        assert [x.type for x in m] == ["bind"]
+    v = served.stub.View(pb.ViewSnapshotRequest(key="v", parent="base")).mounts
+    assert [list(x.options) for x in v] == [["rbind", "ro"]]
+    assert served.stat("v").kind == pb.VIEW
+    with pytest.raises(grpc.RpcError) as e:
+        served.stub.Remove(pb.RemoveSnapshotRequest(key="base"))
+    assert code(e) == grpc.StatusCode.FAILED_PRECONDITION
+    for k in ("v", "top", "base"):
+        served.stub.Remove(pb.RemoveSnapshotRequest(key=k))
+    assert served.names() == []
+    assert list(served.drv.layers()) == []
+
+
+def test_keys_of_any_bytes_and_length(served: Served) -> None:
+    keys = ["default/7/extract-123 sha256:" + "a" * 64, "../../etc/passwd", "a\nb\tc",
+            "x" * 10_000, "ключ/🙂", " ", "/", "-removing", "\x7f"]
+    for k in keys:
+        served.prepare(k, "")
+    assert served.names() == sorted(keys)
+    served.restart()
+    assert served.names() == sorted(keys)
+    for k in keys:
+        assert served.stat(k).name == k
+    with pytest.raises(grpc.RpcError) as e:
+        served.prepare("", "")
+    assert code(e) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        served.prepare(keys[0], "")
+    assert code(e) == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_parents_must_be_committed_and_exist(served: Served) -> None:
+    served.prepare("active", "")
+    with pytest.raises(grpc.RpcError) as e:
+        served.prepare("child", "active")
+    assert code(e) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        served.prepare("child", "missing")
+    assert code(e) == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as e:
+        served.commit("c", "missing")
+    assert code(e) == grpc.StatusCode.NOT_FOUND
+    served.stub.View(pb.ViewSnapshotRequest(key="view", parent=""))
+    with pytest.raises(grpc.RpcError) as e:
+        served.commit("c", "view")
+    assert code(e) == grpc.StatusCode.FAILED_PRECONDITION
+    assert served.names() == ["active", "view"]
+
+
+def test_filters_and_update(served: Served) -> None:
+    served.prepare("p-tmp", "")
+    served.commit("p", "p-tmp")
+    served.prepare("a", "p", l="2")
+    assert served.names('labels.l==2') == ["a"]
+    assert served.names("kind==committed", "name==a") == ["a", "p"]
+    assert served.names('parent!="",kind~=^act') == ["a"]
+    for bad in ("name==", "name=a", "labels.", "name==a,", "kind==active ,x", '"unterminated'):
+        with pytest.raises(grpc.RpcError) as e:
+            served.names(bad)
+        assert code(e) == grpc.StatusCode.INVALID_ARGUMENT, bad
+    info = served.stat("a")
+    info.labels.clear()
+    info.labels["new"] = "1"
+    got = served.stub.Update(pb.UpdateSnapshotRequest(
+        info=info, update_mask={"paths": ["labels.new", "labels.l"]})).info
+    assert dict(got.labels) == {"new": "1"} and got.created_at == info.created_at
+    with pytest.raises(grpc.RpcError) as e:
+        served.stub.Update(pb.UpdateSnapshotRequest(info=info, update_mask={"paths": ["parent"]}))
+    assert code(e) == grpc.StatusCode.INVALID_ARGUMENT
+    served.restart()
+    assert dict(served.stat("a").labels) == {"new": "1"}
+
+
+def test_concurrent_calls(served: Served) -> None:
+    served.prepare("base-a", "")
+    served.commit("base", "base-a")
+
+    def one(i: int) -> str:
+        key = f"k{i}"
+        served.prepare(key, "base")
+        served.stat(key)
+        if i % 2:
+            served.stub.Remove(pb.RemoveSnapshotRequest(key=key))
+        return key
+
+    with futures.ThreadPoolExecutor(32) as pool:
+        done = list(pool.map(one, range(1000)))
+    assert len(done) == 1000
+    assert served.names("kind==active") == sorted(f"k{i}" for i in range(0, 1000, 2))
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_remote_snapshot_protocol_and_two_users(served: Served) -> None:
+    t1, t2 = _tar({"a": b"1"}), _tar({"b": b"2"})
+    d1 = "sha256:" + hashlib.sha256(t1).hexdigest()
+    d2 = "sha256:" + hashlib.sha256(t2).hexdigest()
+    served.drv.apply_diff("docker1", None, io.BytesIO(t1))   # as `lamina serve` would
+    served.drv.apply_diff("docker2", "docker1", io.BytesIO(t2))
+    meta = served.drv.store.meta(served.drv.store.require("docker2")).fields
+    c1, c2 = chain_id(None, d1), chain_id(chain_id(None, d1), d2)
+    assert meta["diff_id"] == d2 and meta["chain_id"] == c2
+    with pytest.raises(grpc.RpcError) as e:
+        served.prepare("ns/1/extract-1 " + c1, "", **{REF_LABEL: c1})
+    assert code(e) == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as e:
+        served.prepare("ns/2/extract-2 " + c2, c1, **{REF_LABEL: c2})
+    assert code(e) == grpc.StatusCode.ALREADY_EXISTS
+    assert served.names(f'labels."{REF_LABEL}"=={c2},parent=="{c1}"') == [c2]
+    assert sorted(served.drv.layers()) == ["docker1", "docker2"]  # nothing new on disk
+    # Docker removes its layers: the snapshots keep them ...
+    served.drv.remove("docker2")
+    served.drv.remove("docker1")
+    assert sorted(served.drv.layers()) == ["docker1", "docker2"]
+    m = served.prepare("ctr", c2).mounts
+    assert m
+    served.stub.Remove(pb.RemoveSnapshotRequest(key="ctr"))
+    # ... until the snapshots go too.
+    served.stub.Remove(pb.RemoveSnapshotRequest(key=c2))
+    served.stub.Remove(pb.RemoveSnapshotRequest(key=c1))
+    assert list(served.drv.layers()) == []
+
+
+def test_snapshot_remove_keeps_what_docker_still_has(served: Served) -> None:
+    t1 = _tar({"a": b"1"})
+    c1 = "sha256:" + hashlib.sha256(t1).hexdigest()
+    served.drv.apply_diff("docker1", None, io.BytesIO(t1))
+    with pytest.raises(grpc.RpcError):
+        served.prepare("k", "", **{REF_LABEL: c1})
+    served.stub.Remove(pb.RemoveSnapshotRequest(key=c1))
+    assert list(served.drv.layers()) == ["docker1"]
+    served.drv.remove("docker1")
+    assert list(served.drv.layers()) == []
+
+
+def test_commit_adopts_a_layer_the_store_holds(served: Served) -> None:
+    # ctr image import (containerd 1.6) sends no snapshot.ref label: the commit dedups.
+    t1 = _tar({"a": b"1"})
+    c1 = "sha256:" + hashlib.sha256(t1).hexdigest()
+    served.drv.apply_diff("docker1", None, io.BytesIO(t1))
+    served.prepare(f"ns/1/extract-9 {c1}", "")
+    served.commit(f"ns/2/{c1}", f"ns/1/extract-9 {c1}")
+    assert list(served.drv.layers()) == ["docker1"]
+    assert served.stat(f"ns/2/{c1}").kind == pb.COMMITTED
+
+
+def test_usage_and_restart_keeps_everything(served: Served) -> None:
+    served.prepare("k", "")
+    (mounts,) = served.stub.Mounts(pb.MountsRequest(key="k")).mounts
+    Path(mounts.source, "file").write_bytes(b"x" * 10_000)
+    u = served.stub.Usage(pb.UsageRequest(key="k"))
+    assert u.inodes == 1 and u.size >= 10_000
+    served.commit("c", "k")
+    before = served.stat("c")
+    served.restart()
+    assert served.stat("c") == before
+    assert served.stub.Usage(pb.UsageRequest(key="c")).inodes == 1
+
+
+def test_a_second_server_on_the_home_is_refused(served: Served, tmp_path: Path) -> None:
+    drv = lamina.open_driver(served.home, backend=served.backend)
+    try:
+        assert isinstance(drv, StoreDriver)
+        with pytest.raises(lamina.errors.Busy):
+            Snapshotter(drv)
+    finally:
+        drv.close()
+
+
+def test_filter_grammar_matches_containerds() -> None:
+    f = filters.parse_all(['labels."containerd.io/gc.root"==x,kind==active'])
+    look = filters.snapshot_fields("n", "", "active", {"containerd.io/gc.root": "x"})
+    assert f.matches(look)
+
+
+def test_filter_slash_must_be_quoted() -> None:
+    with pytest.raises(filters.FilterError):
+        filters.parse_all(["name==/a/b"])
+    f = filters.parse_all(['name=="/a/b"'])
+    assert f.matches(filters.snapshot_fields("/a/b", "", "view", {}))
+    assert filters.parse_all(["name~=/a.b/"]).matches(filters.snapshot_fields("xa/b", "", "", {}))
+
