@@ -121,6 +121,11 @@ def cmd_status(drv: Driver, args: argparse.Namespace) -> Result:
     lines = [f"Backend: {drv.name}"] + [f"{key}: {value}" for key, value in pairs]
     if not any(key == "Home" for key, _ in pairs):
         lines.insert(0, f"Home: {args.home}")
+    snaps = _snapshots_by_layer(drv)
+    if snaps:
+        count = sum(len(v) for v in snaps.values())
+        pairs = [*pairs, ("Snapshots", f"{count} (containerd's, through `lamina snapshotter`)")]
+        lines.append(f"Snapshots: {count}")
     doc = {"home": str(args.home), "backend": drv.name, "status": [list(p) for p in pairs]}
     return Result(doc, lines)
 
@@ -271,14 +276,48 @@ def cmd_df(drv: Driver, args: argparse.Namespace) -> Result:
 
 
 def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
-    """``ls``: every layer with its parent, size and mount count."""
+    """``ls``: every layer with its parent, size and mount count, and the containerd
+    snapshots (keys and names) that use it."""
     rows: list[dict[str, Any]] = []
-    table = [["ID", "PARENT", "SIZE", "MOUNTS"]]
+    named = _snapshots_by_layer(drv)
+    table = [["ID", "PARENT", "SIZE", "MOUNTS", *(["SNAPSHOTS"] if named else [])]]
     for layer in sorted(drv.layers()):
         parent, size, mounts = drv.parent(layer), drv.size(layer), drv.mount_count(layer)
-        rows.append({"id": layer, "parent": parent, "size": size, "mounts": mounts})
-        table.append([layer, parent or "-", human_size(size), str(mounts)])
-    return Result({"layers": rows}, _columns(table))
+        snaps = named.pop(layer, [])
+        row: dict[str, Any] = {"id": layer, "parent": parent, "size": size, "mounts": mounts}
+        if snaps:
+            row["snapshots"] = [{"name": n, "kind": k} for n, k in snaps]
+        rows.append(row)
+        shown = ", ".join(f"{_printable(n)} ({k})" for n, k in snaps) or "-"
+        table.append([layer, parent or "-", human_size(size), str(mounts),
+                      *([shown] if len(table[0]) > 4 else [])])
+    views = [{"name": n, "kind": k} for n, k in named.pop(None, [])]
+    lines = _columns(table)
+    if views:
+        lines.append("views without a layer of their own: "
+                     + ", ".join(_printable(v["name"]) for v in views))
+    doc: dict[str, Any] = {"layers": rows}
+    if views:
+        doc["views"] = views
+    return Result(doc, lines)
+
+
+def _snapshots_by_layer(drv: Driver) -> dict[str | None, list[tuple[str, str]]]:
+    """The containerd snapshots of the home, by the layer each uses (None: a view)."""
+    from lamina.store import snapshots
+
+    if not (drv.home / "snapshots" / "records").is_dir():
+        return {}
+    out: dict[str | None, list[tuple[str, str]]] = {}
+    records = snapshots.SnapshotRecords(drv.home, serve=False)
+    for rec in sorted(records.by_name.values(), key=lambda r: r.name):
+        out.setdefault(rec.layer, []).append((rec.name, rec.kind))
+    return out
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, for a terminal."""
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 def cmd_cleanup(drv: Driver, args: argparse.Namespace) -> Result:

@@ -158,20 +158,29 @@ class SnapshotRecords:
     def _load(self) -> None:
         for entry in os.listdir(self.records_dir):
             path = self.records_dir / entry
+            # Only the serving process (it holds .lock) cleans up: a reader such as
+            # `lamina ls` must not take a live server's temp file for a leftover.
+            owner = self._lock is not None
             if not entry.endswith(".json"):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()  # an atomic_write cut short
+                if owner:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()  # an atomic_write cut short
                 continue
             try:
                 rec = Record.from_json(json.loads(path.read_bytes()), path)
+            except FileNotFoundError:
+                continue  # removed since the listing (by the server)
             except (OSError, ValueError, errors.LaminaError) as e:
-                log.warning("lamina: dropping unreadable snapshot record %s: %s", path, e)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                if owner:
+                    log.warning("lamina: dropping unreadable snapshot record %s: %s", path, e)
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
                 continue
             if record_file(rec.name) != entry:
-                log.warning("lamina: dropping misnamed snapshot record %s", path)
-                path.unlink()
+                if owner:
+                    log.warning("lamina: dropping misnamed snapshot record %s", path)
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
                 continue
             self._index(rec)
 
