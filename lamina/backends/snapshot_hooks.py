@@ -38,7 +38,7 @@ def identify(store: Store, meta: LayerMeta, tar: BinaryIO, *, replacing: bool) -
     (none for a writable layer, or when the layer had content before: ``replacing``)."""
     if not isinstance(tar, DigestingReader) or meta.rw:
         return {}
-    if replacing and _had_content(store, meta):
+    if replacing and _had_content(meta):
         return {}
     diff = tar.diff_id()
     out: dict[str, Any] = {"diff_id": diff}
@@ -52,17 +52,16 @@ def identify(store: Store, meta: LayerMeta, tar: BinaryIO, *, replacing: bool) -
     return out
 
 
-def _had_content(store: Store, meta: LayerMeta) -> bool:
+def _had_content(meta: LayerMeta) -> bool:
     """Whether layer ``meta`` had content of its own before an apply into it.  Docker
     creates a layer, then applies into it: on vfs the created layer is a copy of its
-    parent (the same totals, and no size of its own), which is not content of its own."""
+    parent (totals of the whole tree, but a size of 0: nothing applied into it yet),
+    which is not content of its own."""
     if "diff_id" in meta.fields:
         return True
     if not meta.totals or not meta.totals.inodes:
         return False
-    if meta.size == 0 and meta.parent is not None:
-        return meta.totals != store.meta(meta.parent).totals
-    return True
+    return not (meta.size == 0 and meta.parent is not None)
 
 
 def kept_for_snapshots(home: Path, id: LayerId) -> bool:
