@@ -17,7 +17,8 @@ say() { printf 'bootstrap: %s\n' "$*" >&2; }
 # corpus and the Docker tests, and containerd, runc, Go and containerd's Go source
 # for the snapshotter's tests (containerd's own suite is built from that source).
 DEB_PACKAGES=(e2fsprogs xfsprogs attr zstd pigz tar docker.io skopeo debootstrap
-              containerd runc golang-go golang-github-containerd-containerd-dev)
+              containerd runc golang-go golang-github-containerd-containerd-dev
+              qemu-system-x86 busybox-static cpio libcap2-bin)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
 
