@@ -10,24 +10,27 @@ from __future__ import annotations
 
 import abc
 import collections
+import io
 import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, cast
 
 from lamina import crashpoints, errors
 from lamina.archive import codecs
 from lamina.archive.diffid import DigestingReader
 from lamina.archive.digests import Digests
+from lamina.archive.export import READ_CHUNK
 from lamina.backends import snapshot_hooks
 from lamina.backends.quotas import LayerQuotas
 from lamina.backends.snapshot_hooks import SnapshotMount
-from lamina.driver import DiffGetter, Driver, IdMap, LayerId, check_id
+from lamina.driver import Change, DiffGetter, Driver, IdMap, LayerId, check_id
 from lamina.host import fsutil
 from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.idmap import IdMapper
+from lamina.host.quota import IMAGE
 from lamina.host.usage import Totals, tree_totals
 from lamina.options import apply_limits, parse_options, parse_size, storage_size
 from lamina.store import manifest
@@ -290,7 +293,8 @@ class StoreDriver(Driver, abc.ABC):
 
     def remove(self, id: str) -> None:
         lid = self.store.require(id)
-        with self.store.layer_lock(lid):
+        # A reader's lease (a diff being streamed) is waited for, never cut short.
+        with self.store.layer_lock(lid, wait=REMOVE_WAIT):
             if not self.store.exists(lid):
                 raise errors.NotFound("no such layer", layer=lid)
             if self._kept_for_snapshots(lid):
@@ -357,13 +361,82 @@ class StoreDriver(Driver, abc.ABC):
     def parent(self, id: str) -> LayerId | None:
         return self.store.parent(self.store.require(id))
 
+    # -- reading: diff, changes, sizes, under a lease ---------------------------------
+
+    def diff(self, id: str, parent: str | None = None) -> BinaryIO:
+        lid, lease = self._leased(id, parent)
+        try:
+            stream = self._stream_diff(lid, parent)
+        except BaseException:
+            _release(lease)
+            raise
+        return _leased_stream(stream, lease)
+
+    def changes(self, id: str, parent: str | None = None) -> list[Change]:
+        lid, lease = self._leased(id, parent)
+        try:
+            return self._find_changes(lid, parent)
+        finally:
+            _release(lease)
+
+    def diff_size(self, id: str, parent: str | None = None) -> int:
+        lid, lease = self._leased(id, parent)
+        try:
+            return self._measure_diff(lid, parent)
+        finally:
+            _release(lease)
+
+    def diff_getter(self, id: str) -> DiffGetter:
+        lid, lease = self._leased(id, None)
+        try:
+            return _LeasedGetter(self._open_getter(lid), lease)
+        except BaseException:
+            _release(lease)
+            raise
+
+    def _leased(self, id: str, parent: str | None) -> tuple[LayerId, list[fsutil.FileLock]]:
+        """``id`` resolved, and shared leases on it and on the layer it is compared with,
+        so that neither is removed or replaced while it is read (a diff stream holds
+        them until it is closed: a reader gets the whole stream or an error, never a
+        short tar that looks whole)."""
+        lid = self.store.require(id)
+        other = self.store.require(parent) if parent else self.store.parent(lid)
+        return lid, self.store.lease([lid] if other is None else [lid, other])
+
+    @abc.abstractmethod
+    def _stream_diff(self, lid: LayerId, parent: str | None) -> BinaryIO:
+        """:meth:`diff` of ``lid``, which the caller holds a lease on."""
+
+    @abc.abstractmethod
+    def _find_changes(self, lid: LayerId, parent: str | None) -> list[Change]:
+        """:meth:`changes` of ``lid``, which the caller holds a lease on."""
+
+    @abc.abstractmethod
+    def _measure_diff(self, lid: LayerId, parent: str | None) -> int:
+        """:meth:`diff_size` of ``lid``, which the caller holds a lease on."""
+
+    @abc.abstractmethod
+    def _open_getter(self, lid: LayerId) -> DiffGetter:
+        """:meth:`diff_getter` of ``lid``, which the caller holds a lease on."""
+
     def _diff_parent(self, lid: LayerId, parent: str | None) -> tuple[LayerId | None, bool]:
-        """The parent to diff against, and whether it is the layer's own parent."""
+        """The parent to diff against, and whether it is the layer's own parent
+        (``Corrupt`` when the content of either is gone: a damaged home)."""
         own = self.store.parent(lid)
-        if parent is None:
-            return own, True
-        pid = self.store.require(parent)
+        pid = own if parent is None else self.store.require(parent)
+        for layer in (lid, pid):
+            if layer is not None:
+                self._require_content(layer)
         return pid, pid == own
+
+    def _require_content(self, lid: LayerId) -> None:
+        """``Corrupt`` when layer ``lid``'s content directory is missing (removed behind
+        lamina's back), rather than a ``FileNotFoundError`` from deep in a walk."""
+        layer_dir = self.store.layer_dir(lid)
+        content = self.content_of(layer_dir)
+        if not content.is_dir() and not (layer_dir / IMAGE).is_file():  # an image: mounted later
+            raise errors.Corrupt(f"its content directory {content.relative_to(layer_dir)}/ "
+                                 "is missing (lamina check; lamina rm)", layer=lid)
 
     def status(self) -> list[tuple[str, str]]:
         return [
@@ -450,6 +523,76 @@ class StoreDriver(Driver, abc.ABC):
             if meta.totals is not None:
                 return meta.totals
         return tree_totals(self.content_of(self.store.layer_dir(id)))
+
+
+REMOVE_WAIT = 60.0
+"""Seconds a removal waits for the readers of a layer before it is ``Busy``."""
+
+
+def _release(lease: list[fsutil.FileLock]) -> None:
+    for lock in lease:
+        lock.release()
+
+
+class _LeasedReader(io.BufferedReader):
+    """A stream that gives its layers' leases back when it is closed (or collected)."""
+
+    def __init__(self, raw: io.RawIOBase, lease: list[fsutil.FileLock]) -> None:
+        super().__init__(raw, READ_CHUNK)
+        self._lease = lease
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            _release(self._lease)
+            self._lease = []
+
+
+def _leased_stream(stream: BinaryIO, lease: list[fsutil.FileLock]) -> BinaryIO:
+    if isinstance(stream, io.BufferedReader):
+        raw = stream.detach()
+        if isinstance(raw, io.RawIOBase):
+            return cast(BinaryIO, _LeasedReader(raw, lease))
+        stream = cast(BinaryIO, io.BufferedReader(raw))  # pragma: no cover - not made here
+    return cast(BinaryIO, _LeasedReader(cast(io.RawIOBase, _Passthrough(stream)), lease))
+
+
+class _Passthrough(io.RawIOBase):
+    """Any binary stream as a raw one (for a backend whose diff is not buffered here)."""
+
+    def __init__(self, inner: BinaryIO) -> None:
+        self._inner = inner
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._inner.read(len(buffer))
+        memoryview(buffer)[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+class _LeasedGetter(DiffGetter):
+    """A backend's getter, holding its layer's lease until it is closed."""
+
+    def __init__(self, inner: DiffGetter, lease: list[fsutil.FileLock]) -> None:
+        self._inner = inner
+        self._lease = lease
+
+    def get(self, path: str) -> BinaryIO:
+        return self._inner.get(path)
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            _release(self._lease)
+            self._lease = []
 
 
 class TreeGetter(DiffGetter):

@@ -320,7 +320,7 @@ class OverlayDriver(StoreDriver):
 
     # -- changes ------------------------------------------------------------------------
 
-    def changes(self, id: str, parent: str | None = None) -> list[Change]:
+    def _find_changes(self, id: str, parent: str | None) -> list[Change]:
         lid = self.store.require(id)
         pid, own = self._diff_parent(lid, parent)
         if own:
@@ -328,7 +328,7 @@ class OverlayDriver(StoreDriver):
         with self._viewed(lid) as new, self._parent_view(pid) as old:
             return naivediff.changes(old, new)
 
-    def diff_size(self, id: str, parent: str | None = None) -> int:
+    def _measure_diff(self, id: str, parent: str | None) -> int:
         lid = self.store.require(id)
         pid, own = self._diff_parent(lid, parent)
         if own:
@@ -336,7 +336,7 @@ class OverlayDriver(StoreDriver):
         with self._viewed(lid) as new, self._parent_view(pid) as old:
             return naivediff.size_of(new, naivediff.changes(old, new))
 
-    def diff(self, id: str, parent: str | None = None) -> BinaryIO:
+    def _stream_diff(self, id: str, parent: str | None) -> BinaryIO:
         lid = self.store.require(id)
         pid, own = self._diff_parent(lid, parent)
         if own:
@@ -368,7 +368,7 @@ class OverlayDriver(StoreDriver):
             with self._viewed(id) as path:
                 yield path
 
-    def diff_getter(self, id: str) -> DiffGetter:
+    def _open_getter(self, id: str) -> DiffGetter:
         lid = self.store.require(id)
         return TreeGetter(self._diff(lid), lid)
 

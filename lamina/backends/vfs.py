@@ -55,6 +55,16 @@ class VfsDriver(StoreDriver):
         """Why vfs cannot work at ``home`` (never: it needs nothing special)."""
         return None
 
+    def _check_depth(self, id: LayerId, parent: LayerId | None, rw: bool) -> None:
+        # Called before anything of a new layer is written: refuse here what cannot be.
+        self._require_writer(id)
+
+    def _require_writer(self, id: LayerId) -> None:
+        """``Unsupported`` when this process cannot write layers (see :func:`writer_problem`)."""
+        problem = writer_problem()
+        if problem is not None:
+            raise errors.Unsupported(problem, layer=id)
+
     @property
     def _reflink(self) -> bool:
         return self.options.get("vfs.copy", "reflink") != "copy"
@@ -92,12 +102,15 @@ class VfsDriver(StoreDriver):
         return {"touched_ns": self.store.now_ns(staged), **fields}
 
     def content_of(self, layer_dir: Path) -> Path:
+        if (layer_dir / quotas.IMAGE).is_file():  # a loop-capped layer's tree: in its image
+            return layer_dir / quotas.IMAGE_MOUNT / FS
         return layer_dir / FS
 
     def _writable_dirs(self, id: LayerId) -> list[Path]:
         return [self._tree(id)]
 
     def _restage(self, staged: Path, id: LayerId) -> dict[str, Any]:
+        self._require_writer(id)
         tree = staged / FS
         tree.mkdir(mode=0o755)
         fsutil.copy_tree(self._tree(id), tree, reflink=self._reflink)
@@ -125,7 +138,7 @@ class VfsDriver(StoreDriver):
 
     # -- changes ------------------------------------------------------------------
 
-    def changes(self, id: str, parent: str | None = None) -> list[Change]:
+    def _find_changes(self, id: str, parent: str | None) -> list[Change]:
         lid = self.store.require(id)
         pid, own = self._diff_parent(lid, parent)
         touched = self.store.meta(lid).fields.get("touched_ns") if own else None
@@ -135,22 +148,24 @@ class VfsDriver(StoreDriver):
             touched_ns=touched if isinstance(touched, int) else None,
         )
 
-    def diff_size(self, id: str, parent: str | None = None) -> int:
+    def _measure_diff(self, id: str, parent: str | None) -> int:
         lid = self.store.require(id)
         return naivediff.size_of(self._tree(lid), self.changes(lid, parent))
 
-    def diff(self, id: str, parent: str | None = None) -> BinaryIO:
+    def _stream_diff(self, id: str, parent: str | None) -> BinaryIO:
         lid = self.store.require(id)
         items = change_items(self.changes(lid, parent))
         return export_changes(self._tree(lid), items, layer=lid, ids=self.ids)
 
-    def diff_getter(self, id: str) -> DiffGetter:
+    def _open_getter(self, id: str) -> DiffGetter:
         lid = self.store.require(id)
         return TreeGetter(self._tree(lid), lid)
 
     def status(self) -> list[tuple[str, str]]:
         copy = "copy" if self.options.get("vfs.copy") == "copy" else "reflink where possible"
-        return [*super().status(), ("Copy", copy), ("Native Diff", "false")]
+        writes = writer_problem()
+        return [*super().status(), ("Copy", copy), ("Native Diff", "false"),
+                *([("Writes", f"refused: {writes}")] if writes else [])]
 
     # -- snapshotter hooks (lamina.frontends.containerd) --------------------------------
 
@@ -169,6 +184,25 @@ class VfsDriver(StoreDriver):
                 with contextlib.suppress(FileNotFoundError):
                     tally.add(os.lstat(f"{tree}{change.path}"))
         return tally.totals()
+
+
+CAP_CHOWN = 0
+
+
+def writer_problem() -> str | None:
+    """Why this process cannot write vfs layers (None: it can).  A layer's files keep the
+    owners its tar gives them (root's, mostly), which takes ``CAP_CHOWN``: without it
+    (not root) every write would fail half-way, so none is begun."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            caps = next((int(line.split()[1], 16) for line in f if line.startswith("CapEff:")),
+                        None)
+    except (OSError, ValueError):
+        caps = None
+    if (os.geteuid() == 0) if caps is None else bool(caps >> CAP_CHOWN & 1):
+        return None
+    return ("writing vfs layers needs root (CAP_CHOWN): their files keep the owners the "
+            "layer tar gives them")
 
 
 register_backend("vfs", VfsDriver)

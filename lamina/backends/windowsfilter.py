@@ -141,14 +141,14 @@ class WindowsFilterDriver(StoreDriver):
                                      layer=lid, path=parent)
         return lid
 
-    def diff(self, id: str, parent: str | None = None) -> BinaryIO:
+    def _stream_diff(self, id: str, parent: str | None) -> BinaryIO:
         lid = self._own(id, parent)
         return open_stream(wclayer.export(self.store.layer_dir(lid)))
 
-    def diff_size(self, id: str, parent: str | None = None) -> int:
+    def _measure_diff(self, id: str, parent: str | None) -> int:
         return wclayer.data_size(self.store.layer_dir(self._own(id, parent)))
 
-    def changes(self, id: str, parent: str | None = None) -> list[Change]:
+    def _find_changes(self, id: str, parent: str | None) -> list[Change]:
         lid = self._own(id, parent)
         lowers = [str(self.store.layer_dir(p) / FILES)
                   for p in self._chain_of(self.store.parent(lid))]
@@ -170,7 +170,7 @@ class WindowsFilterDriver(StoreDriver):
         out.sort()
         return out
 
-    def diff_getter(self, id: str) -> DiffGetter:
+    def _open_getter(self, id: str) -> DiffGetter:
         lid = self.store.require(id)
         return MutatedFilesGetter(self.store.layer_dir(lid), lid)
 

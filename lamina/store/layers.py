@@ -103,6 +103,9 @@ def recorded_backend(home: Path) -> str | None:
         return None
     except (OSError, ValueError) as e:
         raise errors.Corrupt(f"unreadable lamina.json: {e}", path=str(home)) from e
+    if not isinstance(data, dict):
+        raise errors.Corrupt(f"bad lamina.json: {type(data).__name__}, not an object",
+                             path=str(home))
     backend = data.get("backend")
     return backend if isinstance(backend, str) else None
 
@@ -139,10 +142,43 @@ class Store:
             yield
 
     @contextlib.contextmanager
-    def layer_lock(self, id: LayerId, *, shared: bool = False) -> Iterator[None]:
-        """Hold ``id``'s layer lock: exclusive to mutate it, shared to build on it."""
-        with fsutil.locked(self.locks_dir / id, shared=shared):
+    def layer_lock(self, id: LayerId, *, shared: bool = False,
+                   wait: float | None = None) -> Iterator[None]:
+        """Hold ``id``'s layer lock: exclusive to mutate it, shared to build on it or read
+        it.  ``wait``: give up after so many seconds with ``Busy`` (default: wait)."""
+        lock = fsutil.FileLock(self.locks_dir / id)
+        if wait is None:
+            lock.acquire(shared=shared)
+        else:
+            deadline = time.monotonic() + wait
+            pause = 0.005
+            while not lock.acquire(shared=shared, blocking=False):
+                if time.monotonic() >= deadline:
+                    raise errors.Busy(f"layer is in use (being read or changed) for more than "
+                                      f"{wait:g} s", layer=id)
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+        try:
             yield
+        finally:
+            lock.release()
+
+    def lease(self, ids: list[LayerId]) -> list[fsutil.FileLock]:
+        """Shared locks on ``ids``, held by a reader (a diff stream) until it is done, so
+        that no removal or apply changes them under it; ``NotFound`` if one is gone."""
+        held: list[fsutil.FileLock] = []
+        try:
+            for lid in ids:
+                lock = fsutil.FileLock(self.locks_dir / lid)
+                lock.acquire(shared=True)
+                held.append(lock)
+                if not self.exists(lid):  # removed before the lease was had
+                    raise errors.NotFound("no such layer", layer=lid)
+        except BaseException:
+            for lock in held:
+                lock.release()
+            raise
+        return held
 
     # -- layers -----------------------------------------------------------------
 
