@@ -10,6 +10,7 @@ its drivers' ``register`` package.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +59,17 @@ def open_driver(
     _load_builtin_backends()
     home = Path(home)
     recorded = recorded_backend(home)
+    if recorded is None:
+        # A home without its record but with layers: never guess over them (a wrong
+        # backend would take them for damage); their layout says whose they are.
+        found = _backend_of_layers(home)
+        if found is not None and backend not in ("auto", found):
+            raise errors.InvalidArgument(
+                f"home has no lamina.json but holds {found} layers; not opening them with "
+                f"backend {backend!r}", path=str(home))
+        recorded = found  # written again when the store opens
+        if found is not None:
+            backend = found
     if backend == "auto":
         backend = recorded or _pick_auto(home, options, uid_map, gid_map)
     if backend not in _backends:
@@ -69,6 +81,29 @@ def open_driver(
             f"home was made with backend {recorded!r}, not {backend!r}", path=str(home)
         )
     return _backends[backend](home, options, uid_map, gid_map)
+
+
+def _backend_of_layers(home: Path) -> str | None:
+    """The backend whose layout the layers in ``home`` have (None: no layers);
+    ``Corrupt`` when they have none's, or several backends'."""
+    try:
+        entries = sorted(os.listdir(home / "layers"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    markers = {name: getattr(f, "layout_marker", None) for name, f in _backends.items()}
+    seen: set[str] = set()
+    for entry in entries[:16]:  # a few are enough: every layer of a home has one layout
+        layer = home / "layers" / entry
+        if not layer.is_dir():
+            continue
+        seen.update(name for name, marker in markers.items()
+                    if marker and os.path.lexists(layer / marker))
+    if not entries:
+        return None
+    if len(seen) != 1:
+        raise errors.Corrupt("home has layers but no lamina.json, and their layout does not "
+                             "tell their backend", path=str(home))
+    return seen.pop()
 
 
 def _pick_auto(

@@ -97,6 +97,8 @@ class OverlayDriver(StoreDriver):
     """Layers as overlayfs diff directories (see the module docstring)."""
 
     backend_name = "overlay"
+    layout_marker: ClassVar[str] = DIFF
+    """What every layer directory of this backend holds (how a home's layers tell it)."""
     known_options: ClassVar[dict[str, str]] = {
         **APPLY_OPTIONS,
         "overlay.mount_program": "not supported: lamina mounts kernel overlayfs itself",

@@ -38,6 +38,8 @@ class VfsDriver(StoreDriver):
     """Layers as full directory trees (see the module docstring)."""
 
     backend_name = "vfs"
+    layout_marker: ClassVar[str] = FS
+    """What every layer directory of this backend holds (how a home's layers tell it)."""
     known_options: ClassVar[dict[str, str]] = {
         **APPLY_OPTIONS,
         "vfs.copy": "reflink (default: reflink where possible) or copy",

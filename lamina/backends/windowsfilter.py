@@ -43,6 +43,8 @@ class WindowsFilterDriver(StoreDriver):
 
     backend_name = "windowsfilter"
     layer_format = "windows"
+    layout_marker: ClassVar[str] = FILES
+    """What every layer directory of this backend holds (how a home's layers tell it)."""
     known_options: ClassVar[dict[str, str]] = {}
     content_only: ClassVar[tuple[str, ...] | None] = wclayer.ROOTS
     quota_unsupported: ClassVar[str | None] = "Windows sandboxes need Windows"

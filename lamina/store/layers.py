@@ -107,7 +107,9 @@ def recorded_backend(home: Path) -> str | None:
         raise errors.Corrupt(f"bad lamina.json: {type(data).__name__}, not an object",
                              path=str(home))
     backend = data.get("backend")
-    return backend if isinstance(backend, str) else None
+    if not isinstance(backend, str):
+        raise errors.Corrupt(f"lamina.json names no backend ({backend!r})", path=str(home))
+    return backend
 
 
 class Store:
