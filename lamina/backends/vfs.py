@@ -181,7 +181,9 @@ class VfsDriver(StoreDriver):
             return super().snapshot_usage(id)
         tree = self._tree(id)
         tally = Tally()
-        for change in self.changes(id):
+        # Not self.changes: its lease would wait for the layer lock that seal (Commit)
+        # holds while it calls this.
+        for change in self._find_changes(id, None):
             if change.kind is not ChangeKind.DELETE:
                 with contextlib.suppress(FileNotFoundError):
                     tally.add(os.lstat(f"{tree}{change.path}"))
