@@ -29,6 +29,10 @@ and a restarted ``serve`` opens the same store from it before it answers anythin
 a ``serve`` restarted under a running ``dockerd`` carries on where the last one
 stopped, with the mount counts the store keeps.
 
+Limits (:class:`~lamina.frontends.docker.http.Limits`: timeouts, workers, connections)
+have defaults that suit Docker; each can be set with an environment variable,
+``LAMINA_SERVE_BODY_TIMEOUT=SECONDS`` and the like.
+
 Shutdown (SIGTERM or SIGINT): stop accepting and remove the socket; calls that
 arrive on connections still open are dropped unanswered (Docker's client calls
 again, for 30 s, and so reaches the next ``serve``); calls in progress finish (for
@@ -45,6 +49,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,7 +59,7 @@ from typing import Any, BinaryIO, cast
 import lamina
 from lamina import errors
 from lamina.driver import Driver, IdMap
-from lamina.frontends.docker.http import PluginServer
+from lamina.frontends.docker.http import Limits, PluginServer
 from lamina.host import fsutil
 
 log = logging.getLogger("lamina.serve")
@@ -343,6 +348,15 @@ def _stop_signals() -> Iterator[int]:
         os.close(write_fd)
 
 
+def _raise_fd_limit() -> None:
+    """Let the soft limit on open files go up to the hard one (connections are files)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def serve(
     socket_path: Path = DEFAULT_SOCKET,
     *,
@@ -356,10 +370,12 @@ def serve(
         logging.basicConfig(format="lamina serve: %(levelname)s: %(message)s")
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     socket_path = socket_path.absolute()
+    limits = Limits.from_env()
+    _raise_fd_limit()
     plugin = Plugin(home=home, backend=backend, options=options, state=state_path(socket_path))
     with _stop_signals() as wakeup:
         # The socket first (Busy if another serve has it), then the store, then calls.
-        server = PluginServer(socket_path, plugin)
+        server = PluginServer(socket_path, plugin, limits)
         try:
             plugin.resume()
             if home is not None and not plugin.opened:
