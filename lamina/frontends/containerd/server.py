@@ -12,6 +12,13 @@ gRPC status codes containerd's ``errdefs`` maps to its own: ``NotFound``,
 ``AlreadyExists``, ``InvalidArgument``, ``FailedPrecondition`` (lamina's ``Busy``),
 ``Unimplemented`` (``Unsupported``); anything else is ``Unknown`` with the message.
 
+Limits: a fixed pool of :data:`WORKERS` threads runs the calls; at most
+:data:`MAX_CONCURRENT` calls are in progress or waiting at once, and a message (either
+way) is at most :data:`MAX_RECEIVE` / :data:`MAX_SEND` bytes: beyond either, a call is
+refused with ``RESOURCE_EXHAUSTED`` before any of it runs.  A call whose deadline has
+passed while it waited for a worker is not started (``DEADLINE_EXCEEDED``); a connection
+that does not finish its HTTP/2 handshake in :data:`HANDSHAKE_TIMEOUT_MS` is closed.
+
 SIGTERM or SIGINT stops it cleanly: the socket stops taking calls, the calls in
 progress finish (up to :data:`GRACE` seconds), the store is closed, exit status 0.
 Nothing is mounted by the server, so nothing is left mounted; a restarted server finds
@@ -50,6 +57,14 @@ DEFAULT_SOCKET = "/run/lamina/snapshotter.sock"
 GRACE = 20.0
 """Seconds the calls in progress get to finish after SIGTERM."""
 WORKERS = 16
+"""Threads that run calls."""
+MAX_CONCURRENT = 64
+"""Calls in progress or waiting for a worker; one more is ``RESOURCE_EXHAUSTED``."""
+MAX_RECEIVE = 4 << 20
+"""The largest request (containerd's are a few KiB: a key, a parent, labels of <= 4 KiB)."""
+MAX_SEND = 16 << 20
+"""The largest response (a List batch of 100 snapshots with their labels)."""
+HANDSHAKE_TIMEOUT_MS = 10_000
 LIST_BATCH = 100
 """Snapshots a List response carries (containerd's own server sends 100 at a time)."""
 
@@ -99,6 +114,7 @@ def _call(fn: Callable[..., T]) -> Callable[..., T]:
         if self.verbose:
             log.info("lamina snapshotter: %s %s", fn.__name__,
                      str(request).replace("\n", " ")[:300])
+        _check_deadline(context)
         try:
             return fn(self, request, context)
         except errors.LaminaError as e:
@@ -108,6 +124,16 @@ def _call(fn: Callable[..., T]) -> Callable[..., T]:
             context.abort(grpc.StatusCode.UNKNOWN, f"{fn.__name__}: {e}")
 
     return wrapper
+
+
+def _check_deadline(context: grpc.ServicerContext) -> None:
+    """Refuse a call that waited past its deadline, or whose client went away."""
+    left = context.time_remaining()
+    if left is not None and left <= 0:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                      "the call's deadline passed before a worker was free")
+    if not context.is_active():
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled before it started")
 
 
 class Servicer(snapshots_pb2_grpc.SnapshotsServicer):
@@ -160,6 +186,7 @@ class Servicer(snapshots_pb2_grpc.SnapshotsServicer):
 
     def List(self, request: snapshots_pb2.ListSnapshotsRequest,
              context: grpc.ServicerContext) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
+        _check_deadline(context)
         try:
             found = self.sn.list(list(request.filters))
         except errors.LaminaError as e:
@@ -201,13 +228,18 @@ def _claim_socket(path: Path) -> None:
         probe.close()
 
 
-def start(sn: Snapshotter, socket_path: Path, *, verbose: bool = False) -> grpc.Server:
-    """A started gRPC server of ``sn`` on ``socket_path`` (for tests and :func:`serve`)."""
+def start(sn: Snapshotter, socket_path: Path, *, verbose: bool = False,
+          workers: int = WORKERS, max_concurrent: int = MAX_CONCURRENT,
+          max_receive: int = MAX_RECEIVE, max_send: int = MAX_SEND) -> grpc.Server:
+    """A started gRPC server of ``sn`` on ``socket_path`` (for tests and :func:`serve`),
+    with the limits given (the module's text)."""
     _claim_socket(socket_path)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS,
-                                                    thread_name_prefix="snapshotter"),
-                         options=[("grpc.max_receive_message_length", 16 << 20),
-                                  ("grpc.max_send_message_length", 16 << 20)])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshotter"),
+        maximum_concurrent_rpcs=max_concurrent,
+        options=[("grpc.max_receive_message_length", max_receive),
+                 ("grpc.max_send_message_length", max_send),
+                 ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS)])
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
         Servicer(sn, verbose=verbose), server)
     if server.add_insecure_port(f"unix:{socket_path}") == 0:
