@@ -25,6 +25,9 @@ APPLY_OPTIONS = {
 """Driver options of the backends that apply with lamina's tar engine: limits on what one
 ``apply_diff`` may write (a backend lists them in its ``known_options``)."""
 
+MAX_SIZE = (1 << 63) - 1
+"""The largest size there is: a file's offset (``off_t``) holds no more."""
+
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _SIZE_RE = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtpb]?)(i?b)?\s*", re.IGNORECASE)
 
@@ -37,7 +40,12 @@ def parse_size(value: str, *, layer: str | None = None) -> int:
     number, unit, suffix = match.groups()
     if unit.lower() == "b" and suffix:
         raise errors.InvalidArgument(f"invalid size {value!r}", layer=layer, path="size")
-    size = int(float(number) * _UNITS[unit.lower()])
+    scaled = float(number) * _UNITS[unit.lower()]
+    if not scaled < MAX_SIZE:  # inf from a number of 400 digits too
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise errors.InvalidArgument(f"size {shown!r} is too large (at most 8 EiB)",
+                                     layer=layer, path="size")
+    size = int(scaled)
     if size <= 0:
         raise errors.InvalidArgument(f"size must be positive, not {value!r}", layer=layer,
                                      path="size")

@@ -273,7 +273,12 @@ def test_json_documents(image: Lamina, tmp_path: Path) -> None:
 
 
 def test_json_error_is_one_line_on_stderr(lamina: Lamina) -> None:
-    lamina.fails("--json", "rm", "missing")
+    # One line on stderr, and on stdout the one JSON document: the error and its kind.
+    proc = lamina.run("--json", "rm", "missing", code=1)
+    err = proc.stderr.decode()
+    assert err.startswith("lamina: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert json.loads(proc.stdout) == {"error": "layer missing: no such layer",
+                                       "kind": "NotFound"}
     lamina.run("--json", "exists", "missing", code=1)
 
 

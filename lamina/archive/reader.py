@@ -141,6 +141,12 @@ class TarReader(BufferedInput):
     def _error(self, message: str, name: str | None = None) -> UnsafeArchive:
         return UnsafeArchive(message, layer=self._layer, path=name)
 
+    def _named(self, e: UnsafeArchive) -> UnsafeArchive:
+        """``e`` naming this reader's layer (the header field decoders know of none)."""
+        if e.layer is not None or e.path is not None or self._layer is None:
+            return e
+        return self._error(str(e))
+
     def _ended(self, what: str, name: str | None) -> Exception:
         return self._error(f"archive truncated in {what}", name)
 
@@ -165,11 +171,14 @@ class TarReader(BufferedInput):
                 else:
                     self._skip(pending, "<previous member>")
                 self._pending = 0
-            entry = self._fast_next()
-            if entry is None:
-                entry = self._next()
+            try:
+                entry = self._fast_next()
                 if entry is None:
-                    return
+                    entry = self._next()
+            except UnsafeArchive as e:
+                raise self._named(e) from None
+            if entry is None:
+                return
             self._pending = entry.data_size + (-entry.data_size % BLOCK)
             if not (0 <= entry.uid <= MAX_ID and 0 <= entry.gid <= MAX_ID
                     and -MAX_NS <= entry.mtime < MAX_NS and entry.size < MAX_NS

@@ -436,7 +436,7 @@ class StoreDriver(Driver, abc.ABC):
         content = self.content_of(layer_dir)
         if not content.is_dir() and not (layer_dir / IMAGE).is_file():  # an image: mounted later
             raise errors.Corrupt(f"its content directory {content.relative_to(layer_dir)}/ "
-                                 "is missing (lamina check; lamina rm)", layer=lid)
+                                 "is missing (see lamina check)", layer=lid)
 
     def status(self) -> list[tuple[str, str]]:
         return [

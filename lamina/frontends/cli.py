@@ -61,10 +61,15 @@ class Result:
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool, label: str, total: int | None) -> Iterator[None]:
-    """Show the engine's progress (bytes and tar entries) on standard error."""
+def progress_bar(
+    enabled: bool, label: str, total: int | None, source: BinaryIO | None = None
+) -> Iterator[BinaryIO | None]:
+    """Show progress on standard error: the bytes of ``source`` read (an apply's input
+    file, compressed or not, against its size ``total``, with the time left), else the
+    engine's tar bytes; and the tar entries done.  Yields ``source`` wrapped so that
+    its reads are counted (``source`` itself when the bar is off)."""
     if not enabled:
-        yield
+        yield source
         return
     from rich.console import Console
     from rich.progress import (
@@ -73,32 +78,35 @@ def progress_bar(enabled: bool, label: str, total: int | None) -> Iterator[None]
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
         TransferSpeedColumn,
     )
 
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TextColumn("{task.fields[entries]} entries"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    ) as bar:
+    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TextColumn("{task.fields[entries]} entries"),
+               TimeElapsedColumn()]
+    if total is not None:
+        columns.append(TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total, entries=0)
-        done = [0, 0]
+        entries = [0]
+        tar_bytes = [0]
 
         def report(nbytes: int, nentries: int) -> None:
-            done[0] += nbytes
-            done[1] += nentries
-            # The total is the file's size; a compressed file's tar is larger than
-            # that, so past it the bar turns into a plain count.
-            new_total = None if total is not None and done[0] > total else total
-            bar.update(task, completed=done[0], total=new_total, entries=done[1])
+            entries[0] += nentries
+            if source is None:  # no input file: the engine's bytes are the progress
+                tar_bytes[0] += nbytes
+                bar.update(task, completed=tar_bytes[0], entries=entries[0])
+            else:
+                bar.update(task, entries=entries[0])
 
+        def read(nbytes: int) -> None:
+            bar.update(task, advance=nbytes)
+
+        counted = None if source is None else lamina.progress.counted(source, read)
         with lamina.progress.reporting(report):
-            yield
-        if total is not None and done[0] < total:
+            yield counted
+        if total is not None:
             bar.update(task, completed=total)
 
 
@@ -152,8 +160,10 @@ def cmd_apply(drv: Driver, args: argparse.Namespace) -> Result:
                 raise errors.InvalidArgument(
                     f"cannot read it: {e.strerror or e}", path=args.file
                 ) from e
-        with progress_bar(args.show_progress, f"apply {args.id}", _regular_size(stream)):
-            size = drv.apply_diff(args.id, args.parent, stream)
+        total = _regular_size(stream)
+        with progress_bar(args.show_progress, f"apply {args.id}", total, stream) as counted:
+            assert counted is not None
+            size = drv.apply_diff(args.id, args.parent, counted)
     return Result({"id": args.id, "parent": args.parent, "size": size}, [str(size)])
 
 
@@ -166,31 +176,59 @@ def cmd_diff(drv: Driver, args: argparse.Namespace) -> Result:
             out: BinaryIO = sys.stdout.buffer
         else:
             out = stack.enter_context(_output_file(args.output))
+        where = args.output or "standard output"
         with (
             progress_bar(args.show_progress, f"diff {args.id}", None),
             drv.diff(args.id, args.parent) as tar,
         ):
             while chunk := tar.read(CHUNK):
-                out.write(chunk)
+                _write(out, chunk, args.id, where)
                 written += len(chunk)
-        out.flush()
+        _write(out, b"", args.id, where)
     return Result({"id": args.id, "output": args.output, "bytes": written})
+
+
+def _write(out: BinaryIO, data: bytes, layer: str, where: str) -> None:
+    """Write ``data`` to ``out`` (flush it, for no data); a failed write (a full disk,
+    a closed pipe's reader aside) is an ``InvalidArgument`` naming the layer and where."""
+    try:
+        if data:
+            out.write(data)
+        else:
+            out.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise errors.InvalidArgument(f"cannot write the tar to {where}: {e.strerror or e}",
+                                     layer=layer) from None
 
 
 @contextlib.contextmanager
 def _output_file(path: str) -> Iterator[BinaryIO]:
-    """``path`` opened for writing; removed again if the command fails."""
+    """``path`` opened for writing; removed again if the command fails, when it is a
+    regular file (never a device such as ``/dev/full``, a pipe or a link to one)."""
     try:
         f = open(path, "wb")  # noqa: SIM115
     except OSError as e:
         raise errors.InvalidArgument(f"cannot write it: {e.strerror or e}", path=path) from e
+    failed = True
     try:
-        with f:
-            yield f
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
+        st = os.fstat(f.fileno())
+        yield f
+        try:
+            f.close()
+        except OSError as e:
+            raise errors.InvalidArgument(f"cannot write it: {e.strerror or e}",
+                                         path=path) from None
+        failed = False
+    finally:
+        if failed:
+            with contextlib.suppress(OSError):
+                f.close()  # what it still buffers cannot be written either
+            with contextlib.suppress(OSError):
+                at = os.lstat(path)
+                if stat.S_ISREG(at.st_mode) and (at.st_dev, at.st_ino) == (st.st_dev, st.st_ino):
+                    os.unlink(path)
 
 
 def cmd_changes(drv: Driver, args: argparse.Namespace) -> Result:
@@ -266,11 +304,18 @@ def cmd_df(drv: Driver, args: argparse.Namespace) -> Result:
 
     usage, orphans = store_usage.df(drv)
     table = [["ID", "PARENT", "BYTES", "DISK", "INODES", "SOURCE"]]
+    broken = []
     for u in usage:
+        if u.broken is not None:
+            table.append([u.id, "?", "?", "?", "?", "broken"])
+            broken.append(f"broken: {_printable(_one_line(u.broken))} (lamina check says more)")
+            continue
         table.append([u.id, u.parent or "-", human_size(u.bytes), human_size(u.disk),
                       str(u.inodes), "walked (writable)" if u.live else "counters"])
-    lines = _columns(table) + [f"orphan: {o}" for o in orphans]
-    data = {"layers": [vars(u) for u in usage], "orphans": orphans,
+    lines = _columns(table) + broken + [f"orphan: {_printable(o)}" for o in orphans]
+    rows = [{k: v for k, v in vars(u).items() if k != "broken" or v is not None}
+            for u in usage]
+    data = {"layers": rows, "orphans": orphans,
             "total_bytes": sum(u.bytes for u in usage), "total_disk": sum(u.disk for u in usage)}
     return Result(data, lines)
 
@@ -281,8 +326,19 @@ def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
     rows: list[dict[str, Any]] = []
     named = _snapshots_by_layer(drv)
     table = [["ID", "PARENT", "SIZE", "MOUNTS", *(["SNAPSHOTS"] if named else [])]]
+    broken: list[str] = []
     for layer in sorted(drv.layers()):
-        parent, size, mounts = drv.parent(layer), drv.size(layer), drv.mount_count(layer)
+        try:
+            parent, size, mounts = drv.parent(layer), drv.size(layer), drv.mount_count(layer)
+        except errors.NotFound:
+            continue  # removed since it was listed
+        except errors.LaminaError as e:  # a damaged layer: shown as such, the others listed
+            why = _one_line(str(e))
+            rows.append({"id": layer, "parent": None, "size": None, "mounts": None,
+                         "broken": why})
+            table.append([layer, "?", "?", "?", *(["-"] if len(table[0]) > 4 else [])])
+            broken.append(f"broken: {_printable(why)} (lamina check says more)")
+            continue
         snaps = named.pop(layer, [])
         row: dict[str, Any] = {"id": layer, "parent": parent, "size": size, "mounts": mounts}
         if snaps:
@@ -292,7 +348,7 @@ def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
         table.append([layer, parent or "-", human_size(size), str(mounts),
                       *([shown] if len(table[0]) > 4 else [])])
     views = [{"name": n, "kind": k} for n, k in named.pop(None, [])]
-    lines = _columns(table)
+    lines = _columns(table) + broken
     if views:
         lines.append("views without a layer of their own: "
                      + ", ".join(_printable(v["name"]) for v in views))
@@ -316,8 +372,16 @@ def _snapshots_by_layer(drv: Driver) -> dict[str | None, list[tuple[str, str]]]:
 
 
 def _printable(text: str) -> str:
-    """``text`` with control characters escaped, for a terminal."""
-    return text if text.isprintable() else ascii(text)[1:-1]
+    """``text`` with control characters (and undecodable bytes) escaped, for a terminal;
+    the rest as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line, whatever it holds."""
+    return " ".join(text.split())
 
 
 def cmd_cleanup(drv: Driver, args: argparse.Namespace) -> Result:
@@ -413,7 +477,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--home",
         metavar="DIR",
-        type=Path,
         default=None,
         help="the store's directory (default: $LAMINA_HOME, else /var/lib/lamina for root, "
         "else $XDG_DATA_HOME/lamina)",
@@ -517,40 +580,135 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
     """What makes a parsed command line unusable, checked before the store is opened."""
     if args.command == "create" and args.mount_label and not args.rw:
         return "create: --mount-label needs --rw"
-    if args.command == "apply" and args.file == "-" and sys.stdin.isatty():
+    if (args.command == "apply" and args.file == "-" and sys.stdin is not None
+            and sys.stdin.isatty()):
         return "apply: refusing to read a layer tar from a terminal; give FILE or pipe one in"
     if args.command == "diff" and args.output is None:
         if args.json:
             return "diff: --json needs -o FILE (standard output holds the JSON document)"
-        if sys.stdout.isatty():
+        if sys.stdout is not None and sys.stdout.isatty():
             return "diff: refusing to write a tar to a terminal; use -o FILE or redirect"
     return None
 
 
+QUIET = frozenset({"exists", "unmount", "rm", "cleanup", "serve", "snapshotter"})
+"""The commands that print nothing on standard output (without ``--json``)."""
+
+
+def _refusal(args: argparse.Namespace) -> errors.LaminaError | None:
+    """Why the command cannot run here (an argument or a closed standard stream), before
+    anything is read or written; a ``lamina: …`` line, exit 1."""
+    if args.home is not None and not str(args.home).strip():
+        return errors.InvalidArgument("--home: an empty path names no store (give a "
+                                      "directory, or leave --home out for the default)")
+    if args.command == "apply" and args.file == "-" and sys.stdin is None:
+        return errors.InvalidArgument("standard input is closed; give FILE or pipe a "
+                                      "layer tar in", layer=args.id)
+    if sys.stdout is None and (args.json or args.command not in QUIET) and not (
+            args.command == "diff" and args.output is not None):
+        return errors.InvalidArgument(f"{args.command}: standard output is closed; it "
+                                      "prints its result there")
+    return None
+
+
+def _open_std_streams() -> None:
+    """Put ``/dev/null`` on standard descriptors the caller closed (``<&-``, ``>&-``), so
+    that no file the store opens lands on them (and reaches a child as its stdout)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # pragma: no cover - the lowest free descriptor is fd
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _emit(text: str) -> None:
+    """Print ``text`` on standard output; a failed write (a full disk) is one error."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        raise errors.InvalidArgument(
+            f"cannot write to standard output: {e.strerror or e}") from None
+
+
+def _fail(args: argparse.Namespace, message: str, kind: str, *, named: bool) -> None:
+    """Report a failed command: one line ``lamina: …`` on standard error (control
+    characters escaped), and with ``--json`` the document ``{"error", "kind"}`` on
+    standard output.  ``named``: the message names its layer already, or is about no
+    layer (else the command's layer is named)."""
+    message = _one_line(message)
+    command_layer = getattr(args, "id", None)
+    if not named and isinstance(command_layer, str) and command_layer:
+        sep = "," if message.startswith("path ") else ":"  # as LaminaError puts them
+        message = f"layer {command_layer}{sep} {message}"
+    if getattr(args, "json", False) and sys.stdout is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(json.dumps({"error": message, "kind": kind}))
+            sys.stdout.flush()
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            print(f"lamina: {_printable(message)}", file=sys.stderr)
+            sys.stderr.flush()
+    _discard_stdout()
+
+
+def _discard_stdout() -> None:
+    """After a failure: drop what standard output still buffers and cannot take (a
+    full disk, a reader gone), so that the interpreter's last flush fails no more."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+
+
+def _os_message(e: OSError) -> str:
+    """An ``OSError`` the environment caused (a full disk, an unwritable directory) as
+    one line: what failed and on what."""
+    text = e.strerror or str(e)
+    if e.filename is not None:
+        text = f"{text}: {os.fsdecode(e.filename)}"
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lamina`` with ``argv`` (default: the process's arguments); return the exit status."""
+    _open_std_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     problem = _usage_problem(args)
     if problem:
         parser.error(problem)
     serving = args.command == "serve"  # it opens its store when Docker calls Init
-    if args.home is None and not serving:
-        args.home = default_home()
-    args.show_progress = not args.json and sys.stderr.isatty()
+    args.show_progress = (not args.json and sys.stderr is not None and sys.stderr.isatty())
     try:
+        refused = _refusal(args)
+        if refused is not None:
+            _fail(args, str(refused), type(refused).__name__, named=True)
+            return refused.exit_code
+        if args.home is not None:
+            args.home = Path(args.home)
         if serving:
             return cmd_serve(args)
+        if args.home is None:
+            args.home = default_home()
         with lamina.open_driver(args.home, backend=args.backend, options=args.driver_opts) as drv:
             result: Result = args.func(drv, args)
         if args.json:
-            print(json.dumps(result.doc))
+            _emit(json.dumps(result.doc))
         elif result.lines:
-            print("\n".join(result.lines))
-        sys.stdout.flush()
+            _emit("\n".join(result.lines))
     except errors.LaminaError as e:
-        message = " ".join(str(e).split())  # one line, whatever the message holds
-        print(f"lamina: {message}", file=sys.stderr)
+        _fail(args, str(e), type(e).__name__, named=e.layer is not None)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
@@ -559,5 +717,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # keep the interpreter's final flush from failing again.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        # The environment, not lamina's input (a full disk, an unwritable directory of
+        # the home): one line all the same, naming the layer.
+        _fail(args, _os_message(e), type(e).__name__, named=False)
         return 1
     return result.status

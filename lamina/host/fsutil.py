@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from lamina import crashpoints
+from lamina import crashpoints, errors
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syncfs.argtypes = [ctypes.c_int]
@@ -167,7 +167,7 @@ class FileLock:
             op |= fcntl.LOCK_NB
         while True:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._fd = self._open()
             try:
                 fcntl.flock(self._fd, op)
             except BlockingIOError:
@@ -184,6 +184,19 @@ class FileLock:
             if same:
                 return True
             self.release()
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            # The store's directory refuses us (permissions, read-only, full): one
+            # error naming it, not a traceback.
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                               errno.EDQUOT):
+                raise
+            raise errors.InvalidArgument(
+                f"cannot make a lock file: {e.strerror} (the home must be writable by "
+                f"lamina)", path=str(self.path)) from None
 
     def release(self) -> None:
         """Drop the lock and close the file."""

@@ -31,6 +31,7 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import BinaryIO
 
 from lamina import errors
 from lamina.host import fsutil
@@ -164,7 +165,7 @@ def make_image(image: Path, size: int, mount_point: Path) -> None:
     guess = max(LOOP_MIN, size + size // 16 + (1 << 20))
     for _ in range(4):
         with open(image, "wb") as f:
-            f.truncate(guess)
+            _extend(f, guess, size)
         _run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=0:0", str(image))
         mount_image(image, mount_point)
         offered = _capacity(mount_point)
@@ -173,6 +174,21 @@ def make_image(image: Path, size: int, mount_point: Path) -> None:
         _run("umount", str(mount_point))
         guess = max(LOOP_MIN, guess + size - offered)
     mount_image(image, mount_point)  # the last guess stays: close enough
+
+
+def _extend(f: BinaryIO, length: int, size: int) -> None:
+    """Make the image ``length`` bytes long (sparse); ``InvalidArgument`` when the home's
+    filesystem cannot hold a file that large for a quota of ``size`` bytes."""
+    try:
+        f.truncate(length)
+    except (OverflowError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.EFBIG, errno.EINVAL,
+                                                      errno.EOVERFLOW):
+            raise
+        why = e.strerror if isinstance(e, OSError) else "too large"
+        raise errors.InvalidArgument(
+            f"a quota of {size} bytes is more than a loop image on {fsutil.fs_type(f.name)} "
+            f"can hold ({why})", path="size") from None
 
 
 def mount_image(image: Path, mount_point: Path) -> None:
@@ -203,7 +219,7 @@ def grow_image(image: Path, mount_point: Path, size: int, *, in_use: bool) -> No
     # ext4's overhead is already in the image: grow it by what is missing.
     missing = size - _capacity(mount_point)
     with open(image, "r+b") as f:
-        f.truncate(os.fstat(f.fileno()).st_size + max(missing, 0))
+        _extend(f, os.fstat(f.fileno()).st_size + max(missing, 0), size)
     if device is not None:  # pragma: no branch - mounted just above
         _run("losetup", "-c", device)
         try:
