@@ -86,6 +86,9 @@ MAX_HEAD = 16 << 10
 MAX_HEADERS = 100
 MAX_LINE = 4096
 """The longest chunk-size or trailer line."""
+LISTEN_BACKLOG = 1024
+"""Connections the kernel holds for the loop to accept; beyond, a connect is refused
+(``EAGAIN``) or waits.  Small, so that a call is never queued behind a long flood."""
 ENV_PREFIX = "LAMINA_SERVE_"
 """``Limits.from_env`` reads ``LAMINA_SERVE_BODY_TIMEOUT`` and the like."""
 
@@ -675,7 +678,7 @@ class PluginServer:
             raise
         finally:
             os.umask(old)
-        self._listener.listen(min(socket.SOMAXCONN, 4096))
+        self._listener.listen(LISTEN_BACKLOG)
         self._listener.setblocking(False)
         self._inode = os.stat(path).st_ino
         self._wake_r, self._wake_w = socket.socketpair()
