@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +236,7 @@ def test_orphans_are_found_and_repaired(stores: Stores) -> None:
     problems = "\n".join(report.problems)
     assert not report.consistent
     assert f"{names['removing']}: an unfinished removal" in problems
-    assert f"{names['staging']}: a layer being built or abandoned" in problems
+    assert f"{names['staging']}: an abandoned layer build" in problems
     assert f"{names['count']}: a mount count of 2 for a layer that is gone" in problems
     _, orphans = usage.df(drv)
     assert str(drv.home / "layers" / names["removing"]) in orphans
@@ -341,3 +342,34 @@ def test_df_lists_orphans(stores: Stores) -> None:
     _, orphans = usage.df(drv)
     assert sorted(orphans) == sorted([str(drv.home / names["staging"]),
                                       str(drv.home / "layers" / names["removing"])])
+
+
+def test_a_layer_being_applied_is_not_damage(driver: lamina.Driver) -> None:
+    """``check --repair`` beside an apply in flight (a ``serve`` ApplyDiff) finds nothing
+    wrong and takes nothing away; the apply then completes."""
+    import threading
+
+    read_fd, write_fd = os.pipe()
+    data = tb.build([tb.file(f"f{i}", b"x" * 4096) for i in range(50)])
+    done: list[int] = []
+
+    def apply() -> None:
+        with os.fdopen(read_fd, "rb") as stream:
+            done.append(driver.apply_diff("inflight", None, stream))
+
+    thread = threading.Thread(target=apply)
+    thread.start()
+    os.write(write_fd, data[: len(data) // 2])
+    staging = driver.home / "staging"
+    for _ in range(500):
+        if any(not e.endswith(".lock") for e in os.listdir(staging)):
+            break
+        time.sleep(0.01)
+    report = check.check(driver, repair=True)
+    assert report.consistent, report.problems
+    assert report.repairs == []
+    os.write(write_fd, data[len(data) // 2:])
+    os.close(write_fd)
+    thread.join(60)
+    assert done == [50 * 4096]
+    assert check.check(driver).consistent

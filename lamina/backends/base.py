@@ -117,6 +117,9 @@ class StoreDriver(Driver, abc.ABC):
 
     # -- what check and df see (lamina.store.layers.StoreBacked) --------------------
 
+    def _abandon(self, staged: Path, id: LayerId) -> None:
+        """Undo what a build that failed made outside its staging dir (nothing, here)."""
+
     def union_point(self, id: LayerId) -> Path | None:
         """Where ``id``'s union view is mounted while in use (None: never a mount)."""
         return None
@@ -211,21 +214,25 @@ class StoreDriver(Driver, abc.ABC):
             if pid is not None and not self.store.exists(pid):
                 raise errors.NotFound("parent layer vanished", layer=lid, path=pid)
             with self.store.staging(lid) as staged:
-                digests: Digests = {}
-                with fsutil.writeback(staged):  # the disk writes while the layer is made
-                    fields = self._populate(staged, lid, pid, quota)
-                    meta = LayerMeta(lid, pid, rw, wall_time(), quota=fields.pop("quota", None),
-                                     fields=fields)
-                    if tar is not None:
-                        size = self._apply(staged, lid, pid, tar, digests)
-                        self._identify(meta, tar, replacing=False)
-                    if not rw:
-                        meta.totals = self.record_manifest(staged, digests)
-                        meta.size = size
-                self.store.write_meta(staged, meta)
-                # One syncfs makes the whole layer durable before it becomes visible.
-                fsutil.syncfs(staged)
-                self.store.publish(staged, lid, pid)
+                try:
+                    digests: Digests = {}
+                    with fsutil.writeback(staged):  # the disk writes while the layer is made
+                        fields = self._populate(staged, lid, pid, quota)
+                        meta = LayerMeta(lid, pid, rw, wall_time(), quota=fields.pop("quota", None),
+                                         fields=fields)
+                        if tar is not None:
+                            size = self._apply(staged, lid, pid, tar, digests)
+                            self._identify(meta, tar, replacing=False)
+                        if not rw:
+                            meta.totals = self.record_manifest(staged, digests)
+                            meta.size = size
+                    self.store.write_meta(staged, meta)
+                    # One syncfs makes the whole layer durable before it becomes visible.
+                    fsutil.syncfs(staged)
+                    self.store.publish(staged, lid, pid)
+                except BaseException:
+                    self._abandon(staged, lid)
+                    raise
         return size
 
     def _parent_held(self, pid: LayerId | None) -> Any:

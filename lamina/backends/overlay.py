@@ -144,32 +144,57 @@ class OverlayDriver(StoreDriver):
             self.sweep_links()
 
     def stray_links(self) -> list[str]:
-        """``l/`` links whose layer is gone (or not yet published)."""
+        """``l/`` links that lead to no layer, or to a layer that names another link (a
+        build cut short then made again), leaving out those of layers being built now."""
         links = self.home / "l"
         if not links.is_dir():
             return []
-        return sorted(name for name in os.listdir(links)
-                      if (links / name).is_symlink() and not (links / name).exists())
-
-    def sweep_links(self) -> list[str]:
-        """Remove the stray ``l/`` links of layers nobody is building; their names."""
-        links = self.home / "l"
         # Staging entries are ID.TOKEN and ID.TOKEN.lock (ids may hold dots, tokens not).
-        building = {e.removesuffix(".lock").rsplit(".", 1)[0]
-                    for e in os.listdir(self.store.staging_dir)}
-        swept = []
-        for name in self.stray_links():
+        building = {e.rsplit(".", 1)[0] for e in os.listdir(self.store.staging_dir)
+                    if not e.endswith(".lock") and self.store.in_flight(e)}
+        stray = []
+        for name in sorted(os.listdir(links)):
+            path = links / name
             try:
-                target = os.readlink(links / name)
-            except FileNotFoundError:
-                continue  # removed meanwhile (by its layer's remove)
+                target = os.readlink(path)
+            except OSError:
+                continue  # removed meanwhile (by its layer's remove), or not a link
             lid = target.split("/")[-2] if target.count("/") >= 2 else ""
             if lid in building:
                 continue  # made before its layer is published
+            if not path.exists():
+                stray.append(name)
+                continue
+            try:
+                own = (self.store.layers_dir / lid / LINK).read_text().strip()
+            except OSError:
+                continue
+            if own != name:
+                stray.append(name)
+        return stray
+
+    def sweep_links(self) -> list[str]:
+        """Remove the stray ``l/`` links; their names."""
+        swept = []
+        for name in self.stray_links():
             with contextlib.suppress(FileNotFoundError):
-                (links / name).unlink()
+                (self.home / "l" / name).unlink()
                 swept.append(name)
         return swept
+
+    def _abandon(self, staged: Path, id: LayerId) -> None:
+        # A build that failed takes its l/ link with it (made before publishing).
+        try:
+            short = (staged / LINK).read_text().strip()
+        except OSError:
+            return
+        try:
+            live = (self.store.layers_dir / id / LINK).read_text().strip()
+        except OSError:
+            live = ""
+        if short and short != live:  # not if the layer went live after all
+            with contextlib.suppress(FileNotFoundError):
+                (self.home / "l" / short).unlink()
 
     # -- paths --------------------------------------------------------------------
 

@@ -170,7 +170,8 @@ def _check_counts(sd: StoreBacked, metas: dict[LayerId, LayerMeta], report: Repo
 def _check_leftovers(sd: StoreBacked, report: Report) -> None:
     store = sd.store
     for entry in os.listdir(store.staging_dir):
-        if not entry.endswith(".lock"):
-            report.problems.append(f"staging/{entry}: a layer being built or abandoned")
+        # A layer being built now (its builder holds its lock) is work, not damage.
+        if not entry.endswith(".lock") and not store.in_flight(entry):
+            report.problems.append(f"staging/{entry}: an abandoned layer build")
     for name in sd.stray_links():
         report.problems.append(f"l/{name}: a short link to a layer that is gone")

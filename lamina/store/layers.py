@@ -277,6 +277,16 @@ class Store:
                 os.unlink(lock.path)
             lock.release()
 
+    def in_flight(self, name: str) -> bool:
+        """Whether staging entry ``name`` has a live builder (its lock is held)."""
+        lock = fsutil.FileLock(self.staging_dir / f"{name}.lock")
+        if not lock.path.exists():
+            return False
+        try:
+            return not lock.acquire(blocking=False)
+        finally:
+            lock.release()
+
     def publish(self, staged: Path, id: LayerId, parent: LayerId | None) -> None:
         """Make a fully built, synced staging directory the live layer ``id``."""
         with self.locked():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,3 +218,31 @@ def _check_unsupported_when_not_root(tmp_path: Path) -> None:
     ).stdout
     assert "unsupported:" in out and "overlay needs root" in out
     assert out.strip().endswith("vfs")
+
+
+def test_a_failed_build_leaves_no_short_link(home: Path) -> None:
+    """An apply cut short leaves no ``l/`` link behind, and a layer made again under the
+    same id has exactly one; a stray second link is found by check and repaired."""
+    from lamina.store import check
+
+    with lamina.open_driver(home, backend="overlay") as overlay:
+        _links_after_failure(overlay, check)
+
+
+def _links_after_failure(overlay: lamina.Driver, check: Any) -> None:
+    links = overlay.home / "l"
+    before = set(os.listdir(links))
+    cut = tb.build([tb.file("a", b"x" * 5000)])[:1024]
+    with pytest.raises(errors.UnsafeArchive):
+        overlay.apply_diff("again", None, io.BytesIO(cut))
+    assert set(os.listdir(links)) == before
+    overlay.create("again")
+    mine = set(os.listdir(links)) - before
+    assert len(mine) == 1
+    assert check.check(overlay).consistent
+    (links / "STRAYSECONDLINK").symlink_to("../layers/again/diff")
+    report = check.check(overlay)
+    assert "l/STRAYSECONDLINK: a short link to a layer that is gone" in report.problems
+    check.check(overlay, repair=True)
+    assert set(os.listdir(links)) - before == mine
+    assert check.check(overlay).consistent
