@@ -3,8 +3,8 @@
 - In the VM the kernel has project quotas: tests/quota's fallback for a kernel without
   them (``kernel_mounts`` false: loop images instead) would pass without testing them,
   so there it is a failure.
-- ``LAMINA_VM_LEGACY_MOUNT=1`` makes lamina take overlay's mount(2) path even where the
-  kernel has ``lowerdir+`` (``lamina.host.mount.lowerdir_plus_available`` false).
+- With ``--legacy-mount`` the runner makes lamina take overlay's mount(2) path even
+  where the kernel has ``lowerdir+`` (tests/vm/site/sitecustomize.py).
 - The summary says which mount path overlay took, the quota filesystems the tests
   mounted, and whether the run had CAP_SYS_RESOURCE.
 """
@@ -22,9 +22,6 @@ import pytest
 from lamina.host import mount
 
 _mounted: dict[str, bool] = {}
-
-if os.environ.get("LAMINA_VM_LEGACY_MOUNT") == "1":
-    mount.lowerdir_plus_available = lambda: False  # type: ignore[assignment]
 
 CAP_SYS_RESOURCE = 24
 
