@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, cast
 
@@ -216,7 +217,9 @@ class StoreDriver(Driver, abc.ABC):
             with self.store.staging(lid) as staged:
                 try:
                     digests: Digests = {}
-                    with fsutil.writeback(staged):  # the disk writes while the layer is made
+                    # The disk writes while a layer's tar is applied (nothing to write early
+                    # for an empty layer: its few files go with the syncfs below).
+                    with fsutil.writeback(staged) if tar is not None else nullcontext():
                         fields = self._populate(staged, lid, pid, quota)
                         meta = LayerMeta(lid, pid, rw, wall_time(), quota=fields.pop("quota", None),
                                          fields=fields)
@@ -236,10 +239,8 @@ class StoreDriver(Driver, abc.ABC):
         return size
 
     def _parent_held(self, pid: LayerId | None) -> Any:
-        import contextlib
-
         if pid is None:
-            return contextlib.nullcontext()
+            return nullcontext()
         return self.store.layer_lock(pid, shared=True)
 
     def apply_diff(self, id: str, parent: str | None, stream: BinaryIO) -> int:

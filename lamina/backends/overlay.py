@@ -251,11 +251,12 @@ class OverlayDriver(StoreDriver):
                 quotas.set_project(space / sub, project)
             quotas.set_limit(diff, project, quota)
         short = secrets.token_hex(13).upper()
-        fsutil.atomic_write(staged / LINK, short.encode())
+        # Plain writes: the staging dir is synced with the layer before it is published.
+        (staged / LINK).write_bytes(short.encode())
         chain = [parent, *self.store.chain(parent)] if parent else []
         lower = ":".join(f"l/{self._short(p)}" for p in chain)
         if lower:
-            fsutil.atomic_write(staged / LOWER, lower.encode())
+            (staged / LOWER).write_bytes(lower.encode())
         link = self.home / "l" / short
         os.symlink(f"../layers/{id}/{DIFF}", link)
         return fields
@@ -277,7 +278,7 @@ class OverlayDriver(StoreDriver):
             (staged / sub).mkdir(mode=0o700)
         for name in (LINK, LOWER):
             if (live / name).exists():
-                fsutil.atomic_write(staged / name, (live / name).read_bytes())
+                (staged / name).write_bytes((live / name).read_bytes())
         return {}
 
     def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,

@@ -152,11 +152,11 @@ class VfsDriver(StoreDriver):
 
     def _measure_diff(self, id: str, parent: str | None) -> int:
         lid = self.store.require(id)
-        return naivediff.size_of(self._tree(lid), self.changes(lid, parent))
+        return naivediff.size_of(self._tree(lid), self._find_changes(lid, parent))
 
     def _stream_diff(self, id: str, parent: str | None) -> BinaryIO:
         lid = self.store.require(id)
-        items = change_items(self.changes(lid, parent))
+        items = change_items(self._find_changes(lid, parent))
         return export_changes(self._tree(lid), items, layer=lid, ids=self.ids)
 
     def _open_getter(self, id: str) -> DiffGetter:
