@@ -402,7 +402,7 @@ def test_atheris_plugin_http_runs_clean(tmp_path: Path,
         print(f"\natheris plugin_http: {execs} inputs, no finding")
 
 
-def run_atheris(target: str, runs: int, tmp_path: Path) -> int:
+def run_atheris(target: str, runs: int, tmp_path: Path, max_len: int = 65536) -> int:
     """``fuzz/TARGET.py`` from its seed corpus for ``runs`` inputs; the number executed."""
     try:
         import atheris  # type: ignore[import-untyped]  # noqa: F401
@@ -416,7 +416,7 @@ def run_atheris(target: str, runs: int, tmp_path: Path) -> int:
     subprocess.run([sys.executable, str(script), "-seeds", str(corpus)], check=True, env=env)
     try:
         proc = subprocess.run(
-            [sys.executable, str(script), str(corpus), f"-runs={runs}", "-max_len=65536",
+            [sys.executable, str(script), str(corpus), f"-runs={runs}", f"-max_len={max_len}",
              "-rss_limit_mb=2048", "-timeout=20", "-print_final_stats=1",
              f"-artifact_prefix={tmp_path}/"],
             capture_output=True, text=True, env=env, timeout=900, check=False,

@@ -197,3 +197,15 @@ def test_a_call_whose_deadline_passed_in_the_queue_is_not_run(limited: Limited) 
     time.sleep(0.5)  # the queued Prepare reaches a worker, which refuses it
     assert "late" not in limited.names()
     assert limited.names() == STATE
+
+
+@pytest.mark.slow
+def test_atheris_snapshotter_runs_clean(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``fuzz/snapshotter.py`` (the servicer on a real store) for a bounded number of
+    call sequences: no finding."""
+    from tests.integration.test_plugin_hardening import run_atheris
+
+    execs = run_atheris("snapshotter", 2_000, tmp_path, max_len=4096)
+    with capsys.disabled():
+        print(f"\natheris snapshotter: {execs} inputs, no finding")

@@ -192,6 +192,22 @@ def head_end(buf: bytes | bytearray) -> int:
     return -1 if m is None else m.end()
 
 
+def take_head(buf: bytearray) -> Request | None:
+    """The request whose head ``buf`` holds, taken out of it (what follows stays); None
+    while the head is not whole.  Blank lines before a request line are skipped (RFC 9112
+    §2.2); a head over :data:`MAX_HEAD` bytes, or a bad one, is an :class:`HTTPError`."""
+    while buf.startswith((b"\r", b"\n")):
+        del buf[:1]
+    end = head_end(buf)
+    if end < 0:
+        if len(buf) > MAX_HEAD:
+            raise HTTPError(431, f"request head over {MAX_HEAD} bytes")
+        return None
+    head = bytes(buf[:end])
+    del buf[:end]
+    return parse_head(head)
+
+
 def parse_head(head: bytes) -> Request:
     """A request head (request line, header lines, blank line) as a :class:`Request`.
 
@@ -845,24 +861,15 @@ class PluginServer:
 
     def _maybe_dispatch(self, conn: _Conn) -> bool:
         """Hand a whole head to a worker (or answer it); whether ``conn`` left the loop."""
-        # Blank lines before a request line are allowed (RFC 9112 §2.2).
-        while conn.buf.startswith((b"\r", b"\n")):
-            del conn.buf[:1]
-        end = head_end(conn.buf)
-        if end < 0:
-            if len(conn.buf) > MAX_HEAD:
-                self._refuse(conn, HTTPError(431, f"request head over {MAX_HEAD} bytes"))
-                return True
-            if not conn.buf:
-                conn.head_started = None
-            return False
-        head = bytes(conn.buf[:end])
-        del conn.buf[:end]
         try:
-            req = parse_head(head)
+            req = take_head(conn.buf)
         except HTTPError as e:
             self._refuse(conn, e)
             return True
+        if req is None:
+            if not conn.buf:
+                conn.head_started = None
+            return False
         with self._cond:
             if self.closing:
                 conn.close()
