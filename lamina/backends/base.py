@@ -498,20 +498,18 @@ class StoreDriver(Driver, abc.ABC):
             removals.discard(id)
 
     def seal(self, id: LayerId, fields: Mapping[str, Any] | None = None) -> None:
-        """Turn writable layer ``id`` read-only in place (a snapshot's Commit: no copy):
-        its content made durable, its manifest recorded, ``rw`` false in its metadata
-        (with ``fields`` added: a ``chain_id`` containerd named it by)."""
+        """Turn writable layer ``id`` read-only in place (a snapshot's Commit): no copy and
+        no walk of its content — made durable, then ``rw`` false and ``sealed`` in its
+        metadata (with ``fields`` added: a ``chain_id`` containerd named it by).  Its
+        content was written by containerd through the mounts, so it has no manifest to
+        check it against; its usage is counted when it is asked for."""
         with self.store.layer_lock(id):
             meta = self.store.meta(id)
             if not meta.rw:
                 return
             meta.fields.update(fields or {})
-            layer_dir = self.store.layer_dir(id)
-            usage = self.snapshot_usage(id)  # while writable: what it adds
-            meta.totals = self.record_manifest(layer_dir)
-            meta.fields["usage"] = {"bytes": usage.bytes, "disk": usage.disk,
-                                    "inodes": usage.inodes}
-            fsutil.syncfs(layer_dir)  # the content and the manifest, before the flag
+            meta.fields["sealed"] = True
+            fsutil.syncfs(self.store.layer_dir(id))  # the content, before the flag
             meta.rw = False
             self.store.rewrite_meta(meta)  # the commit point
 
@@ -524,13 +522,21 @@ class StoreDriver(Driver, abc.ABC):
         """What layer ``id`` adds over its parent (its own content)."""
         meta = self.store.meta(id)
         if not meta.rw:
-            kept = meta.fields.get("usage")
-            if isinstance(kept, dict) and all(isinstance(kept.get(k), int)
-                                              for k in ("bytes", "disk", "inodes")):
-                return Totals(kept["bytes"], kept["disk"], kept["inodes"])
-            if meta.totals is not None:
+            kept = kept_usage(meta)
+            if kept is not None:
+                return kept
+            if meta.totals is not None and not meta.fields.get("sealed"):
                 return meta.totals
         return tree_totals(self.content_of(self.store.layer_dir(id)))
+
+
+def kept_usage(meta: LayerMeta) -> Totals | None:
+    """The usage a layer's metadata keeps (layers sealed before sealing stopped counting)."""
+    kept = meta.fields.get("usage")
+    if isinstance(kept, dict) and all(isinstance(kept.get(k), int)
+                                      for k in ("bytes", "disk", "inodes")):
+        return Totals(kept["bytes"], kept["disk"], kept["inodes"])
+    return None
 
 
 REMOVE_WAIT = 60.0

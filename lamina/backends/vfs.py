@@ -22,7 +22,7 @@ from lamina import errors
 from lamina.archive import isolate, naivediff
 from lamina.archive.digests import Digests
 from lamina.archive.export import change_items, export_changes
-from lamina.backends.base import StoreDriver, TreeGetter
+from lamina.backends.base import StoreDriver, TreeGetter, kept_usage
 from lamina.backends.snapshot_hooks import SnapshotMount, bind
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil
@@ -176,9 +176,10 @@ class VfsDriver(StoreDriver):
         return [bind(self._tree(id), writable=writable)]
 
     def snapshot_usage(self, id: LayerId) -> Totals:
-        """A writable layer's changes over its parent (its tree is a whole copy)."""
-        if not self.store.meta(id).rw:
-            return super().snapshot_usage(id)
+        """What a layer's changes over its parent take (its tree is a whole copy)."""
+        kept = kept_usage(self.store.meta(id))
+        if kept is not None:
+            return kept
         tree = self._tree(id)
         tally = Tally()
         # Not self.changes: its lease would wait for the layer lock that seal (Commit)
