@@ -51,7 +51,15 @@ from lamina.options import APPLY_OPTIONS
 from lamina.registry import register_backend
 
 DIFF, WORK, MERGED, LOWER, LINK = "diff", "work", "merged", "lower", "link"
-MAX_DEPTH = 500  # overlayfs' limit on lower layers
+MAX_DEPTH = 500  # overlayfs' limit on lower layers (the new mount API takes them all)
+LEGACY_MAX_DEPTH = 128
+"""Lower layers that fit one page of mount(2) options as ``l/`` links (kernels without
+``lowerdir+``)."""
+
+
+def max_depth() -> int:
+    """The most lower layers a union can have on this kernel."""
+    return MAX_DEPTH if mount.lowerdir_plus_available() else LEGACY_MAX_DEPTH
 
 
 def why_unsupported(home: Path) -> str | None:
@@ -223,9 +231,10 @@ class OverlayDriver(StoreDriver):
     def _check_depth(self, id: LayerId, parent: LayerId | None, rw: bool) -> None:
         depth = 0 if parent is None else 1 + len(self.store.chain(parent))
         # A read-only layer mounts its own diff as a lower too; a writable one as upper.
-        if depth + (0 if rw else 1) > MAX_DEPTH:
+        limit = max_depth()
+        if depth + (0 if rw else 1) > limit:
             raise errors.InvalidArgument(
-                f"chain too deep: overlayfs takes at most {MAX_DEPTH} lower layers (max depth)",
+                f"chain too deep: overlayfs takes at most {limit} lower layers here (max depth)",
                 layer=id, path=parent,
             )
 
@@ -307,7 +316,15 @@ class OverlayDriver(StoreDriver):
         meta = self.store.meta(id)
         if meta.parent is None:
             return self._diff(id)
-        lowers = self._lowers(meta.parent)
+        chain = [meta.parent, *self.store.chain(meta.parent)]
+        if not meta.rw:
+            chain.insert(0, id)  # a read-only layer's own diff is a lower too
+        if mount.lowerdir_plus_available():
+            lowers = [str(self.store.layers_dir / p / DIFF) for p in chain]
+        else:
+            # mount(2) takes one page of options: the lowers as l/ links, relative to
+            # the home, so that LEGACY_MAX_DEPTH of them fit.
+            lowers = [f"l/{self._short(p)}" for p in chain]
         options = list(mount.MOUNT_OPTIONS)
         if mount_label:
             options.append(f"context={mount_label}")
@@ -318,8 +335,8 @@ class OverlayDriver(StoreDriver):
                                     str(layer_dir / WORK), options=options,
                                     relative_to=str(self.home))
             else:
-                mount.mount_overlay(str(layer_dir / MERGED), [str(layer_dir / DIFF), *lowers],
-                                    options=options, relative_to=str(self.home))
+                mount.mount_overlay(str(layer_dir / MERGED), lowers, options=options,
+                                    relative_to=str(self.home))
         except OSError as e:
             raise errors.Unsupported(f"the kernel refused the union mount: {e}", layer=id,
                                      path=str(layer_dir / MERGED)) from e
@@ -403,7 +420,7 @@ class OverlayDriver(StoreDriver):
     def status(self) -> list[tuple[str, str]]:
         api = "new mount API (lowerdir+)" if mount.lowerdir_plus_available() else "mount(2)"
         return [*super().status(), ("Native Overlay Diff", "true"), ("Mount", api),
-                ("Max Depth", str(MAX_DEPTH))]
+                ("Max Depth", str(max_depth()))]
 
     # -- snapshotter hooks (lamina.frontends.containerd) --------------------------------
 

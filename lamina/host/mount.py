@@ -93,9 +93,16 @@ def lowerdir_plus_available() -> bool:
         _fsconfig(fd, FSCONFIG_SET_STRING, "lowerdir+", "/")
     except OSError:
         return False
+    else:
+        # Before 6.5 overlayfs sits behind the legacy mount context, which takes any key
+        # here and refuses it only when the mount is made: a key no kernel knows tells.
+        try:
+            _fsconfig(fd, FSCONFIG_SET_STRING, "lamina-no-such-option", "1")
+        except OSError:
+            return True
+        return False
     finally:
         os.close(fd)
-    return True
 
 
 def mount_overlay(

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import lamina
-from lamina.backends.overlay import MAX_DEPTH
+from lamina.backends.overlay import max_depth
 from lamina.host import mount
 from tests import tarbuild as tb
 
@@ -27,9 +27,9 @@ def test_overlay_deepest_chain_mounts(tmp_path: Path) -> None:
     home = tmp_path / "home"
     with lamina.open_driver(home, backend="overlay") as drv:
         drv.apply_diff("l0", None, io.BytesIO(tb.build([tb.file("bottom", b"l0\n")])))
-        for i in range(1, MAX_DEPTH):
+        for i in range(1, max_depth()):
             drv.create(f"l{i}", f"l{i - 1}")
-        drv.create_rw("ctr", f"l{MAX_DEPTH - 1}")
+        drv.create_rw("ctr", f"l{max_depth() - 1}")
         root = drv.get("ctr")
         try:
             assert (root / "bottom").read_text() == "l0\n"
