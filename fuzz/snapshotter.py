@@ -6,7 +6,7 @@ Each input is a short sequence of calls (``Prepare``, ``View``, ``Mounts``, ``Co
 on a tmpfs), with requests either built from the input (keys, parents, labels, filters,
 field paths from a small pool or arbitrary strings, so that calls meet each other's
 snapshots) or decoded from raw input bytes as the protobuf message.  The store carries
-over from input to input; every few hundred inputs it is emptied through ``Remove``, and
+over from input to input; every hundred inputs it is emptied through ``Remove``, and
 the server is "restarted" (a new :class:`Snapshotter` on the same home), which must find
 the same snapshots.
 
@@ -54,7 +54,7 @@ KEYS = ["a", "b", "c", "base", "ns/1/extract-1 sha256:" + "a" * 64, "ns/1/sha256
         "sha256:" + "a" * 64, "x/y/z", " ", "é", "../up", "a\0b"]
 FILTERS = ["name==a", "kind==active", "kind!=committed", "parent==base", "labels.l~=^v",
            'labels."k"==v', "name~=[", "name==a,kind==view", "labels.l", "", "!!", "name~=(a|b)"]
-RESET_EVERY = 300
+RESET_EVERY = 100
 
 
 class Aborted(Exception):

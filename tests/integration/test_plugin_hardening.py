@@ -397,7 +397,7 @@ def test_a_slow_client_flood_does_not_starve_status(
 def test_atheris_plugin_http_runs_clean(tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """``fuzz/plugin_http.py`` for a bounded number of inputs from its seeds: no finding."""
-    execs = run_atheris("plugin_http", 30_000, tmp_path)
+    execs = run_atheris("plugin_http", 20_000, tmp_path)
     with capsys.disabled():
         print(f"\natheris plugin_http: {execs} inputs, no finding")
 
