@@ -59,6 +59,15 @@ then writes the answer.  Between writes the caller reads the child's entry
 counts (for the progress bar), which the child never blocks on.  The pipe costs
 two copies of the data.
 
+Windows layers.  The windowsfilter backend's import (:func:`import_windows_layer`) runs
+in the same kind of child (the spec's action ``wclayer``): the staged layer directory is
+``/layer``, the parent layers' directories are the read-only ``/lower/N`` (for
+tombstones and the hard links it copies up).  Its importer keeps every member's header
+blocks as read, for a ``diff`` byte for byte, so there the child parses the tar: the
+caller sends the decompressed stream as it is, framed (:mod:`lamina.archive.frames`),
+and a damaged compressed stream's error is raised in the child where the stream failed,
+which makes it the inline import's error, offset and all.
+
 ``LAMINA_NOREEXEC=1`` applies in the calling process instead, as the seed
 driver's variable did: for debugging, or where namespaces are not available.
 """
@@ -75,10 +84,11 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from lamina import errors, progress
-from lamina.archive import records
+from lamina.archive import frames, records, wclayer
 from lamina.archive.apply import Applier
 from lamina.archive.digests import MAX_DIGESTS, Digests
 from lamina.archive.reader import TarReader
@@ -143,6 +153,36 @@ def apply_layer(
     return int(result["size"])
 
 
+def import_windows_layer(
+    root: str | os.PathLike[str],
+    stream: BinaryIO,
+    *,
+    parents: Sequence[str | os.PathLike[str]] = (),
+    layer: str | None = None,
+) -> int:
+    """Import the uncompressed Windows layer tar ``stream`` into the layer directory
+    ``root`` (:class:`~lamina.archive.wclayer.WindowsImporter`; ``parents``: the parent
+    layers' directories, nearest first); its file data size.
+
+    In an isolated child as :func:`apply_layer`'s, with ``root`` as ``/layer`` and the
+    parents read-only as ``/lower/N``, unless ``LAMINA_NOREEXEC=1``.  The child reads the
+    raw tar (:mod:`lamina.archive.frames`): the importer records its header blocks as read.
+    """
+    _local.usage = None
+    if inline_requested():
+        return wclayer.WindowsImporter(Path(root), [Path(p) for p in parents],
+                                       layer=layer).apply(stream)
+    spec = {
+        "action": "wclayer",
+        "root": os.path.abspath(root),
+        "lowers": [os.path.abspath(p) for p in parents],
+        "layer": layer,
+        "progress": progress.current() is not None,
+    }
+    result = _Run(spec, layer).run(stream)
+    return int(result["size"])
+
+
 def last_child_usage() -> dict[str, float] | None:
     """The peak RSS (``maxrss_kb``) and CPU time (``cpu_s``) of this thread's last isolated
     apply's child, for tests and benchmarks (None before one, or after an inline apply)."""
@@ -191,7 +231,7 @@ class _Run:
                                      f"keeps dying (set {NOREEXEC}=1 to apply in-process)",
                                      layer=self.layer)
         req, data_w, res_r = started
-        broken: errors.LaminaError | None = None
+        broken: Exception | None = None
         done = False
         try:
             # The data pipe blocks: the child reads it until it has its answer, and then
@@ -199,7 +239,9 @@ class _Run:
             os.set_blocking(res_r, False)
             header = json.dumps(self.spec).encode()
             self._send(data_w, len(header).to_bytes(8, "big") + header)
-            if tar is not None:
+            if tar is not None and self.spec["action"] == "wclayer":
+                broken = self._pump_raw(tar, data_w, res_r)
+            elif tar is not None:
                 broken = self._pump(tar, data_w, res_r)
             os.close(data_w)
             data_w = -1
@@ -269,6 +311,20 @@ class _Run:
         between()
         return None
 
+    def _pump_raw(self, tar: BinaryIO, data_w: int, res_r: int) -> Exception | None:
+        """Send the child the tar as it is, in frames (see :mod:`lamina.archive.frames`);
+        what reading it raised, if the child is to stop there."""
+
+        def between(nbytes: int) -> None:
+            if self.report is not None:
+                self.report(nbytes, 0)
+                self._drain(res_r)  # the child's entry counts
+
+        try:
+            return frames.send(tar, data_w, between)
+        except BrokenPipeError:
+            return None  # the child stopped reading: it has its answer
+
     @staticmethod
     def _send(data_w: int, data: bytes) -> bool:
         """Write ``data`` to the child; False once it has stopped reading."""
@@ -330,6 +386,7 @@ class _Run:
             raise _rebuild(final)
         if "oserror" in final:
             number, text, name = final["oserror"]
+            name = self._host_path(name)
             raise OSError(number, text, name) if name is not None else OSError(number, text)
         if "setup" in final:
             raise errors.Unsupported(f"cannot isolate the apply: {final['setup']} (set "
@@ -338,6 +395,17 @@ class _Run:
             raise IsolationError(f"{final['bug']}\n--- in the isolated child:\n"
                                  f"{final['traceback']}")
         return final
+
+    def _host_path(self, name: str | None) -> str | None:
+        """A path of the child's as the caller knows it (``/layer/…`` below the root)."""
+        if name is None:
+            return None
+        places = [("/layer", self.spec["root"]),
+                  *((f"/lower/{i}", low) for i, low in enumerate(self.spec["lowers"]))]
+        for inside, outside in places:
+            if name == inside or name.startswith(inside + "/"):
+                return str(outside) + name[len(inside):]
+        return name
 
 
 def _rebuild(final: dict[str, Any]) -> errors.LaminaError:

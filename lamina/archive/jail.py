@@ -8,19 +8,24 @@ library and runs no program.  Its loop is single-threaded: one forked child per
 request, reaped through a pidfd, killed when its caller gives up or goes away.
 
 A child (:func:`_child`) reads the spec from the head of the data pipe, enters its
-jail (:func:`enter_jail`), seals imports, applies the records in the rest of the pipe
-(:class:`~lamina.archive.records.RecordReader`) with
-:class:`~lamina.archive.apply.Applier`, closes the pipe (the caller stops sending) and
-writes one JSON line: ``{"size": …}`` (after the CRC-32s of the files it wrote, in lines
-of ``{"digests": [inode, size, mtime_ns, crc, …]}``),
+jail (:func:`enter_jail`), seals imports and does the spec's action with the rest of
+the pipe — ``apply``: the records (:class:`~lamina.archive.records.RecordReader`) with
+:class:`~lamina.archive.apply.Applier`; ``wclayer``: a Windows layer's raw tar, framed
+(:class:`~lamina.archive.frames.FrameInput`), with
+:class:`~lamina.archive.wclayer.WindowsImporter`, the parent layers as the lowers.
+Then it closes the pipe (the caller stops sending) and writes one JSON line:
+``{"size": …}`` (after the CRC-32s of the files it wrote, in lines of
+``{"digests": [inode, size, mtime_ns, crc, …]}``),
 ``{"error": class, "message", "layer", "path"}``,
-``{"oserror": [errno, strerror, filename]}``, ``{"aborted": true}`` (the records stopped
-before their end: the caller found the tar bad there), ``{"setup": why}`` (it could not
-isolate itself) or ``{"bug": …, "traceback": …}``; before that, ``{"entries": n}`` counts.
+``{"oserror": [errno, strerror, filename]}``, ``{"aborted": true}`` (the records or
+frames stopped before their end: the caller found the tar bad there), ``{"setup": why}``
+(it could not isolate itself) or ``{"bug": …, "traceback": …}``; before that,
+``{"entries": n}`` counts.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import ctypes
 import ctypes.util
@@ -36,12 +41,16 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 from lamina import errors, progress
 from lamina.archive.apply import Applier
 from lamina.archive.digests import Digests
+from lamina.archive.frames import FrameInput
 from lamina.archive.records import Aborted, RecordReader
+from lamina.archive.wclayer import WindowsImporter
 from lamina.host.idmap import IdMapper
 
 PROGRESS_EVERY = 0.1  # seconds between the child's entry counts
@@ -89,6 +98,9 @@ class _CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
                 ("inheritable", ctypes.c_uint32)]
 
+
+# Codecs are modules loaded on first use: the Windows importer's record is ASCII.
+codecs.lookup("ascii")
 
 try:
     with open("/proc/sys/kernel/cap_last_cap") as _f:
@@ -275,7 +287,11 @@ def _child(data_fd: int, res_fd: int, server: int) -> int:
         out.final(_probe_here(root, lowers, spec["paths"]))
         return 0
     digests: Digests = {}
-    record = _apply_here(spec, root, lowers, data_fd, out, digests)
+    if spec["action"] == "wclayer":
+        record = _answer(data_fd, out, spec["progress"], _import_windows(spec, root, lowers))
+    else:
+        record = _answer(data_fd, out, spec["progress"],
+                         _apply_records(spec, root, lowers, digests))
     if "size" in record:  # the data pipe is closed by now: the caller reads these
         out.digests(digests)
     out.final(record)
@@ -308,10 +324,11 @@ def _read_spec(fd: int) -> dict[str, Any]:
     return spec
 
 
-def _apply_here(spec: dict[str, Any], root: str, lowers: list[str], data_fd: int,
-                out: _Reporter, digests: Digests) -> dict[str, Any]:
-    stream = os.fdopen(data_fd, "rb", buffering=0)
-    try:
+def _apply_records(spec: dict[str, Any], root: str, lowers: list[str],
+                   digests: Digests) -> Callable[[int], int]:
+    """The work of an ``apply``: the records of the pipe, by the tar engine's applier."""
+
+    def work(data_fd: int) -> int:
         applier = Applier(
             root, layer=spec["layer"],
             ids=IdMapper([tuple(r) for r in spec["uids"]], [tuple(r) for r in spec["gids"]]),
@@ -319,12 +336,32 @@ def _apply_here(spec: dict[str, Any], root: str, lowers: list[str], data_fd: int
             max_size=spec["max_size"], lowers=lowers, max_path=spec["max_path"],
             digests=digests,
         )
-        reader = RecordReader(stream.fileno())
-        if spec["progress"]:
+        return applier.apply_entries(RecordReader(data_fd))
+
+    return work
+
+
+def _import_windows(spec: dict[str, Any], root: str, lowers: list[str]) -> Callable[[int], int]:
+    """The work of a ``wclayer``: the raw tar of the pipe (:mod:`lamina.archive.frames`),
+    by the Windows importer, with the parent layers' directories as the lowers."""
+
+    def work(data_fd: int) -> int:
+        importer = WindowsImporter(Path(root), [Path(p) for p in lowers], layer=spec["layer"])
+        return importer.apply(cast(BinaryIO, FrameInput(data_fd)))
+
+    return work
+
+
+def _answer(data_fd: int, out: _Reporter, report: bool,
+            work: Callable[[int], int]) -> dict[str, Any]:
+    """Run ``work`` on the data pipe; its final record (the size, or what went wrong)."""
+    stream = os.fdopen(data_fd, "rb", buffering=0)
+    try:
+        if report:
             with progress.reporting(out.progress):
-                size = applier.apply_entries(reader)
+                size = work(stream.fileno())
         else:
-            size = applier.apply_entries(reader)
+            size = work(stream.fileno())
         return {"size": size, **_usage()}
     except Aborted:  # the caller found the tar bad there, and says why
         return {"aborted": True, **_usage()}

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 from lamina import errors
-from lamina.archive import wclayer
+from lamina.archive import isolate, wclayer
 from lamina.archive.apply import lower_lookup
 from lamina.archive.digests import Digests
 from lamina.archive.export import open_stream
@@ -80,7 +80,8 @@ class WindowsFilterDriver(StoreDriver):
     def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
                digests: Digests) -> int:
         parents = [self.store.layer_dir(p) for p in self._chain_of(parent)]
-        return wclayer.WindowsImporter(staged, parents, layer=id).apply(tar)
+        # In the isolated child, as the Linux backends' applies (isolate's docstring).
+        return isolate.import_windows_layer(staged, tar, parents=parents, layer=id)
 
     def _restage(self, staged: Path, id: LayerId) -> dict[str, Any]:
         raise errors.Unsupported("a Windows layer is imported once, not applied into",
