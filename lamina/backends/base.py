@@ -118,6 +118,11 @@ class StoreDriver(Driver, abc.ABC):
 
     # -- what check and df see (lamina.store.layers.StoreBacked) --------------------
 
+    def _sync_outside(self, staged: Path) -> bool:
+        """Make durable what a new layer's build wrote outside its staging dir, for a
+        layer synced file by file; False: only a syncfs will do."""
+        return True
+
     def _abandon(self, staged: Path, id: LayerId) -> None:
         """Undo what a build that failed made outside its staging dir (nothing, here)."""
 
@@ -230,8 +235,11 @@ class StoreDriver(Driver, abc.ABC):
                             meta.totals = self.record_manifest(staged, digests)
                             meta.size = size
                     self.store.write_meta(staged, meta)
-                    # One syncfs makes the whole layer durable before it becomes visible.
-                    fsutil.syncfs(staged)
+                    # The whole layer is durable before it becomes visible: one syncfs,
+                    # or for an empty layer (a few small files) an fsync of each.
+                    if tar is not None or quota is not None or not (
+                            fsutil.sync_small_tree(staged) and self._sync_outside(staged)):
+                        fsutil.syncfs(staged)
                     self.store.publish(staged, lid, pid)
                 except BaseException:
                     self._abandon(staged, lid)

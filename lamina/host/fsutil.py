@@ -92,6 +92,36 @@ def syncfs(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+SMALL_TREE = 64
+"""Entries up to which :func:`sync_small_tree` fsyncs one by one."""
+
+
+def sync_small_tree(path: str | os.PathLike[str]) -> bool:
+    """fsync every directory and regular file below ``path`` (and ``path``), if there are
+    at most :data:`SMALL_TREE` of them; False (nothing synced) for a larger tree.
+
+    For a layer of a few metadata files, a handful of fsyncs make only those durable,
+    where a syncfs would wait for every dirty page of the filesystem (other writers'
+    too: 10 ms and more on a busy disk, against ~0.3 ms an fsync here)."""
+    found: list[str] = []
+    for dirpath, dirs, files in os.walk(path):
+        found.append(dirpath)
+        # Regular files only: a fifo would block the open, a device is not ours to sync,
+        # a symlink's entry is its directory's (synced with it).
+        found += [p for p in (os.path.join(dirpath, f) for f in files)
+                  if stat.S_ISREG(os.lstat(p).st_mode)]
+        if len(found) > SMALL_TREE:
+            return False
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(dirpath, d))]
+    for name in found:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return True
+
+
 def sync_dir(path: str | os.PathLike[str]) -> None:
     """fsync a directory, so that the names created or renamed in it survive a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

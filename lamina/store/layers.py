@@ -13,9 +13,11 @@ Layout (every backend keeps its layer content inside the layer's directory)::
                               is being used as a parent
 
 Crash model.  A layer is built in ``staging/`` where nobody looks, made durable
-with one ``syncfs``, and published with one ``rename`` into ``layers/`` (then
-the ``layers/`` directory is fsynced): a kill or power cut before the rename
-leaves only a staging directory, after it a complete layer.  Replacing a
+with one ``syncfs`` (an empty layer: an fsync of each of its few files and
+directories, which spares waiting for other writers' dirty pages), and published
+with one ``rename`` into ``layers/`` (then the ``layers/`` directory is fsynced): a
+kill or power cut before the rename leaves only a staging directory, after it a
+complete layer.  Replacing a
 layer's content (an apply into an existing layer) builds the new content in
 staging and swaps it in with ``renameat2(RENAME_EXCHANGE)``.  Removal renames
 ``ID`` to ``ID-removing`` first (the commit point) and deletes after.  Opening

@@ -447,10 +447,12 @@ def view(drv: lamina.Driver, id: str) -> Tree:
 
 # Crash points no operation of the harness reaches on a backend, and why.
 UNREACHED = {
-    # vfs writes no metadata file with atomic_write on these paths (layer metadata
-    # is made durable by the layer's syncfs); overlay writes its link/lower files so.
+    # No operation here writes a metadata file with atomic_write: a new layer's files
+    # are made durable with the layer (its syncfs, or an fsync each for an empty one).
+    # The snapshotter's records are written so, and tests/crash/test_snapshotter_kills
+    # kills at that point.
     "vfs": {"atomic-write:before-rename"},
-    "overlay": set(),
+    "overlay": {"atomic-write:before-rename"},
 }
 
 
