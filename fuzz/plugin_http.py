@@ -2,7 +2,7 @@
 
 Each input is the byte stream of one client connection (after a first byte of flags): it
 goes through what the server does with a connection —
-:func:`~lamina.frontends.docker.http.take_head` as the connection loop calls it, then
+:func:`~lamina.frontends.docker.wire.take_head` as the connection loop calls it, then
 each call run by a worker (:class:`~lamina.frontends.docker.http._Call`) on a stand-in
 socket, over the real :class:`~lamina.frontends.docker.plugin.Plugin` with a stand-in
 driver (its ``apply_diff`` reads the body to its end, as the tar engine would), pipelined
@@ -35,7 +35,7 @@ import atheris  # type: ignore[import-untyped]
 with atheris.instrument_imports(include=["lamina"]):
     from lamina import errors
     from lamina.driver import check_id
-    from lamina.frontends.docker import http
+    from lamina.frontends.docker import http, wire
     from lamina.frontends.docker.plugin import Plugin
 
 
@@ -126,7 +126,7 @@ class Server:
     """What a call needs of :class:`~lamina.frontends.docker.http.PluginServer`."""
 
     def __init__(self) -> None:
-        self.limits = http.Limits()
+        self.limits = wire.Limits()
         self.closing = False
         self.plugin = Plugin()
         self.plugin._driver = Driver()  # type: ignore[assignment]
@@ -141,8 +141,8 @@ def serve(sock: Socket) -> None:
     buf = bytearray()
     while True:
         try:
-            req = http.take_head(buf)
-        except http.HTTPError as e:
+            req = wire.take_head(buf)
+        except wire.HTTPError as e:
             sock.sendall(http._answer_bytes(e.status, {"Err": str(e)}, close=True))
             return
         if req is None:
@@ -180,9 +180,9 @@ def check_output(out: bytes) -> None:
         if status == 100:
             continue
         if headers.get("transfer-encoding") == "chunked":  # a Diff's tar
-            assert status == 200 and headers["content-type"] == http.TAR_TYPE, headers
+            assert status == 200 and headers["content-type"] == wire.TAR_TYPE, headers
             return  # the rest is its tar (the connection's last answer)
-        assert headers["content-type"] == http.JSON_TYPE, headers
+        assert headers["content-type"] == wire.JSON_TYPE, headers
         body = f.read(int(headers["content-length"]))
         doc = json.loads(body)
         assert isinstance(doc, dict), doc

@@ -10,26 +10,23 @@ from __future__ import annotations
 
 import abc
 import collections
-import io
 import logging
-import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar, cast
+from typing import Any, BinaryIO, ClassVar
 
 from lamina import crashpoints, errors
 from lamina.archive import codecs
 from lamina.archive.diffid import DigestingReader
 from lamina.archive.digests import Digests
-from lamina.archive.export import READ_CHUNK
 from lamina.backends import snapshot_hooks
 from lamina.backends.quotas import LayerQuotas
+from lamina.backends.reading import LeasedGetter, leased_stream, release
 from lamina.backends.snapshot_hooks import SnapshotMount
 from lamina.driver import Change, DiffGetter, Driver, IdMap, LayerId, check_id
 from lamina.host import fsutil
-from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.idmap import IdMapper
 from lamina.host.quota import IMAGE
 from lamina.host.usage import Totals, tree_totals
@@ -384,30 +381,30 @@ class StoreDriver(Driver, abc.ABC):
         try:
             stream = self._stream_diff(lid, parent)
         except BaseException:
-            _release(lease)
+            release(lease)
             raise
-        return _leased_stream(stream, lease)
+        return leased_stream(stream, lease)
 
     def changes(self, id: str, parent: str | None = None) -> list[Change]:
         lid, lease = self._leased(id, parent)
         try:
             return self._find_changes(lid, parent)
         finally:
-            _release(lease)
+            release(lease)
 
     def diff_size(self, id: str, parent: str | None = None) -> int:
         lid, lease = self._leased(id, parent)
         try:
             return self._measure_diff(lid, parent)
         finally:
-            _release(lease)
+            release(lease)
 
     def diff_getter(self, id: str) -> DiffGetter:
         lid, lease = self._leased(id, None)
         try:
-            return _LeasedGetter(self._open_getter(lid), lease)
+            return LeasedGetter(self._open_getter(lid), lease)
         except BaseException:
-            _release(lease)
+            release(lease)
             raise
 
     def _leased(self, id: str, parent: str | None) -> tuple[LayerId, list[fsutil.FileLock]]:
@@ -549,91 +546,3 @@ def kept_usage(meta: LayerMeta) -> Totals | None:
 
 REMOVE_WAIT = 60.0
 """Seconds a removal waits for the readers of a layer before it is ``Busy``."""
-
-
-def _release(lease: list[fsutil.FileLock]) -> None:
-    for lock in lease:
-        lock.release()
-
-
-class _LeasedReader(io.BufferedReader):
-    """A stream that gives its layers' leases back when it is closed (or collected)."""
-
-    def __init__(self, raw: io.RawIOBase, lease: list[fsutil.FileLock]) -> None:
-        super().__init__(raw, READ_CHUNK)
-        self._lease = lease
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            _release(self._lease)
-            self._lease = []
-
-
-def _leased_stream(stream: BinaryIO, lease: list[fsutil.FileLock]) -> BinaryIO:
-    if isinstance(stream, io.BufferedReader):
-        raw = stream.detach()
-        if isinstance(raw, io.RawIOBase):
-            return cast(BinaryIO, _LeasedReader(raw, lease))
-        stream = cast(BinaryIO, io.BufferedReader(raw))  # pragma: no cover - not made here
-    return cast(BinaryIO, _LeasedReader(cast(io.RawIOBase, _Passthrough(stream)), lease))
-
-
-class _Passthrough(io.RawIOBase):
-    """Any binary stream as a raw one (for a backend whose diff is not buffered here)."""
-
-    def __init__(self, inner: BinaryIO) -> None:
-        self._inner = inner
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self._inner.read(len(buffer))
-        memoryview(buffer)[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._inner.close()
-        super().close()
-
-
-class _LeasedGetter(DiffGetter):
-    """A backend's getter, holding its layer's lease until it is closed."""
-
-    def __init__(self, inner: DiffGetter, lease: list[fsutil.FileLock]) -> None:
-        self._inner = inner
-        self._lease = lease
-
-    def get(self, path: str) -> BinaryIO:
-        return self._inner.get(path)
-
-    def close(self) -> None:
-        try:
-            self._inner.close()
-        finally:
-            _release(self._lease)
-            self._lease = []
-
-
-class TreeGetter(DiffGetter):
-    """Opens files below a layer directory without following any symlink."""
-
-    def __init__(self, root: Path, layer: LayerId) -> None:
-        self.root = root
-        self.layer = layer
-
-    def get(self, path: str) -> BinaryIO:
-        parts = [p for p in path.split("/") if p not in ("", ".")]
-        if not parts or ".." in parts:
-            raise errors.InvalidArgument("bad path", layer=self.layer, path=path)
-        fd = os.open(self.root, DIR_FLAGS)
-        try:
-            ffd = fsutil.open_file_beneath(fd, "/".join(parts))
-        except OSError as e:
-            raise errors.NotFound(f"cannot open: {e.strerror}", layer=self.layer,
-                                  path=path) from e
-        finally:
-            os.close(fd)
-        return os.fdopen(ffd, "rb")

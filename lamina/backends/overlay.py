@@ -40,7 +40,8 @@ from lamina.archive.apply import OVERLAY_OPAQUE_XATTR, lower_lookup
 from lamina.archive.digests import Digests
 from lamina.archive.export import Action, Dirs, Item, change_items, export_changes, open_stream
 from lamina.archive.union import is_whiteout, opaque, opaque_path
-from lamina.backends.base import StoreDriver, TreeGetter
+from lamina.backends.base import StoreDriver
+from lamina.backends.reading import TreeGetter
 from lamina.backends.snapshot_hooks import SnapshotMount, bind
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil, mount

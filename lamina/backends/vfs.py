@@ -22,7 +22,8 @@ from lamina import errors
 from lamina.archive import isolate, naivediff
 from lamina.archive.digests import Digests
 from lamina.archive.export import change_items, export_changes
-from lamina.backends.base import StoreDriver, TreeGetter, kept_usage
+from lamina.backends.base import StoreDriver, kept_usage
+from lamina.backends.reading import TreeGetter
 from lamina.backends.snapshot_hooks import SnapshotMount, bind
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from lamina.frontends.docker.http import Limits
+from lamina.frontends.docker.wire import Limits
 from tests import tarbuild as tb
 from tests.conftest import lacking
 from tests.integration.engine import REPO, Serve, remove_plugin_files

@@ -59,7 +59,8 @@ from typing import Any, BinaryIO, cast
 import lamina
 from lamina import errors
 from lamina.driver import Driver, IdMap
-from lamina.frontends.docker.http import Limits, PluginServer
+from lamina.frontends.docker.http import PluginServer
+from lamina.frontends.docker.wire import Limits
 from lamina.host import fsutil
 
 log = logging.getLogger("lamina.serve")
