@@ -24,7 +24,8 @@ import lamina
 from lamina import errors
 from lamina.archive import isolate, jail, wclayer
 from lamina.host import mount
-from tests.windows.test_windowsfilter import ATTR_DIR, _tar, _win, base_layer, child_layer
+from tests.security.test_isolation import _children
+from tests.windows.test_windowsfilter import ATTR_DIR, _export, _tar, _win, base_layer, child_layer
 
 pytestmark = pytest.mark.root
 
@@ -36,25 +37,6 @@ def drv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[lamina.Driv
         yield d
         d.cleanup()
     assert mount.mounted_below(str(tmp_path / "home")) == []
-
-
-def _export(drv: lamina.Driver, id: str) -> bytes:
-    with drv.diff(id) as tar:
-        return tar.read()
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(") ", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
 
 
 class Watched:
