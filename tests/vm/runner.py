@@ -352,9 +352,18 @@ if ! mount -t 9p -o trans=virtio,version=9p2000.L,cache=loose,msize=262144,ro \
   echo "@@vm error: cannot mount the host's root over 9p"
   poweroff -f
 fi
+# The checkout may lie below a directory the tmpfs mounts hide (CI clones into /tmp):
+# hold it aside and put it back on its path above them.
+mkdir -p /repo
+mount --bind "/newroot$LAMINA_REPO" /repo
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=1777 tmpfs /newroot/var/tmp
 mount -t tmpfs -o mode=755 tmpfs /newroot/run
+if [ ! -d "/newroot$LAMINA_REPO/.venv" ]; then
+  mkdir -p "/newroot$LAMINA_REPO" && mount --move /repo "/newroot$LAMINA_REPO"
+else
+  umount /repo
+fi
 mkdir -p /newroot/run/lamina-vm
 cp /guest.sh /newroot/run/lamina-vm/guest.sh
 mount --move /dev /newroot/dev
@@ -424,7 +433,8 @@ def build_initramfs(kernel: Kernel, script: str, out: Path) -> None:
         for d in ("bin", "dev", "proc", "sys", "lib/modules"):
             (root / d).mkdir(parents=True)
         shutil.copy(busybox, root / "bin/busybox")
-        (root / "init").write_text(INIT)
+        (root / "init").write_text(INIT.replace(
+            "#!/bin/busybox sh\n", f"#!/bin/busybox sh\nLAMINA_REPO={shlex.quote(str(REPO))}\n", 1))
         (root / "init").chmod(0o755)
         (root / "guest.sh").write_text(script)
         names = []
