@@ -24,7 +24,7 @@ from tests.test_cli import Lamina
 pytestmark = pytest.mark.root
 
 FILES = 200
-ROUNDS = 250  # per backend: 500 rounds in all
+ROUNDS = 500
 
 
 def _layer() -> bytes:
