@@ -14,11 +14,12 @@ say() { printf 'bootstrap: %s\n' "$*" >&2; }
 
 # The Debian packages: filesystems for the backends' tests (ext4, xfs), xattr tools,
 # the codecs and GNU tar for compat tests, Docker, skopeo and debootstrap for the
-# corpus and the Docker tests, and containerd, runc, Go and containerd's Go source
-# for the snapshotter's tests (containerd's own suite is built from that source).
+# corpus and the Docker tests, containerd, runc, Go and containerd's Go source
+# for the snapshotter's tests (containerd's own suite is built from that source),
+# umoci for the image tests and docker-registry (distribution) for the registry's.
 DEB_PACKAGES=(e2fsprogs xfsprogs attr zstd pigz tar docker.io skopeo debootstrap
               containerd runc golang-go golang-github-containerd-containerd-dev
-              qemu-system-x86 busybox-static cpio libcap2-bin)
+              qemu-system-x86 busybox-static cpio libcap2-bin umoci docker-registry)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
 
