@@ -242,6 +242,16 @@ class TarReader(BufferedInput):
         self._pending = 0
         return crc
 
+    def data_chunks(self, entry: Entry) -> Iterator[memoryview]:
+        """``entry``'s data as buffer-sized views (each valid until the next one), then
+        its padding skipped: for a member copied elsewhere whole (an image archive's
+        blob).  A sparse member is refused."""
+        if entry.sparse is not None:
+            raise self._error("a sparse member where a plain file was expected", entry.name)
+        yield from self._chunks(entry.data_size, entry.name)
+        self._read_exact(-entry.data_size % BLOCK, "padding", entry.name)
+        self._pending = 0
+
     def finish(self) -> int:
         """After the last member: read the stream to its end (a compressed stream checks
         its trailer only there); the bytes that followed the end of the archive."""

@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the unix socket (default: /run/lamina/snapshotter.sock)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every call")
 
+    from lamina.frontends import image_cli
+
+    image_cli.add_commands(sub, json_flag)
+
     # serve opens its store itself (when Docker calls Init): main() runs it apart.
     about = "answer Docker's graph driver plugin protocol on a unix socket"
     p = sub.add_parser("serve", help=about, description=about)
@@ -443,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """What makes a parsed command line unusable, checked before the store is opened."""
+    if args.command == "image":
+        from lamina.frontends import image_cli
+
+        return image_cli.usage_problem(args)
     if args.command == "create" and args.mount_label and not args.rw:
         return "create: --mount-label needs --rw"
     if (args.command == "apply" and args.file == "-" and sys.stdin is not None
@@ -545,6 +553,14 @@ def _os_message(e: OSError) -> str:
     return text
 
 
+def _recover_images(drv: Driver) -> None:
+    """Sweep what an image load that died left (no image names it): only when one did."""
+    if (drv.home / "image" / "dirty").exists():
+        from lamina.image.store import ImageStore
+
+        ImageStore(drv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lamina`` with ``argv`` (default: the process's arguments); return the exit status."""
     _open_std_streams()
@@ -567,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.home is None:
             args.home = default_home()
         with lamina.open_driver(args.home, backend=args.backend, options=args.driver_opts) as drv:
+            _recover_images(drv)
             result: Result = args.func(drv, args)
         if args.json:
             _emit(json.dumps(result.doc))

@@ -22,7 +22,7 @@ CHUNK = 1 << 20
 class Result:
     """What a command hands back to :func:`main` to print."""
 
-    doc: dict[str, Any] = field(default_factory=dict)
+    doc: Any = field(default_factory=dict)
     """The ``--json`` document."""
     lines: list[str] = field(default_factory=list)
     """The text printed without ``--json``."""

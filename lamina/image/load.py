@@ -1,0 +1,491 @@
+"""``image load``: images from a ``docker save`` archive or an OCI image layout.
+
+Three layouts, as a tar (plain or compressed, from a file or a pipe) or a directory:
+
+- Docker's classic ``docker save``: ``manifest.json`` (``Config``, ``RepoTags``,
+  ``Layers`` as paths in the archive), ``<id>/layer.tar``, ``<config>.json``;
+- the layout Docker ≥ 25 writes: an OCI layout with ``manifest.json`` beside it (its
+  ``<id>/layer.tar`` entries are links to ``blobs/sha256/…``);
+- an OCI image layout: ``oci-layout``, ``index.json``, ``blobs/sha256/…``.
+
+A tar is read once, front to back: each file member goes straight into the content
+store as it streams (hashed on the way: a member at ``blobs/sha256/HEX`` must hash to
+that digest), the small documents are kept, and links are followed by name within the
+archive only.  Then each image's layers are applied bottom first, from the content store
+(verified again as they are read), unless the store holds them already; each layer's
+diff id must be the one its config names.  Names are written last: the commit point.
+Anything wrong is an error, and the load leaves no image: its blobs and layers are swept
+(:meth:`~lamina.image.store.ImageStore.collect`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from lamina import errors
+from lamina.archive import codecs
+from lamina.archive.entry import DIR, LINK, REG, SYMLINK
+from lamina.archive.reader import TarReader
+from lamina.image import reference, spec
+from lamina.image.content import CHUNK, ContentStore
+from lamina.image.store import Image, ImageStore, host, platform_matches
+
+DOCUMENTS = ("manifest.json", "index.json", "oci-layout", "repositories")
+MAX_MEMBERS = 1 << 16
+"""The most members an image archive may have."""
+MAX_LINK_DEPTH = 8
+
+Progress = Callable[[str, int], None]
+"""Called with ("read", bytes) as the archive is read and ("layer", bytes) as layers
+are applied."""
+
+
+@dataclass
+class Loaded:
+    """One image a load made or found: its names (none: unnamed) and ids."""
+
+    names: list[str]
+    image: Image
+    applied: int
+    reused: int
+
+
+def _clean(name: str, what: str = "archive member") -> str:
+    """A member name as a relative path within the archive, or ``UnsafeArchive``."""
+    if "\x00" in name:
+        raise errors.UnsafeArchive(f"{what} name holds a NUL byte", path=repr(name))
+    if name.startswith("/"):
+        raise errors.UnsafeArchive(f"{what} has an absolute name", path=name)
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise errors.UnsafeArchive(f"{what} name leaves the archive ('..')", path=name)
+    return "/".join(parts)
+
+
+class _Source:
+    """What an archive holds: its files as blobs (by path) and its small documents."""
+
+    def __init__(self, content: ContentStore) -> None:
+        self.content = content
+        self.blobs: dict[str, tuple[str, int]] = {}
+        self.docs: dict[str, bytes] = {}
+        self.links: dict[str, str] = {}
+
+    def resolve(self, path: str, what: str) -> str:
+        """``path`` with the archive's links followed (within the archive)."""
+        path = _clean(path, what)
+        for _ in range(MAX_LINK_DEPTH):
+            if path in self.blobs or path in self.docs or path not in self.links:
+                return path
+            path = self.links[path]
+        raise errors.UnsafeArchive(f"{what}: too many links", path=path)
+
+    def blob(self, path: str, what: str, digest: str | None = None,
+             size: int | None = None) -> tuple[str, int]:
+        path = self.resolve(path, what)
+        found = self.blobs.get(path)
+        if found is None:
+            found = self._fetch(path, what)
+        if digest is not None and found[0] != digest:
+            raise errors.Corrupt(f"{what}: {path} hashes to {found[0]}, not {digest}")
+        if size is not None and found[1] != size:
+            raise errors.Corrupt(f"{what}: {path} is {found[1]} bytes, its descriptor "
+                                 f"says {size}")
+        return found
+
+    def blob_by_digest(self, desc: spec.Descriptor, what: str) -> str:
+        digest, _ = self.blob(f"blobs/sha256/{desc.digest[7:]}", what, desc.digest, desc.size)
+        return digest
+
+    def document(self, path: str, what: str) -> bytes | None:
+        path = self.resolve(path, what)
+        if path in self.docs:
+            return self.docs[path]
+        if path in self.blobs:
+            return self.content.read(self.blobs[path][0], limit=spec.MAX_DOCUMENT)
+        return self._fetch_document(path, what)
+
+    def _fetch(self, path: str, what: str) -> tuple[str, int]:
+        raise errors.NotFound(f"{what}: the archive holds no {path}")
+
+    def _fetch_document(self, path: str, what: str) -> bytes | None:
+        return None
+
+
+class _TarSource(_Source):
+    """A tar archive, read once into the content store (see the module docstring)."""
+
+    def read(self, stream: BinaryIO) -> None:
+        tar, _ = codecs.decompressed(stream)
+        reader = TarReader(tar)
+        count = 0
+        for entry in reader:
+            count += 1
+            if count > MAX_MEMBERS:
+                raise errors.UnsafeArchive(f"more than {MAX_MEMBERS} members in an image "
+                                           "archive")
+            name = _clean(entry.name)
+            if entry.type == DIR or not name:
+                continue
+            if entry.type in (SYMLINK, LINK):
+                target = entry.linkname
+                if entry.type == SYMLINK:
+                    if target.startswith("/"):
+                        raise errors.UnsafeArchive("archive link points outside the archive",
+                                                   path=name)
+                    target = posixpath.join(posixpath.dirname(name), target)
+                    target = posixpath.normpath(target)
+                    if target.startswith("../") or target == "..":
+                        raise errors.UnsafeArchive("archive link points outside the archive",
+                                                   path=name)
+                self.links[name] = _clean(target, "link target")
+                continue
+            if entry.type != REG:
+                raise errors.UnsafeArchive("an image archive holds only files, directories "
+                                           "and links", path=name)
+            if name in self.blobs or name in self.docs:
+                raise errors.UnsafeArchive("archive member appears twice", path=name)
+            base = posixpath.basename(name)
+            if name in DOCUMENTS:
+                self.docs[name] = reader.read_data(entry, spec.MAX_DOCUMENT, name)
+                continue
+            if "/" in name and base in ("VERSION", "json") and entry.data_size <= 1 << 16:
+                reader.read_data(entry, 1 << 16, name)  # Docker's legacy per-layer files
+                continue
+            expect = None
+            if name.startswith("blobs/sha256/"):
+                expect = "sha256:" + name[len("blobs/sha256/"):]
+                reference.check_digest(expect, f"archive member {name}")
+            with self.content.writer(expect, entry.data_size) as w:
+                for view in reader.data_chunks(entry):
+                    w.write(view)
+                self.blobs[name] = (w.commit(), entry.data_size)
+        reader.finish()
+
+
+class _DirSource(_Source):
+    """A directory (an OCI layout, or an unpacked ``docker save``): files are copied into
+    the content store as the images need them; links must stay inside the directory."""
+
+    def __init__(self, content: ContentStore, root: Path) -> None:
+        super().__init__(content)
+        self.root = root.resolve()
+
+    def _open(self, path: str, what: str) -> int | None:
+        full = Path(os.path.realpath(self.root / path))
+        if full != self.root and self.root not in full.parents:
+            raise errors.UnsafeArchive(f"{what}: {path} points outside the layout",
+                                       path=str(self.root / path))
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise errors.InvalidArgument(f"{what}: cannot read it: {e.strerror}",
+                                         path=str(full)) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise errors.UnsafeArchive(f"{what}: not a regular file", path=str(full))
+        return fd
+
+    def _fetch(self, path: str, what: str) -> tuple[str, int]:
+        fd = self._open(path, what)
+        if fd is None:
+            raise errors.NotFound(f"{what}: the layout holds no {path}")
+        expect = None
+        if path.startswith("blobs/sha256/"):
+            expect = "sha256:" + path[len("blobs/sha256/"):]
+            reference.check_digest(expect, f"layout file {path}")
+        with open(fd, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            with self.content.writer(expect, size) as w:
+                w.copy_from(f)
+                found = (w.commit(), size)
+        self.blobs[path] = found
+        return found
+
+    def _fetch_document(self, path: str, what: str) -> bytes | None:
+        fd = self._open(path, what)
+        if fd is None:
+            return None
+        with open(fd, "rb") as f:
+            data = f.read(spec.MAX_DOCUMENT + 1)
+        return data
+
+
+# -- the layouts ---------------------------------------------------------------------
+
+
+@dataclass
+class _Found:
+    names: list[str | None]
+    manifest: spec.Descriptor
+    manifest_bytes: bytes | None  # a manifest made here (classic layout), to store
+
+
+def _json_doc(data: bytes, what: str) -> Any:
+    if len(data) > spec.MAX_DOCUMENT:
+        raise errors.Corrupt(f"{what}: over {spec.MAX_DOCUMENT >> 20} MiB")
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise errors.Corrupt(f"{what}: not JSON ({e})") from None
+
+
+def _names(tags: Any, what: str) -> list[str | None]:
+    if tags is None:
+        return [None]
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise errors.Corrupt(f"{what}: RepoTags is not a list of names")
+    return [str(reference.parse(t)) for t in tags] or [None]
+
+
+def _classic(src: _Source, doc: Any) -> list[_Found]:
+    """The images of Docker's ``manifest.json``; for each, an OCI manifest made over the
+    archive's files (Docker ≥ 25 writes that manifest itself: it is found by digest)."""
+    if not isinstance(doc, list):
+        raise errors.Corrupt("manifest.json: not a list of images")
+    out = []
+    for i, item in enumerate(doc):
+        what = f"manifest.json: image {i}"
+        if not isinstance(item, dict) or not isinstance(item.get("Config"), str) \
+                or not isinstance(item.get("Layers"), list) \
+                or not all(isinstance(x, str) for x in item["Layers"]):
+            raise errors.Corrupt(f"{what}: needs Config and Layers paths")
+        names = _names(item.get("RepoTags"), what)
+        cdigest, csize = src.blob(item["Config"], f"{what}: config")
+        layers = []
+        for j, path in enumerate(item["Layers"]):
+            digest, size = src.blob(path, f"{what}: layer {j}")
+            layers.append(spec.Descriptor(_layer_media(src, digest), digest, size))
+        manifest = {"schemaVersion": 2, "mediaType": spec.OCI_MANIFEST,
+                    "config": {"mediaType": spec.OCI_CONFIG, "digest": cdigest, "size": csize},
+                    "layers": [d.to_json() for d in layers]}
+        data = spec.dumps(manifest)
+        desc = spec.Descriptor(spec.OCI_MANIFEST, _sha(data), len(data))
+        out.append(_Found(names, desc, data))
+    return out
+
+
+def _layer_media(src: _Source, digest: str) -> str:
+    """A layer blob's media type, from its first bytes."""
+    with src.content.open(digest) as f:
+        head = f.read(codecs.SNIFF)
+    if head.startswith(b"\x1f\x8b"):
+        return spec.OCI_LAYER_GZIP
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return spec.OCI_LAYER_ZSTD
+    return spec.OCI_LAYER
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _oci(src: _Source, index_bytes: bytes) -> list[_Found]:
+    """The images of an OCI layout's ``index.json`` (an index in it resolved to this
+    host's platform), named by their annotations or by Docker's ``manifest.json``."""
+    index = spec.parse_index(index_bytes, "index.json")
+    out = []
+    for i, desc in enumerate(index.manifests):
+        what = f"index.json: manifest {i}"
+        desc = _platform_manifest(src, desc, what)
+        name = desc.annotations.get(spec.ANNOTATION_IMAGE_NAME) or _ref_name(desc)
+        out.append(_Found([name], desc, None))
+    return out
+
+
+def _ref_name(desc: spec.Descriptor) -> str | None:
+    """``org.opencontainers.image.ref.name`` when it is a whole image name (not a tag)."""
+    ref = desc.annotations.get(spec.ANNOTATION_REF_NAME)
+    if not ref or ("/" not in ref and ":" not in ref):
+        return None
+    try:
+        return str(reference.parse(ref))
+    except errors.InvalidArgument:
+        return None
+
+
+def _platform_manifest(src: _Source, desc: spec.Descriptor, what: str) -> spec.Descriptor:
+    for _ in range(4):
+        if desc.media_type in spec.MANIFESTS:
+            return desc
+        if desc.media_type not in spec.INDEXES:
+            raise errors.InvalidArgument(f"{what}: media type {desc.media_type!r} is not an "
+                                         "image manifest or index")
+        digest = src.blob_by_digest(desc, what)
+        index = spec.parse_index(src.content.read(digest, limit=spec.MAX_DOCUMENT), what)
+        want = host()
+        for d in index.manifests:
+            if platform_matches(want, d.platform):
+                desc = spec.Descriptor(d.media_type, d.digest, d.size,
+                                       {**desc.annotations, **d.annotations}, d.platform)
+                break
+        else:
+            raise errors.NotFound(f"{what}: no manifest for {want}")
+    raise errors.Corrupt(f"{what}: indexes nested too deep")
+
+
+def _image_of(store: ImageStore, src: _Source, found: _Found, what: str) -> Image:
+    """Check that the archive holds every blob of ``found``'s image; its :class:`Image`."""
+    if found.manifest_bytes is not None:
+        store.content.put(found.manifest_bytes, found.manifest.digest)
+    else:
+        src.blob_by_digest(found.manifest, what)
+    data = store.content.read(found.manifest.digest, limit=spec.MAX_DOCUMENT)
+    manifest = spec.parse_manifest(data, f"{what}: manifest", found.manifest.media_type)
+    if found.manifest_bytes is None:
+        src.blob_by_digest(manifest.config, f"{what}: config")
+        for j, layer in enumerate(manifest.layers):
+            src.blob_by_digest(layer, f"{what}: layer {j}")
+    cfg = spec.parse_config(store.content.read(manifest.config.digest,
+                                               limit=spec.MAX_DOCUMENT), f"{what}: config")
+    if len(cfg.diff_ids) != len(manifest.layers):
+        raise errors.Corrupt(f"{what}: {len(manifest.layers)} layers, its config names "
+                             f"{len(cfg.diff_ids)} diff ids")
+    return Image(spec.Descriptor(manifest.media_type, found.manifest.digest,
+                                 found.manifest.size), manifest, cfg)
+
+
+def apply_layers(store: ImageStore, img: Image,
+                 progress: Progress | None = None) -> tuple[int, int]:
+    """Apply ``img``'s layers that the store does not hold, bottom first; (applied, reused)."""
+    applied = reused = 0
+    parent: str | None = None
+    for layer, diff_id, chain in zip(img.manifest.layers, img.config.diff_ids, img.chains,
+                                     strict=True):
+        def opener(layer: spec.Descriptor = layer) -> BinaryIO:
+            stream = store.content.open(layer.digest, size=layer.size)
+            if progress is None:
+                return stream
+            return _Counted(stream, progress).as_stream()
+
+        if store.ensure_layer(chain, parent, diff_id, opener):
+            applied += 1
+        else:
+            reused += 1
+            if progress is not None:
+                progress("layer", layer.size)
+        parent = chain
+    return applied, reused
+
+
+class _Counted:
+    def __init__(self, stream: BinaryIO, progress: Progress) -> None:
+        self._stream = stream
+        self._progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        if data:
+            self._progress("layer", len(data))
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __enter__(self) -> _Counted:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stream.close()
+
+    def as_stream(self) -> BinaryIO:
+        from typing import cast
+
+        return cast(BinaryIO, self)
+
+
+@contextlib.contextmanager
+def _source(store: ImageStore, path: str | None, stream: BinaryIO | None,
+            progress: Progress | None) -> Iterator[_Source]:
+    if path is not None and os.path.isdir(path):
+        yield _DirSource(store.content, Path(path))
+        return
+    src = _TarSource(store.content)
+    with contextlib.ExitStack() as stack:
+        if stream is None:
+            assert path is not None
+            try:
+                stream = stack.enter_context(open(path, "rb"))
+            except OSError as e:
+                raise errors.InvalidArgument(f"cannot read it: {e.strerror or e}",
+                                             path=path) from None
+        if progress is not None:
+            stream = _ReadCounted(stream, progress).as_stream()
+        src.read(stream)
+    yield src
+
+
+class _ReadCounted(_Counted):
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        if data:
+            self._progress("read", len(data))
+        return data
+
+
+def load(store: ImageStore, path: str | None = None, stream: BinaryIO | None = None,
+         progress: Progress | None = None) -> list[Loaded]:
+    """Load the images of the archive at ``path`` (a tar or a directory) or in
+    ``stream``; what was loaded.  Nothing is named until every image is complete."""
+    with store.session():
+        with _source(store, path, stream, progress) as src:
+            index = src.document("index.json", "index.json")
+            classic_doc = src.document("manifest.json", "manifest.json")
+            if index is None and classic_doc is None:
+                raise errors.InvalidArgument("neither an OCI image layout (index.json) nor "
+                                             "a docker save archive (manifest.json)",
+                                             path=path)
+            found = _layouts(src, index, classic_doc)
+            images = [_image_of(store, src, f, f"image {i}") for i, f in enumerate(found)]
+        results = []
+        for f, img in zip(found, images, strict=True):
+            applied, reused = apply_layers(store, img, progress)
+            results.append(Loaded([n for n in _unique(f.names) if n], img, applied, reused))
+        for f, img in zip(found, images, strict=True):
+            store.add_image(_unique(f.names), img.manifest_desc)
+    return results
+
+
+def _unique(names: list[str | None]) -> list[str | None]:
+    named = list(dict.fromkeys(n for n in names if n))
+    return list(named) if named else [None]
+
+
+def _layouts(src: _Source, index: bytes | None, classic_doc: bytes | None) -> list[_Found]:
+    classic = _classic(src, _json_doc(classic_doc, "manifest.json")) \
+        if classic_doc is not None else None
+    if index is None:
+        assert classic is not None
+        return classic
+    oci = _oci(src, index)
+    if classic is None:
+        return oci
+    # Docker ≥ 25: both.  The OCI manifests are the images (their digests are what
+    # Docker wrote); manifest.json names them: match each by config and layers.
+    for f in oci:
+        data = src.content.read(src.blob_by_digest(f.manifest, "index.json"),
+                                limit=spec.MAX_DOCUMENT)
+        m = spec.parse_manifest(data, "index.json manifest", f.manifest.media_type)
+        for c in classic:
+            cm = spec.parse_manifest(c.manifest_bytes or b"", "manifest.json")
+            if cm.config.digest == m.config.digest and \
+                    [d.digest for d in cm.layers] == [d.digest for d in m.layers]:
+                f.names = [*f.names, *c.names]
+    return oci
+
+
+def read_chunks(stream: BinaryIO) -> Iterator[bytes]:
+    while chunk := stream.read(CHUNK):
+        yield chunk
