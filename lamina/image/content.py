@@ -104,8 +104,10 @@ class ContentStore:
 
     def read(self, digest: str, *, limit: int) -> bytes:
         """A small blob's bytes, verified (a document: at most ``limit`` bytes)."""
-        if self.size(digest) > limit:
-            raise errors.Corrupt(f"blob {digest} is over {limit} bytes")
+        size = self.size(digest)
+        if size > limit:
+            raise errors.Corrupt(f"blob {digest}: {size} bytes, over the {limit / (1 << 20):g} "
+                                 "MiB a document may have")
         with self.open(digest) as f:
             return f.read()
 

@@ -438,7 +438,19 @@ class _ReadCounted(_Counted):
 def load(store: ImageStore, path: str | None = None, stream: BinaryIO | None = None,
          progress: Progress | None = None) -> list[Loaded]:
     """Load the images of the archive at ``path`` (a tar or a directory) or in
-    ``stream``; what was loaded.  Nothing is named until every image is complete."""
+    ``stream``; what was loaded.  Nothing is named until every image is complete; a
+    load that fails leaves nothing (what it made is swept before the error is raised,
+    unless another load runs: then the next store to open sweeps it)."""
+    try:
+        return _load(store, path, stream, progress)
+    except BaseException:
+        with contextlib.suppress(errors.LaminaError, OSError):
+            store.collect(wait=False)
+        raise
+
+
+def _load(store: ImageStore, path: str | None, stream: BinaryIO | None,
+          progress: Progress | None) -> list[Loaded]:
     with store.session():
         with _source(store, path, stream, progress) as src:
             index = src.document("index.json", "index.json")
