@@ -26,15 +26,33 @@ POINTS = (
     "atomic-write:before-rename",  # a metadata file written, not yet renamed
 )
 
+IMAGE_POINTS = (
+    "blob:before-rename",  # a blob written and synced, not yet in blobs/ (image load)
+    "image:layer-applied",  # one of an image's layers applied, the image not yet named
+    "image:before-name",  # every layer there, the name not yet written (its commit point)
+)
+"""The image store's points (tests/crash/test_image_kills.py walks them)."""
+
 _TARGET = os.environ.get("LAMINA_CRASH_AT", "")
 # Point names hold one colon; a second one adds the count.
 _name, _sep, _count = _TARGET.rpartition(":") if _TARGET.count(":") == 2 else (_TARGET, "", "")
 _left = int(_count) if _count.isdigit() else 1
 
 
+_LOG = os.environ.get("LAMINA_CRASH_LOG", "")
+"""A file each point reached is appended to, a line each (tests survey an operation)."""
+
+
 def reached(name: str) -> None:
     """Die here (SIGKILL) if the environment names this point."""
     global _left
+    if _LOG:
+        try:
+            with open(_LOG, "a") as f:
+                f.write(name + "\n")
+        except OSError:
+            pass  # in the isolated child, whose root holds no such file
+
     if not _TARGET or name != _name:
         return
     _left -= 1
