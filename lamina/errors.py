@@ -57,6 +57,10 @@ class Corrupt(LaminaError):
     """The store's on-disk state is damaged."""
 
 
+class Unauthorized(LaminaError):
+    """A registry refused the credentials given (or wants some and none were given)."""
+
+
 __all__ = [
     "AlreadyExists",
     "Busy",
@@ -66,5 +70,6 @@ __all__ = [
     "NotFound",
     "QuotaExceeded",
     "Unsupported",
+    "Unauthorized",
     "UnsafeArchive",
 ]

@@ -286,6 +286,8 @@ def add_commands(sub: Any, json_flag: argparse.ArgumentParser) -> None:
     c = command("unmount", cmd_unmount, "give back one image mount")
     c.add_argument("ref", metavar="REF")
     command("prune", cmd_prune, "remove the blobs no image uses")
+    from lamina.frontends import registry_cli
+    registry_cli.add_commands(command)
 
 
 def usage_problem(args: argparse.Namespace) -> str | None:

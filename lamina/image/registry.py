@@ -1,0 +1,600 @@
+"""A client of one registry, as the OCI distribution spec has registries behave.
+
+:class:`Registry` makes every request ``image pull`` and ``image push`` need (manifests,
+blobs, uploads) and does, for each of them, what real registries expect of a client:
+
+- **auth**: a request goes out anonymously (or with what an earlier challenge taught);
+  a ``401`` carries a ``WWW-Authenticate`` challenge: ``Basic`` (the credentials, sent
+  from then on) or ``Bearer realm=…,service=…`` (a token asked of the realm for the
+  request's scopes, then the request again).  Tokens are kept per scope set until they
+  expire.  Credentials come from ``--creds`` or Docker's ``~/.docker/config.json``
+  (``auths``, a base64 ``auth``).  A refusal is :class:`~lamina.errors.Unauthorized`.
+- **redirects** (blobs served from a CDN) are followed, at most :data:`MAX_REDIRECTS`
+  of them, and ``Authorization`` is sent only to the registry's own host and port.
+- **retries**: connection errors, timeouts, ``5xx`` and ``429`` are tried again with
+  exponential backoff (a ``Retry-After`` honoured), at most :data:`RETRIES` times.
+- **timeouts** on every request (``LAMINA_REGISTRY_TIMEOUT`` seconds, to connect and
+  between two reads); TLS verified with the system's CAs unless ``insecure``; plain
+  HTTP only for ``localhost``/``127.0.0.1``/``::1`` or when asked for.
+- blobs are asked for with ``Accept-Encoding: identity`` and read undecoded: their bytes
+  are what their digest names.  :meth:`Registry.fetch_blob` resumes a cut download
+  with ``Range`` (or skips what it has when the server sends the whole blob again).
+
+Faults are :class:`~lamina.errors.LaminaError`: ``NotFound`` for an unknown
+repository, manifest or blob, ``Unauthorized``, ``Corrupt`` for bytes that do not
+match their digest, the base class for a registry that cannot be reached or answers
+nonsense.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import email.utils
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import urllib3
+import urllib3.exceptions
+from urllib3.response import BaseHTTPResponse
+
+from lamina import errors
+from lamina.image import spec
+
+CHUNK = 1 << 20
+MAX_REDIRECTS = 5
+RETRIES = 4
+"""Tries after the first one, for a request that failed in a way worth trying again."""
+MAX_RESUMES = 5
+"""How many times one blob download is taken up again after its connection broke."""
+MAX_RETRY_AFTER = 60.0
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+DOCKER_HUB = "registry-1.docker.io"
+"""The host behind the ``docker.io`` of image names."""
+
+MANIFEST_ACCEPT = ", ".join([spec.OCI_INDEX, spec.OCI_MANIFEST, spec.DOCKER_LIST,
+                             spec.DOCKER_MANIFEST])
+"""What a manifest request accepts: never schema 1 (a registry would down-convert)."""
+
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+_REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+_PARAM = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+def _env_float(name: str, default: float) -> float:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise errors.InvalidArgument(f"{name}={text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise errors.InvalidArgument(f"{name}={text!r} must be more than 0")
+    return value
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to reach a registry: credentials and transport choices."""
+
+    creds: tuple[str, str] | None = None
+    """``(user, password)`` from ``--creds``; None: Docker's config file, else none."""
+    insecure: bool = False
+    """TLS without verifying the server's certificate."""
+    plain_http: bool = False
+    """HTTP, not HTTPS (always so for a registry on this host)."""
+    timeout: float | None = None
+    """Seconds to connect and between two reads (None: ``LAMINA_REGISTRY_TIMEOUT``, 60)."""
+    retries: int = RETRIES
+    backoff: float | None = None
+    """The first wait before a retry, doubled each time (None: ``LAMINA_REGISTRY_BACKOFF``,
+    0.5 s)."""
+    docker_config: Path | None = None
+    """Docker's ``config.json`` (None: ``$DOCKER_CONFIG/config.json`` or ``~/.docker``)."""
+
+
+def parse_creds(text: str) -> tuple[str, str]:
+    """``USER:PASS`` as a pair; ``InvalidArgument`` without the colon or the user."""
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise errors.InvalidArgument("--creds: give USER:PASS")
+    return user, password
+
+
+def docker_credentials(domain: str, config: Path | None = None) -> tuple[str, str] | None:
+    """The credentials Docker keeps for ``domain`` (``docker login``'s ``auths``)."""
+    if config is None:
+        base = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
+        config = Path(base) / "config.json"
+    try:
+        doc = json.loads(config.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise errors.InvalidArgument(f"cannot read Docker's credentials: {e}",
+                                     path=str(config)) from None
+    auths = doc.get("auths") if isinstance(doc, dict) else None
+    if not isinstance(auths, dict):
+        return None
+    wanted = {domain}
+    if domain == "docker.io":
+        wanted |= {"index.docker.io", DOCKER_HUB, "index.docker.io/v1"}
+    for key, entry in auths.items():
+        host = re.sub(r"^[a-z]+://", "", str(key)).rstrip("/")
+        if host not in wanted or not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("auth"), str) and entry["auth"]:
+            try:
+                text = base64.b64decode(entry["auth"], validate=True).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise errors.InvalidArgument(f"Docker's credentials for {key}: 'auth' is not "
+                                             "base64 of USER:PASS", path=str(config)) from None
+            user, sep, password = text.partition(":")
+            if sep:
+                return user, password
+        if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
+            return entry["username"], entry["password"]
+    return None
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """A ``WWW-Authenticate`` header's scheme (lower case) and parameters."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+              .replace('\\"', '"') for m in _PARAM.finditer(rest)}
+    return scheme.lower(), params
+
+
+class Sink(Protocol):
+    """Where :meth:`Registry.fetch_blob` writes: a blob writer, or one that is watched."""
+
+    @property
+    def offset(self) -> int: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+def pull_scope(path: str) -> str:
+    return f"repository:{path}:pull"
+
+
+def push_scope(path: str) -> str:
+    return f"repository:{path}:pull,push"
+
+
+class Registry:
+    """The registry at ``domain`` (``host[:port]``; ``docker.io`` is Docker Hub)."""
+
+    def __init__(self, domain: str, options: Options | None = None, *, pool_size: int = 4) -> None:
+        self.options = options or Options()
+        self.domain = domain
+        self.host = DOCKER_HUB if domain == "docker.io" else domain
+        hostname = urllib.parse.urlsplit(f"//{self.host}").hostname or self.host
+        local = hostname in LOCAL_HOSTS or f"[{hostname}]" in LOCAL_HOSTS
+        self.scheme = "http" if (self.options.plain_http or local) else "https"
+        self.base = f"{self.scheme}://{self.host}"
+        self.creds = self.options.creds or docker_credentials(domain, self.options.docker_config)
+        timeout = self.options.timeout or _env_float("LAMINA_REGISTRY_TIMEOUT", 60.0)
+        self.backoff = self.options.backoff or _env_float("LAMINA_REGISTRY_BACKOFF", 0.5)
+        tls: dict[str, Any] = {}
+        if self.options.insecure:
+            tls = {"cert_reqs": "CERT_NONE", "assert_hostname": False}
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+        self.pool = urllib3.PoolManager(num_pools=8, maxsize=max(pool_size, 1), block=False,
+                                        retries=False,
+                                        timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                                        **tls)
+        self._lock = threading.Lock()
+        self._challenge: tuple[str, dict[str, str]] | None = None
+        self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
+
+    def close(self) -> None:
+        self.pool.clear()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _same_origin(self, url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        return parts.scheme == self.scheme and parts.netloc == self.host
+
+    def _attempt(self, method: str, url: str, headers: Mapping[str, str],
+                 body: bytes | None) -> BaseHTTPResponse:
+        """One request, tried again on connection errors, ``429`` and ``5xx``."""
+        for attempt in range(self.options.retries + 1):
+            last = attempt == self.options.retries
+            try:
+                resp = self.pool.request(method, url, headers=dict(headers), body=body,
+                                         preload_content=False, redirect=False,
+                                         decode_content=False, retries=False)
+            except urllib3.exceptions.HTTPError as e:
+                if last:
+                    raise errors.LaminaError(f"registry {self.domain}: {method} "
+                                             f"{_short(url)}: {_reason(e)} (tried "
+                                             f"{attempt + 1} times)") from None
+                time.sleep(self.backoff * 2 ** attempt)
+                continue
+            if resp.status in _RETRY_STATUS and not last:
+                delay = _retry_after(resp.headers.get("Retry-After"))
+                _discard(resp)
+                time.sleep(delay if delay is not None else self.backoff * 2 ** attempt)
+                continue
+            return resp
+        raise AssertionError("unreachable")
+
+    def request(self, method: str, path: str, scopes: Iterable[str], *,
+                headers: Mapping[str, str] | None = None, body: bytes | None = None,
+                ok: Iterable[int] = (200,), what: str = "") -> BaseHTTPResponse:
+        """``method`` on ``path`` (``/v2/…``, or a URL the registry gave), authenticated
+        for ``scopes``, redirects followed; the response (its body unread) when its
+        status is in ``ok``, else the error it means."""
+        scopes = tuple(sorted(set(scopes)))
+        url = path if "://" in path else self.base + path
+        ok = frozenset(ok)
+        challenged = False
+        for _hop in range(MAX_REDIRECTS + 1):
+            sent = dict(headers or {})
+            auth = self._authorization(scopes) if self._same_origin(url) else None
+            if auth is not None:
+                sent["Authorization"] = auth
+            resp = self._attempt(method, url, sent, body)
+            if resp.status in ok:
+                return resp
+            if resp.status == 401 and self._same_origin(url) and not challenged:
+                challenged = True
+                header = resp.headers.get("WWW-Authenticate", "")
+                _discard(resp)
+                self._answer(header, scopes, refused=auth is not None)
+                continue
+            if resp.status in _REDIRECT_STATUS and resp.headers.get("Location"):
+                url = urllib.parse.urljoin(url, resp.headers["Location"])
+                _discard(resp)
+                if resp.status == 303:
+                    method, body = "GET", None
+                continue
+            raise self._error(resp, method, url, what)
+        raise errors.LaminaError(f"registry {self.domain}: {what or _short(url)}: more than "
+                                 f"{MAX_REDIRECTS} redirects (a redirect loop?)")
+
+    def _error(self, resp: BaseHTTPResponse, method: str, url: str,
+               what: str) -> errors.LaminaError:
+        detail = _error_detail(resp)
+        subject = what or f"{method} {_short(url)}"
+        text = f"registry {self.domain}: {subject}: HTTP {resp.status}{detail}"
+        if resp.status in (401, 403):
+            return errors.Unauthorized(f"{text} (credentials refused"
+                                       f"{'' if self.creds else '; none given: --creds'})")
+        if resp.status == 404:
+            return errors.NotFound(text)
+        if resp.status in _REDIRECT_STATUS:
+            return errors.LaminaError(f"{text} (a redirect without a Location)")
+        return errors.LaminaError(text)
+
+    # -- auth -------------------------------------------------------------------------
+
+    def _authorization(self, scopes: tuple[str, ...]) -> str | None:
+        with self._lock:
+            challenge = self._challenge
+        if challenge is None:
+            return None
+        scheme, params = challenge
+        if scheme == "basic":
+            return _basic(self.creds) if self.creds else None
+        return f"Bearer {self._token(params, scopes)}"
+
+    def _answer(self, header: str, scopes: tuple[str, ...], *, refused: bool) -> None:
+        """Learn from a ``401``'s challenge; ``Unauthorized`` if it cannot be met."""
+        scheme, params = parse_challenge(header)
+        if scheme == "basic":
+            if not self.creds:
+                raise errors.Unauthorized(f"registry {self.domain}: authentication required "
+                                          "(give --creds USER:PASS or docker login)")
+            if refused:
+                raise errors.Unauthorized(f"registry {self.domain}: credentials for user "
+                                          f"{self.creds[0]!r} refused")
+        elif scheme == "bearer":
+            if not params.get("realm"):
+                raise errors.LaminaError(f"registry {self.domain}: a Bearer challenge "
+                                         "without a realm")
+            if refused:  # a token of ours turned down (expired early?): ask for another
+                with self._lock:
+                    self._tokens.pop(scopes, None)
+        else:
+            raise errors.Unauthorized(f"registry {self.domain}: HTTP 401 with no challenge "
+                                      f"lamina can answer ({header or 'none'!r})")
+        with self._lock:
+            self._challenge = (scheme, params)
+
+    def _token(self, params: dict[str, str], scopes: tuple[str, ...]) -> str:
+        with self._lock:
+            held = self._tokens.get(scopes)
+            if held is not None and held[1] > time.monotonic():
+                return held[0]
+        query = [("scope", s) for s in scopes]
+        if params.get("service"):
+            query.insert(0, ("service", params["service"]))
+        realm = params["realm"]
+        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
+        headers = {"Authorization": _basic(self.creds)} if self.creds else {}
+        resp = self._attempt("GET", url, headers, None)
+        try:
+            if resp.status in (401, 403):
+                who = f"user {self.creds[0]!r}" if self.creds else "anonymous access"
+                raise errors.Unauthorized(f"registry {self.domain}: the token service "
+                                          f"{_short(realm)} refused {who} (HTTP {resp.status})")
+            if resp.status != 200:
+                raise errors.LaminaError(f"registry {self.domain}: the token service "
+                                         f"{_short(realm)}: HTTP {resp.status}"
+                                         f"{_error_detail(resp)}")
+            doc = json.loads(_read_limited(resp, 1 << 20, "token"))
+        except ValueError:
+            raise errors.LaminaError(f"registry {self.domain}: the token service answered "
+                                     "no JSON") from None
+        finally:
+            _discard(resp)
+        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+        if not isinstance(token, str) or not token:
+            raise errors.LaminaError(f"registry {self.domain}: the token service gave no token")
+        expires = doc.get("expires_in")
+        life = float(expires) if isinstance(expires, int | float) and expires > 0 else 60.0
+        with self._lock:
+            # Kept a little less than its life: a token must not expire on its way.
+            self._tokens[scopes] = (token, time.monotonic() + max(life - 10, life / 2))
+        return token
+
+    # -- manifests --------------------------------------------------------------------
+
+    def get_manifest(self, path: str, ref: str) -> tuple[bytes, str, str]:
+        """The manifest or index ``ref`` (a tag or a digest) names: its bytes, media type
+        and digest, checked against ``Docker-Content-Digest`` and, for a digest, against
+        the bytes (``Corrupt``)."""
+        what = f"manifest {path}{'@' if ref.startswith('sha256:') else ':'}{ref}"
+        resp = self.request("GET", f"/v2/{path}/manifests/{ref}", [pull_scope(path)],
+                            headers={"Accept": MANIFEST_ACCEPT}, what=what)
+        try:
+            data = _read_limited(resp, spec.MAX_DOCUMENT, what)
+        finally:
+            _discard(resp)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        said = resp.headers.get("Docker-Content-Digest")
+        if said and said != digest:
+            raise errors.Corrupt(f"registry {self.domain}: {what}: its bytes hash to "
+                                 f"{digest}, the registry says {said}")
+        if ref.startswith("sha256:") and digest != ref:
+            raise errors.Corrupt(f"registry {self.domain}: {what}: its bytes hash to {digest}")
+        media = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        if media in spec.DOCKER_SCHEMA1:
+            raise errors.InvalidArgument(f"registry {self.domain}: {what}: Docker schema 1 "
+                                         "manifests are not supported")
+        if media not in spec.MANIFESTS | spec.INDEXES:
+            media = spec.sniff_media_type(data, what)
+        return data, media, digest
+
+    def put_manifest(self, path: str, ref: str, data: bytes, media_type: str) -> str:
+        """Upload a manifest under ``ref``; the digest the registry gives it."""
+        what = f"manifest {path}:{ref}"
+        resp = self.request("PUT", f"/v2/{path}/manifests/{ref}", [push_scope(path)],
+                            headers={"Content-Type": media_type}, body=data, ok=(200, 201),
+                            what=what)
+        _discard(resp)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        said = resp.headers.get("Docker-Content-Digest")
+        if said and said != digest:
+            raise errors.Corrupt(f"registry {self.domain}: {what}: stored as {said}, its "
+                                 f"bytes are {digest}")
+        return digest
+
+    # -- blobs ------------------------------------------------------------------------
+
+    def blob_bytes(self, path: str, desc: spec.Descriptor, limit: int) -> bytes:
+        """A small blob (a config), verified."""
+        what = f"blob {desc.digest}"
+        if desc.size > limit:
+            raise errors.Corrupt(f"registry {self.domain}: {what}: {desc.size} bytes, over "
+                                 f"the {limit >> 20} MiB a document may have")
+        resp = self.request("GET", f"/v2/{path}/blobs/{desc.digest}", [pull_scope(path)],
+                            headers={"Accept-Encoding": "identity"}, what=what)
+        try:
+            data = _read_limited(resp, limit, what)
+        finally:
+            _discard(resp)
+        got = "sha256:" + hashlib.sha256(data).hexdigest()
+        if got != desc.digest or len(data) != desc.size:
+            raise errors.Corrupt(f"registry {self.domain}: {what}: its {len(data)} bytes "
+                                 f"hash to {got}")
+        return data
+
+    def fetch_blob(self, path: str, desc: spec.Descriptor, sink: Sink,
+                   cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Write blob ``desc`` into ``sink`` (which checks it), from ``sink.offset`` on: a
+        broken connection is taken up again with ``Range`` (at most
+        :data:`MAX_RESUMES` times); a server that sends the whole blob again has what
+        the sink holds skipped."""
+        what = f"blob {desc.digest}"
+        resumes = 0
+        while True:
+            start = sink.offset
+            if start >= desc.size:
+                return
+            headers = {"Accept-Encoding": "identity"}
+            if start:
+                headers["Range"] = f"bytes={start}-"
+            resp = self.request("GET", f"/v2/{path}/blobs/{desc.digest}", [pull_scope(path)],
+                                headers=headers, ok=(200, 206), what=what)
+            try:
+                skip = start
+                if resp.status == 206:
+                    skip = start - _range_start(resp.headers.get("Content-Range", ""), start)
+                while True:
+                    if cancelled():
+                        raise errors.LaminaError(f"{what}: download cancelled")
+                    chunk = resp.read(CHUNK, decode_content=False)
+                    if not chunk:
+                        break
+                    if skip:
+                        drop = min(skip, len(chunk))
+                        chunk, skip = chunk[drop:], skip - drop
+                        if not chunk:
+                            continue
+                    sink.write(chunk)
+                if sink.offset >= desc.size:
+                    return
+                failure = f"the stream ended at {sink.offset} of {desc.size} bytes"
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                failure = _reason(e)
+            finally:
+                _discard(resp)
+            resumes += 1
+            if resumes > MAX_RESUMES:
+                raise errors.LaminaError(f"registry {self.domain}: {what}: {failure} (taken "
+                                         f"up again {MAX_RESUMES} times)")
+            time.sleep(self.backoff * 2 ** min(resumes - 1, 4))
+
+    def blob_exists(self, path: str, digest: str) -> bool:
+        resp = self.request("HEAD", f"/v2/{path}/blobs/{digest}", [push_scope(path)],
+                            ok=(200, 404), what=f"blob {digest}")
+        _discard(resp)
+        return resp.status == 200
+
+    def start_upload(self, path: str, scopes: list[str], *, mount: str | None = None,
+                     source: str | None = None) -> tuple[bool, str]:
+        """Open an upload (``POST``), or mount ``mount`` from repository ``source``: (True,
+        "") when the registry mounted it, else (False, the upload's location)."""
+        query = ""
+        if mount is not None and source is not None:
+            query = "?" + urllib.parse.urlencode({"mount": mount, "from": source})
+        resp = self.request("POST", f"/v2/{path}/blobs/uploads/{query}", scopes,
+                            headers={"Content-Length": "0"}, body=b"", ok=(201, 202),
+                            what=f"upload to {path}")
+        _discard(resp)
+        if resp.status == 201 and mount is not None:
+            return True, ""
+        location = resp.headers.get("Location")
+        if not location:
+            raise errors.LaminaError(f"registry {self.domain}: an upload without a Location")
+        return False, urllib.parse.urljoin(self.base + "/", location)
+
+    def upload_chunk(self, location: str, path: str, data: bytes, start: int) -> str:
+        """``PATCH`` bytes ``start…`` of a chunked upload; the next location."""
+        resp = self.request("PATCH", location, [push_scope(path)], body=data, ok=(202,),
+                            headers={"Content-Type": "application/octet-stream",
+                                     "Content-Range": f"{start}-{start + len(data) - 1}",
+                                     "Content-Length": str(len(data))},
+                            what=f"upload to {path}")
+        _discard(resp)
+        return urllib.parse.urljoin(location, resp.headers.get("Location") or location)
+
+    def finish_upload(self, location: str, path: str, digest: str, data: bytes = b"") -> None:
+        """``PUT ?digest=`` closing an upload (with the whole blob: a monolithic one)."""
+        url = location + ("&" if "?" in location else "?") + urllib.parse.urlencode(
+            {"digest": digest})
+        resp = self.request("PUT", url, [push_scope(path)], body=data, ok=(201, 204),
+                            headers={"Content-Type": "application/octet-stream",
+                                     "Content-Length": str(len(data))},
+                            what=f"blob {digest} to {path}")
+        _discard(resp)
+
+
+def _basic(creds: tuple[str, str] | None) -> str:
+    assert creds is not None
+    return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+
+
+def _short(url: str) -> str:
+    """A URL without its query (upload states and signed URLs are long and secret)."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.netloc else parts.path
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, urllib3.exceptions.ReadTimeoutError | urllib3.exceptions.ConnectTimeoutError):
+        return "timed out"
+    if isinstance(e, urllib3.exceptions.NewConnectionError):
+        return "cannot connect"
+    if isinstance(e, urllib3.exceptions.SSLError):
+        return f"TLS: {e} (--insecure to skip verification)"
+    if isinstance(e, urllib3.exceptions.ProtocolError):
+        return "the connection broke"
+    return str(e) or type(e).__name__
+
+
+def _discard(resp: BaseHTTPResponse) -> None:
+    """Give the connection back (read what little is left, else close it)."""
+    with contextlib.suppress(Exception):
+        length = resp.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) <= 1 << 16:
+            resp.drain_conn()
+        else:
+            resp.close()
+        resp.release_conn()
+
+
+def _read_limited(resp: BaseHTTPResponse, limit: int, what: str) -> bytes:
+    length = resp.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise errors.Corrupt(f"{what}: {int(length)} bytes, over the {limit >> 20} MiB a "
+                             "document may have")
+    parts: list[bytes] = []
+    total = 0
+    try:
+        while chunk := resp.read(CHUNK, decode_content=True):
+            total += len(chunk)
+            if total > limit:
+                raise errors.Corrupt(f"{what}: over the {limit >> 20} MiB a document may have")
+            parts.append(chunk)
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        raise errors.LaminaError(f"{what}: {_reason(e)}") from None
+    return b"".join(parts)
+
+
+def _error_detail(resp: BaseHTTPResponse) -> str:
+    """The registry's own words (``{"errors": [{"code", "message"}]}``), as ``: …``."""
+    try:
+        doc = json.loads(resp.read(1 << 16, decode_content=True) or b"null")
+    except Exception:
+        return ""
+    found = doc.get("errors") if isinstance(doc, dict) else None
+    if not isinstance(found, list):
+        return ""
+    words = [f"{e.get('code', '')} {e.get('message', '')}".strip() for e in found
+             if isinstance(e, dict)]
+    return f" ({'; '.join(w for w in words if w)})" if any(words) else ""
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value.strip() else None
+        if when is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def _range_start(header: str, wanted: int) -> int:
+    """The first byte of a ``206``'s ``Content-Range: bytes A-B/N`` (a server may start
+    before what was asked, never after)."""
+    m = re.match(r"bytes\s+(\d+)-\d+/(?:\d+|\*)", header)
+    start = int(m.group(1)) if m else -1
+    if not m or start > wanted:
+        raise errors.LaminaError(f"a partial blob without a usable Content-Range "
+                                 f"({header!r})")
+    return start
