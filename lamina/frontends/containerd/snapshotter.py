@@ -111,7 +111,17 @@ class Snapshotter:
         return rec
 
     def _layer_with_chain(self, chain: str, parent: LayerId | None) -> LayerId | None:
-        """A read-only layer of the store with chain id ``chain`` on layer ``parent``."""
+        """A read-only layer of the store with chain id ``chain`` on layer ``parent``:
+        the image store's, named by the chain id itself, first (no walk), else any."""
+        named = LayerId(chain.removeprefix("sha256:"))
+        if re.fullmatch(r"sha256:[0-9a-f]{64}", chain) and self.store.exists(named):
+            try:
+                meta = self.store.meta(named)
+            except errors.LaminaError:
+                meta = None
+            if (meta is not None and meta.fields.get("chain_id") == chain and not meta.rw
+                    and meta.parent == parent):
+                return named
         for lid in self.store.ids():
             try:
                 meta = self.store.meta(lid)
