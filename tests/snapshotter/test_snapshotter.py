@@ -295,3 +295,26 @@ def test_filter_slash_must_be_quoted() -> None:
     assert f.matches(filters.snapshot_fields("/a/b", "", "view", {}))
     assert filters.parse_all(["name~=/a.b/"]).matches(filters.snapshot_fields("xa/b", "", "", {}))
 
+
+
+def test_image_layers_are_found_by_chain_id(served: Served) -> None:
+    """``lamina image load`` names its layers by chain id: containerd's remote protocol
+    finds them; ``image rm`` leaves them while snapshots use them."""
+    from lamina.image import load
+    from lamina.image.store import ImageStore, chain_ids, layer_id
+    from tests.image import build
+
+    img = build.image(build.BASE, build.APP)
+    store = ImageStore(served.drv)
+    load.load(store, stream=io.BytesIO(build.docker_save([img])))
+    c1, c2 = chain_ids(build.sha(x) for x in img.layers)
+    for key, parent, chain in (("ns/1/extract-1 " + c1, "", c1), ("ns/2/extract-2 " + c2, c1, c2)):
+        with pytest.raises(grpc.RpcError) as e:
+            served.prepare(key, parent, **{REF_LABEL: chain})
+        assert code(e) == grpc.StatusCode.ALREADY_EXISTS
+    assert sorted(served.drv.layers()) == sorted([layer_id(c1), layer_id(c2)])
+    store.remove("test/app:1")
+    assert sorted(served.drv.layers()) == sorted([layer_id(c1), layer_id(c2)])
+    served.stub.Remove(pb.RemoveSnapshotRequest(key=c2))
+    served.stub.Remove(pb.RemoveSnapshotRequest(key=c1))
+    assert list(served.drv.layers()) == []
