@@ -26,6 +26,7 @@ import lamina
 import lamina.progress
 from lamina import errors
 from lamina.driver import Driver
+from lamina.frontends import image_cli
 from lamina.frontends.output import (
     CHUNK,
     Result,
@@ -431,8 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the unix socket (default: /run/lamina/snapshotter.sock)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every call")
 
-    from lamina.frontends import image_cli
-
     image_cli.add_commands(sub, json_flag)
 
     # serve opens its store itself (when Docker calls Init): main() runs it apart.
@@ -448,8 +447,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """What makes a parsed command line unusable, checked before the store is opened."""
     if args.command == "image":
-        from lamina.frontends import image_cli
-
         return image_cli.usage_problem(args)
     if args.command == "create" and args.mount_label and not args.rw:
         return "create: --mount-label needs --rw"
@@ -553,14 +550,6 @@ def _os_message(e: OSError) -> str:
     return text
 
 
-def _recover_images(drv: Driver) -> None:
-    """Sweep what an image load that died left (no image names it): only when one did."""
-    if (drv.home / "image" / "dirty").exists():
-        from lamina.image.store import ImageStore
-
-        ImageStore(drv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lamina`` with ``argv`` (default: the process's arguments); return the exit status."""
     _open_std_streams()
@@ -583,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.home is None:
             args.home = default_home()
         with lamina.open_driver(args.home, backend=args.backend, options=args.driver_opts) as drv:
-            _recover_images(drv)
+            image_cli.recover(drv)
             result: Result = args.func(drv, args)
         if args.json:
             _emit(json.dumps(result.doc))

@@ -29,8 +29,7 @@ def _store(drv: Driver) -> Any:
 
 
 @contextlib.contextmanager
-def _bar(enabled: bool, label: str, total: int | None) -> Iterator[Callable[[int, int | None],
-                                                                            None] | None]:
+def _bar(enabled: bool, label: str, total: int | None) -> Iterator[Any]:
     """A progress bar on standard error; yields ``advance(nbytes, total)`` (None: off)."""
     if not enabled:
         yield None
@@ -47,16 +46,25 @@ def _bar(enabled: bool, label: str, total: int | None) -> Iterator[Callable[[int
     )
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  TransferSpeedColumn(), TextColumn("{task.fields[layers]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
+        task = bar.add_task(label, total=total, layers="")
 
-        def advance(n: int, new_total: int | None) -> None:
+        def advance(n: int, new_total: int | None, layers: str | None = None) -> None:
             if new_total is not None:
                 bar.update(task, total=new_total)
+            if layers is not None:
+                bar.update(task, layers=layers)
             bar.update(task, advance=n)
 
         yield advance
+
+
+def recover(drv: Driver) -> None:
+    """Sweep what an image load that died left (no image names it): only when one did."""
+    if (drv.home / "image" / "dirty").exists():
+        _store(drv)
 
 
 def _file_size(path: str) -> int | None:
@@ -82,8 +90,19 @@ def cmd_load(drv: Driver, args: argparse.Namespace) -> Result:
     with _bar(args.show_progress, "load", 2 * size if size else None) as advance:
         progress = None
         if advance is not None:
+            done = {"read": 0, "layer-done": 0, "plan": 0}
+
             def progress(what: str, n: int) -> None:
-                advance(n, None)
+                if what == "plan":  # the layers' bytes are known now: the true total
+                    done["plan"] = n
+                    advance(0, done["read"] + n, "0 layers")
+                elif what == "layer-done":
+                    done["layer-done"] += 1
+                    advance(0, None, f"{done['layer-done']} layers")
+                else:
+                    if what == "read":
+                        done["read"] += n
+                    advance(n, None)
         if args.file == "-":
             loaded = load.load(store, stream=sys.stdin.buffer, progress=progress)
         else:

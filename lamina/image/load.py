@@ -44,8 +44,9 @@ MAX_MEMBERS = 1 << 16
 MAX_LINK_DEPTH = 8
 
 Progress = Callable[[str, int], None]
-"""Called with ("read", bytes) as the archive is read and ("layer", bytes) as layers
-are applied."""
+"""Called with ("read", bytes) as the archive is read, ("plan", bytes) once the layers
+to apply are known (their blobs' total), ("layer", bytes) as they are applied and
+("layer-done", 1) after each."""
 
 
 @dataclass
@@ -376,6 +377,8 @@ def apply_layers(store: ImageStore, img: Image,
             reused += 1
             if progress is not None:
                 progress("layer", layer.size)
+        if progress is not None:
+            progress("layer-done", 1)
         parent = chain
     return applied, reused
 
@@ -461,6 +464,8 @@ def _load(store: ImageStore, path: str | None, stream: BinaryIO | None,
                                              path=path)
             found = _layouts(src, index, classic_doc)
             images = [_image_of(store, src, f, f"image {i}") for i, f in enumerate(found)]
+        if progress is not None:
+            progress("plan", sum(d.size for img in images for d in img.manifest.layers))
         results = []
         for f, img in zip(found, images, strict=True):
             applied, reused = apply_layers(store, img, progress)
