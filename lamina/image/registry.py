@@ -255,10 +255,13 @@ class Registry:
             resp = self._attempt(method, url, sent, body)
             if resp.status in ok:
                 return resp
-            if resp.status == 401 and self._same_origin(url) and not challenged:
-                challenged = True
+            if resp.status == 401 and self._same_origin(url):
                 header = resp.headers.get("WWW-Authenticate", "")
+                detail = _error_detail(resp)
                 _discard(resp)
+                if challenged:  # answered once already: these credentials will not do
+                    raise self._refused(header, scopes, detail)
+                challenged = True
                 self._answer(header, scopes, refused=auth is not None)
                 continue
             if resp.status in _REDIRECT_STATUS and resp.headers.get("Location"):
@@ -297,6 +300,15 @@ class Registry:
             return _basic(self.creds) if self.creds else None
         return f"Bearer {self._token(params, scopes)}"
 
+    def _refused(self, header: str, scopes: tuple[str, ...], detail: str) -> errors.Unauthorized:
+        scheme, _ = parse_challenge(header)
+        who = f"user {self.creds[0]!r}" if self.creds else "anonymous access (no --creds)"
+        if scheme == "basic":
+            return errors.Unauthorized(f"registry {self.domain}: credentials of {who} "
+                                       f"refused{detail}")
+        return errors.Unauthorized(f"registry {self.domain}: {' '.join(scopes)} refused to "
+                                   f"{who}{detail}")
+
     def _answer(self, header: str, scopes: tuple[str, ...], *, refused: bool) -> None:
         """Learn from a ``401``'s challenge; ``Unauthorized`` if it cannot be met."""
         scheme, params = parse_challenge(header)
@@ -305,8 +317,7 @@ class Registry:
                 raise errors.Unauthorized(f"registry {self.domain}: authentication required "
                                           "(give --creds USER:PASS or docker login)")
             if refused:
-                raise errors.Unauthorized(f"registry {self.domain}: credentials for user "
-                                          f"{self.creds[0]!r} refused")
+                raise self._refused(header, scopes, "")
         elif scheme == "bearer":
             if not params.get("realm"):
                 raise errors.LaminaError(f"registry {self.domain}: a Bearer challenge "
