@@ -17,7 +17,14 @@ from typing import Any, BinaryIO
 
 from lamina import errors
 from lamina.driver import Driver
-from lamina.frontends.output import Result, _columns, _output_file, _printable, human_size
+from lamina.frontends.output import (
+    Result,
+    _columns,
+    _one_line,
+    _output_file,
+    _printable,
+    human_size,
+)
 
 Command = Callable[[Driver, argparse.Namespace], Result]
 
@@ -176,7 +183,8 @@ def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
     store = _store(drv)
     rows: list[dict[str, Any]] = []
     table = [["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"]]
-    for img in store.images():
+    damaged: list[str] = []
+    for img in store.images(damaged):
         size = _size(drv, img)
         for name in img.names or [None]:
             ref = reference.parse(name) if name else None
@@ -186,7 +194,11 @@ def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
             table.append([_printable(ref.familiar_repository) if ref else "<none>",
                           (ref.tag or "<none>") if ref else "<none>", img.id[7:19],
                           _created(img)[:19].replace("T", " ") or "-", human_size(size)])
-    return Result({"images": rows}, _columns(table))
+    broken = [f"broken: {_printable(_one_line(d))}" for d in damaged]
+    doc: dict[str, Any] = {"images": rows}
+    if damaged:
+        doc["broken"] = damaged
+    return Result(doc, _columns(table) + broken)
 
 
 def inspect_doc(drv: Driver, img: Any) -> dict[str, Any]:

@@ -163,31 +163,39 @@ class ImageStore:
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._dirty)
-            blobs, layers = self._live()
+            self.content.sweep()
+            live = self._live()
+            if live is None:
+                return [], []  # a damaged name or image: sweep nothing it might need
+            blobs, layers = live
             gone_blobs = [d for d in self.content.digests() if d not in blobs]
             for d in gone_blobs:
                 self.content.delete(d)
-            self.content.sweep()
             gone_layers = self._collect_layers(layers)
             return gone_blobs, gone_layers
         finally:
             lock.release()
 
-    def _live(self) -> tuple[set[str], set[LayerId]]:
+    def _live(self) -> tuple[set[str], set[LayerId]] | None:
+        """The blobs and layers some image name reaches; None when a name or an image
+        cannot be read (damaged, or tampered with: ``image ls`` says which)."""
         blobs: set[str] = set()
         layers: set[LayerId] = set()
-        for rec in self._records():
+        damaged: list[str] = []
+        for rec in self._records(damaged):
             desc = rec["target"]
             blobs.add(desc.digest)
             try:
                 img = self._image(desc)
             except errors.LaminaError as e:
-                log.warning("lamina: image %s: %s", rec["name"] or desc.digest, e)
+                damaged.append(f"image {rec['name'] or desc.digest}: {e}")
                 continue
             blobs.add(img.manifest.config.digest)
             blobs.update(d.digest for d in img.manifest.layers)
             layers.update(layer_id(c) for c in img.chains)
-        return blobs, layers
+        for why in damaged:
+            log.warning("lamina: %s (nothing is swept while it is so)", why)
+        return None if damaged else (blobs, layers)
 
     def _collect_layers(self, live: set[LayerId]) -> list[LayerId]:
         """Remove the layers named by their chain id that no image uses, top first."""
@@ -213,11 +221,16 @@ class ImageStore:
 
     # -- names ----------------------------------------------------------------------
 
-    def _records(self) -> Iterator[dict[str, Any]]:
+    def _records(self, damaged: list[str]) -> Iterator[dict[str, Any]]:
+        """Every name's record; those that cannot be read are said in ``damaged``."""
         for entry in sorted(os.listdir(self.refs_dir)):
             if not entry.endswith(".json"):
                 continue
-            rec = self._read_record(self.refs_dir / entry)
+            try:
+                rec = self._read_record(self.refs_dir / entry)
+            except errors.Corrupt as e:
+                damaged.append(str(e))
+                continue
             if rec is not None:
                 yield rec
 
@@ -275,14 +288,24 @@ class ImageStore:
                                  f"{len(cfg.diff_ids)} diff ids")
         return Image(desc, manifest, cfg)
 
-    def images(self) -> list[Image]:
-        """Every image, with its names (an unnamed one has none)."""
+    def images(self, damaged: list[str] | None = None) -> list[Image]:
+        """Every image, with its names (an unnamed one has none); names and images that
+        cannot be read are left out and said in ``damaged``."""
+        damaged = [] if damaged is None else damaged
         by_digest: dict[str, Image] = {}
-        for rec in self._records():
+        broken: set[str] = set()
+        for rec in self._records(damaged):
             desc = rec["target"]
+            if desc.digest in broken:
+                continue
             img = by_digest.get(desc.digest)
             if img is None:
-                img = by_digest[desc.digest] = self._image(desc)
+                try:
+                    img = by_digest[desc.digest] = self._image(desc)
+                except errors.LaminaError as e:
+                    damaged.append(f"image {rec['name'] or desc.digest}: {e}")
+                    broken.add(desc.digest)
+                    continue
                 img.created = rec["created"]
             if rec["name"] is not None:
                 img.names.append(rec["name"])

@@ -361,3 +361,19 @@ def test_tampered_blob_in_the_store_is_caught_on_save(driver: lamina.Driver) -> 
     path.write_bytes(_flip(path.read_bytes()))
     with pytest.raises(errors.Corrupt, match="hash"):
         save.save(store, ["test/app:1"], io.BytesIO())
+
+
+def test_a_damaged_name_hides_one_image_and_stops_the_sweep(driver: lamina.Driver) -> None:
+    store = store_of(driver)
+    a = build.image(BASE, APP, tag="test/a:1")
+    b = build.image(BASE, [tb.file("other", b"x")], tag="test/b:1")
+    load_bytes(store, build.docker_save([a, b]))
+    [record] = [p for p in store.refs_dir.iterdir()
+                if json.loads(p.read_bytes())["name"] == "docker.io/test/a:1"]
+    record.write_bytes(b"{not json")
+    damaged: list[str] = []
+    assert [i.names for i in store.images(damaged)] == [["docker.io/test/b:1"]]
+    assert len(damaged) == 1 and str(record) in damaged[0]
+    blobs = store.content.digests()
+    assert store.collect() == ([], [])  # a's blobs and layers may still be wanted
+    assert store.content.digests() == blobs and len(list(driver.layers())) == 3
