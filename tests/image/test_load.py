@@ -377,3 +377,19 @@ def test_a_damaged_name_hides_one_image_and_stops_the_sweep(driver: lamina.Drive
     blobs = store.content.digests()
     assert store.collect() == ([], [])  # a's blobs and layers may still be wanted
     assert store.content.digests() == blobs and len(list(driver.layers())) == 3
+
+
+def test_unpacked_docker_save_directory(driver: lamina.Driver, tmp_path: Path) -> None:
+    img = build.image(BASE, APP)
+    root = tmp_path / "unpacked"
+    root.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(build.docker_save([img]))) as tar:
+        tar.extractall(root, filter="data")
+    [got] = load.load(store_of(driver), path=str(root))
+    assert got.image.id == img.id and got.names == ["docker.io/test/app:1"]
+    os.symlink("/etc/passwd", root / "escape")
+    doc = json.loads((root / "manifest.json").read_bytes())
+    doc[0]["Layers"][0] = "escape"
+    (root / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(errors.UnsafeArchive, match="outside"):
+        load.load(store_of(driver), path=str(root))
