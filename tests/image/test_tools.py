@@ -13,9 +13,10 @@ saved file is what the tools must take:
   to what ``docker export`` wrote (``app-flat.tar``), as ``image mount`` does.
 
 And the input formats give one image: the classic archive, the OCI layout skopeo made
-of the same image (``app-oci/``, gzip layers; as a directory and as a tar) and lamina's
-own saved file (Docker ≥ 25's layout), each loaded into a fresh home, have the same
-diff ids and the same union tree; the saved file reloaded has the original's id.
+of the same image (``app-oci/``, gzip layers; as a directory, and as a tar on standard
+input) and lamina's own saved file (Docker ≥ 25's layout), each loaded into a fresh
+home, have the same diff ids and the same union tree; the saved file reloaded has the
+original's id.
 
 The saved file is loaded on vfs (its union is also compared with docker export there),
 the others on overlay.  The module's fixtures are shared: one load, one save, one engine.
@@ -24,6 +25,8 @@ the others on overlay.  The module's fixtures are shared: one load, one save, on
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,14 +39,13 @@ from tests.image.tools import (
     DockerSave,
     ImageCli,
     OciLayout,
-    Trash,
     docker_save,
     image_id,
     oci_layout,
     overlay2_engine,
-    run_tool,
     sha256_file,
     skopeo,
+    tmpfs,
     umoci,
     untar,
 )
@@ -64,7 +66,6 @@ class Loaded:
     cli: ImageCli
     load: dict[str, Any]
     original: DockerSave
-    work: Path
 
     def mounted_tree(self, ref: str) -> dict[str, Node]:
         """:func:`snapshot` of ``image mount REF``'s path (unmounted after)."""
@@ -80,21 +81,13 @@ def fresh_home(work: Path, name: str, backend: str = "overlay") -> ImageCli:
 
 
 @pytest.fixture(scope="module")
-def trash() -> Iterator[Trash]:
-    bin = Trash()
-    try:
-        yield bin
-    finally:
-        bin.empty()
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory, trash: Trash) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("image-tools")
-    try:
+def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every tree the module makes, homes and the tools' output, on a tmpfs: on this
+    disk, removing the module's trees (homes of 7,000 files, the tools' never-synced
+    output waiting for its writeback) took 20-30 s of a 2-minute run.  lamina on a real
+    disk is the other suites' business; this one is about what the tools accept."""
+    with tmpfs(tmp_path_factory.mktemp("image-tools") / "tmpfs", size="6g") as path:
         yield path
-    finally:
-        trash.throw(path)
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +99,13 @@ def original(corpus_dir: Path) -> DockerSave:
 def loaded(work: Path, corpus_dir: Path, original: DockerSave) -> Loaded:
     cli = fresh_home(work, "loaded")
     doc = cli.image_json("load", str(corpus_dir / "app-docker-save.tar"))
-    return Loaded(cli, doc, original, work)
+    return Loaded(cli, doc, original)
 
 
 @pytest.fixture(scope="module")
-def saved(loaded: Loaded) -> Path:
+def saved(loaded: Loaded, work: Path) -> Path:
     """``image save -o out.tar corpus/app:1`` of the loaded image."""
-    out = loaded.work / "out.tar"
+    out = work / "out.tar"
     assert loaded.cli.image("save", "-o", str(out), IMAGE) == ""
     return out
 
@@ -188,8 +181,8 @@ def test_saved_layout(layout: OciLayout, loaded: Loaded) -> None:
 
 
 def test_docker_loads_the_saved_file(saved: Path, corpus_dir: Path, loaded: Loaded,
-                                     trash: Trash) -> None:
-    with overlay2_engine(trash) as dockerd:
+                                     work: Path) -> None:
+    with overlay2_engine(work / "docker") as dockerd:
         # First on a fresh engine, so that no layer of it is there already.
         out = dockerd.docker("load", "-i", str(saved)).stdout
         assert f"Loaded image: {IMAGE}" in out
@@ -206,38 +199,33 @@ def test_docker_loads_the_saved_file(saved: Path, corpus_dir: Path, loaded: Load
 
 
 def test_skopeo_copies_the_docker_archive(saved: Path, work: Path, layout: OciLayout,
-                                          loaded: Loaded, trash: Trash) -> None:
+                                          loaded: Loaded) -> None:
     dest = work / "skopeo-oci"
     # (skopeo would gzip the layers on the way to oci:, 7 s here, without the option)
     skopeo("copy", "--quiet", "--dest-oci-accept-uncompressed-layers",
            f"docker-archive:{saved}", f"oci:{dest}:x")
-    try:
-        copied = oci_layout(dest)
-        entry = copied.index["manifests"][0]
-        assert entry["annotations"]["org.opencontainers.image.ref.name"] == "x"
-        # skopeo writes a config of its own, with lamina's diff ids, and the layers as
-        # they are
-        config = json.loads(copied.blob(copied.manifest["config"]["digest"]).read_bytes())
-        assert config["rootfs"]["diff_ids"] == loaded.cli.inspect(IMAGE)["RootFS"]["Layers"]
-        assert copied.layer_digests == layout.layer_digests
-        for digest in copied.layer_digests:
-            assert sha256_file(copied.blob(digest)) == digest
-    finally:
-        trash.throw(dest)
+    copied = oci_layout(dest)
+    entry = copied.index["manifests"][0]
+    assert entry["annotations"]["org.opencontainers.image.ref.name"] == "x"
+    # skopeo writes a config of its own, with lamina's diff ids, and the layers as
+    # they are
+    config = json.loads(copied.blob(copied.manifest["config"]["digest"]).read_bytes())
+    assert config["rootfs"]["diff_ids"] == loaded.cli.inspect(IMAGE)["RootFS"]["Layers"]
+    assert copied.layer_digests == layout.layer_digests
+    for digest in copied.layer_digests:
+        assert sha256_file(copied.blob(digest)) == digest
+    shutil.rmtree(dest)
 
 
-def test_skopeo_copies_the_oci_archive(saved: Path, work: Path, layout: OciLayout,
-                                       trash: Trash) -> None:
+def test_skopeo_copies_the_oci_archive(saved: Path, work: Path, layout: OciLayout) -> None:
     dest = work / "skopeo-dir"
     skopeo("copy", "--quiet", f"oci-archive:{saved}", f"dir:{dest}")
-    try:
-        # dir: keeps the blobs as they are: lamina's manifest, config and layers
-        copied = json.loads((dest / "manifest.json").read_bytes())
-        assert copied == layout.manifest
-        for digest in [*layout.layer_digests, layout.manifest["config"]["digest"]]:
-            assert sha256_file(dest / digest.removeprefix("sha256:")) == digest
-    finally:
-        trash.throw(dest)
+    # dir: keeps the blobs as they are: lamina's manifest, config and layers
+    copied = json.loads((dest / "manifest.json").read_bytes())
+    assert copied == layout.manifest
+    for digest in [*layout.layer_digests, layout.manifest["config"]["digest"]]:
+        assert sha256_file(dest / digest.removeprefix("sha256:")) == digest
+    shutil.rmtree(dest)
 
 
 @pytest.mark.parametrize("transport", ["docker-archive", "oci-archive"])
@@ -252,14 +240,12 @@ def test_skopeo_inspect_of_the_saved_file(transport: str, saved: Path, layout: O
 # --- umoci and image mount ------------------------------------------------------------------
 
 
-def test_umoci_unpacks_the_saved_layout(layout: OciLayout, work: Path, corpus_dir: Path,
-                                       trash: Trash) -> None:
+def test_umoci_unpacks_the_saved_layout(layout: OciLayout, work: Path,
+                                       corpus_dir: Path) -> None:
     bundle = work / "bundle"
     umoci("unpack", "--image", f"{layout.root}:{TAG}", str(bundle))
-    try:
-        assert_is_docker_export(bundle / "rootfs", corpus_dir)
-    finally:
-        trash.throw(bundle)
+    assert_is_docker_export(bundle / "rootfs", corpus_dir)
+    shutil.rmtree(bundle)
 
 
 def test_image_mount_is_docker_export(loaded: Loaded, corpus_dir: Path) -> None:
@@ -273,27 +259,27 @@ def test_image_mount_is_docker_export(loaded: Loaded, corpus_dir: Path) -> None:
 # --- three input formats, one image -------------------------------------------------------
 
 
-def oci_tar(corpus_dir: Path, work: Path) -> Path:
-    """``tar -C app-oci -cf app-oci.tar .``: the OCI layout as a tar."""
-    path = work / "app-oci.tar"
-    if not path.exists():
-        run_tool("tar", "-C", str(corpus_dir / "app-oci"), "-cf", str(path), ".")
-    return path
+def oci_tar(corpus_dir: Path) -> bytes:
+    """``tar -C app-oci -cf - .``: the OCI layout as a tar, for ``image load -``."""
+    proc = subprocess.run(["tar", "-C", str(corpus_dir / "app-oci"), "-cf", "-", "."],
+                          capture_output=True, check=True)
+    return proc.stdout
 
 
 @pytest.mark.parametrize(("source", "on"), [
-    ("app-oci", "overlay"), ("app-oci.tar", "overlay"), ("saved", "vfs")])
+    ("app-oci", "overlay"), ("app-oci.tar on stdin", "overlay"), ("saved", "vfs")])
 def test_formats_give_one_image(source: str, on: str, loaded: Loaded,
                                 original_tree: dict[str, Node], corpus_dir: Path, work: Path,
-                                trash: Trash, request: pytest.FixtureRequest) -> None:
+                                request: pytest.FixtureRequest) -> None:
+    stdin: bytes | None = None
     if source == "app-oci":
-        path = corpus_dir / "app-oci"
-    elif source == "app-oci.tar":
-        path = oci_tar(corpus_dir, work)
+        arg = str(corpus_dir / "app-oci")
+    elif source == "app-oci.tar on stdin":
+        arg, stdin = "-", oci_tar(corpus_dir)
     else:
-        path = request.getfixturevalue("saved")
-    cli = fresh_home(work, f"format-{source}", on)
-    doc = cli.image_json("load", str(path))
+        arg = str(request.getfixturevalue("saved"))
+    cli = fresh_home(work, f"format-{source.split()[0]}", on)
+    doc: dict[str, Any] = cli.image_json("load", arg, input=stdin)
     [image] = doc["images"]
     assert (doc["layers_applied"], doc["layers_reused"]) == (3, 0)
     ref = image["name"] or image["id"]
@@ -310,7 +296,7 @@ def test_formats_give_one_image(source: str, on: str, loaded: Loaded,
         assert got["Id"] == image["id"] == sha256_file(
             corpus_dir / "app-oci/blobs/sha256" / config_hex(corpus_dir / "app-oci"))
         assert got["Id"] != want["Id"]
-        assert cli.image("load", str(path)) == f"Loaded image ID: {image['id']}\n"
+        assert cli.out("image", "load", arg, input=stdin) == f"Loaded image ID: {image['id']}\n"
     root = Path(cli.image("mount", ref).strip())
     try:
         assert_same_tree(snapshot(root), original_tree)
@@ -318,7 +304,7 @@ def test_formats_give_one_image(source: str, on: str, loaded: Loaded,
             assert_is_docker_export(root, corpus_dir)
     finally:
         cli.image("unmount", ref)
-    trash.throw(cli.home.parent)
+    shutil.rmtree(cli.home.parent)
 
 
 def config_hex(layout_dir: Path) -> str:

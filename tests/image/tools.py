@@ -5,10 +5,10 @@
 - :func:`skopeo` and :func:`umoci`: Debian's ``skopeo`` and ``umoci``, checked; a tool
   that is not installed is :func:`tests.conftest.lacking` (a skip, a failure in CI).
 - :func:`overlay2_engine`: a fresh private ``dockerd`` on its built-in overlay2
-  (:class:`tests.integration.engine.Dockerd`), its data-root under /var/tmp, always
-  stopped and removed.
-- :class:`Trash`: trees removed in the background while the next tests run (removing
-  a home of 700 MB takes seconds on this disk, most of it waiting on the disk).
+  (:class:`tests.integration.engine.Dockerd`), always stopped and unmounted; its
+  data-root is left for the caller to remove.
+- :func:`tmpfs`: a tmpfs for the tools' own output (their files are never synced, so
+  on disk their removal would wait for their writeback: 30 s of a 2-minute run here).
 - Readers of what ``docker save`` and ``lamina image save`` write: :func:`docker_save`,
   :func:`oci_layout`, :func:`sha256_file`.
 """
@@ -21,8 +21,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,9 +50,9 @@ class ImageCli(Lamina):
         """Standard output of ``image ARGS…``, which must succeed."""
         return self.out("image", *args)
 
-    def image_json(self, *args: str) -> Any:
+    def image_json(self, *args: str, input: bytes | None = None) -> Any:
         """The JSON document ``--json image ARGS…`` prints."""
-        return self.json("image", *args)
+        return self.json("image", *args, input=input)
 
     def inspect(self, ref: str) -> dict[str, Any]:
         """``image inspect REF``'s one entry (it always prints an array, as Docker does)."""
@@ -99,41 +97,37 @@ def untar(archive: Path, dest: Path) -> Path:
     return dest
 
 
-class Trash:
-    """Removes trees in a thread of its own; :meth:`empty` waits until all are gone."""
-
-    def __init__(self) -> None:
-        self._threads: list[threading.Thread] = []
-
-    def throw(self, path: Path) -> None:
-        """Unmount whatever is at or below ``path`` now, and remove it in the background."""
-        unmount_below(path)
-        thread = threading.Thread(target=shutil.rmtree, args=(path,),
-                                  kwargs={"ignore_errors": True}, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def empty(self) -> None:
-        """Wait until everything thrown is removed."""
-        while self._threads:
-            self._threads.pop().join()
-
-
 @contextmanager
-def overlay2_engine(trash: Trash, prefix: str = "lamina-image-") -> Iterator[Dockerd]:
-    """A fresh ``dockerd`` on overlay2 with a private data-root under /var/tmp; stopped
-    after, its data-root thrown in ``trash``."""
+def overlay2_engine(root: Path) -> Iterator[Dockerd]:
+    """A fresh ``dockerd`` on overlay2 with its data-root under ``root`` (made); stopped
+    and unmounted after, its files left (removed with the rest of a test's trees: on
+    this disk a deletion slows the file creations that follow it, so the image tests
+    remove nothing until they end)."""
     reason = docker_missing()
     if reason:
         lacking(reason)
-    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
-    dockerd = Dockerd(work / "engine", "overlay2")
+    dockerd = Dockerd(root, "overlay2")
     try:
         dockerd.start()
         yield dockerd
     finally:
         dockerd.stop()
-        trash.throw(work)
+        unmount_below(root)
+
+
+@contextmanager
+def tmpfs(path: Path, size: str = "4g") -> Iterator[Path]:
+    """A tmpfs of at most ``size`` at ``path`` (made) for the ``with`` block, unmounted
+    after with all it holds; a plain directory where tmpfs cannot be mounted."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755",
+                              "tmpfs", str(path)], capture_output=True).returncode == 0
+    try:
+        yield path
+    finally:
+        unmount_below(path)  # the engine's mounts, if it left any, then the tmpfs
+        if not mounted:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def image_id(dockerd: Dockerd, ref: str) -> str:
