@@ -10,8 +10,8 @@ The order of a pull, and why:
 3. Meanwhile, in this thread, each layer is applied in order, **from its blob as it
    grows**: the applier reads the ingest file behind the writer (:class:`_Growing`),
    waiting when it catches up, so decompressing and applying overlap the download.  The
-   applier's stream ends only once the blob is committed, i.e. verified: a layer whose
-   bytes turn out wrong fails its apply and
+   applier's stream ends only once the whole blob is verified: a layer whose bytes turn
+   out wrong fails its apply and
    :meth:`~lamina.image.store.ImageStore.ensure_layer` removes it.  A layer the store
    holds already (by chain id) is not applied again; its blob is still fetched unless
    the store has it, so ``image push`` and ``image save`` have the exact bytes.
@@ -74,7 +74,9 @@ class _Growing:
 
     The download thread writes through :meth:`write` (the registry's sink) and ends with
     :meth:`commit` or :meth:`fail`; the applier reads with :meth:`reader`, which waits
-    for bytes, raises the download's error, and ends only after the commit."""
+    for bytes, raises the download's error, and ends only once the blob is verified
+    (its size and digest: the fsync and the rename into the store follow, and the
+    pull's name waits for them)."""
 
     def __init__(self, writer: BlobWriter, index: int, progress: Progress | None) -> None:
         self.writer = writer
@@ -83,6 +85,7 @@ class _Growing:
         self._cond = threading.Condition()
         self._fd = os.open(writer.tmp, os.O_RDONLY | os.O_CLOEXEC)
         self._written = 0
+        self._verified = False
         self._done = False
         self.error: BaseException | None = None
 
@@ -99,7 +102,15 @@ class _Growing:
             self._progress.downloaded(self.index, len(data))
 
     def commit(self) -> None:
-        self.writer.commit()
+        """Check the blob, let the applier finish, then make the blob durable: the
+        applier need not wait for the fsync."""
+        w = self.writer
+        if w.offset != w.expected_size or w.digest != w.expected:
+            w.commit()  # raises the writer's own Corrupt (and aborts)
+        with self._cond:
+            self._verified = True
+            self._cond.notify_all()
+        w.commit()
         with self._cond:
             self._done = True
             self._cond.notify_all()
@@ -115,10 +126,11 @@ class _Growing:
         if fd >= 0:
             os.close(fd)
 
-    def wait(self) -> None:
-        """Until the blob is committed; the download's error if it failed."""
+    def wait(self, *, durable: bool = True) -> None:
+        """Until the blob is committed (or only verified: not ``durable``); the
+        download's error if it failed."""
         with self._cond:
-            while not self._done and self.error is None:
+            while not (self._done or (self._verified and not durable)) and self.error is None:
                 self._cond.wait()
             error = self.error
         if error is None:
@@ -131,10 +143,10 @@ class _Growing:
 
     def read_at(self, pos: int, n: int) -> bytes:
         with self._cond:
-            while pos >= self._written and not self._done and self.error is None:
+            while pos >= self._written and not self._verified and self.error is None:
                 self._cond.wait()
             if self.error is not None:
-                self.wait()
+                self.wait(durable=False)
             avail = self._written - pos
         return os.pread(self._fd, min(n, avail), pos) if avail > 0 else b""
 
@@ -167,7 +179,7 @@ class _Follower:
 
     def finish(self) -> None:
         """Wait for the download's end: the blob is whole and verified (else its error)."""
-        self._blob.wait()
+        self._blob.wait(durable=False)
 
     def close(self) -> None:
         pass

@@ -267,10 +267,13 @@ class FaultProxy:
     rule: Rule | None = None
     seen: list[Seen] = field(default_factory=list)
     rate: float | None = None
-    """Bytes a second the proxy sends bodies at (None: as fast as it can)."""
+    """Bytes a second the proxy sends bodies at, all connections together (None: as fast
+    as it can)."""
 
     def __post_init__(self) -> None:
         proxy = self
+        self._pace_lock = threading.Lock()
+        self._next_free = 0.0
 
         class Handler(ProxyHandler):
             owner = proxy
@@ -283,6 +286,18 @@ class FaultProxy:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def pace(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more may go out at :attr:`rate` (a shared bucket)."""
+        if not self.rate:
+            return
+        with self._pace_lock:
+            start = max(time.monotonic(), self._next_free)
+            self._next_free = start + nbytes / self.rate
+            until = self._next_free
+        delay = until - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
 
     def reset(self, rule: Rule | None = None) -> None:
         self.rule = rule
@@ -346,9 +361,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         self.end_headers()
         sent = 0
-        rate = self.owner.rate
-        began = time.monotonic()
         while chunk := resp.read(1 << 16):
+            self.owner.pace(len(chunk))
             if cut_after is not None and sent + len(chunk) > cut_after:
                 self.wfile.write(chunk[:cut_after - sent])
                 self.wfile.flush()
@@ -358,10 +372,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return
             self.wfile.write(chunk)
             sent += len(chunk)
-            if rate:
-                ahead = sent / rate - (time.monotonic() - began)
-                if ahead > 0:
-                    time.sleep(ahead)
         conn.close()
 
 
