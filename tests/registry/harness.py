@@ -50,7 +50,8 @@ def free_port() -> int:
 class DistRegistry:
     """distribution's registry on ``127.0.0.1:port``, storing under ``root/storage``."""
 
-    def __init__(self, root: Path, auth: dict[str, Any] | None = None) -> None:
+    def __init__(self, root: Path, auth: dict[str, Any] | None = None, *,
+                 host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None) -> None:
         if not REGISTRY_BIN.exists():
             lacking("no /usr/bin/docker-registry (Debian's docker-registry; "
                     "scripts/bootstrap.sh installs it)")
@@ -60,11 +61,14 @@ class DistRegistry:
         self.storage = root / "storage"
         self.log_path = root / "registry.log"
         self.auth = auth
+        self.host = host
+        self.tls = tls
+        """``(certificate, key)`` PEM files: HTTPS."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def config(self) -> str:
         doc: dict[str, Any] = {
@@ -75,6 +79,8 @@ class DistRegistry:
                         "delete": {"enabled": True}, "cache": {}},
             "http": {"addr": self.address, "secret": "lamina-tests"},
         }
+        if self.tls:
+            doc["http"]["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
         if self.auth:
             doc["auth"] = self.auth
         return json.dumps(doc)  # YAML takes JSON
@@ -90,7 +96,7 @@ class DistRegistry:
             if self.proc.poll() is not None:
                 raise AssertionError(f"docker-registry exited: {self.log()[-3000:]}")
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn = connection(self.address, tls=self.tls is not None, timeout=2)
                 conn.request("GET", "/v2/")
                 conn.getresponse().read()
                 conn.close()
@@ -125,6 +131,54 @@ class DistRegistry:
     def blob_path(self, digest: str) -> Path:
         hexd = digest.removeprefix("sha256:")
         return (self.storage / "docker/registry/v2/blobs/sha256" / hexd[:2] / hexd / "data")
+
+
+def connection(address: str, *, tls: bool = False,
+               timeout: float = 60) -> http.client.HTTPConnection:
+    """A connection to ``host:port`` (TLS unverified: the tests' own certificates)."""
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    if tls:
+        return http.client.HTTPSConnection(host, int(port), timeout=timeout,
+                                           context=ssl._create_unverified_context())
+    return http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+
+def self_signed(root: Path, ip: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``ip`` and its key, as PEM files under ``root``."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(
+                ipaddress.ip_address(ip))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    root.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = root / "cert.pem", root / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def outside_ip() -> str | None:
+    """An IPv4 address of this machine that is not loopback (lamina speaks HTTPS to it)."""
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    found = [a for a in out if "." in a and not a.startswith("127.")]
+    return found[0] if found else None
 
 
 def htpasswd(path: Path, users: dict[str, str]) -> Path:
@@ -405,8 +459,10 @@ class Uploader:
     """Puts blobs and manifests into a registry over plain HTTP (monolithic uploads),
     apart from lamina's client; ``auth``: a basic ``(user, password)``."""
 
-    def __init__(self, address: str, auth: tuple[str, str] | None = None) -> None:
+    def __init__(self, address: str, auth: tuple[str, str] | None = None, *,
+                 tls: bool = False) -> None:
         self.address = address
+        self.tls = tls
         self.headers = {}
         if auth is not None:
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
@@ -414,8 +470,7 @@ class Uploader:
 
     def _request(self, method: str, url: str, body: bytes = b"",
                  headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
-        host, _, port = self.address.partition(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn = connection(self.address, tls=self.tls)
         conn.request(method, url, body=body, headers={**self.headers, **(headers or {})})
         resp = conn.getresponse()
         resp.read()

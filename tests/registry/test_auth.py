@@ -1,6 +1,9 @@
 """Registry auth against the real registry (issue 17): distribution's htpasswd basic
 auth, and its ``auth: token`` with a token issuer of the tests' own (ES256 JWTs with
-the certificate in ``x5c``, the registry trusting it through ``rootcertbundle``).
+the certificate in ``x5c``, the registry trusting it through ``rootcertbundle``); and
+TLS: a registry with a self-signed certificate on this machine's outside address
+(HTTPS: only loopback registries are spoken to in plain HTTP) is refused unless the
+certificate is trusted (``SSL_CERT_FILE``, as the system's CAs are) or ``--insecure``.
 
 Credentials come from ``--creds`` or Docker's ``config.json`` (``DOCKER_CONFIG``);
 none, or wrong ones, are ``Unauthorized`` in one line, and nothing is stored.  Tokens
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import lacking
 from tests.image.tools import ImageCli
 from tests.integration.engine import unmount_below
 from tests.registry.harness import (
@@ -25,6 +29,8 @@ from tests.registry.harness import (
     Uploader,
     assert_nothing_stored,
     htpasswd,
+    outside_ip,
+    self_signed,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -141,3 +147,60 @@ def test_token_auth_refused(work: Path, token: DistRegistry, issuer: TokenIssuer
     err = cli.fails("image", "pull", name)  # anonymous: a token with no access
     assert "repository:small/app:pull refused to anonymous access" in err, err
     assert_nothing_stored(cli)
+
+
+def test_tls_verified_unless_insecure(work: Path) -> None:
+    ip = outside_ip()
+    if ip is None:
+        lacking("no IPv4 address but loopback (the TLS test needs one)")
+    cert, key = self_signed(work / "tls", ip)
+    reg = DistRegistry(work / "tls-registry", host=ip, tls=(cert, key))
+    reg.start()
+    try:
+        Uploader(reg.address, tls=True).image("small/app", "1", LAYERS)
+        name = f"{reg.address}/small/app:1"
+        cli = ImageCli(work / "tls-refused" / "home")
+        err = cli.fails("image", "pull", name)
+        assert "TLS" in err and "certificate verify failed" in err and "--insecure" in err, err
+        assert_nothing_stored(cli)
+        # Over plain HTTP it is not (only loopback registries are, or --plain-http).
+        err = cli.fails("image", "pull", "--plain-http", name)
+        assert_nothing_stored(cli)
+        assert cli.image_json("pull", "--insecure", name)["layers_applied"] == 2
+        trusting = ImageCli(work / "tls-trusted" / "home")
+        trusting.env["SSL_CERT_FILE"] = str(cert)
+        assert trusting.image_json("pull", name)["layers_applied"] == 2
+    finally:
+        reg.stop()
+
+
+def test_progress_on_a_terminal(work: Path, basic: DistRegistry) -> None:
+    """On a terminal a pull draws its bars (a download and an apply a layer) on
+    standard error, and standard output says what was pulled."""
+    import os
+    import subprocess
+
+    cli = ImageCli(work / "progress" / "home")
+    master, slave = os.openpty()
+    try:
+        proc = subprocess.run(cli.argv("image", "pull", "--creds", creds(),
+                                       f"{basic.address}/small/app:1"),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                              env={**cli.env, "COLUMNS": "120", "TERM": "xterm"}, timeout=120)
+        os.close(slave)
+        slave = -1
+        drawn = b""
+        os.set_blocking(master, False)
+        try:
+            while chunk := os.read(master, 1 << 16):
+                drawn += chunk
+        except (BlockingIOError, OSError):
+            pass
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0, drawn.decode(errors="replace")
+    assert b"Traceback" not in drawn
+    assert b"download" in drawn and b"apply" in drawn, drawn
+    assert b"Status: pulled" in proc.stdout
