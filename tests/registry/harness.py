@@ -393,9 +393,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 
-    def forward(self, body: bytes, *, cut_after: int | None = None) -> None:
+    def forward(self, body: bytes, *, cut_after: int | None = None,
+                replace: dict[str, str] | None = None) -> None:
         """Pass the request on; ``cut_after``: close the connection after that many bytes
-        of the response's body."""
+        of the response's body; ``replace``: response headers to send instead."""
         host, _, port = self.owner.upstream.partition(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
@@ -403,9 +404,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         conn.request(self.command, self.path, body=body or None, headers=headers)
         resp = conn.getresponse()
         self.send_response(resp.status)
+        replaced = {k.lower(): v for k, v in (replace or {}).items()}
         for k, v in resp.getheaders():
-            if k.lower() not in ("connection", "transfer-encoding"):
+            if k.lower() not in ("connection", "transfer-encoding", *replaced):
                 self.send_header(k, v)
+        for k, v in replaced.items():
+            self.send_header(k, v)
         if resp.getheader("Content-Length") is None:
             data = resp.read()
             self.send_header("Content-Length", str(len(data)))

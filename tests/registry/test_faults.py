@@ -276,3 +276,46 @@ def test_layer_that_escapes(images: Images) -> None:
                   code=1)
     assert '"kind": "UnsafeArchive"' in doc.stdout.decode(), (err, doc.stdout)
     assert_nothing_stored(cli)
+
+
+def test_docker_content_digest_checked(images: Images) -> None:
+    def rule(h: ProxyHandler, seen: Seen) -> bool:
+        if is_manifest(seen):
+            h.forward(b"", replace={"Docker-Content-Digest": "sha256:" + "0" * 64})
+            return True
+        return False
+
+    images.proxy.reset(rule)
+    pull_fails(images, images.name(), "the registry says sha256:000")
+
+
+def test_schema_1_refused(images: Images) -> None:
+    def rule(h: ProxyHandler, seen: Seen) -> bool:
+        if is_manifest(seen):
+            h.answer(200, {"Content-Type":
+                           "application/vnd.docker.distribution.manifest.v1+prettyjws"},
+                     b'{"schemaVersion": 1, "name": "small/app", "fsLayers": []}')
+            return True
+        return False
+
+    images.proxy.reset(rule)
+    pull_fails(images, images.name(), "schema 1")
+    accept = [s.headers.get("accept", "") for s in images.proxy.seen if is_manifest(s)]
+    assert accept and all("distribution.manifest.v1" not in a and "vnd.oci.image.index.v1+json" in a
+                          for a in accept), accept
+
+
+def test_pull_by_digest_checks_the_bytes(images: Images) -> None:
+    other = images.corrupt["digest"]
+
+    def rule(h: ProxyHandler, seen: Seen) -> bool:
+        # Asked for one digest, the registry sends another manifest (and no header).
+        if is_manifest(seen):
+            h.path = h.path.rsplit("/", 1)[0].replace("small/app", "corrupt/app") + "/" + other
+            h.forward(b"", replace={"Docker-Content-Digest": ""})
+            return True
+        return False
+
+    images.proxy.reset(rule)
+    pull_fails(images, f"{images.proxy.address}/small/app@{images.small['digest']}",
+               "hash to " + other)
