@@ -193,6 +193,7 @@ def test_docker_loads_the_saved_file(saved: Path, corpus_dir: Path, loaded: Load
         dockerd.docker("load", "-i", str(corpus_dir / "app-docker-save.tar"))
         assert image_id(dockerd, IMAGE) == from_lamina == loaded.original.id
         assert dockerd.lines("image", "ls", "--quiet", "--no-trunc") == [from_lamina]
+    shutil.rmtree(work / "docker")  # (a tmpfs: the removal costs nothing)
 
 
 # --- skopeo --------------------------------------------------------------------------------
