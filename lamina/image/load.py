@@ -365,8 +365,11 @@ def apply_layers(store: ImageStore, img: Image,
     parent: str | None = None
     for layer, diff_id, chain in zip(img.manifest.layers, img.config.diff_ids, img.chains,
                                      strict=True):
-        def opener(layer: spec.Descriptor = layer) -> BinaryIO:
-            stream = store.content.open(layer.digest, size=layer.size)
+        def opener(layer: spec.Descriptor = layer, diff_id: str = diff_id) -> BinaryIO:
+            # An uncompressed layer's digest is its diff id, which the apply computes and
+            # ensure_layer checks: its blob need not be hashed a second time.
+            stream = store.content.open(layer.digest, size=layer.size,
+                                        verify=layer.digest != diff_id)
             if progress is None:
                 return stream
             return _Counted(stream, progress).as_stream()

@@ -393,3 +393,20 @@ def test_unpacked_docker_save_directory(driver: lamina.Driver, tmp_path: Path) -
     (root / "manifest.json").write_text(json.dumps(doc))
     with pytest.raises(errors.UnsafeArchive, match="outside"):
         load.load(store_of(driver), path=str(root))
+
+
+@pytest.mark.parametrize("how", ["", "gzip"])
+def test_tampered_blob_in_the_store_is_caught_on_apply(driver: lamina.Driver, how: str) -> None:
+    """An uncompressed layer's blob is checked by the apply's diff id, a compressed one by
+    its digest as it is read: either way a tampered blob makes no layer."""
+    store = store_of(driver)
+    img = build.image(BASE, APP, compression=how)
+    load_bytes(store, build.docker_save([img]))
+    top = layer_id(chain_ids(build.sha(x) for x in img.layers)[-1])
+    driver.remove(top)
+    path = store.content.path(build.sha(img.blobs[1]))
+    os.chmod(path, 0o644)
+    path.write_bytes(_flip(path.read_bytes()))
+    with pytest.raises(errors.LaminaError, match=r"diff id|hash"):
+        load.apply_layers(store, store.resolve("test/app:1"))
+    assert not driver.exists(top)
