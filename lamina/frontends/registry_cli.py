@@ -20,7 +20,8 @@ Command = Callable[[Driver, argparse.Namespace], Result]
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from lamina.image.registry import Options, parse_creds
+    from lamina.image.auth import parse_creds
+    from lamina.image.registry import Options
 
     return Options(creds=parse_creds(args.creds) if args.creds else None,
                    insecure=args.insecure, plain_http=args.plain_http)

@@ -3,12 +3,10 @@
 :class:`Registry` makes every request ``image pull`` and ``image push`` need (manifests,
 blobs, uploads) and does, for each of them, what real registries expect of a client:
 
-- **auth**: a request goes out anonymously (or with what an earlier challenge taught);
-  a ``401`` carries a ``WWW-Authenticate`` challenge: ``Basic`` (the credentials, sent
-  from then on) or ``Bearer realm=…,service=…`` (a token asked of the realm for the
-  request's scopes, then the request again).  Tokens are kept per scope set until they
-  expire.  Credentials come from ``--creds`` or Docker's ``~/.docker/config.json``
-  (``auths``, a base64 ``auth``).  A refusal is :class:`~lamina.errors.Unauthorized`.
+- **auth** (:mod:`lamina.image.auth`): a request goes out with what the client knows;
+  a ``401``'s challenge is answered (basic credentials, or a ``Bearer`` token per set
+  of scopes) and the request sent again, once; a refusal is
+  :class:`~lamina.errors.Unauthorized`.
 - **redirects** (blobs served from a CDN) are followed, at most :data:`MAX_REDIRECTS`
   of them, and ``Authorization`` is sent only to the registry's own host and port.
 - **retries**: connection errors, timeouts, ``5xx`` and ``429`` are tried again with
@@ -28,14 +26,12 @@ nonsense.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import email.utils
 import hashlib
 import json
 import os
 import re
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
@@ -49,6 +45,7 @@ from urllib3.response import BaseHTTPResponse
 
 from lamina import errors
 from lamina.image import spec
+from lamina.image.auth import DOCKER_HUB, Auth, docker_credentials
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
@@ -58,8 +55,6 @@ MAX_RESUMES = 5
 """How many times one blob download is taken up again after its connection broke."""
 MAX_RETRY_AFTER = 60.0
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
-DOCKER_HUB = "registry-1.docker.io"
-"""The host behind the ``docker.io`` of image names."""
 
 MANIFEST_ACCEPT = ", ".join([spec.OCI_INDEX, spec.OCI_MANIFEST, spec.DOCKER_LIST,
                              spec.DOCKER_MANIFEST])
@@ -67,7 +62,6 @@ MANIFEST_ACCEPT = ", ".join([spec.OCI_INDEX, spec.OCI_MANIFEST, spec.DOCKER_LIST
 
 _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
-_PARAM = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
 
 def _env_float(name: str, default: float) -> float:
@@ -103,58 +97,6 @@ class Options:
     """Docker's ``config.json`` (None: ``$DOCKER_CONFIG/config.json`` or ``~/.docker``)."""
 
 
-def parse_creds(text: str) -> tuple[str, str]:
-    """``USER:PASS`` as a pair; ``InvalidArgument`` without the colon or the user."""
-    user, sep, password = text.partition(":")
-    if not sep or not user:
-        raise errors.InvalidArgument("--creds: give USER:PASS")
-    return user, password
-
-
-def docker_credentials(domain: str, config: Path | None = None) -> tuple[str, str] | None:
-    """The credentials Docker keeps for ``domain`` (``docker login``'s ``auths``)."""
-    if config is None:
-        base = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
-        config = Path(base) / "config.json"
-    try:
-        doc = json.loads(config.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise errors.InvalidArgument(f"cannot read Docker's credentials: {e}",
-                                     path=str(config)) from None
-    auths = doc.get("auths") if isinstance(doc, dict) else None
-    if not isinstance(auths, dict):
-        return None
-    wanted = {domain}
-    if domain == "docker.io":
-        wanted |= {"index.docker.io", DOCKER_HUB, "index.docker.io/v1"}
-    for key, entry in auths.items():
-        host = re.sub(r"^[a-z]+://", "", str(key)).rstrip("/")
-        if host not in wanted or not isinstance(entry, dict):
-            continue
-        if isinstance(entry.get("auth"), str) and entry["auth"]:
-            try:
-                text = base64.b64decode(entry["auth"], validate=True).decode()
-            except (ValueError, UnicodeDecodeError):
-                raise errors.InvalidArgument(f"Docker's credentials for {key}: 'auth' is not "
-                                             "base64 of USER:PASS", path=str(config)) from None
-            user, sep, password = text.partition(":")
-            if sep:
-                return user, password
-        if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
-            return entry["username"], entry["password"]
-    return None
-
-
-def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """A ``WWW-Authenticate`` header's scheme (lower case) and parameters."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
-              .replace('\\"', '"') for m in _PARAM.finditer(rest)}
-    return scheme.lower(), params
-
-
 class Sink(Protocol):
     """Where :meth:`Registry.fetch_blob` writes: a blob writer, or one that is watched."""
 
@@ -184,6 +126,7 @@ class Registry:
         self.scheme = "http" if (self.options.plain_http or local) else "https"
         self.base = f"{self.scheme}://{self.host}"
         self.creds = self.options.creds or docker_credentials(domain, self.options.docker_config)
+        self.auth = Auth(domain, self.creds, self._fetch_token)
         timeout = self.options.timeout or _env_float("LAMINA_REGISTRY_TIMEOUT", 60.0)
         self.backoff = self.options.backoff or _env_float("LAMINA_REGISTRY_BACKOFF", 0.5)
         tls: dict[str, Any] = {}
@@ -194,9 +137,6 @@ class Registry:
                                         retries=False,
                                         timeout=urllib3.Timeout(connect=timeout, read=timeout),
                                         **tls)
-        self._lock = threading.Lock()
-        self._challenge: tuple[str, dict[str, str]] | None = None
-        self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
 
     def close(self) -> None:
         self.pool.clear()
@@ -249,7 +189,7 @@ class Registry:
         challenged = False
         for _hop in range(MAX_REDIRECTS + 1):
             sent = dict(headers or {})
-            auth = self._authorization(scopes) if self._same_origin(url) else None
+            auth = self.auth.header(scopes) if self._same_origin(url) else None
             if auth is not None:
                 sent["Authorization"] = auth
             resp = self._attempt(method, url, sent, body)
@@ -260,9 +200,9 @@ class Registry:
                 detail = _error_detail(resp)
                 _discard(resp)
                 if challenged:  # answered once already: these credentials will not do
-                    raise self._refused(header, scopes, detail)
+                    raise self.auth.refused(header, scopes, detail)
                 challenged = True
-                self._answer(header, scopes, refused=auth is not None)
+                self.auth.answer(header, scopes, refused=auth is not None)
                 continue
             if resp.status in _REDIRECT_STATUS and resp.headers.get("Location"):
                 url = urllib.parse.urljoin(url, resp.headers["Location"])
@@ -273,6 +213,17 @@ class Registry:
             raise self._error(resp, method, url, what)
         raise errors.LaminaError(f"registry {self.domain}: {what or _short(url)}: more than "
                                  f"{MAX_REDIRECTS} redirects (a redirect loop?)")
+
+    def _fetch_token(self, url: str, headers: Mapping[str, str]) -> tuple[int, bytes, str]:
+        """GET a token service's ``url``: its status, body (at most 1 MiB) and the
+        error detail it gave."""
+        resp = self._attempt("GET", url, headers, None)
+        try:
+            if resp.status != 200:
+                return resp.status, b"", _error_detail(resp)
+            return resp.status, _read_limited(resp, 1 << 20, "token"), ""
+        finally:
+            _discard(resp)
 
     def _error(self, resp: BaseHTTPResponse, method: str, url: str,
                what: str) -> errors.LaminaError:
@@ -287,86 +238,6 @@ class Registry:
         if resp.status in _REDIRECT_STATUS:
             return errors.LaminaError(f"{text} (a redirect without a Location)")
         return errors.LaminaError(text)
-
-    # -- auth -------------------------------------------------------------------------
-
-    def _authorization(self, scopes: tuple[str, ...]) -> str | None:
-        with self._lock:
-            challenge = self._challenge
-        if challenge is None:
-            return None
-        scheme, params = challenge
-        if scheme == "basic":
-            return _basic(self.creds) if self.creds else None
-        return f"Bearer {self._token(params, scopes)}"
-
-    def _refused(self, header: str, scopes: tuple[str, ...], detail: str) -> errors.Unauthorized:
-        scheme, _ = parse_challenge(header)
-        who = f"user {self.creds[0]!r}" if self.creds else "anonymous access (no --creds)"
-        if scheme == "basic":
-            return errors.Unauthorized(f"registry {self.domain}: credentials of {who} "
-                                       f"refused{detail}")
-        return errors.Unauthorized(f"registry {self.domain}: {' '.join(scopes)} refused to "
-                                   f"{who}{detail}")
-
-    def _answer(self, header: str, scopes: tuple[str, ...], *, refused: bool) -> None:
-        """Learn from a ``401``'s challenge; ``Unauthorized`` if it cannot be met."""
-        scheme, params = parse_challenge(header)
-        if scheme == "basic":
-            if not self.creds:
-                raise errors.Unauthorized(f"registry {self.domain}: authentication required "
-                                          "(give --creds USER:PASS or docker login)")
-            if refused:
-                raise self._refused(header, scopes, "")
-        elif scheme == "bearer":
-            if not params.get("realm"):
-                raise errors.LaminaError(f"registry {self.domain}: a Bearer challenge "
-                                         "without a realm")
-            if refused:  # a token of ours turned down (expired early?): ask for another
-                with self._lock:
-                    self._tokens.pop(scopes, None)
-        else:
-            raise errors.Unauthorized(f"registry {self.domain}: HTTP 401 with no challenge "
-                                      f"lamina can answer ({header or 'none'!r})")
-        with self._lock:
-            self._challenge = (scheme, params)
-
-    def _token(self, params: dict[str, str], scopes: tuple[str, ...]) -> str:
-        with self._lock:
-            held = self._tokens.get(scopes)
-            if held is not None and held[1] > time.monotonic():
-                return held[0]
-        query = [("scope", s) for s in scopes]
-        if params.get("service"):
-            query.insert(0, ("service", params["service"]))
-        realm = params["realm"]
-        url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
-        headers = {"Authorization": _basic(self.creds)} if self.creds else {}
-        resp = self._attempt("GET", url, headers, None)
-        try:
-            if resp.status in (401, 403):
-                who = f"user {self.creds[0]!r}" if self.creds else "anonymous access"
-                raise errors.Unauthorized(f"registry {self.domain}: the token service "
-                                          f"{_short(realm)} refused {who} (HTTP {resp.status})")
-            if resp.status != 200:
-                raise errors.LaminaError(f"registry {self.domain}: the token service "
-                                         f"{_short(realm)}: HTTP {resp.status}"
-                                         f"{_error_detail(resp)}")
-            doc = json.loads(_read_limited(resp, 1 << 20, "token"))
-        except ValueError:
-            raise errors.LaminaError(f"registry {self.domain}: the token service answered "
-                                     "no JSON") from None
-        finally:
-            _discard(resp)
-        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
-        if not isinstance(token, str) or not token:
-            raise errors.LaminaError(f"registry {self.domain}: the token service gave no token")
-        expires = doc.get("expires_in")
-        life = float(expires) if isinstance(expires, int | float) and expires > 0 else 60.0
-        with self._lock:
-            # Kept a little less than its life: a token must not expire on its way.
-            self._tokens[scopes] = (token, time.monotonic() + max(life - 10, life / 2))
-        return token
 
     # -- manifests --------------------------------------------------------------------
 
@@ -519,11 +390,6 @@ class Registry:
                                      "Content-Length": str(len(data))},
                             what=f"blob {digest} to {path}")
         _discard(resp)
-
-
-def _basic(creds: tuple[str, str] | None) -> str:
-    assert creds is not None
-    return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
 
 
 def _short(url: str) -> str:
