@@ -21,10 +21,11 @@ and the ratios (goals: pull <= 0.5x docker, push <= 1.0x skopeo).  Digests are c
 every pull's manifest digest is the registry's, every push's is the image's.
 
 Then the overlap: the registry behind a proxy that sends at most ``--rate`` MB/s over
-all connections together, and per round (alternating) the download alone (every layer
-blob fetched through the proxy, 3 at once, to /dev/null) vs ``lamina image pull``
-through it.  A pull that applies while it downloads takes about the download's time,
-not the download's plus the apply's (the unthrottled pull's time).
+all connections together, and per round (taking turns) the download alone (every
+layer blob fetched through the proxy, 3 at once, to /dev/null), ``lamina image pull``
+through it, and ``lamina image pull`` straight from the registry (about the apply's
+time).  A pull that applies while it downloads takes about the longer of the two, not
+their sum.
 """
 
 from __future__ import annotations
@@ -227,6 +228,8 @@ def main() -> int:
                         help="the throttled proxy's MB/s (default 50)")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp"),
                         help="where every tool writes (default /var/tmp)")
+    parser.add_argument("--overlap-only", action="store_true",
+                        help="only the bandwidth-limited runs")
     args = parser.parse_args()
     reason = missing()
     if reason:
@@ -237,7 +240,6 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lamina-bench-registry-", dir=args.work))
     print(f"machine: {machine(work)}")
     registry = DistRegistry(work / "registry")
-    proxy: FaultProxy | None = None
     try:
         registry.start()
         source = f"{registry.address}/corpus/app:1"
@@ -245,61 +247,80 @@ def main() -> int:
            f"docker-archive:{tar}", f"docker://{source}")
         info = json.loads(sh("skopeo", "inspect", "--tls-verify=false", f"docker://{source}"))
         digest, layers = info["Digest"], info["Layers"]
-        times: dict[str, list[float]] = {s: [] for s in PULLS + PUSHES}
-        tools = ("lamina_pull", "docker_pull", "skopeo_umoci", "ctr_pull")
-        for i in range(args.runs + 1):
-            rnd = Round(work, source, digest, layers, i)
-            order = tools[i % 4:] + tools[:i % 4]
-            took: dict[str, float] = {}
-            for tool in order:
-                took.update(getattr(rnd, tool)())
-            took.update(rnd.pushes())
-            label = "warm-up (untimed)" if i == 0 else f"run {i}/{args.runs}"
-            print(f"{label}: " + ", ".join(f"{s} {took[s]:.2f} s" for s in PULLS + PUSHES),
-                  flush=True)
-            if i:
-                for step, seconds in took.items():
-                    times[step].append(seconds)
-        med = table(f"pull and push ({args.runs} runs; medians)", PULLS + PUSHES, times)
-        pull, dpull = med["lamina image pull"], med["docker pull"]
-        push, spush = med["lamina image push"], med["skopeo copy (push)"]
-        print(f"\npull: lamina/docker {pull / dpull:.2f}x (goal <= 0.5x), lamina/(skopeo + "
-              f"umoci) {pull / med[PULLS[2]]:.2f}x, lamina/ctr {pull / med[PULLS[3]]:.2f}x; "
-              f"push: lamina/skopeo {push / spush:.2f}x (goal <= 1.0x)")
+        if not args.overlap_only:
+            transfers(args, work, source, digest, layers)
+        overlap(args, work, registry, source, layers)
+    finally:
+        registry.stop()
+        unmount_below(work)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
 
-        proxy = FaultProxy(registry.address, rate=args.rate * 1e6)
+
+def transfers(args: argparse.Namespace, work: Path, source: str, digest: str,
+              layers: list[str]) -> None:
+    """The pull and push rounds, and their table."""
+    times: dict[str, list[float]] = {s: [] for s in PULLS + PUSHES}
+    tools = ("lamina_pull", "docker_pull", "skopeo_umoci", "ctr_pull")
+    for i in range(args.runs + 1):
+        rnd = Round(work, source, digest, layers, i)
+        order = tools[i % 4:] + tools[:i % 4]
+        took: dict[str, float] = {}
+        for tool in order:
+            took.update(getattr(rnd, tool)())
+        took.update(rnd.pushes())
+        label = "warm-up (untimed)" if i == 0 else f"run {i}/{args.runs}"
+        print(f"{label}: " + ", ".join(f"{s} {took[s]:.2f} s" for s in PULLS + PUSHES),
+              flush=True)
+        if i:
+            for step, seconds in took.items():
+                times[step].append(seconds)
+    med = table(f"pull and push ({args.runs} runs; medians)", PULLS + PUSHES, times)
+    pull, dpull = med["lamina image pull"], med["docker pull"]
+    push, spush = med["lamina image push"], med["skopeo copy (push)"]
+    print(f"\npull: lamina/docker {pull / dpull:.2f}x (goal <= 0.5x), lamina/(skopeo + "
+          f"umoci) {pull / med[PULLS[2]]:.2f}x, lamina/ctr {pull / med[PULLS[3]]:.2f}x; "
+          f"push: lamina/skopeo {push / spush:.2f}x (goal <= 1.0x)")
+
+
+def overlap(args: argparse.Namespace, work: Path, registry: DistRegistry, source: str,
+            layers: list[str]) -> None:
+    """The bandwidth-limited rounds, and their table."""
+    proxy = FaultProxy(registry.address, rate=args.rate * 1e6)
+    try:
         through = f"{proxy.address}/corpus/app:1"
-        over: dict[str, list[float]] = {"download only": [], "lamina image pull": []}
+        kinds = ("download only", "throttled pull", "throttled pull --jobs 1",
+                 "unthrottled pull")
+        over: dict[str, list[float]] = {k: [] for k in kinds}
         for i in range(args.runs + 1):
-            home = Path(tempfile.mkdtemp(prefix="throttled-", dir=work)) / "home"
-            steps: list[tuple[str, Callable[[], object]]] = [
-                ("download only", lambda: download_only(proxy.address if proxy else "",
-                                                        "corpus/app", layers)),
-                ("lamina image pull", lambda home=home: lamina(
-                    home, "image", "pull", through))]
-            if i % 2:
-                steps.reverse()
-            took = {name: timed(step) for name, step in steps}
+            base = Path(tempfile.mkdtemp(prefix="throttled-", dir=work))
+            steps: dict[str, Callable[[], object]] = {
+                "download only": lambda: download_only(proxy.address, "corpus/app", layers),
+                "throttled pull": lambda base=base: lamina(base / "slow", "image", "pull",
+                                                           through),
+                "throttled pull --jobs 1": lambda base=base: lamina(
+                    base / "slow1", "image", "pull", "--jobs", "1", through),
+                "unthrottled pull": lambda base=base: lamina(base / "fast", "image", "pull",
+                                                             source)}
+            order = kinds[i % 4:] + kinds[:i % 4]
+            took = {name: timed(steps[name]) for name in order}
             label = "warm-up (untimed)" if i == 0 else f"run {i}/{args.runs}"
-            print(f"throttled {label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in took.items()),
+            print(f"overlap {label}: " + ", ".join(f"{k} {took[k]:.2f} s" for k in kinds),
                   flush=True)
             if i:
                 for k, v in took.items():
                     over[k].append(v)
         omed = table(f"through a {args.rate:.0f} MB/s proxy ({args.runs} runs; medians)",
-                     ("download only", "lamina image pull"), over)
-        down, tpull = omed["download only"], omed["lamina image pull"]
-        print(f"\noverlap: throttled pull / download alone {tpull / down:.2f}x; "
-              f"sequential would be download + unthrottled pull = {down + pull:.2f} s, "
-              f"the throttled pull took {tpull:.2f} s "
-              f"({(down + pull - tpull) / pull * 100:.0f}% of the apply hidden)")
+                     kinds, over)
+        down, slow, slow1, fast = (omed[k] for k in kinds)
+        for label, took_s in (("--jobs 3", slow), ("--jobs 1", slow1)):
+            print(f"overlap ({label}): the throttled pull took {took_s:.2f} s = "
+                  f"{took_s / down:.2f}x the download alone ({down:.2f} s); download then "
+                  f"apply would be about download + unthrottled pull = {down + fast:.2f} s: "
+                  f"{(down + fast - took_s) / fast * 100:.0f}% of the unthrottled pull's time "
+                  "hidden under the download")
     finally:
-        if proxy is not None:
-            proxy.stop()
-        registry.stop()
-        unmount_below(work)
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
+        proxy.stop()
 
 
 if __name__ == "__main__":
