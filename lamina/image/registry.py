@@ -459,9 +459,10 @@ def _retry_after(value: str | None) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value.strip() else None
-        if when is None:
-            return None
+        try:  # an HTTP date
+            when = email.utils.parsedate_to_datetime(value)
+        except (ValueError, TypeError, IndexError):
+            return None  # nonsense: the usual backoff
         seconds = when.timestamp() - time.time()
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
