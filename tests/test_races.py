@@ -24,7 +24,9 @@ from tests.test_cli import Lamina
 pytestmark = pytest.mark.root
 
 FILES = 200
-ROUNDS = 500
+ROUNDS = {"overlay": 500, "vfs": 150}
+"""Diff-vs-remove rounds a backend: the issue's 500 on overlay (the default backend); the
+same code path (the read lease in backends/reading.py) on vfs, whose copies are slower."""
 
 
 def _layer() -> bytes:
@@ -62,7 +64,8 @@ def _members(data: bytes) -> int:
 def test_diff_against_remove_is_whole_or_an_error(driver: lamina.Driver) -> None:
     tar = _layer()
     whole = errors_seen = 0
-    for n in range(ROUNDS):
+    rounds = ROUNDS.get(driver.name, 150)
+    for n in range(rounds):
         driver.apply_diff(f"l{n}", None, io.BytesIO(tar))
 
         def read(lid: str = f"l{n}") -> bytes:
@@ -78,7 +81,7 @@ def test_diff_against_remove_is_whole_or_an_error(driver: lamina.Driver) -> None
             assert _members(got) == FILES, f"round {n}: a short tar ended as if whole"
             whole += 1
         assert not driver.exists(f"l{n}")
-    print(f"[{driver.name}] {ROUNDS} rounds: {whole} whole diffs, {errors_seen} NotFound, "
+    print(f"[{driver.name}] {rounds} rounds: {whole} whole diffs, {errors_seen} NotFound, "
           "0 short")
 
 
