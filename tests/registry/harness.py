@@ -394,12 +394,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 
     def forward(self, body: bytes, *, cut_after: int | None = None,
-                replace: dict[str, str] | None = None) -> None:
+                replace: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> None:
         """Pass the request on; ``cut_after``: close the connection after that many bytes
-        of the response's body; ``replace``: response headers to send instead."""
+        of the response's body; ``replace``: response headers to send instead; ``drop``:
+        request headers not to pass on."""
         host, _, port = self.owner.upstream.partition(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() != "host" and k.lower() not in drop}
         headers["Host"] = self.owner.address  # so its Locations point back here
         conn.request(self.command, self.path, body=body or None, headers=headers)
         resp = conn.getresponse()

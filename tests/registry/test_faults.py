@@ -151,6 +151,25 @@ def test_cut_once_is_resumed_with_range(images: Images) -> None:
     assert all(s.headers.get("accept-encoding") == "identity" for s in ranged)
 
 
+def test_cut_then_a_server_that_ignores_range(images: Images) -> None:
+    """The blob again from its start (200, not 206): what is held already is skipped."""
+    cut: list[Seen] = []
+
+    def rule(h: ProxyHandler, seen: Seen) -> bool:
+        if is_blob(seen, images.big_layer):
+            if not cut:
+                cut.append(seen)
+                h.forward(b"", cut_after=BIG // 2)
+            else:
+                h.forward(b"", drop=("range",))
+            return True
+        return False
+
+    images.proxy.reset(rule)
+    pull_works(images, images.name())
+    assert sum(is_blob(s, images.big_layer) for s in images.proxy.seen) == 2
+
+
 def test_cut_every_time_is_a_clean_error(images: Images) -> None:
     def rule(h: ProxyHandler, seen: Seen) -> bool:
         if is_blob(seen, images.big_layer):
