@@ -30,7 +30,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol, cast
 
@@ -281,7 +281,6 @@ def _layers(store: ImageStore, reg: Registry, path: str, img: Image, jobs: int,
         progress.begin(layers, fetch, apply)
     stop = threading.Event()
     growing: dict[int, _Growing] = {}
-    futures: list[Future[None]] = []
     applied = reused = 0
     with contextlib.ExitStack() as stack:
         # Unwound in reverse: stop the downloads, wait for them, close the readers, and
@@ -300,7 +299,7 @@ def _layers(store: ImageStore, reg: Registry, path: str, img: Image, jobs: int,
                 continue
             writer = writers.enter_context(store.content.writer(layer.digest, layer.size))
             growing[i] = seen[layer.digest] = _Growing(writer, i, progress)
-            futures.append(pool.submit(_download, reg, path, layer, growing[i], stop))
+            pool.submit(_download, reg, path, layer, growing[i], stop)
         parent: str | None = None
         for i, (layer, diff_id, chain) in enumerate(zip(layers, img.config.diff_ids, chains,
                                                         strict=True)):
@@ -319,7 +318,7 @@ def _layers(store: ImageStore, reg: Registry, path: str, img: Image, jobs: int,
             parent = chain
         for g in set(growing.values()):
             g.wait()
-    return sum(layers[i].size for i in growing), applied, reused
+    return sum({layers[i].digest: layers[i].size for i in growing}.values()), applied, reused
 
 
 def _close_all(growing: dict[int, _Growing]) -> None:
