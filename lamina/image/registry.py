@@ -399,10 +399,10 @@ def _short(url: str) -> str:
 
 
 def _reason(e: BaseException) -> str:
+    if isinstance(e, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError too
+        return f"cannot connect ({e.__context__ or e})" if e.__context__ else "cannot connect"
     if isinstance(e, urllib3.exceptions.ReadTimeoutError | urllib3.exceptions.ConnectTimeoutError):
         return "timed out"
-    if isinstance(e, urllib3.exceptions.NewConnectionError):
-        return "cannot connect"
     if isinstance(e, urllib3.exceptions.SSLError):
         return f"TLS: {e} (--insecure to skip verification)"
     if isinstance(e, urllib3.exceptions.ProtocolError):

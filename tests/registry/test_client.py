@@ -91,3 +91,11 @@ def test_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAMINA_REGISTRY_TIMEOUT", "2.5")
     reg = registry.Registry("localhost:5000")
     assert reg.pool.connection_pool_kw["timeout"].read_timeout == 2.5
+
+
+def test_unreachable_registry_is_one_error(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    reg = registry.Registry("127.0.0.1:1", registry.Options(retries=1, backoff=0.01))
+    with pytest.raises(errors.LaminaError, match=r"cannot connect .*refused.* \(tried 2 times\)"):
+        reg.get_manifest("x", "latest")
