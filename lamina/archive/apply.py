@@ -28,8 +28,10 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Protocol
+
+from isal import isal_zlib
 
 from lamina import crashpoints, progress
 from lamina.archive.digests import MAX_DIGESTS, Digests
@@ -43,6 +45,7 @@ from lamina.archive.union import (
     lower_lookup,
     opaque,
 )
+from lamina.archive.writers import Writers
 from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive, Unsupported
 from lamina.host import fsutil
 from lamina.host.fsutil import DIR_FLAGS
@@ -112,6 +115,7 @@ class Applier(LayerPaths):
         lowers: Sequence[str] = (),
         max_path: int | None = None,
         digests: Digests | None = None,
+        writers: int = 0,
     ) -> None:
         super().__init__(os.fspath(root), layer=layer, ids=ids or IdMapper(),
                          overlay_whiteouts=overlay_whiteouts, lowers=lowers,
@@ -126,6 +130,12 @@ class Applier(LayerPaths):
         self._dirs: dict[int, tuple[tuple[str, ...], int, int]] = {}
         # The CRC-32 of each file written from the stream, for the layer's manifest.
         self.digests: Digests = {} if digests is None else digests
+        # Writer threads that finish regular files (lamina.archive.writers), when the
+        # source can hand out a file's data by itself (the isolated child's records).
+        self.writers = writers
+        self._pool: Writers | None = None
+        self._take: Callable[[Entry], memoryview | None] | None = None
+        self._seq = 0  # the entry being applied, counted from 1 in tar order
 
     # -- entry point --------------------------------------------------------
 
@@ -136,21 +146,39 @@ class Applier(LayerPaths):
     def apply_entries(self, reader: EntrySource) -> int:
         """Apply the members ``reader`` gives (a tar's, or records of one); as :meth:`apply`."""
         self._root_fd = os.open(self.root, DIR_FLAGS)
+        self._take = getattr(reader, "take_data", None) if self.writers else None
+        if self._take is not None:
+            self._pool = Writers(self.writers, self._finish_file)
         try:
             self._root_ino = os.fstat(self._root_fd).st_ino
             size = self._apply_all(reader)
+            self._join_writers(None)  # directory times come after every file's
             self._set_dir_times()
             return size
         finally:
+            if self._pool is not None:  # not started, or a bug: stop them before any close
+                self._pool.close(failed_at=0)
+                self._pool = None
             self._drop_cache()
             self._close_retired()
             os.close(self._root_fd)
 
     def _apply_all(self, reader: EntrySource) -> int:
+        try:
+            return self._apply_each(reader)
+        except BaseException:
+            # Failed on entry _seq (or on reading the next): the earliest failure wins.
+            self._join_writers(self._seq + 1)
+            raise
+
+    def _apply_each(self, reader: EntrySource) -> int:
         report = progress.current()
         total = 0
         seen = 0
         for count, entry in enumerate(reader, 1):
+            self._seq = count
+            if self._pool is not None and self._pool.failure is not None:
+                self._join_writers(None)  # a writer failed on an earlier entry: stop
             if self.max_entries is not None and count > self.max_entries:
                 raise UnsafeArchive(f"more than {self.max_entries} entries", layer=self.layer)
             if entry.type == REG:
@@ -171,6 +199,16 @@ class Applier(LayerPaths):
                 report(reader.consumed - seen, 1)
                 seen = reader.consumed
         return total
+
+    def _join_writers(self, failed_at: int | None) -> None:
+        """Wait for the writers and stop them; raise the failure of the earliest entry
+        if it was a writer's (``failed_at``: the entry this thread failed on)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        failure = pool.close(failed_at)
+        if failure is not None:
+            raise failure[1]
 
     # -- one entry ------------------------------------------------------------
 
@@ -227,24 +265,47 @@ class Applier(LayerPaths):
         except FileExistsError:
             self._clear(pfd, base, False)
             fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+        # Created here, in tar order; the rest is on the fd alone, which a writer can
+        # finish beside this thread (see lamina.archive.writers for why that is safe).
+        if self._pool is not None and self._take is not None:
+            data = self._take(entry)
+            if data is not None:
+                self._pool.submit(self._seq, fd, data, entry, len(self.digests) < MAX_DIGESTS)
+                return
         try:
             crc = reader.copy_data(entry, fd, checksum=len(self.digests) < MAX_DIGESTS)
-            if self._identity:
-                os.fchown(fd, entry.uid, entry.gid)
-            else:
-                os.fchown(fd, *self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name))
-            os.fchmod(fd, entry.mode)
-            # chown drops security.capability, so xattrs come after it.
-            for key, value in entry.xattrs.items():
-                _setxattr(fd, key, value)
-            os.utime(fd, ns=(_atime(entry), entry.mtime))
-            if crc is not None:
-                st = os.fstat(fd)
-                self.digests[st.st_ino] = (st.st_size, st.st_mtime_ns, crc)
-            elif self.digests:  # sparse, or past MAX_DIGESTS: forget the inode's old one
-                self.digests.pop(os.fstat(fd).st_ino, None)
+            self._file_metadata(fd, entry, crc)
         finally:
             os.close(fd)
+
+    def _finish_file(self, fd: int, data: memoryview, entry: Entry, checksum: bool) -> None:
+        """A writer's part of a regular file: its data and metadata, then the close."""
+        try:
+            crc = isal_zlib.crc32(data) if checksum else None
+            view = data
+            while view:
+                view = view[os.write(fd, view) :]
+            self._file_metadata(fd, entry, crc)
+        except OSError as e:
+            raise _os_error(e, self.layer, entry.name) from e
+        finally:
+            os.close(fd)
+
+    def _file_metadata(self, fd: int, entry: Entry, crc: int | None) -> None:
+        if self._identity:
+            os.fchown(fd, entry.uid, entry.gid)
+        else:
+            os.fchown(fd, *self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name))
+        os.fchmod(fd, entry.mode)
+        # chown drops security.capability, so xattrs come after it.
+        for key, value in entry.xattrs.items():
+            _setxattr(fd, key, value)
+        os.utime(fd, ns=(_atime(entry), entry.mtime))
+        if crc is not None:
+            st = os.fstat(fd)
+            self.digests[st.st_ino] = (st.st_size, st.st_mtime_ns, crc)
+        elif self.digests:  # sparse, or past MAX_DIGESTS: forget the inode's old one
+            self.digests.pop(os.fstat(fd).st_ino, None)
 
     def _directory(self, pfd: int, base: str, entry: Entry, parts: tuple[str, ...]) -> None:
         try:

@@ -334,7 +334,7 @@ def _apply_records(spec: dict[str, Any], root: str, lowers: list[str],
             ids=IdMapper([tuple(r) for r in spec["uids"]], [tuple(r) for r in spec["gids"]]),
             overlay_whiteouts=spec["overlay_whiteouts"], max_entries=spec["max_entries"],
             max_size=spec["max_size"], lowers=lowers, max_path=spec["max_path"],
-            digests=digests,
+            digests=digests, writers=spec.get("writers", 0),
         )
         return applier.apply_entries(RecordReader(data_fd))
 
