@@ -45,7 +45,7 @@ from lamina.archive.union import (
     lower_lookup,
     opaque,
 )
-from lamina.archive.writers import Writers
+from lamina.archive.writers import Name, Writers
 from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive, Unsupported
 from lamina.host import fsutil
 from lamina.host.fsutil import DIR_FLAGS
@@ -136,6 +136,11 @@ class Applier(LayerPaths):
         self._pool: Writers | None = None
         self._take: Callable[[Entry], memoryview | None] | None = None
         self._seq = 0  # the entry being applied, counted from 1 in tar order
+        self._creating: set[Name] = set()  # files a writer is to create (the pool's set)
+        # Whether a writer may create a file itself: in a layer that started empty, while
+        # every name made in it is known (entries, parents; not overlay whiteouts or
+        # copy-ups), so that a name neither holds is certainly free.
+        self._fresh = False
 
     # -- entry point --------------------------------------------------------
 
@@ -149,8 +154,10 @@ class Applier(LayerPaths):
         self._take = getattr(reader, "take_data", None) if self.writers else None
         if self._take is not None:
             self._pool = Writers(self.writers, self._finish_file)
+            self._creating = self._pool.creating
         try:
             self._root_ino = os.fstat(self._root_fd).st_ino
+            self._fresh = self._pool is not None and not os.listdir(self._root_fd)
             size = self._apply_all(reader)
             self._join_writers(None)  # directory times come after every file's
             self._set_dir_times()
@@ -232,11 +239,14 @@ class Applier(LayerPaths):
             hit = self._cache[key]
         pfd, chain, length = hit
         self._check_length(length, base, entry.name)
+        name = (chain[-1], base)
+        if self._creating and name in self._creating:
+            self._settle()  # an earlier entry of this name is still being created
         # Each kind is created first and the name cleared only when it is taken
         # (EEXIST): in a fresh layer no name is, and a lookup per entry is saved.
         kind = entry.type
         if kind == REG:
-            self._regular(reader, pfd, base, entry)
+            self._regular(reader, pfd, base, entry, name)
         elif kind == DIR:
             self._directory(pfd, base, entry, (*key, base))
         elif kind == LINK:
@@ -259,7 +269,17 @@ class Applier(LayerPaths):
         if chain[-1] not in self._holds:
             self._holds.update(chain)
 
-    def _regular(self, reader: EntrySource, pfd: int, base: str, entry: Entry) -> None:
+    def _regular(self, reader: EntrySource, pfd: int, base: str, entry: Entry,
+                 name: Name) -> None:
+        pool = self._pool
+        if (pool is not None and self._take is not None and self._fresh
+                and name not in self._written and name not in self._made):
+            # A name certainly free: a writer creates the file too (lamina.archive.writers).
+            data = self._take(entry)
+            if data is not None:
+                pool.submit(self._seq, -1, data, entry, len(self.digests) < MAX_DIGESTS,
+                            pfd=pfd, name=name)
+                return
         try:
             fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
         except FileExistsError:
@@ -267,10 +287,10 @@ class Applier(LayerPaths):
             fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
         # Created here, in tar order; the rest is on the fd alone, which a writer can
         # finish beside this thread (see lamina.archive.writers for why that is safe).
-        if self._pool is not None and self._take is not None:
+        if pool is not None and self._take is not None:
             data = self._take(entry)
             if data is not None:
-                self._pool.submit(self._seq, fd, data, entry, len(self.digests) < MAX_DIGESTS)
+                pool.submit(self._seq, fd, data, entry, len(self.digests) < MAX_DIGESTS)
                 return
         try:
             crc = reader.copy_data(entry, fd, checksum=len(self.digests) < MAX_DIGESTS)
@@ -278,8 +298,17 @@ class Applier(LayerPaths):
         finally:
             os.close(fd)
 
-    def _finish_file(self, fd: int, data: memoryview, entry: Entry, checksum: bool) -> None:
-        """A writer's part of a regular file: its data and metadata, then the close."""
+    def _finish_file(self, fd: int, pfd: int, name: Name | None, data: memoryview,
+                     entry: Entry, checksum: bool) -> None:
+        """A writer's part of a regular file: its create when ``name`` is given, its data
+        and metadata, then the close."""
+        if name is not None:
+            try:
+                fd = os.open(name[1], _FILE_FLAGS, 0o600, dir_fd=pfd)
+            except OSError as e:
+                raise _os_error(e, self.layer, entry.name) from e
+            finally:
+                self._creating.discard(name)
         try:
             crc = isal_zlib.crc32(data) if checksum else None
             view = data
@@ -361,6 +390,7 @@ class Applier(LayerPaths):
             _setxattr(f"/proc/self/fd/{pfd}/{base}", key, value, follow=False)
 
     def _hardlink(self, pfd: int, base: str, entry: Entry) -> None:
+        self._settle()  # the target must be made
         target = split_name(entry.linkname, layer=self.layer)
         if not target:
             raise UnsafeArchive("hard link to the layer root", layer=self.layer, path=entry.name)
@@ -403,6 +433,7 @@ class Applier(LayerPaths):
         finally:
             os.close(src)
         copied = os.lstat(base, dir_fd=tfd)
+        self._fresh = False  # a name no entry made
         # Its inode may be one a file of this archive had, before that was replaced.
         self.digests.pop(copied.st_ino, None)
         return copied
@@ -410,6 +441,9 @@ class Applier(LayerPaths):
     # -- whiteouts ------------------------------------------------------------
 
     def _whiteout_entry(self, name: str, parent: list[str], base: str) -> None:
+        self._settle()  # it lists and removes: every name before it made
+        if self.overlay_whiteouts:
+            self._fresh = False  # its whiteouts are names no entry made
         if base == OPAQUE_MARKER:
             dfd, chain = self._resolve(parent, create=True, name=name)
             for child in os.listdir(dfd):
@@ -483,6 +517,7 @@ class Applier(LayerPaths):
 
     def _clear(self, pfd: int, base: str, new_is_dir: bool) -> bool:
         """Make room for a new entry; True when an existing directory is to be merged."""
+        self._settle()  # a directory removed must have nothing left to create in it
         try:
             st = os.lstat(base, dir_fd=pfd)
         except FileNotFoundError:
@@ -497,6 +532,21 @@ class Applier(LayerPaths):
             self._drop_cache()
         os.unlink(base, dir_fd=pfd)
         return False
+
+    # -- what waits for the writers --------------------------------------------
+
+    def _settle(self) -> None:
+        """Wait until every file handed to a writer to create is made."""
+        if self._creating and self._pool is not None:
+            self._pool.drain()
+
+    def _looking_up(self, ino: int, part: str) -> None:
+        if self._creating and (ino, part) in self._creating:
+            self._settle()  # the walk must find the file there, as it would serially
+
+    def _close_retired(self) -> None:
+        self._settle()  # a writer may yet create a file in a directory of these fds
+        super()._close_retired()
 
     # -- directory times ------------------------------------------------------
 

@@ -43,10 +43,14 @@ BATCH = 32  # files a writer takes at once: one queue operation for many files
 BATCH_BYTES = 1 << 18
 MAX_BATCHES = 8  # batches handed out and not yet done: at most 256 open files
 
-Task = tuple[int, int, memoryview, Entry, bool]
-"""(place in the tar, the created file's fd, its data, its entry, whether to digest it)."""
-Finish = Callable[[int, memoryview, Entry, bool], None]
-"""Completes one file on its fd (and closes it): the applier's part a writer runs."""
+Name = tuple[int, str]
+"""A name in the layer: (the inode of its directory, the name there)."""
+Task = tuple[int, int, int, Name | None, memoryview, Entry, bool]
+"""(place in the tar, the file's fd or -1, the directory's fd and the file's name when
+the writer creates it, its data, its entry, whether to digest it)."""
+Finish = Callable[[int, int, Name | None, memoryview, Entry, bool], None]
+"""Completes one file (creates it first when asked; closes it): the applier's part a
+writer runs."""
 
 
 def writers_requested() -> int:
@@ -70,19 +74,32 @@ class Writers:
         self._lock = threading.Lock()
         # The earliest failure so far (place, error); the applier stops once it is set.
         self.failure: tuple[int, BaseException] | None = None
+        self.creating: set[Name] = set()  # names handed to a writer to create, not yet made
         self._stop_after = 1 << 62  # no task after this place is done
         self._threads = [threading.Thread(target=self._run, name=f"lamina-writer-{i}",
                                           daemon=True) for i in range(count)]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, seq: int, fd: int, data: memoryview, entry: Entry,
-               checksum: bool) -> None:
-        """Hand over the file ``fd`` (a writer closes it), entry number ``seq`` of the tar."""
-        self._batch.append((seq, fd, data, entry, checksum))
+    def submit(self, seq: int, fd: int, data: memoryview, entry: Entry, checksum: bool,
+               *, pfd: int = -1, name: Name | None = None) -> None:
+        """Hand over the file ``fd`` (a writer closes it), entry number ``seq`` of the tar;
+        with ``fd`` -1, the writer creates it as ``name`` in the directory ``pfd`` first
+        (:attr:`creating` holds the name until then)."""
+        if name is not None:
+            self.creating.add(name)
+        self._batch.append((seq, fd, pfd, name, data, entry, checksum))
         self._bytes += len(data)
         if len(self._batch) >= BATCH or self._bytes >= BATCH_BYTES:
             self._flush()
+
+    def drain(self) -> None:
+        """Wait until every file handed over is done (the threads go on)."""
+        self._flush()
+        for _ in range(MAX_BATCHES):  # all the slots back: no batch is out
+            self._slots.acquire()
+        for _ in range(MAX_BATCHES):
+            self._slots.release()
 
     def close(self, failed_at: int | None = None) -> tuple[int, BaseException] | None:
         """Finish every file handed over and stop the threads; the earliest failure.
@@ -117,12 +134,15 @@ class Writers:
         finish = self._finish
         while (batch := self._queue.get()) is not None:
             try:
-                for seq, fd, data, entry, checksum in batch:
+                for seq, fd, pfd, name, data, entry, checksum in batch:
                     if seq > self._stop_after:
-                        os.close(fd)
+                        if fd >= 0:
+                            os.close(fd)
+                        if name is not None:
+                            self.creating.discard(name)
                         continue
                     try:
-                        finish(fd, data, entry, checksum)
+                        finish(fd, pfd, name, data, entry, checksum)
                     except BaseException as e:  # kept for the applier to raise, in order
                         with self._lock:
                             if self.failure is None or seq < self.failure[0]:
