@@ -116,6 +116,7 @@ class Applier(LayerPaths):
         max_path: int | None = None,
         digests: Digests | None = None,
         writers: int = 0,
+        umask_zero: bool = False,
     ) -> None:
         super().__init__(os.fspath(root), layer=layer, ids=ids or IdMapper(),
                          overlay_whiteouts=overlay_whiteouts, lowers=lowers,
@@ -141,6 +142,10 @@ class Applier(LayerPaths):
         # every name made in it is known (entries, parents; not overlay whiteouts or
         # copy-ups), so that a name neither holds is certainly free.
         self._fresh = False
+        # The process's umask is 0 (the isolated child's is): a file a writer finishes
+        # is created with its permission bits, and needs no fchmod unless it has
+        # setuid, setgid or sticky, which the chown after the create would clear.
+        self._umask_zero = umask_zero
 
     # -- entry point --------------------------------------------------------
 
@@ -280,11 +285,12 @@ class Applier(LayerPaths):
                 pool.submit(self._seq, -1, data, entry, len(self.digests) < MAX_DIGESTS,
                             pfd=pfd, name=name)
                 return
+        perm = self._create_mode(entry) if pool is not None else 0o600
         try:
-            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+            fd = os.open(base, _FILE_FLAGS, perm, dir_fd=pfd)
         except FileExistsError:
             self._clear(pfd, base, False)
-            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+            fd = os.open(base, _FILE_FLAGS, perm, dir_fd=pfd)
         # Created here, in tar order; the rest is on the fd alone, which a writer can
         # finish beside this thread (see lamina.archive.writers for why that is safe).
         if pool is not None and self._take is not None:
@@ -294,38 +300,46 @@ class Applier(LayerPaths):
                 return
         try:
             crc = reader.copy_data(entry, fd, checksum=len(self.digests) < MAX_DIGESTS)
-            self._file_metadata(fd, entry, crc)
+            self._file_metadata(fd, entry, crc, perm)
         finally:
             os.close(fd)
+
+    def _create_mode(self, entry: Entry) -> int:
+        """The mode to create a file with: its own where no fchmod need follow."""
+        mode = entry.mode
+        return mode if self._umask_zero and not mode & ~0o777 else 0o600
 
     def _finish_file(self, fd: int, pfd: int, name: Name | None, data: memoryview,
                      entry: Entry, checksum: bool) -> None:
         """A writer's part of a regular file: its create when ``name`` is given, its data
         and metadata, then the close."""
+        perm = self._create_mode(entry)
         if name is not None:
             try:
-                fd = os.open(name[1], _FILE_FLAGS, 0o600, dir_fd=pfd)
+                fd = os.open(name[1], _FILE_FLAGS, perm, dir_fd=pfd)
             except OSError as e:
                 raise _os_error(e, self.layer, entry.name) from e
             finally:
                 self._creating.discard(name)
         try:
             crc = isal_zlib.crc32(data) if checksum else None
-            view = data
-            while view:
-                view = view[os.write(fd, view) :]
-            self._file_metadata(fd, entry, crc)
+            if data:
+                done = os.write(fd, data)
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+            self._file_metadata(fd, entry, crc, perm)
         except OSError as e:
             raise _os_error(e, self.layer, entry.name) from e
         finally:
             os.close(fd)
 
-    def _file_metadata(self, fd: int, entry: Entry, crc: int | None) -> None:
+    def _file_metadata(self, fd: int, entry: Entry, crc: int | None, perm: int) -> None:
         if self._identity:
             os.fchown(fd, entry.uid, entry.gid)
         else:
             os.fchown(fd, *self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name))
-        os.fchmod(fd, entry.mode)
+        if perm != entry.mode or not self._umask_zero:  # see _create_mode
+            os.fchmod(fd, entry.mode)
         # chown drops security.capability, so xattrs come after it.
         for key, value in entry.xattrs.items():
             _setxattr(fd, key, value)
