@@ -243,7 +243,8 @@ class Applier(LayerPaths):
             self._resolve(key, create=True, name=entry.name)
             hit = self._cache[key]
         pfd, chain, length = hit
-        self._check_length(length, base, entry.name)
+        if self.max_path is not None and length + 4 * len(base) >= self.max_path:
+            self._check_length(length, base, entry.name)  # may be too long (UTF-8: <= 4x)
         name = (chain[-1], base)
         if self._creating and name in self._creating:
             self._settle()  # an earlier entry of this name is still being created
@@ -267,11 +268,8 @@ class Applier(LayerPaths):
             os.utime(base, ns=(_atime(entry), entry.mtime), dir_fd=pfd, follow_symlinks=False)
         else:
             self._device(pfd, base, entry)
-        self._mark_written(chain, base)
-
-    def _mark_written(self, chain: tuple[int, ...], base: str) -> None:
-        self._written.add((chain[-1], base))
-        if chain[-1] not in self._holds:
+        self._written.add(name)
+        if name[0] not in self._holds:
             self._holds.update(chain)
 
     def _regular(self, reader: EntrySource, pfd: int, base: str, entry: Entry,
