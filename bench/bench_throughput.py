@@ -16,7 +16,9 @@ owners, xattrs, modes), each run into a new directory after a ``sync``:
 - peak RSS applying / exporting a 1 GB layer
 
 lamina's apply is durable when it returns (one syncfs); GNU tar's is not, so each
-apply line also shows GNU tar followed by ``sync -f`` of the same filesystem.
+apply line also shows GNU tar followed by ``sync -f`` of the same filesystem, and
+lamina's serial applier (``LAMINA_APPLY_WRITERS=0``, no writer threads) in the same
+rounds.
 Needs root and the corpus ($LAMINA_CORPUS, default /var/tmp/lamina-corpus).
 """
 
@@ -41,6 +43,7 @@ import lamina
 
 CORPUS = Path(os.environ.get("LAMINA_CORPUS", "/var/tmp/lamina-corpus"))
 TAR = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*"]
+WRITERS = "LAMINA_APPLY_WRITERS"  # lamina.archive.writers.ENV
 
 
 def median_times(runs: int, setup: Callable[[], None],
@@ -93,7 +96,20 @@ class Bench:
         self.out.mkdir()
         sh(f"sync -f {self.work}")
 
-    def apply(self, path: Path, id: str = "l", parent: str | None = None) -> None:
+    def apply(self, path: Path, id: str = "l", parent: str | None = None,
+              writers: str | None = None) -> None:
+        saved = os.environ.get(WRITERS)
+        if writers is not None:
+            os.environ[WRITERS] = writers
+        try:
+            self._apply(path, id, parent)
+        finally:
+            if writers is not None and saved is None:
+                del os.environ[WRITERS]
+            elif writers is not None and saved is not None:
+                os.environ[WRITERS] = saved
+
+    def _apply(self, path: Path, id: str = "l", parent: str | None = None) -> None:
         with lamina.open_driver(self.home, backend=self.backend) as drv, open(path, "rb") as f:
             drv.apply_diff(id, parent, f)
 
@@ -104,14 +120,17 @@ class Bench:
 
     def apply_vs(self, name: str, path: Path, gnu: str, size: int, entries: int) -> None:
         """``gnu``: the reference command, with ``{out}`` for the directory it extracts to."""
-        ours, theirs, synced = median_times(self.runs, self.fresh, [
+        ours, theirs, synced, serial = median_times(self.runs, self.fresh, [
             lambda: self.apply(path),
             lambda: sh(gnu.format(out=self.out)),
             lambda: sh(gnu.format(out=self.out) + f" && sync -f {self.out}"),
+            lambda: self.apply(path, writers="0"),
         ])
         self.row(name, ours, theirs, "GNU")
         print(f"{'':<44} {size / ours / 1e6:7.0f} MB/s, {entries / ours:8.0f} files/s; "
-              f"vs GNU tar + sync -f: ratio {ours / synced:5.2f}", flush=True)
+              f"vs GNU tar + sync -f: ratio {ours / synced:5.2f}; serial lamina "
+              f"{serial:7.3f} s (ratio {serial / theirs:5.2f}, writers gain "
+              f"{serial / ours:4.2f}x)", flush=True)
 
     def export(self, rootfs: Path, size: int, entries: int) -> None:
         """diff of the base layer to /dev/null, against ``tar -c`` of the same tree."""

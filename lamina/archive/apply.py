@@ -28,8 +28,10 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO, Protocol
+
+from isal import isal_zlib
 
 from lamina import crashpoints, progress
 from lamina.archive.digests import MAX_DIGESTS, Digests
@@ -43,6 +45,7 @@ from lamina.archive.union import (
     lower_lookup,
     opaque,
 )
+from lamina.archive.writers import Name, Writers
 from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive, Unsupported
 from lamina.host import fsutil
 from lamina.host.fsutil import DIR_FLAGS
@@ -112,6 +115,8 @@ class Applier(LayerPaths):
         lowers: Sequence[str] = (),
         max_path: int | None = None,
         digests: Digests | None = None,
+        writers: int = 0,
+        umask_zero: bool = False,
     ) -> None:
         super().__init__(os.fspath(root), layer=layer, ids=ids or IdMapper(),
                          overlay_whiteouts=overlay_whiteouts, lowers=lowers,
@@ -126,6 +131,21 @@ class Applier(LayerPaths):
         self._dirs: dict[int, tuple[tuple[str, ...], int, int]] = {}
         # The CRC-32 of each file written from the stream, for the layer's manifest.
         self.digests: Digests = {} if digests is None else digests
+        # Writer threads that finish regular files (lamina.archive.writers), when the
+        # source can hand out a file's data by itself (the isolated child's records).
+        self.writers = writers
+        self._pool: Writers | None = None
+        self._take: Callable[[Entry], memoryview | None] | None = None
+        self._seq = 0  # the entry being applied, counted from 1 in tar order
+        self._creating: set[Name] = set()  # files a writer is to create (the pool's set)
+        # Whether a writer may create a file itself: in a layer that started empty, while
+        # every name made in it is known (entries, parents; not overlay whiteouts or
+        # copy-ups), so that a name neither holds is certainly free.
+        self._fresh = False
+        # The process's umask is 0 (the isolated child's is): a file a writer finishes
+        # is created with its permission bits, and needs no fchmod unless it has
+        # setuid, setgid or sticky, which the chown after the create would clear.
+        self._umask_zero = umask_zero
 
     # -- entry point --------------------------------------------------------
 
@@ -136,21 +156,41 @@ class Applier(LayerPaths):
     def apply_entries(self, reader: EntrySource) -> int:
         """Apply the members ``reader`` gives (a tar's, or records of one); as :meth:`apply`."""
         self._root_fd = os.open(self.root, DIR_FLAGS)
+        self._take = getattr(reader, "take_data", None) if self.writers else None
+        if self._take is not None:
+            self._pool = Writers(self.writers, self._finish_file)
+            self._creating = self._pool.creating
         try:
             self._root_ino = os.fstat(self._root_fd).st_ino
+            self._fresh = self._pool is not None and not os.listdir(self._root_fd)
             size = self._apply_all(reader)
+            self._join_writers(None)  # directory times come after every file's
             self._set_dir_times()
             return size
         finally:
+            if self._pool is not None:  # not started, or a bug: stop them before any close
+                self._pool.close(failed_at=0)
+                self._pool = None
             self._drop_cache()
             self._close_retired()
             os.close(self._root_fd)
 
     def _apply_all(self, reader: EntrySource) -> int:
+        try:
+            return self._apply_each(reader)
+        except BaseException:
+            # Failed on entry _seq (or on reading the next): the earliest failure wins.
+            self._join_writers(self._seq + 1)
+            raise
+
+    def _apply_each(self, reader: EntrySource) -> int:
         report = progress.current()
         total = 0
         seen = 0
         for count, entry in enumerate(reader, 1):
+            self._seq = count
+            if self._pool is not None and self._pool.failure is not None:
+                self._join_writers(None)  # a writer failed on an earlier entry: stop
             if self.max_entries is not None and count > self.max_entries:
                 raise UnsafeArchive(f"more than {self.max_entries} entries", layer=self.layer)
             if entry.type == REG:
@@ -171,6 +211,16 @@ class Applier(LayerPaths):
                 report(reader.consumed - seen, 1)
                 seen = reader.consumed
         return total
+
+    def _join_writers(self, failed_at: int | None) -> None:
+        """Wait for the writers and stop them; raise the failure of the earliest entry
+        if it was a writer's (``failed_at``: the entry this thread failed on)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        failure = pool.close(failed_at)
+        if failure is not None:
+            raise failure[1]
 
     # -- one entry ------------------------------------------------------------
 
@@ -193,12 +243,16 @@ class Applier(LayerPaths):
             self._resolve(key, create=True, name=entry.name)
             hit = self._cache[key]
         pfd, chain, length = hit
-        self._check_length(length, base, entry.name)
+        if self.max_path is not None and length + 4 * len(base) >= self.max_path:
+            self._check_length(length, base, entry.name)  # may be too long (UTF-8: <= 4x)
+        name = (chain[-1], base)
+        if self._creating and name in self._creating:
+            self._settle()  # an earlier entry of this name is still being created
         # Each kind is created first and the name cleared only when it is taken
         # (EEXIST): in a fresh layer no name is, and a lookup per entry is saved.
         kind = entry.type
         if kind == REG:
-            self._regular(reader, pfd, base, entry)
+            self._regular(reader, pfd, base, entry, name)
         elif kind == DIR:
             self._directory(pfd, base, entry, (*key, base))
         elif kind == LINK:
@@ -214,37 +268,85 @@ class Applier(LayerPaths):
             os.utime(base, ns=(_atime(entry), entry.mtime), dir_fd=pfd, follow_symlinks=False)
         else:
             self._device(pfd, base, entry)
-        self._mark_written(chain, base)
-
-    def _mark_written(self, chain: tuple[int, ...], base: str) -> None:
-        self._written.add((chain[-1], base))
-        if chain[-1] not in self._holds:
+        self._written.add(name)
+        if name[0] not in self._holds:
             self._holds.update(chain)
 
-    def _regular(self, reader: EntrySource, pfd: int, base: str, entry: Entry) -> None:
+    def _regular(self, reader: EntrySource, pfd: int, base: str, entry: Entry,
+                 name: Name) -> None:
+        pool = self._pool
+        if (pool is not None and self._take is not None and self._fresh
+                and name not in self._written and name not in self._made):
+            # A name certainly free: a writer creates the file too (lamina.archive.writers).
+            data = self._take(entry)
+            if data is not None:
+                pool.submit(self._seq, -1, data, entry, len(self.digests) < MAX_DIGESTS,
+                            pfd=pfd, name=name)
+                return
+        perm = self._create_mode(entry) if pool is not None else 0o600
         try:
-            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+            fd = os.open(base, _FILE_FLAGS, perm, dir_fd=pfd)
         except FileExistsError:
             self._clear(pfd, base, False)
-            fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=pfd)
+            fd = os.open(base, _FILE_FLAGS, perm, dir_fd=pfd)
+        # Created here, in tar order; the rest is on the fd alone, which a writer can
+        # finish beside this thread (see lamina.archive.writers for why that is safe).
+        if pool is not None and self._take is not None:
+            data = self._take(entry)
+            if data is not None:
+                pool.submit(self._seq, fd, data, entry, len(self.digests) < MAX_DIGESTS)
+                return
         try:
             crc = reader.copy_data(entry, fd, checksum=len(self.digests) < MAX_DIGESTS)
-            if self._identity:
-                os.fchown(fd, entry.uid, entry.gid)
-            else:
-                os.fchown(fd, *self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name))
-            os.fchmod(fd, entry.mode)
-            # chown drops security.capability, so xattrs come after it.
-            for key, value in entry.xattrs.items():
-                _setxattr(fd, key, value)
-            os.utime(fd, ns=(_atime(entry), entry.mtime))
-            if crc is not None:
-                st = os.fstat(fd)
-                self.digests[st.st_ino] = (st.st_size, st.st_mtime_ns, crc)
-            elif self.digests:  # sparse, or past MAX_DIGESTS: forget the inode's old one
-                self.digests.pop(os.fstat(fd).st_ino, None)
+            self._file_metadata(fd, entry, crc, perm)
         finally:
             os.close(fd)
+
+    def _create_mode(self, entry: Entry) -> int:
+        """The mode to create a file with: its own where no fchmod need follow."""
+        mode = entry.mode
+        return mode if self._umask_zero and not mode & ~0o777 else 0o600
+
+    def _finish_file(self, fd: int, pfd: int, name: Name | None, data: memoryview,
+                     entry: Entry, checksum: bool) -> None:
+        """A writer's part of a regular file: its create when ``name`` is given, its data
+        and metadata, then the close."""
+        perm = self._create_mode(entry)
+        if name is not None:
+            try:
+                fd = os.open(name[1], _FILE_FLAGS, perm, dir_fd=pfd)
+            except OSError as e:
+                raise _os_error(e, self.layer, entry.name) from e
+            finally:
+                self._creating.discard(name)
+        try:
+            crc = isal_zlib.crc32(data) if checksum else None
+            if data:
+                done = os.write(fd, data)
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+            self._file_metadata(fd, entry, crc, perm)
+        except OSError as e:
+            raise _os_error(e, self.layer, entry.name) from e
+        finally:
+            os.close(fd)
+
+    def _file_metadata(self, fd: int, entry: Entry, crc: int | None, perm: int) -> None:
+        if self._identity:
+            os.fchown(fd, entry.uid, entry.gid)
+        else:
+            os.fchown(fd, *self.ids.to_host(entry.uid, entry.gid, self.layer, entry.name))
+        if perm != entry.mode or not self._umask_zero:  # see _create_mode
+            os.fchmod(fd, entry.mode)
+        # chown drops security.capability, so xattrs come after it.
+        for key, value in entry.xattrs.items():
+            _setxattr(fd, key, value)
+        os.utime(fd, ns=(_atime(entry), entry.mtime))
+        if crc is not None:
+            st = os.fstat(fd)
+            self.digests[st.st_ino] = (st.st_size, st.st_mtime_ns, crc)
+        elif self.digests:  # sparse, or past MAX_DIGESTS: forget the inode's old one
+            self.digests.pop(os.fstat(fd).st_ino, None)
 
     def _directory(self, pfd: int, base: str, entry: Entry, parts: tuple[str, ...]) -> None:
         try:
@@ -300,6 +402,7 @@ class Applier(LayerPaths):
             _setxattr(f"/proc/self/fd/{pfd}/{base}", key, value, follow=False)
 
     def _hardlink(self, pfd: int, base: str, entry: Entry) -> None:
+        self._settle()  # the target must be made
         target = split_name(entry.linkname, layer=self.layer)
         if not target:
             raise UnsafeArchive("hard link to the layer root", layer=self.layer, path=entry.name)
@@ -342,6 +445,7 @@ class Applier(LayerPaths):
         finally:
             os.close(src)
         copied = os.lstat(base, dir_fd=tfd)
+        self._fresh = False  # a name no entry made
         # Its inode may be one a file of this archive had, before that was replaced.
         self.digests.pop(copied.st_ino, None)
         return copied
@@ -349,6 +453,9 @@ class Applier(LayerPaths):
     # -- whiteouts ------------------------------------------------------------
 
     def _whiteout_entry(self, name: str, parent: list[str], base: str) -> None:
+        self._settle()  # it lists and removes: every name before it made
+        if self.overlay_whiteouts:
+            self._fresh = False  # its whiteouts are names no entry made
         if base == OPAQUE_MARKER:
             dfd, chain = self._resolve(parent, create=True, name=name)
             for child in os.listdir(dfd):
@@ -422,6 +529,7 @@ class Applier(LayerPaths):
 
     def _clear(self, pfd: int, base: str, new_is_dir: bool) -> bool:
         """Make room for a new entry; True when an existing directory is to be merged."""
+        self._settle()  # a directory removed must have nothing left to create in it
         try:
             st = os.lstat(base, dir_fd=pfd)
         except FileNotFoundError:
@@ -436,6 +544,21 @@ class Applier(LayerPaths):
             self._drop_cache()
         os.unlink(base, dir_fd=pfd)
         return False
+
+    # -- what waits for the writers --------------------------------------------
+
+    def _settle(self) -> None:
+        """Wait until every file handed to a writer to create is made."""
+        if self._creating and self._pool is not None:
+            self._pool.drain()
+
+    def _looking_up(self, ino: int, part: str) -> None:
+        if self._creating and (ino, part) in self._creating:
+            self._settle()  # the walk must find the file there, as it would serially
+
+    def _close_retired(self) -> None:
+        self._settle()  # a writer may yet create a file in a directory of these fds
+        super()._close_retired()
 
     # -- directory times ------------------------------------------------------
 

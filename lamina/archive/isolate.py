@@ -92,6 +92,7 @@ from lamina.archive import frames, records, wclayer
 from lamina.archive.apply import Applier
 from lamina.archive.digests import MAX_DIGESTS, Digests
 from lamina.archive.reader import TarReader
+from lamina.archive.writers import writers_requested
 from lamina.host.idmap import IdMapper
 
 NOREEXEC = "LAMINA_NOREEXEC"
@@ -148,6 +149,7 @@ def apply_layer(
         "max_size": max_size,
         "max_path": max_path,
         "progress": progress.current() is not None,
+        "writers": writers_requested(),
     }
     result = _Run(spec, layer, digests).run(stream)
     return int(result["size"])

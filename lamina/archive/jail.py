@@ -329,12 +329,13 @@ def _apply_records(spec: dict[str, Any], root: str, lowers: list[str],
     """The work of an ``apply``: the records of the pipe, by the tar engine's applier."""
 
     def work(data_fd: int) -> int:
+        os.umask(0)  # every mode is the tar's (the applier then skips most fchmods)
         applier = Applier(
             root, layer=spec["layer"],
             ids=IdMapper([tuple(r) for r in spec["uids"]], [tuple(r) for r in spec["gids"]]),
             overlay_whiteouts=spec["overlay_whiteouts"], max_entries=spec["max_entries"],
             max_size=spec["max_size"], lowers=lowers, max_path=spec["max_path"],
-            digests=digests,
+            digests=digests, writers=spec.get("writers", 0), umask_zero=True,
         )
         return applier.apply_entries(RecordReader(data_fd))
 

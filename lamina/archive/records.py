@@ -167,3 +167,16 @@ class RecordReader(BufferedInput):
             self._write_sparse(fd, entry.sparse, entry)
         self._pending = 0
         return crc
+
+    def take_data(self, entry: Entry) -> memoryview | None:
+        """``entry``'s data as a view of the buffer, consumed, if it lies whole there (no
+        copy: the buffer is ``bytes``, which the view keeps alive); else None, and
+        :meth:`copy_data` is to be used."""
+        n = entry.data_size
+        pos = self._pos
+        if entry.sparse is not None or n > len(self._buf) - pos:
+            return None
+        self._pos = pos + n
+        self.consumed += n
+        self._pending = 0
+        return memoryview(self._buf)[pos : pos + n]

@@ -52,6 +52,7 @@ class LayerPaths:
         # Open directories by path: (fd, inode chain from the root, bytes of the path).
         self._cache: dict[tuple[str, ...], tuple[int, tuple[int, ...], int]] = {}
         self._retired: list[int] = []  # fds dropped from the cache, closed between entries
+        self._made: set[tuple[int, str]] = set()  # (parent inode, name) of parents created
 
     def _resolve(
         self, parts: Iterable[str], *, create: bool, name: str, copy_up_only: bool = False
@@ -72,6 +73,10 @@ class LayerPaths:
                 self._drop_cache()
             self._cache[key] = hit = found
         return hit[0], hit[1]
+
+    def _looking_up(self, ino: int, part: str) -> None:
+        """Called before the name ``part`` is looked up in the directory of inode ``ino``
+        (the applier first waits for a file being created there, see its writers)."""
 
     def _check_length(self, length: int, part: str, name: str) -> None:
         """Refuse a path that would pass ``max_path`` with ``part`` added below it."""
@@ -106,6 +111,7 @@ class LayerPaths:
                     continue
                 self._check_length(length, part, name)
                 target: str | None = None
+                self._looking_up(ino, part)
                 try:
                     nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
@@ -120,6 +126,7 @@ class LayerPaths:
                         return None
                     else:
                         self._mkdir_parent(fd, part, found)
+                        self._made.add((ino, part))
                         nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
                     if e.errno not in (errno.ELOOP, errno.ENOTDIR):
@@ -131,6 +138,7 @@ class LayerPaths:
                             return None
                         os.unlink(part, dir_fd=fd)
                         self._mkdir_parent(fd, part, None)
+                        self._made.add((ino, part))
                         nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
                 if target is not None:
                     links += 1
