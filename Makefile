@@ -40,7 +40,7 @@ demo: bootstrap
 test: bootstrap corpus
 	$(VENV)/bin/ruff check
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 lint: bootstrap
 	$(VENV)/bin/ruff check
