@@ -298,9 +298,10 @@ def add_commands(sub: Any, json_flag: argparse.ArgumentParser) -> None:
         return c
 
     c = command("load", cmd_load, "load images from a docker save archive or an OCI layout")
-    c.add_argument("file", metavar="FILE", nargs="?", default="-",
+    c.add_argument("file", metavar="FILE", nargs="?", default=None,
                    help="a tar (plain or compressed) or a directory (- for stdin)")
-    c.add_argument("-i", "--input", dest="file", metavar="FILE", help=argparse.SUPPRESS)
+    c.add_argument("-i", "--input", metavar="FILE", default=None,
+                   help="the same as FILE (as docker load -i)")
     c = command("save", cmd_save, "write images as a tar (OCI layout with manifest.json)")
     c.add_argument("refs", metavar="REF", nargs="+", help="image names or ids")
     c.add_argument("-o", "--output", metavar="FILE", default=None, help="(default: stdout)")
@@ -324,6 +325,10 @@ def add_commands(sub: Any, json_flag: argparse.ArgumentParser) -> None:
 def usage_problem(args: argparse.Namespace) -> str | None:
     """What makes an ``image`` command line unusable (before the store opens)."""
     sub = getattr(args, "image_command", None)
+    if sub == "load":
+        if args.file is not None and args.input is not None:
+            return "image load: give the archive once (FILE or -i FILE)"
+        args.file = args.file or args.input or "-"
     if sub == "load" and args.file == "-" and sys.stdin is not None and sys.stdin.isatty():
         return "image load: refusing to read an archive from a terminal; give FILE or pipe it"
     if sub == "save" and args.output in (None, "-"):

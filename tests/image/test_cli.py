@@ -81,6 +81,10 @@ def test_load_from_stdin_and_save_to_stdout(cli: ImageCli, archive: Path) -> Non
     assert other.run("image", "load", "-", input=saved).stdout.decode() == \
         "Loaded image: test/app:1\n"
     assert other.image_json("inspect", "test/app:1")[0]["Id"] == IMG.id
+    third = ImageCli(cli.home.parent / "third", backend="vfs")
+    assert third.image("load", "-i", str(archive)) == "Loaded image: test/app:1\n"  # docker's -i
+    assert b"once" in third.run("image", "load", "-i", str(archive), str(archive),
+                                code=2).stderr
 
 
 def test_errors_are_one_line(cli: ImageCli, archive: Path, tmp_path: Path) -> None:
