@@ -291,29 +291,8 @@ def test_oci_missing_blob(driver: lamina.Driver) -> None:
     assert_empty(store)
 
 
-def test_manifest_over_4_mib(driver: lamina.Driver) -> None:
-    store = store_of(driver)
-    img = build.image(BASE)
-    big = json.loads(img.manifest())
-    big["annotations"] = {"pad": "x" * (4 << 20)}
-    data = json.dumps(big).encode()
-
-    def swap(members: list[tuple[str, bytes]]) -> None:
-        index = {"schemaVersion": 2, "manifests": [
-            {"mediaType": build.OCI_MANIFEST, "digest": build.sha(data), "size": len(data)}]}
-        members[1] = ("index.json", json.dumps(index).encode())
-        members.append((f"blobs/sha256/{build.sha(data)[7:]}", data))
-
-    with pytest.raises(errors.Corrupt, match="MiB"):
-        load_bytes(store, _oci_with(img, swap))
-    assert_empty(store)
-
-
-def test_unknown_media_type(driver: lamina.Driver) -> None:
-    store = store_of(driver)
-    img = build.image(BASE)
-    manifest = json.loads(img.manifest())
-    manifest["layers"][0]["mediaType"] = "application/x-not-a-layer"
+def _with_manifest(img: build.Image, manifest: dict[str, Any]) -> bytes:
+    """``img``'s OCI layout as a tar, its index pointing at ``manifest`` instead."""
     data = json.dumps(manifest).encode()
 
     def swap(members: list[tuple[str, bytes]]) -> None:
@@ -322,8 +301,26 @@ def test_unknown_media_type(driver: lamina.Driver) -> None:
         members[1] = ("index.json", json.dumps(index).encode())
         members.append((f"blobs/sha256/{build.sha(data)[7:]}", data))
 
+    return _oci_with(img, swap)
+
+
+def test_manifest_over_4_mib(driver: lamina.Driver) -> None:
+    store = store_of(driver)
+    img = build.image(BASE)
+    big = json.loads(img.manifest())
+    big["annotations"] = {"pad": "x" * (4 << 20)}
+    with pytest.raises(errors.Corrupt, match="MiB"):
+        load_bytes(store, _with_manifest(img, big))
+    assert_empty(store)
+
+
+def test_unknown_media_type(driver: lamina.Driver) -> None:
+    store = store_of(driver)
+    img = build.image(BASE)
+    manifest = json.loads(img.manifest())
+    manifest["layers"][0]["mediaType"] = "application/x-not-a-layer"
     with pytest.raises(errors.InvalidArgument, match="media type"):
-        load_bytes(store, _oci_with(img, swap))
+        load_bytes(store, _with_manifest(img, manifest))
     assert_empty(store)
 
 
