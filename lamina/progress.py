@@ -15,7 +15,7 @@ import contextvars
 import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 Reporter = Callable[[int, int], None]
 """``reporter(nbytes, nentries)``: that many more bytes and tar entries are done."""
@@ -43,9 +43,10 @@ def current() -> Reporter | None:
 class _Counted(io.RawIOBase):
     """A stream's reads, passed through, each reported to ``on_read(nbytes)``."""
 
-    def __init__(self, stream: BinaryIO, on_read: Callable[[int], None]) -> None:
+    def __init__(self, stream: BinaryIO, on_read: Callable[[int], None], owned: bool) -> None:
         self._stream = stream
         self._on_read = on_read
+        self._owned = owned
 
     def readable(self) -> bool:
         return True
@@ -65,11 +66,20 @@ class _Counted(io.RawIOBase):
         return data
 
     def close(self) -> None:
-        # The caller owns the stream (an open file, standard input): it closes it.
+        # Unless handed over (``owned``), the caller owns the stream (an open file,
+        # standard input): it closes it.
         super().close()
+        if self._owned:
+            self._stream.close()
+
+    def __getattr__(self, name: str) -> Any:
+        # What else the stream offers (a verifying reader's ``finish``), as it is.
+        return getattr(self._stream, name)
 
 
-def counted(stream: BinaryIO, on_read: Callable[[int], None]) -> BinaryIO:
+def counted(stream: BinaryIO, on_read: Callable[[int], None], *,
+            owned: bool = False) -> BinaryIO:
     """``stream`` (read as is: no buffering added), with every read's byte count
-    reported to ``on_read`` -- the bytes of the input consumed, compressed or not."""
-    return cast(BinaryIO, _Counted(stream, on_read))
+    reported to ``on_read`` -- the bytes of the input consumed, compressed or not.
+    ``owned``: closing the wrapper closes ``stream`` too."""
+    return cast(BinaryIO, _Counted(stream, on_read, owned))

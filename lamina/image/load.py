@@ -21,6 +21,7 @@ Anything wrong is an error, and the load leaves no image: its blobs and layers a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import posixpath
@@ -37,6 +38,7 @@ from lamina.archive.reader import TarReader
 from lamina.image import reference, spec
 from lamina.image.content import CHUNK, ContentStore
 from lamina.image.store import Image, ImageStore, host, platform_matches
+from lamina.progress import counted
 
 DOCUMENTS = ("manifest.json", "index.json", "oci-layout", "repositories")
 MAX_MEMBERS = 1 << 16
@@ -372,7 +374,7 @@ def apply_layers(store: ImageStore, img: Image,
                                         verify=layer.digest != diff_id)
             if progress is None:
                 return stream
-            return _Counted(stream, progress).as_stream()
+            return counted(stream, functools.partial(progress, "layer"), owned=True)
 
         if store.ensure_layer(chain, parent, diff_id, opener):
             applied += 1
@@ -384,32 +386,6 @@ def apply_layers(store: ImageStore, img: Image,
             progress("layer-done", 1)
         parent = chain
     return applied, reused
-
-
-class _Counted:
-    def __init__(self, stream: BinaryIO, progress: Progress) -> None:
-        self._stream = stream
-        self._progress = progress
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._stream.read(n)
-        if data:
-            self._progress("layer", len(data))
-        return data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    def __enter__(self) -> _Counted:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stream.close()
-
-    def as_stream(self) -> BinaryIO:
-        from typing import cast
-
-        return cast(BinaryIO, self)
 
 
 @contextlib.contextmanager
@@ -428,17 +404,9 @@ def _source(store: ImageStore, path: str | None, stream: BinaryIO | None,
                 raise errors.InvalidArgument(f"cannot read it: {e.strerror or e}",
                                              path=path) from None
         if progress is not None:
-            stream = _ReadCounted(stream, progress).as_stream()
+            stream = counted(stream, functools.partial(progress, "read"))
         src.read(stream)
     yield src
-
-
-class _ReadCounted(_Counted):
-    def read(self, n: int = -1) -> bytes:
-        data = self._stream.read(n)
-        if data:
-            self._progress("read", len(data))
-        return data
 
 
 def load(store: ImageStore, path: str | None = None, stream: BinaryIO | None = None,

@@ -39,6 +39,7 @@ from lamina.image import reference, spec
 from lamina.image.content import CHUNK, BlobWriter
 from lamina.image.registry import Options, Registry
 from lamina.image.store import Image, ImageStore, host, layer_id, platform_matches
+from lamina.progress import counted
 
 JOBS = 3
 """Layers downloaded at once (Docker's ``max-concurrent-downloads``)."""
@@ -327,37 +328,4 @@ def _close_all(growing: dict[int, _Growing]) -> None:
 
 
 def _counted(stream: BinaryIO, on_read: Callable[[int], None] | None) -> BinaryIO:
-    if on_read is None:
-        return stream
-
-    class Counted:
-        def read(self, n: int = -1) -> bytes:
-            data = stream.read(n)
-            if data:
-                assert on_read is not None
-                on_read(len(data))
-            return data
-
-        def readinto(self, buf: Any) -> int:
-            data = self.read(len(buf))
-            buf[: len(data)] = data
-            return len(data)
-
-        def readable(self) -> bool:
-            return True
-
-        def finish(self) -> None:
-            finish = getattr(stream, "finish", None)
-            if finish is not None:
-                finish()
-
-        def close(self) -> None:
-            stream.close()
-
-        def __enter__(self) -> Counted:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.close()
-
-    return cast(BinaryIO, Counted())
+    return stream if on_read is None else counted(stream, on_read, owned=True)
