@@ -23,6 +23,7 @@ from lamina.frontends.output import (
     _one_line,
     _output_file,
     _printable,
+    byte_progress,
     human_size,
 )
 
@@ -41,21 +42,7 @@ def _bar(enabled: bool, label: str, total: int | None) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TextColumn("{task.fields[layers]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True)) as bar:
+    with byte_progress("{task.fields[layers]}") as bar:
         task = bar.add_task(label, total=total, layers="")
 
         def advance(n: int, new_total: int | None, layers: str | None = None) -> None:

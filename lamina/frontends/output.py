@@ -29,6 +29,32 @@ class Result:
     status: int = 0
 
 
+def byte_progress(*texts: str, elapsed: bool = True, remaining: bool = True) -> Any:
+    """A rich ``Progress`` on standard error for a transfer of bytes: the description, a
+    bar, bytes done against the total and the rate, then ``texts`` (``TextColumn``
+    formats), the time elapsed and the time left."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns: list[ProgressColumn] = [TextColumn("{task.description}"), BarColumn(),
+                                     DownloadColumn(), TransferSpeedColumn(),
+                                     *(TextColumn(t) for t in texts)]
+    if elapsed:
+        columns.append(TimeElapsedColumn())
+    if remaining:
+        columns.append(TimeRemainingColumn())
+    return Progress(*columns, console=Console(stderr=True))
+
+
 @contextlib.contextmanager
 def progress_bar(
     enabled: bool, label: str, total: int | None, source: BinaryIO | None = None
@@ -40,23 +66,7 @@ def progress_bar(
     if not enabled:
         yield source
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TextColumn("{task.fields[entries]} entries"),
-               TimeElapsedColumn()]
-    if total is not None:
-        columns.append(TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    with byte_progress("{task.fields[entries]} entries", remaining=total is not None) as bar:
         task = bar.add_task(label, total=total, entries=0)
         entries = [0]
         tar_bytes = [0]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from lamina.driver import Driver
-from lamina.frontends.output import Result, human_size
+from lamina.frontends.output import Result, byte_progress, human_size
 from lamina.image import spec
 
 Command = Callable[[Driver, argparse.Namespace], Result]
@@ -32,19 +32,7 @@ def _progress(enabled: bool) -> Iterator[Any]:
     if not enabled:
         yield None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True)) as bar:
+    with byte_progress(elapsed=False) as bar:
         yield bar
 
 
