@@ -26,7 +26,6 @@ import hashlib
 import os
 import secrets
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -315,8 +314,3 @@ class VerifyingReader:
 
     def as_stream(self) -> BinaryIO:
         return cast(BinaryIO, self)
-
-
-def iter_chunks(stream: BinaryIO) -> Iterator[bytes]:
-    while chunk := stream.read(CHUNK):
-        yield chunk

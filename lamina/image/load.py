@@ -36,7 +36,7 @@ from lamina.archive import codecs
 from lamina.archive.entry import DIR, LINK, REG, SYMLINK
 from lamina.archive.reader import TarReader
 from lamina.image import reference, spec
-from lamina.image.content import CHUNK, ContentStore
+from lamina.image.content import ContentStore
 from lamina.image.store import Image, ImageStore, host, platform_matches
 from lamina.progress import counted
 
@@ -472,8 +472,3 @@ def _layouts(src: _Source, index: bytes | None, classic_doc: bytes | None) -> li
                     [d.digest for d in cm.layers] == [d.digest for d in m.layers]:
                 f.names = [*f.names, *c.names]
     return oci
-
-
-def read_chunks(stream: BinaryIO) -> Iterator[bytes]:
-    while chunk := stream.read(CHUNK):
-        yield chunk
