@@ -31,7 +31,9 @@ import pytest
 import lamina
 from lamina.archive import isolate
 from lamina.backends.base import StoreDriver
-from lamina.store import check, manifest, usage
+from lamina.backends import check
+from lamina.backends import df as usage
+from lamina.store import manifest
 from tests import tarbuild as tb
 from tests.conftest import Stores, mounts_under
 from tests.layers import apply, tree

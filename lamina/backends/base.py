@@ -1,9 +1,10 @@
-"""What every lamina backend shares: the store, locks, counts and the life cycle.
+"""What every lamina backend shares: the store, locks, counts, holds and the life cycle.
 
-A backend subclasses :class:`StoreDriver` and fills in how a layer's content
-is built (:meth:`StoreDriver._populate`), how an archive is applied into it,
-how its union view is made and released, and how its changes are read.  The
-ordering that makes each operation crash-safe lives here, once.
+:class:`StoreDriver` implements the :class:`~lamina.backends.contract.Backend`
+interface once, over a :class:`~lamina.store.layers.Store`; a backend subclasses it
+and fills in the hooks the contract names (how a layer's content is built, how an
+archive is applied into it, how its union view is made and released, how its changes
+are read).  The ordering that makes each operation crash-safe lives here, once.
 """
 
 from __future__ import annotations
@@ -15,37 +16,30 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO
 
 from lamina import crashpoints, errors
 from lamina.archive import codecs
-from lamina.archive.diffid import DigestingReader
+from lamina.archive.diffid import DigestingReader, chain_id
 from lamina.archive.digests import Digests
-from lamina.backends import snapshot_hooks
+from lamina.backends.contract import Backend
 from lamina.backends.quotas import LayerQuotas
 from lamina.backends.reading import LeasedGetter, leased_stream, release
-from lamina.backends.snapshot_hooks import SnapshotMount
-from lamina.driver import Change, DiffGetter, Driver, IdMap, LayerId, check_id
+from lamina.driver import Change, DiffGetter, IdMap, LayerId, check_id
 from lamina.host import fsutil
 from lamina.host.idmap import IdMapper
 from lamina.host.quota import IMAGE
 from lamina.host.usage import Totals, tree_totals
 from lamina.options import apply_limits, parse_options, parse_size, storage_size
 from lamina.store import manifest
+from lamina.store.holds import Holder
 from lamina.store.layers import Store, wall_time
-from lamina.store.meta import LayerMeta
+from lamina.store.meta import Identity, LayerMeta
 
 log = logging.getLogger("lamina")
 
-class StoreDriver(Driver, abc.ABC):
-    """A :class:`Driver` over a :class:`Store`; backends fill in the abstract hooks."""
-
-    backend_name = ""
-    known_options: ClassVar[Mapping[str, str]] = {}
-    content_only: ClassVar[tuple[str, ...] | None] = None
-    """The names in ``content_of()`` that are the layer's content (None: all of it)."""
-    quota_unsupported: ClassVar[str | None] = None
-    """Why this backend never caps a layer (None: it can, where the home allows)."""
+class StoreDriver(Backend, abc.ABC):
+    """A :class:`Backend` over a :class:`Store`; backends fill in the abstract hooks."""
 
     def __init__(
         self,
@@ -71,78 +65,13 @@ class StoreDriver(Driver, abc.ABC):
     def name(self) -> str:
         return self.backend_name
 
-    # -- hooks ----------------------------------------------------------------
-
-    @abc.abstractmethod
-    def _populate(
-        self, staged: Path, id: LayerId, parent: LayerId | None, quota: int | None = None
-    ) -> dict[str, Any]:
-        """Fill a new layer's staging dir; return backend fields for its metadata.
-
-        ``quota``: the bytes a writable layer may take (its ``size`` storage option).
-        """
-
-    @abc.abstractmethod
-    def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
-               digests: Digests) -> int:
-        """Apply an uncompressed tar into a layer being built in ``staged``; put the
-        CRC-32s of the files it writes in ``digests``, where it can, for the manifest."""
-
-    @abc.abstractmethod
-    def _restage(self, staged: Path, id: LayerId) -> dict[str, Any]:
-        """Copy live layer ``id``'s content into ``staged`` (for a replacing apply)."""
-
-    @abc.abstractmethod
-    def _mount(self, id: LayerId, mount_label: str) -> Path:
-        """Make ``id``'s union view available (first get)."""
-
-    @abc.abstractmethod
-    def _unmount(self, id: LayerId) -> None:
-        """Release ``id``'s union view (last put)."""
-
-    def _recover(self) -> None:
-        """Backend recovery on open (stale mounts and the like)."""
-
-    @abc.abstractmethod
-    def content_of(self, layer_dir: Path) -> Path:
-        """The layer's own content inside its directory (live or staged)."""
-
     def record_manifest(self, layer_dir: Path, digests: Digests | None = None) -> Totals:
-        """Record what a read-only layer holds (for ``check``) and return its totals (for
-        ``df``)."""
         return manifest.record(self.content_of(layer_dir), layer_dir / manifest.NAME,
                                only=self.content_only, digests=digests)
 
-    # -- what check and df see (lamina.store.layers.StoreBacked) --------------------
-
-    def _sync_outside(self, staged: Path) -> bool:
-        """Make durable what a new layer's build wrote outside its staging dir, for a
-        layer synced file by file; False: only a syncfs will do."""
-        return True
-
-    def _abandon(self, staged: Path, id: LayerId) -> None:
-        """Undo what a build that failed made outside its staging dir (nothing, here)."""
-
-    def union_point(self, id: LayerId) -> Path | None:
-        """Where ``id``'s union view is mounted while in use (None: never a mount)."""
-        return None
-
-    def needs_mount(self, id: LayerId) -> bool:
-        """Whether ``id``'s view, while counted, is a mount at :meth:`union_point`."""
-        return False
-
-    def stray_links(self) -> list[str]:
-        """The backend's links in the home that lead to no layer (none by default)."""
-        return []
-
-    def sweep_links(self) -> list[str]:
-        """Remove the stray links that no builder still needs; the ones removed."""
-        return []
-
     def discard(self, id: LayerId) -> None:
-        """Remove a damaged layer whatever its metadata says (a repair, children first):
-        what is mounted in it is unmounted, then it is retired and deleted as by
-        :meth:`remove`."""
+        """What is mounted in the layer is unmounted, then it is retired and deleted as
+        by :meth:`remove`."""
         with self.store.layer_lock(id):
             doomed = self.store.retire(id, damaged=True)
             with self._mine_lock:
@@ -152,19 +81,12 @@ class StoreDriver(Driver, abc.ABC):
 
     # -- quotas ---------------------------------------------------------------
 
-    @abc.abstractmethod
-    def _writable_dirs(self, id: LayerId) -> list[Path]:
-        """The directories a writable layer's content is written to (for project ids)."""
-
     def resize(self, id: str, size: str) -> None:
         """Grow (or shrink, not below what is in use) a writable layer's quota."""
         lid = self.store.require(id)
         new = parse_size(size, layer=lid)
         with self.store.layer_lock(lid):
             self.quotas.resize(lid, new, lambda: self._writable_dirs(lid)[0])
-
-    def _check_depth(self, id: LayerId, parent: LayerId | None, rw: bool) -> None:
-        """Refuse a layer deeper than the backend can serve (before anything is written)."""
 
     # -- creation -------------------------------------------------------------
 
@@ -203,7 +125,7 @@ class StoreDriver(Driver, abc.ABC):
         parent: str | None,
         *,
         rw: bool,
-        tar: BinaryIO | None = None,
+        tar: DigestingReader | None = None,
         quota: int | None = None,
     ) -> int:
         pid = self.store.require(parent) if parent else None
@@ -224,10 +146,10 @@ class StoreDriver(Driver, abc.ABC):
                     with fsutil.writeback(staged) if tar is not None else nullcontext():
                         fields = self._populate(staged, lid, pid, quota)
                         meta = LayerMeta(lid, pid, rw, wall_time(), quota=fields.pop("quota", None),
-                                         fields=fields)
+                                         format=self.new_format, backend=fields)
                         if tar is not None:
-                            size = self._apply(staged, lid, pid, tar, digests)
-                            self._identify(meta, tar, replacing=False)
+                            size = self._apply(staged, lid, pid, tar.as_stream(), digests)
+                            meta.identity = self._identity(meta, tar)
                         if not rw:
                             meta.totals = self.record_manifest(staged, digests)
                             meta.size = size
@@ -250,8 +172,8 @@ class StoreDriver(Driver, abc.ABC):
 
     def apply_diff(self, id: str, parent: str | None, stream: BinaryIO) -> int:
         lid = check_id(id)
-        tar, _ = codecs.decompressed(stream)
-        tar = DigestingReader(tar).as_stream()  # the diff id, as the tar passes (_identify)
+        plain, _ = codecs.decompressed(stream)
+        tar = DigestingReader(plain)  # the diff id, as the tar passes (_identity)
         while True:
             if not self.store.exists(lid):
                 try:
@@ -264,7 +186,8 @@ class StoreDriver(Driver, abc.ABC):
             # Removed by someone else before we held its lock (nothing of the tar is
             # read yet): make it, as if that removal had come first.
 
-    def _apply_into(self, lid: LayerId, parent: str | None, tar: BinaryIO) -> int | None:
+    def _apply_into(self, lid: LayerId, parent: str | None,
+                    tar: DigestingReader) -> int | None:
         """Apply ``tar`` into the existing layer ``lid``; None if it is gone meanwhile."""
         try:
             meta = self.store.meta(lid)
@@ -288,10 +211,12 @@ class StoreDriver(Driver, abc.ABC):
                 digests: Digests = {}
                 with fsutil.writeback(staged):
                     fields = self._restage(staged, lid)
-                    size = self._apply(staged, lid, pid, tar, digests)
+                    size = self._apply(staged, lid, pid, tar.as_stream(), digests)
                     meta = self.store.meta(lid)
-                    meta.fields.update(fields)
-                    self._identify(meta, tar, replacing=True)
+                    meta.backend.update(fields)
+                    # A layer that had content of its own is no single tar's any more.
+                    meta.identity = (Identity() if _had_content(meta)
+                                     else self._identity(meta, tar))
                     if not meta.rw:
                         meta.totals = self.record_manifest(staged, digests)
                         # Docker creates a layer empty, then applies into it: the size
@@ -302,31 +227,79 @@ class StoreDriver(Driver, abc.ABC):
                 self.store.swap(staged, lid)
         return size
 
-    # -- removal --------------------------------------------------------------
+    # -- removal and holds ----------------------------------------------------------
 
     def remove(self, id: str) -> None:
+        """The API's hold on the layer goes; the layer with it, unless containerd's
+        snapshots hold it too (then it is theirs alone from now on).  ``Busy`` for a
+        layer the snapshots made and the API never held."""
         lid = self.store.require(id)
+        if Holder.API not in self.store.holds.of(lid):
+            raise errors.Busy("layer is a containerd snapshot's (remove the snapshot)",
+                              layer=lid)
+        self.release(lid, Holder.API)
+
+    def release(self, id: LayerId, holder: Holder) -> bool:
         # A reader's lease (a diff being streamed) is waited for, never cut short.
-        with self.store.layer_lock(lid, wait=REMOVE_WAIT):
+        with self.store.layer_lock(id, wait=REMOVE_WAIT):
+            if not self.store.exists(id):
+                self.store.holds.forget(id)  # a removal cut short after its retire
+                return True
+            holders = self.store.holds.of(id)
+            if holder not in holders:
+                return False
+            if holders - {holder}:
+                self.store.holds.set(id, holders - {holder})
+                return False
+            kids = self.store.children(id)  # none can be made: we hold its lock
+            if kids:
+                raise errors.Busy(f"layer is the parent of {', '.join(kids)}", layer=id)
+            with self.store.mount_lock(id):
+                self._unmount(id)  # a mounted layer is unmounted first (a stale one too)
+            doomed = self.store.retire(id)
+            with self._mine_lock:
+                self._mine.pop(id, None)
+            self.store.delete(doomed)
+        return True
+
+    def make(self, id: LayerId, parent: LayerId | None, *, writable: bool,
+             holder: Holder) -> None:
+        self.store.holds.set(id, {holder})  # first: a layer made is never one nobody holds
+        try:
+            if writable:
+                self.create_rw(id, parent)
+            else:
+                self.create(id, parent)
+        except BaseException:
+            self.store.holds.forget(id)
+            raise
+
+    def held_by(self, holder: Holder) -> list[LayerId]:
+        return [lid for lid, who in self.store.holds.recorded() if holder in who]
+
+    def claim(self, id: str, holder: Holder) -> None:
+        lid = self.store.require(id)
+        with self.store.layer_lock(lid):  # against a release deleting it meanwhile
             if not self.store.exists(lid):
                 raise errors.NotFound("no such layer", layer=lid)
-            if self._kept_for_snapshots(lid):
-                return
-            if self.store.children(lid):
-                raise errors.Busy(
-                    f"layer is the parent of {', '.join(self.store.children(lid))}", layer=lid
-                )
-            self._unmount(lid)  # a mounted layer is unmounted first (a stale one too)
-            doomed = self.store.retire(lid)
-            with self._mine_lock:
-                self._mine.pop(lid, None)
-            self.store.delete(doomed)
+            holders = self.store.holds.of(lid)
+            if holder not in holders:
+                self.store.holds.set(lid, holders | {holder})
+
+    def record(self, id: str) -> LayerMeta:
+        return self.store.meta(self.store.require(id))
+
+    def with_chain(self, chain: str, parent: LayerId | None) -> LayerId | None:
+        return self.store.with_chain(chain, parent)
+
+    def chained(self) -> Iterator[tuple[LayerId, LayerMeta]]:
+        return self.store.chained()
 
     # -- get / put ------------------------------------------------------------
 
     def get(self, id: str, mount_label: str = "") -> Path:
         lid = self.store.require(id)
-        with self.store.locked():
+        with self.store.mount_lock(lid):
             if not self.store.exists(lid):
                 raise errors.NotFound("no such layer", layer=lid)
             count = self.store.count(lid)
@@ -339,7 +312,7 @@ class StoreDriver(Driver, abc.ABC):
 
     def put(self, id: str) -> None:
         lid = self.store.resolve(id)
-        with self.store.locked():
+        with self.store.mount_lock(lid):
             count = self.store.count(lid)
             if count <= 0:
                 return
@@ -351,9 +324,6 @@ class StoreDriver(Driver, abc.ABC):
             if self._mine[lid] > 0:
                 self._mine[lid] -= 1
 
-    @abc.abstractmethod
-    def _view(self, id: LayerId) -> Path:
-        """Where ``id``'s union view is while it is mounted."""
 
     def size(self, id: str) -> int:
         lid = self.store.require(id)
@@ -416,22 +386,6 @@ class StoreDriver(Driver, abc.ABC):
         other = self.store.require(parent) if parent else self.store.parent(lid)
         return lid, self.store.lease([lid] if other is None else [lid, other])
 
-    @abc.abstractmethod
-    def _stream_diff(self, lid: LayerId, parent: str | None) -> BinaryIO:
-        """:meth:`diff` of ``lid``, which the caller holds a lease on."""
-
-    @abc.abstractmethod
-    def _find_changes(self, lid: LayerId, parent: str | None) -> list[Change]:
-        """:meth:`changes` of ``lid``, which the caller holds a lease on."""
-
-    @abc.abstractmethod
-    def _measure_diff(self, lid: LayerId, parent: str | None) -> int:
-        """:meth:`diff_size` of ``lid``, which the caller holds a lease on."""
-
-    @abc.abstractmethod
-    def _open_getter(self, lid: LayerId) -> DiffGetter:
-        """:meth:`diff_getter` of ``lid``, which the caller holds a lease on."""
-
     def _diff_parent(self, lid: LayerId, parent: str | None) -> tuple[LayerId | None, bool]:
         """The parent to diff against, and whether it is the layer's own parent
         (``Corrupt`` when the content of either is gone: a damaged home)."""
@@ -474,74 +428,57 @@ class StoreDriver(Driver, abc.ABC):
         for path in self.store.sweep():
             log.info("lamina: swept %s", path)
 
-    # -- snapshotter hooks (lamina.frontends.containerd; lamina.store.snapshots) --------
+    # -- identity and snapshots -----------------------------------------------------
 
-    def _identify(self, meta: LayerMeta, tar: BinaryIO, *, replacing: bool) -> None:
-        """Record a read-only layer's ``diff_id`` and ``chain_id`` in ``meta.fields`` after
-        ``tar`` was applied into it; an apply into a layer that had content already
-        leaves it with neither (its content is no longer one tar's)."""
-        ids = snapshot_hooks.identify(self.store, meta, tar, replacing=replacing)
-        meta.fields.pop("diff_id", None)
-        meta.fields.pop("chain_id", None)
-        meta.fields.update(ids)
+    def _identity(self, meta: LayerMeta, tar: DigestingReader) -> Identity:
+        """A read-only layer's identity once ``tar`` was applied into it: its diff id,
+        and its chain id when its parent's is known (none for a writable layer)."""
+        if meta.rw:
+            return Identity()
+        diff = tar.diff_id()
+        parent_chain = None
+        if meta.parent is not None:
+            parent_chain = self.store.meta(meta.parent).identity.chain_id
+            if parent_chain is None:
+                return Identity(diff)  # a parent of unknown content: no chain id
+        return Identity(diff, chain_id(parent_chain, diff))
 
-    def _kept_for_snapshots(self, id: LayerId) -> bool:
-        """In :meth:`remove` (with the layer's lock): whether snapshots keep ``id`` (True:
-        the caller's claim is released and the layer stays); ``Busy`` for a layer the
-        snapshotter made."""
-        if id in getattr(self, "_snapshot_removals", ()):
-            return False
-        return snapshot_hooks.kept_for_snapshots(self.home, id)
-
-    def remove_for_snapshots(self, id: LayerId) -> None:
-        """:meth:`remove` for the snapshotter, whose hold on ``id`` does not keep it."""
-        removals: set[LayerId] = self.__dict__.setdefault("_snapshot_removals", set())
-        removals.add(id)
-        try:
-            self.remove(id)
-        finally:
-            removals.discard(id)
-
-    def seal(self, id: LayerId, fields: Mapping[str, Any] | None = None) -> None:
-        """Turn writable layer ``id`` read-only in place (a snapshot's Commit): no copy and
-        no walk of its content — made durable, then ``rw`` false and ``sealed`` in its
-        metadata (with ``fields`` added: a ``chain_id`` containerd named it by).  Its
-        content was written by containerd through the mounts, so it has no manifest to
-        check it against; its usage is counted when it is asked for."""
+    def seal(self, id: LayerId, chain_id: str | None = None) -> None:
+        """No copy and no walk of its content: made durable, then ``rw`` false and
+        ``sealed`` in its metadata.  Its content was written by containerd through the
+        mounts, so it has no manifest to check it against; its usage is counted when it
+        is asked for."""
         with self.store.layer_lock(id):
             meta = self.store.meta(id)
             if not meta.rw:
                 return
-            meta.fields.update(fields or {})
-            meta.fields["sealed"] = True
+            if chain_id is not None:
+                meta.identity = Identity(None, chain_id)
+            meta.sealed = True
             fsutil.syncfs(self.store.layer_dir(id))  # the content, before the flag
             meta.rw = False
             self.store.rewrite_meta(meta)  # the commit point
 
-    def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
-        """The mounts that show layer ``id``'s union view (containerd mounts them): the
-        layer itself writable, or (``writable`` false) its view read-only."""
-        raise errors.Unsupported(f"backend {self.name} serves no snapshots", layer=id)
-
     def snapshot_usage(self, id: LayerId) -> Totals:
-        """What layer ``id`` adds over its parent (its own content)."""
         meta = self.store.meta(id)
         if not meta.rw:
-            kept = kept_usage(meta)
-            if kept is not None:
-                return kept
-            if meta.totals is not None and not meta.fields.get("sealed"):
+            if meta.usage is not None:
+                return meta.usage  # kept by layers sealed before sealing stopped counting
+            if meta.totals is not None and not meta.sealed:
                 return meta.totals
         return tree_totals(self.content_of(self.store.layer_dir(id)))
 
 
-def kept_usage(meta: LayerMeta) -> Totals | None:
-    """The usage a layer's metadata keeps (layers sealed before sealing stopped counting)."""
-    kept = meta.fields.get("usage")
-    if isinstance(kept, dict) and all(isinstance(kept.get(k), int)
-                                      for k in ("bytes", "disk", "inodes")):
-        return Totals(kept["bytes"], kept["disk"], kept["inodes"])
-    return None
+def _had_content(meta: LayerMeta) -> bool:
+    """Whether layer ``meta`` had content of its own before an apply into it.  Docker
+    creates a layer, then applies into it: on vfs the created layer is a copy of its
+    parent (totals of the whole tree, but a size of 0: nothing applied into it yet),
+    which is not content of its own."""
+    if meta.identity.diff_id is not None:
+        return True
+    if not meta.totals or not meta.totals.inodes:
+        return False
+    return not (meta.size == 0 and meta.parent is not None)
 
 
 REMOVE_WAIT = 60.0

@@ -36,20 +36,20 @@ from typing import Any, BinaryIO, ClassVar
 
 from lamina import errors
 from lamina.archive import isolate, naivediff
-from lamina.archive.apply import OVERLAY_OPAQUE_XATTR, lower_lookup
+from lamina.archive.apply import OVERLAY_OPAQUE_XATTR
 from lamina.archive.digests import Digests
-from lamina.archive.export import Action, Dirs, Item, change_items, export_changes, open_stream
-from lamina.archive.union import is_whiteout, opaque, opaque_path
+from lamina.archive.export import change_items, export_changes, open_stream
+from lamina.archive.overlaydiff import native_changes, native_items
 from lamina.backends.base import StoreDriver
+from lamina.backends.contract import SnapshotMount, bind
 from lamina.backends.reading import TreeGetter
-from lamina.backends.snapshot_hooks import SnapshotMount, bind
-from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
+from lamina.driver import Change, DiffGetter, LayerId
 from lamina.host import fsutil, mount
 from lamina.host import quota as quotas
-from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.usage import tree_totals
 from lamina.options import APPLY_OPTIONS
 from lamina.registry import register_backend
+from lamina.store.holds import Holder
 
 DIFF, WORK, MERGED, LOWER, LINK = "diff", "work", "merged", "lower", "link"
 MAX_DEPTH = 500  # overlayfs' limit on lower layers (the new mount API takes them all)
@@ -158,9 +158,7 @@ class OverlayDriver(StoreDriver):
         links = self.home / "l"
         if not links.is_dir():
             return []
-        # Staging entries are ID.TOKEN and ID.TOKEN.lock (ids may hold dots, tokens not).
-        building = {e.rsplit(".", 1)[0] for e in os.listdir(self.store.staging_dir)
-                    if not e.endswith(".lock") and self.store.in_flight(e)}
+        building = self.store.building()
         stray = []
         for name in sorted(os.listdir(links)):
             path = links / name
@@ -218,12 +216,15 @@ class OverlayDriver(StoreDriver):
     def _merged(self, id: LayerId) -> Path:
         return self.store.layer_dir(id) / MERGED
 
+    def lower(self, id: LayerId) -> Path:
+        """A read-only layer's ``diff/``: the one place that says where a lower is (the
+        mounts, the ``l/`` links, containerd's mounts and the native diff ask here)."""
+        return self.store.layer_dir(id) / DIFF
+
     def _lowers(self, parent: LayerId | None) -> list[str]:
         if parent is None:
             return []
-        # Plain strings: this runs for every layer of a chain on every mount.
-        layers = str(self.store.layers_dir)
-        return [f"{layers}/{p}/{DIFF}" for p in [parent, *self.store.chain(parent)]]
+        return [str(self.lower(p)) for p in [parent, *self.store.chain(parent)]]
 
     def union_point(self, id: LayerId) -> Path | None:
         return self._merged(id)
@@ -271,8 +272,8 @@ class OverlayDriver(StoreDriver):
         lower = ":".join(f"l/{self._short(p)}" for p in chain)
         if lower:
             (staged / LOWER).write_bytes(lower.encode())
-        link = self.home / "l" / short
-        os.symlink(f"../layers/{id}/{DIFF}", link)
+        links = self.home / "l"
+        os.symlink(os.path.relpath(self.lower(id), links), links / short)
         return fields
 
     def content_of(self, layer_dir: Path) -> Path:
@@ -301,18 +302,18 @@ class OverlayDriver(StoreDriver):
                                    overlay_whiteouts=True, lowers=self._lowers(parent),
                                    digests=digests, **self.apply_limits)
 
-    def remove(self, id: str) -> None:
+    def release(self, id: LayerId, holder: Holder) -> bool:
         # The layer's l/ link goes with it, as overlay2's does: left behind it would
         # dangle (swept on the next open, reported by check until then).
-        lid = self.store.require(id)
         try:
-            short = self._short(lid)
-        except FileNotFoundError:
+            short = self._short(id)
+        except OSError:
             short = ""
-        super().remove(lid)
-        if short and not self.store.exists(lid):  # (kept for snapshots: not removed)
+        gone = super().release(id, holder)
+        if gone and short:
             with contextlib.suppress(FileNotFoundError):
                 (self.home / "l" / short).unlink()
+        return gone
 
     # -- views ------------------------------------------------------------------------
 
@@ -325,7 +326,7 @@ class OverlayDriver(StoreDriver):
         if not meta.rw:
             chain.insert(0, id)  # a read-only layer's own diff is a lower too
         if mount.lowerdir_plus_available():
-            lowers = [str(self.store.layers_dir / p / DIFF) for p in chain]
+            lowers = [str(self.lower(p)) for p in chain]
         else:
             # mount(2) takes one page of options: the lowers as l/ links, relative to
             # the home, so that LEGACY_MAX_DEPTH of them fit.
@@ -439,7 +440,7 @@ class OverlayDriver(StoreDriver):
         if not writable:
             lowers = [f"l/{self._short(id)}", *lowers]
         if len(lowers) <= (0 if writable else 1):
-            return [bind(self._diff(id), writable=writable)]
+            return [bind(self._diff(id) if writable else self.lower(id), writable=writable)]
         options = [*mount.MOUNT_OPTIONS]
         if writable:
             options += [f"workdir={layer_dir / WORK}", f"upperdir={self._diff(id)}"]
@@ -447,143 +448,6 @@ class OverlayDriver(StoreDriver):
             options.append("ro")
         options.append("lowerdir=" + ":".join(f"{self.home}/{low}" for low in lowers))
         return [SnapshotMount("overlay", "overlay", tuple(options))]
-
-
-def native_items(diff: Path) -> Iterator[Item]:
-    """The export of an overlay ``diff/`` as it is: whiteouts and opaque markers turned back.
-
-    Depth first, each directory's entries sorted, as Docker's archiver walks.  Directories
-    are opened from the layer root without following links (``scandir`` of an fd,
-    ``fstatat``), so one swapped for a symlink meanwhile cannot lead the walk out of the
-    layer; each item carries the lstat it was found with, for the export's header.
-    """
-    root = os.open(diff, DIR_FLAGS)
-    dirs = Dirs(root)
-    try:
-        stack = [("", iter(_listing(root)))]
-        while stack:
-            rel, entries = stack[-1]
-            found = next(entries, None)
-            if found is None:
-                stack.pop()
-                continue
-            name, st = found
-            path = f"{rel}/{name}" if rel else name
-            if is_whiteout(st):
-                yield Item(path, Action.WHITEOUT)
-                continue
-            yield Item(path, Action.ENTRY, st)
-            if stat.S_ISDIR(st.st_mode):
-                try:
-                    fd = dirs.open(path)
-                    hidden = opaque(fd)
-                    listing = _listing(fd)
-                except OSError:
-                    continue  # replaced or removed since its parent was listed
-                if hidden:
-                    yield Item(path, Action.OPAQUE)
-                stack.append((path, iter(listing)))
-    finally:
-        dirs.close()
-        os.close(root)
-
-
-def _listing(fd: int) -> list[tuple[str, os.stat_result]]:
-    """A directory's entries, sorted by name, with their lstat (through the fd)."""
-    out = []
-    with os.scandir(fd) as it:
-        for entry in it:
-            try:
-                out.append((entry.name, entry.stat(follow_symlinks=False)))
-            except FileNotFoundError:
-                continue  # gone since the listing (a running container's layer)
-    out.sort(key=lambda pair: pair[0])
-    return out
-
-
-def native_changes(diff: Path, lowers: list[str]) -> list[Change]:
-    """A layer's changes from its ``diff/`` and the lowers' view of the paths it touches.
-
-    The same answers as the naive diff of the two union views would give.
-    """
-    out: list[Change] = []
-    _native_dir(str(diff), lowers, [], out, hidden=False)
-    out.sort()
-    return out
-
-
-def _native_dir(diff: str, lowers: list[str], parts: list[str], out: list[Change],
-                hidden: bool) -> None:
-    here = os.path.join(diff, *parts)
-    with os.scandir(here) as it:
-        entries = list(it)
-    for entry in entries:
-        sub = [*parts, entry.name]
-        path = "/" + "/".join(sub)
-        st = entry.stat(follow_symlinks=False)
-        lower = None if hidden else lower_lookup(lowers, sub)
-        if is_whiteout(st):
-            if lower is not None:
-                out.append(Change(path, ChangeKind.DELETE))
-            continue
-        is_dir = stat.S_ISDIR(st.st_mode)
-        if lower is None:
-            out.append(Change(path, ChangeKind.ADD))
-            if is_dir:
-                _native_dir(diff, lowers, sub, out, hidden=True)
-            continue
-        lpath, lst = lower
-        changed = _differs(lpath, lst, os.path.join(here, entry.name), st)
-        mark = len(out)
-        if changed:
-            out.append(Change(path, ChangeKind.MODIFY))
-        if is_dir:
-            hides = opaque_path(os.path.join(here, entry.name))
-            if not stat.S_ISDIR(lst.st_mode):
-                _native_dir(diff, lowers, sub, out, hidden=True)
-            else:
-                # Paths compare with the parent's view by path, opaque or not (as
-                # the naive diff does): what is there again is a modification.
-                _native_dir(diff, lowers, sub, out, hidden=False)
-                if hides:
-                    _hidden_children(lpath, lowers, sub, os.path.join(here, entry.name), out)
-            if len(out) > mark and not changed:
-                out.insert(mark, Change(path, ChangeKind.MODIFY))
-
-
-def _hidden_children(lpath: str, lowers: list[str], parts: list[str], upper: str,
-                     out: list[Change]) -> None:
-    # An opaque directory deletes every lower child it does not have itself.
-    present = set(os.listdir(upper))
-    lower_names: set[str] = set()
-    for lower in lowers:
-        base = os.path.join(lower, *parts)
-        try:
-            for name in os.listdir(base):
-                lower_names.add(name)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        if opaque_path(base):
-            break
-    for name in sorted(lower_names - present):
-        if lower_lookup(lowers, [*parts, name]) is not None:
-            out.append(Change("/" + "/".join([*parts, name]), ChangeKind.DELETE))
-
-
-def _differs(lpath: str, lst: os.stat_result, upath: str, ust: os.stat_result) -> bool:
-    ldir, lname = os.path.split(lpath)
-    udir, uname = os.path.split(upath)
-    if lname != uname:  # pragma: no cover - same path in both
-        return True
-    lfd = os.open(ldir, DIR_FLAGS)
-    try:
-        ufd = os.open(udir, DIR_FLAGS)
-        try:
-            return naivediff.differs(lfd, ufd, lname, lst, ust)
-        finally:
-            os.close(ufd)
-    finally:
-        os.close(lfd)
 
 
 register_backend("overlay", OverlayDriver)

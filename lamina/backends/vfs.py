@@ -22,9 +22,9 @@ from lamina import errors
 from lamina.archive import isolate, naivediff
 from lamina.archive.digests import Digests
 from lamina.archive.export import change_items, export_changes
-from lamina.backends.base import StoreDriver, kept_usage
+from lamina.backends.base import StoreDriver
+from lamina.backends.contract import SnapshotMount, bind
 from lamina.backends.reading import TreeGetter
-from lamina.backends.snapshot_hooks import SnapshotMount, bind
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil
 from lamina.host import quota as quotas
@@ -144,7 +144,7 @@ class VfsDriver(StoreDriver):
     def _find_changes(self, id: str, parent: str | None) -> list[Change]:
         lid = self.store.require(id)
         pid, own = self._diff_parent(lid, parent)
-        touched = self.store.meta(lid).fields.get("touched_ns") if own else None
+        touched = self.store.meta(lid).backend.get("touched_ns") if own else None
         return naivediff.changes(
             self._tree(pid) if pid is not None else None,
             self._tree(lid),
@@ -178,9 +178,9 @@ class VfsDriver(StoreDriver):
 
     def snapshot_usage(self, id: LayerId) -> Totals:
         """What a layer's changes over its parent take (its tree is a whole copy)."""
-        kept = kept_usage(self.store.meta(id))
+        kept = self.store.meta(id).usage
         if kept is not None:
-            return kept
+            return kept  # kept by layers sealed before sealing stopped counting
         tree = self._tree(id)
         tally = Tally()
         # Not self.changes: its lease would wait for the layer lock that seal (Commit)

@@ -35,6 +35,7 @@ from lamina.backends.reading import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import mount
 from lamina.registry import register_backend
+from lamina.store.meta import LayerFormat
 
 FILES, MERGED = "Files", "merged"
 
@@ -49,6 +50,7 @@ class WindowsFilterDriver(StoreDriver):
     known_options: ClassVar[dict[str, str]] = {}
     content_only: ClassVar[tuple[str, ...] | None] = wclayer.ROOTS
     quota_unsupported: ClassVar[str | None] = "Windows sandboxes need Windows"
+    new_format: ClassVar[LayerFormat] = LayerFormat.WINDOWS
 
     @classmethod
     def supported(cls, home: Path) -> str | None:
@@ -76,7 +78,7 @@ class WindowsFilterDriver(StoreDriver):
         (staged / MERGED).mkdir(mode=0o700)
         # An empty record: an empty layer exports as an empty tar.
         (staged / wclayer.RECORD).write_text(_EMPTY_RECORD)
-        return {"format": "windowsfilter"}
+        return {}
 
     def _apply(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
                digests: Digests) -> int:

@@ -178,7 +178,7 @@ def cmd_resize(drv: Driver, args: argparse.Namespace) -> Result:
 
 def cmd_check(drv: Driver, args: argparse.Namespace) -> Result:
     """``check``: verify the store (metadata, chains, mounts, content); ``--repair`` fixes it."""
-    from lamina.store import check
+    from lamina.backends import check
 
     report = check.check(drv, repair=args.repair)
     lines = [f"problem: {p}" for p in report.problems]
@@ -196,7 +196,7 @@ def cmd_check(drv: Driver, args: argparse.Namespace) -> Result:
 
 def cmd_df(drv: Driver, args: argparse.Namespace) -> Result:
     """``df``: each layer's own bytes, disk use and inodes (counters kept at apply time)."""
-    from lamina.store import usage as store_usage
+    from lamina.backends import df as store_usage
 
     usage, orphans = store_usage.df(drv)
     table = [["ID", "PARENT", "BYTES", "DISK", "INODES", "SOURCE"]]
@@ -256,7 +256,7 @@ def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
 
 def _snapshots_by_layer(drv: Driver) -> dict[str | None, list[tuple[str, str]]]:
     """The containerd snapshots of the home, by the layer each uses (None: a view)."""
-    from lamina.store import snapshots
+    from lamina.frontends.containerd import records as snapshots
 
     if not (drv.home / "snapshots" / "records").is_dir():
         return {}
@@ -289,10 +289,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_snapshotter(drv: Driver, args: argparse.Namespace) -> Result:
     """``snapshotter``: containerd's snapshot API on a unix socket, until SIGTERM or SIGINT
     (:mod:`lamina.frontends.containerd.server`)."""
-    from lamina.backends.base import StoreDriver
+    from lamina.backends.contract import Backend
     from lamina.frontends.containerd import server
 
-    if not isinstance(drv, StoreDriver):
+    if not isinstance(drv, Backend):
         raise errors.Unsupported(f"backend {drv.name} cannot serve containerd snapshots")
     status = server.serve(drv, args.socket or server.DEFAULT_SOCKET, verbose=args.verbose)
     return Result({"snapshotter": "stopped"}, status=status)

@@ -149,6 +149,22 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
     sync_dir(path.parent)
 
 
+def unlink_durably(path: str | os.PathLike[str]) -> None:
+    """Remove the name ``path`` (a missing one is fine) so that its going survives a
+    power cut: unlink, then fsync the directory."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    sync_dir(os.path.dirname(os.fspath(path)) or ".")
+
+
+def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename ``src`` to ``dst`` (same filesystem); the caller fsyncs the directory when
+    the new name must survive a power cut."""
+    os.rename(src, dst)
+
+
 def rename_exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
     """Swap two paths atomically (``renameat2(RENAME_EXCHANGE)``)."""
     if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), RENAME_EXCHANGE) != 0:

@@ -26,8 +26,9 @@ import hashlib
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from lamina import crashpoints, errors
 from lamina.host import fsutil
@@ -39,6 +40,14 @@ CHUNK = 1 << 20
 def _hex(digest: str) -> str:
     return check_digest(digest)[len("sha256:"):]
 
+
+
+class LayerBlob(NamedTuple):
+    """A layer's blob opened for its apply: the stream (compressed or not), and what
+    reads it to its end and checks it (``Corrupt`` on a digest or size mismatch)."""
+
+    stream: BinaryIO
+    finish: Callable[[], None]
 
 class ContentStore:
     """Blobs by digest under ``root`` (``HOME/image``)."""
@@ -78,11 +87,20 @@ class ContentStore:
                 out.append(f"sha256:{name}")
         return sorted(out)
 
+    def open_layer(self, digest: str, *, size: int, verify: bool = True) -> LayerBlob:
+        """Blob ``digest`` opened for a layer's apply (as :meth:`open`), with what reads
+        it to its end and checks it."""
+        reader = self._verifying(digest, size=size, verify=verify)
+        return LayerBlob(reader.as_stream(), reader.finish)
+
     def open(self, digest: str, *, size: int | None = None, verify: bool = True) -> BinaryIO:
         """A reader of blob ``digest`` that raises ``Corrupt`` at its end if the bytes do
         not hash to ``digest`` (or are not ``size`` long).  ``verify`` false: the size is
         checked, the digest left to the caller (an uncompressed layer's apply computes its
         diff id, which is the blob's digest: one hash instead of two)."""
+        return self._verifying(digest, size=size, verify=verify).as_stream()
+
+    def _verifying(self, digest: str, *, size: int | None, verify: bool) -> VerifyingReader:
         path = self.path(digest)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -101,7 +119,7 @@ class ContentStore:
             raise errors.Corrupt(f"blob {digest} is {st.st_size} bytes, not {size}",
                                  path=str(path))
         return VerifyingReader(open(fd, "rb", buffering=0), digest if verify else None,
-                               st.st_size, f"blob {digest} in the content store").as_stream()
+                               st.st_size, f"blob {digest} in the content store")
 
     def read(self, digest: str, *, limit: int) -> bytes:
         """A small blob's bytes, verified (a document: at most ``limit`` bytes)."""

@@ -36,7 +36,7 @@ from lamina.archive import codecs
 from lamina.archive.entry import DIR, LINK, REG, SYMLINK
 from lamina.archive.reader import TarReader
 from lamina.image import reference, spec
-from lamina.image.content import ContentStore
+from lamina.image.content import ContentStore, LayerBlob
 from lamina.image.store import Image, ImageStore, host, platform_matches
 from lamina.progress import counted
 
@@ -367,14 +367,15 @@ def apply_layers(store: ImageStore, img: Image,
     parent: str | None = None
     for layer, diff_id, chain in zip(img.manifest.layers, img.config.diff_ids, img.chains,
                                      strict=True):
-        def opener(layer: spec.Descriptor = layer, diff_id: str = diff_id) -> BinaryIO:
+        def opener(layer: spec.Descriptor = layer, diff_id: str = diff_id) -> LayerBlob:
             # An uncompressed layer's digest is its diff id, which the apply computes and
             # ensure_layer checks: its blob need not be hashed a second time.
-            stream = store.content.open(layer.digest, size=layer.size,
-                                        verify=layer.digest != diff_id)
+            blob = store.content.open_layer(layer.digest, size=layer.size,
+                                            verify=layer.digest != diff_id)
             if progress is None:
-                return stream
-            return counted(stream, functools.partial(progress, "layer"), owned=True)
+                return blob
+            return blob._replace(stream=counted(blob.stream, functools.partial(
+                progress, "layer"), owned=True))
 
         if store.ensure_layer(chain, parent, diff_id, opener):
             applied += 1

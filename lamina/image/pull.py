@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Protocol, cast
 
 from lamina import errors
 from lamina.image import reference, spec
-from lamina.image.content import CHUNK, BlobWriter
+from lamina.image.content import CHUNK, BlobWriter, LayerBlob
 from lamina.image.registry import Options, Registry
 from lamina.image.store import Image, ImageStore, host, layer_id, platform_matches
 from lamina.progress import counted
@@ -151,8 +151,9 @@ class _Growing:
             avail = self._written - pos
         return os.pread(self._fd, min(n, avail), pos) if avail > 0 else b""
 
-    def reader(self, on_read: Callable[[int], None] | None) -> BinaryIO:
-        return cast(BinaryIO, _Follower(self, on_read))
+    def reader(self, on_read: Callable[[int], None] | None) -> LayerBlob:
+        follower = _Follower(self, on_read)
+        return LayerBlob(cast(BinaryIO, follower), follower.finish)
 
 
 class _Follower:
@@ -307,10 +308,11 @@ def _layers(store: ImageStore, reg: Registry, path: str, img: Image, jobs: int,
             on_read = None if progress is None else functools.partial(progress.applied, i)
 
             def opener(i: int = i, layer: spec.Descriptor = layer,
-                       on_read: Callable[[int], None] | None = on_read) -> BinaryIO:
+                       on_read: Callable[[int], None] | None = on_read) -> LayerBlob:
                 if i in growing:
                     return growing[i].reader(on_read)
-                return _counted(store.content.open(layer.digest, size=layer.size), on_read)
+                blob = store.content.open_layer(layer.digest, size=layer.size)
+                return blob._replace(stream=_counted(blob.stream, on_read))
 
             if store.ensure_layer(chain, parent, diff_id, opener):
                 applied += 1

@@ -30,19 +30,20 @@ import json
 import logging
 import os
 import platform as host_platform
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from lamina import crashpoints, errors
 from lamina.archive.diffid import chain_id
-from lamina.backends.base import StoreDriver
+from lamina.backends.contract import Backend
 from lamina.driver import Driver, LayerId
 from lamina.host import fsutil
 from lamina.image import reference, spec
-from lamina.image.content import ContentStore
+from lamina.image.content import ContentStore, LayerBlob
 from lamina.image.reference import Reference
+from lamina.store.holds import Holder
 
 log = logging.getLogger("lamina")
 
@@ -125,9 +126,9 @@ class ImageStore:
     """The images of one driver's home."""
 
     def __init__(self, drv: Driver, *, recover: bool = True) -> None:
-        if not isinstance(drv, StoreDriver):
+        if not isinstance(drv, Backend):
             raise errors.Unsupported(f"backend {drv.name} keeps no images")
-        self.drv = drv
+        self.drv: Backend = drv
         self.root = drv.home / "image"
         self.content = ContentStore(self.root)
         self.refs_dir = self.root / "refs"
@@ -198,25 +199,19 @@ class ImageStore:
         return None if damaged else (blobs, layers)
 
     def _collect_layers(self, live: set[LayerId]) -> list[LayerId]:
-        """Remove the layers named by their chain id that no image uses, top first."""
-        candidates: list[tuple[int, LayerId]] = []
-        for lid in self.drv.store.ids():
-            if lid in live:
-                continue
-            try:
-                meta = self.drv.store.meta(lid)
-            except errors.LaminaError:
-                continue
-            if meta.fields.get("chain_id") == f"sha256:{lid}" and not meta.rw:
-                candidates.append((len(meta.chain), lid))
+        """Let go of the layers named by their chain id that no image uses, top first (a
+        layer containerd's snapshots hold too stays theirs)."""
+        candidates = sorted(
+            ((len(meta.chain), lid) for lid, meta in self.drv.chained()
+             if lid not in live and meta.identity.chain_id == f"sha256:{lid}" and not meta.rw),
+            reverse=True)
         gone = []
-        for _, lid in sorted(candidates, reverse=True):
+        for _, lid in candidates:
             try:
-                self.drv.remove(lid)
+                if self.drv.release(lid, Holder.API):
+                    gone.append(lid)
             except (errors.Busy, errors.NotFound):
                 continue  # a container's parent, mounted, or gone meanwhile
-            if not self.drv.exists(lid):
-                gone.append(lid)
         return gone
 
     # -- names ----------------------------------------------------------------------
@@ -342,29 +337,23 @@ class ImageStore:
     # -- layers -----------------------------------------------------------------------
 
     def ensure_layer(self, chain: str, parent_chain: str | None, diff_id: str,
-                     open_blob: Any) -> bool:
+                     open_blob: Callable[[], LayerBlob]) -> bool:
         """Make the layer of chain id ``chain`` on ``parent_chain`` unless it is held:
         ``open_blob()`` gives the layer's (compressed or not) tar.  True when it was
-        applied here, False when it was held already.  Its diff id must come out as
-        ``diff_id``: else ``Corrupt`` and no layer is left."""
+        applied here, False when it was held already (it is the image store's again
+        then, should only containerd's snapshots have held it).  Its diff id must come
+        out as ``diff_id``: else ``Corrupt`` and no layer is left."""
         lid = layer_id(chain)
         parent = layer_id(parent_chain) if parent_chain else None
         with fsutil.locked(self.locks_dir / lid):
-            if self.drv.exists(lid):
-                meta = self.drv.store.meta(lid)
-                if meta.fields.get("chain_id") != chain or meta.parent != parent or meta.rw:
-                    raise errors.Corrupt("layer named by a chain id is not that layer "
-                                         f"(its chain id is {meta.fields.get('chain_id')})",
-                                         layer=lid)
+            if self._held(lid, chain, parent):
                 return False
-            stream: BinaryIO = open_blob()
+            blob = open_blob()
             try:
-                with stream:
-                    self.drv.apply_diff(lid, parent, stream)
-                    finish = getattr(stream, "finish", None)
-                    if finish is not None:
-                        finish()
-                got = self.drv.store.meta(lid).fields.get("diff_id")
+                with blob.stream:
+                    self.drv.apply_diff(lid, parent, blob.stream)
+                    blob.finish()
+                got = self.drv.record(lid).identity.diff_id
                 if got != diff_id:
                     raise errors.Corrupt(f"layer's diff id is {got}, its image config says "
                                          f"{diff_id}", layer=lid)
@@ -375,6 +364,22 @@ class ImageStore:
                 raise
             crashpoints.reached("image:layer-applied")
             return True
+
+    def _held(self, lid: LayerId, chain: str, parent: LayerId | None) -> bool:
+        """Whether layer ``lid`` is there, claimed for the image store again (False: it
+        is not, or went with containerd's last snapshot of it just now)."""
+        try:
+            meta = self.drv.record(lid)
+        except errors.NotFound:
+            return False
+        if meta.identity.chain_id != chain or meta.parent != parent or meta.rw:
+            raise errors.Corrupt("layer named by a chain id is not that layer "
+                                 f"(its chain id is {meta.identity.chain_id})", layer=lid)
+        try:
+            self.drv.claim(lid, Holder.API)
+        except errors.NotFound:
+            return False
+        return True
 
     def add_image(self, names: list[str | None], manifest_desc: spec.Descriptor,
                   *, pulled: bool = False) -> None:

@@ -11,6 +11,17 @@ Layout (every backend keeps its layer content inside the layer's directory)::
     HOME/mounts/ID            how many get() calls of ID are outstanding
     HOME/locks/ID             serializes mutations of one layer; shared while it
                               is being used as a parent
+    HOME/mountlocks/ID        serializes one layer's mount, unmount and count
+    HOME/holds/ID             who holds the layer, when not the API alone
+                              (:mod:`lamina.store.holds`)
+    HOME/chains/HEX/ID        the index from chain id to layer
+                              (:mod:`lamina.store.chains`)
+
+Locks.  Nothing slow runs under the home-wide ``.lock``: it orders the renames that
+publish, swap and retire layers (and the ``l/`` links a backend makes with them).
+Mounting, unmounting and counting one layer take that layer's mount lock; building on
+a layer takes its layer lock shared, mutating or removing it exclusive, so two calls
+on different layers never wait for each other.
 
 Crash model.  A layer is built in ``staging/`` where nobody looks, made durable
 with one ``syncfs`` (an empty layer: an fsync of each of its few files and
@@ -36,65 +47,18 @@ import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 from lamina import crashpoints, errors
 from lamina.driver import REMOVING_SUFFIX, LayerId, check_id
 from lamina.host import fsutil, mount
-from lamina.host.usage import Totals
 from lamina.store import meta as meta_file
+from lamina.store.chains import ChainIndex
+from lamina.store.holds import Holds
 from lamina.store.meta import ID_FILE, META, LayerMeta
 
 log = logging.getLogger("lamina")
 
 FORMAT = 1
-
-
-@runtime_checkable
-class StoreBacked(Protocol):
-    """A driver over a :class:`Store`, as ``check`` and ``df`` see it: the hooks through
-    which a backend tells what is its own (content, mounts, links), so that the store
-    tier never reads a backend's internals."""
-
-    store: Store
-    home: Path
-    content_only: tuple[str, ...] | None
-    """The names in ``content_of()`` that are the layer's content (None: all of it)."""
-
-    def content_of(self, layer_dir: Path) -> Path:
-        """The layer's own content inside its directory (live or staged)."""
-        ...
-
-    def record_manifest(self, layer_dir: Path) -> Totals:
-        """Record the manifest of a read-only layer's present content; its totals."""
-        ...
-
-    def union_point(self, id: LayerId) -> Path | None:
-        """Where the backend mounts ``id``'s union view (None: it never mounts one)."""
-        ...
-
-    def needs_mount(self, id: LayerId) -> bool:
-        """Whether ``id``'s view, while counted, is a mount at :meth:`union_point`."""
-        ...
-
-    def stray_links(self) -> list[str]:
-        """The backend's links in the home that lead to no layer (for the report)."""
-        ...
-
-    def sweep_links(self) -> list[str]:
-        """Remove the stray links that no builder still needs; the ones removed."""
-        ...
-
-    def discard(self, id: LayerId) -> None:
-        """Remove a damaged layer whatever its metadata says (its children are gone)."""
-        ...
-
-
-def store_backed(drv: object) -> StoreBacked:
-    """``drv`` as the store tier sees it, or ``Unsupported`` for a driver of no store."""
-    if not isinstance(drv, StoreBacked):
-        raise errors.Unsupported(f"backend {getattr(drv, 'name', drv)} keeps no lamina store")
-    return drv
 
 
 def recorded_backend(home: Path) -> str | None:
@@ -124,12 +88,17 @@ class Store:
         self.staging_dir = home / "staging"
         self.mounts_dir = home / "mounts"
         self.locks_dir = home / "locks"
+        self.mount_locks_dir = home / "mountlocks"
         try:
             home.mkdir(mode=0o710 if shared_root else 0o700, parents=True, exist_ok=True)
-            for sub in (self.layers_dir, self.staging_dir, self.mounts_dir, self.locks_dir):
+            for sub in (self.layers_dir, self.staging_dir, self.mounts_dir, self.locks_dir,
+                        self.mount_locks_dir):
                 sub.mkdir(mode=0o700, exist_ok=True)
+            self.holds = Holds(home)
+            self.chains = ChainIndex(home)
         except OSError as e:
             raise errors.InvalidArgument(f"cannot create home: {e.strerror}", path=str(home)) from e
+        self.holds.migrate(home / "snapshots" / "holds")
         if recorded_backend(home) is None:
             fsutil.atomic_write(
                 home / "lamina.json",
@@ -143,6 +112,12 @@ class Store:
     def locked(self) -> Iterator[None]:
         """Hold the store lock (brief sections only)."""
         with fsutil.locked(self._store_lock):
+            yield
+
+    @contextlib.contextmanager
+    def mount_lock(self, id: LayerId) -> Iterator[None]:
+        """Hold ``id``'s mount lock: its mount, unmount and count change together."""
+        with fsutil.locked(self.mount_locks_dir / id):
             yield
 
     @contextlib.contextmanager
@@ -227,6 +202,30 @@ class Store:
             raise errors.Corrupt("bad parent chain in metadata", layer=id)
         return meta.chain
 
+    def with_chain(self, chain: str, parent: LayerId | None) -> LayerId | None:
+        """A complete read-only layer of chain id ``chain`` on layer ``parent`` (the one
+        named by the chain id's digits first: the image store's), or None."""
+        named = self.chains.named(chain)
+        own = chain.removeprefix("sha256:")
+        for lid in sorted(named, key=lambda n: n != own):
+            try:
+                meta = self.meta(lid)
+            except errors.LaminaError:
+                continue  # gone since it was indexed, or damaged: check says which
+            if meta.identity.chain_id == chain and not meta.rw and meta.parent == parent:
+                return lid
+        return None
+
+    def chained(self) -> Iterator[tuple[LayerId, LayerMeta]]:
+        """Every complete layer that has a chain id, with its metadata."""
+        for chain, lid in self.chains.entries():
+            try:
+                meta = self.meta(lid)
+            except errors.LaminaError:
+                continue
+            if meta.identity.chain_id == chain:
+                yield lid, meta
+
     def ids(self) -> Iterator[LayerId]:
         """Every complete layer."""
         for entry in sorted(os.listdir(self.layers_dir)):
@@ -255,10 +254,15 @@ class Store:
         meta.chain = ancestors
         meta_file.write_seed_files(staged, meta.id, [self.layer_dir(a) for a in ancestors])
         meta_file.write(staged, meta, staged=True)
+        if meta.identity.chain_id is not None:  # made durable by the build's syncfs
+            self.chains.add(meta.identity.chain_id, meta.id)
 
     def rewrite_meta(self, meta: LayerMeta) -> None:
         """Replace live layer ``meta.id``'s metadata, atomically and durably (the caller
-        holds the layer's lock)."""
+        holds the layer's lock); a chain id it gains is indexed first."""
+        if meta.identity.chain_id is not None:
+            self.chains.add(meta.identity.chain_id, meta.id)
+            fsutil.sync_dir(self.chains.dir / meta.identity.chain_id.removeprefix("sha256:"))
         meta_file.write(self.layer_dir(meta.id), meta, staged=False)
 
     # -- building -------------------------------------------------------------
@@ -316,24 +320,26 @@ class Store:
 
     def retire(self, id: LayerId, *, damaged: bool = False) -> Path:
         """Take ``id`` out of the store (the commit point of a removal); delete later.
+        The caller holds the layer's lock (exclusive) and has seen it has no children:
+        nobody can build on it meanwhile.
 
         ``damaged``: a layer whose metadata may be unreadable, removed by a repair after
         its children; it is retired without looking at what it says."""
-        with self.locked():
-            if not damaged:
-                if not self.exists(id):
-                    raise errors.NotFound("no such layer", layer=id)
-                kids = self.children(id)
-                if kids:
-                    raise errors.Busy(f"layer is the parent of {', '.join(kids)}", layer=id)
-            doomed = self.layers_dir / f"{id}{REMOVING_SUFFIX}"
-            fsutil.remove_tree(doomed)  # an older removal of the same id, unfinished
+        chain = None
+        if not damaged:
+            chain = self.meta(id).identity.chain_id  # NotFound: removed meanwhile
+        doomed = self.layers_dir / f"{id}{REMOVING_SUFFIX}"
+        fsutil.remove_tree(doomed)  # an older removal of the same id, unfinished
+        with self.mount_lock(id), self.locked():
             crashpoints.reached("retire:before-rename")
-            os.rename(self.layer_dir(id), doomed)
+            fsutil.rename(self.layer_dir(id), doomed)
             crashpoints.reached("retire:after-rename")
             fsutil.sync_dir(self.layers_dir)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.mounts_dir / id)
+        if chain is not None:
+            self.chains.discard(chain, id)
+        self.holds.forget(id)
         return doomed
 
     # -- mount counts ---------------------------------------------------------
@@ -352,7 +358,7 @@ class Store:
         return int(text or 0)
 
     def set_count(self, id: LayerId, value: int) -> None:
-        """Record ``id``'s count; call with the store lock held."""
+        """Record ``id``'s count; call with its mount lock held."""
         path = self.mounts_dir / id
         if value <= 0:
             with contextlib.suppress(FileNotFoundError):
@@ -396,19 +402,45 @@ class Store:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(lock.path)
                     lock.release()
-        # Under the store lock: live processes write counts (and their temp files)
-        # and retire layers under it.
-        with self.locked():
-            for entry in os.listdir(self.mounts_dir):
-                if entry.startswith("."):
-                    if entry.rsplit(".", 1)[-1].isdigit():
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self.mounts_dir / entry)  # a count write cut short
-                elif not self.exists(LayerId(entry)):
-                    # A removal killed between its rename and dropping the count.
+        self._sweep_chains()
+        # Each under the layer's mount lock: live processes write counts (and their
+        # temp files) and retire layers under it.
+        for entry in os.listdir(self.mounts_dir):
+            temp = entry.startswith(".")
+            name = entry[1:].rsplit(".", 1)[0] if temp else entry
+            if temp and not entry.rsplit(".", 1)[-1].isdigit():
+                continue
+            try:
+                lid = check_id(name)
+            except errors.InvalidArgument:
+                continue
+            if not temp and self.exists(lid):
+                continue
+            with self.mount_lock(lid):
+                # A count write cut short, or a removal killed between its rename and
+                # dropping the count.
+                if temp or not self.exists(lid):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.mounts_dir / entry)
         return [s for s in swept if s]
+
+    def _sweep_chains(self) -> None:
+        """Drop the chain-id index's entries of layers that are gone (a build that died,
+        a removal cut short), but not those of layers being built now: an entry is made
+        in a build, after its staging directory (so listed first, then the builders)."""
+        entries = list(self.chains.entries())
+        if not entries:
+            return
+        building = self.building()
+        for chain, lid in entries:
+            if lid not in building and not self.exists(lid):
+                self.chains.discard(chain, lid)
+
+    def building(self) -> set[str]:
+        """The ids of the layers being built now (their builders hold their locks)."""
+        # Staging entries are ID.TOKEN and ID.TOKEN.lock (ids may hold dots, tokens not).
+        return {e.rsplit(".", 1)[0] for e in os.listdir(self.staging_dir)
+                if not e.endswith(".lock") and self.in_flight(e)}
 
     def delete(self, path: Path) -> None:
         """Delete a retired or abandoned layer directory, and what is mounted inside it."""

@@ -1,7 +1,11 @@
 """A layer's metadata, ``layer.json``: its one typed reader and its one writer.
 
 Every field is checked when it is read, so a tampered or damaged file is one
-``Corrupt`` naming the layer, never a ``TypeError`` somewhere later.  Beside it in
+``Corrupt`` naming the layer, never a ``TypeError`` somewhere later.  What the front
+ends rely on is typed here and nowhere else: the layer's *format* (how its content is
+kept), its *identity* (diff id and chain id, for the image store and containerd),
+whether it is a *sealed* snapshot, and the counters kept at apply time.  A backend's
+own fields (vfs ``touched_ns``) ride along in :attr:`LayerMeta.backend`.  Beside it in
 the layer's directory, for the seed driver's tools, ``layerchain.json`` (the
 parents' directories, nearest first) and ``layerID`` (the id redirect file).
 
@@ -15,7 +19,9 @@ directory): a kill or power cut leaves the old file or the new one, whole.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,35 @@ from lamina.host.usage import Totals
 META = "layer.json"
 CHAIN = "layerchain.json"
 ID_FILE = "layerID"
+
+
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+"""The one pattern of a digest lamina keeps or is given (``sha256:`` and 64 hex digits):
+diff ids, chain ids, blob digests."""
+
+
+def is_digest(text: object) -> bool:
+    """Whether ``text`` is a ``sha256:`` digest."""
+    return isinstance(text, str) and DIGEST.fullmatch(text) is not None
+
+
+class LayerFormat(enum.StrEnum):
+    """How a layer's content is kept (``layer.json``'s ``format``)."""
+
+    DIR = "dir"
+    """A directory tree: what the isolated applier writes, and every writable layer."""
+    WINDOWS = "windowsfilter"
+    """Windows container files in the seed driver's layout (``Files/``, ``Hives/``)."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A read-only layer's identity by content (OCI image-spec ``config.md``): the
+    ``diff_id`` (sha256 of its uncompressed tar) and the ``chain_id`` (with its
+    parents'); ``chain_id`` is None on a parent of unknown content."""
+
+    diff_id: str | None = None
+    chain_id: str | None = None
 
 
 @dataclass
@@ -57,7 +92,16 @@ class LayerMeta:
     size: int | None = None
     """The regular-file bytes of a read-only layer's own changes as its apply counted
     them (what Docker records as a layer's size); None when not known."""
-    fields: dict[str, Any] = field(default_factory=dict)
+    format: LayerFormat = LayerFormat.DIR
+    identity: Identity = field(default_factory=Identity)
+    """What the layer is by content (unknown for a writable layer, or for content that
+    is no single tar's)."""
+    sealed: bool = False
+    """A writable layer turned read-only in place (a containerd snapshot's Commit): its
+    content was written through mounts, so it has no manifest to check against."""
+    usage: Totals | None = None
+    """The usage kept by layers sealed before sealing stopped counting it."""
+    backend: dict[str, Any] = field(default_factory=dict)
     """The backend's own fields (vfs ``touched_ns``, …), and any this version does not
     know, kept as found."""
 
@@ -77,7 +121,12 @@ class LayerMeta:
                 totals=_totals(rest.pop("totals", None)),
                 quota=_quota(rest.pop("quota", None)),
                 size=_opt_int(rest.pop("size", None), "size"),
-                fields=rest,
+                format=_format(rest.pop("format", LayerFormat.DIR.value)),
+                identity=Identity(_opt_digest(rest.pop("diff_id", None), "diff_id"),
+                                  _opt_digest(rest.pop("chain_id", None), "chain_id")),
+                sealed=_bool(rest.pop("sealed", False), "sealed"),
+                usage=_totals(rest.pop("usage", None), "usage"),
+                backend=rest,
             )
         except _Bad as e:
             raise errors.Corrupt(f"bad {META}: {e}", layer=id) from None
@@ -85,8 +134,18 @@ class LayerMeta:
 
     def to_json(self) -> dict[str, Any]:
         """The document written to ``layer.json``."""
-        out: dict[str, Any] = {**self.fields, "id": self.id, "parent": self.parent,
+        out: dict[str, Any] = {**self.backend, "id": self.id, "parent": self.parent,
                                "rw": self.rw, "created": self.created, "chain": self.chain}
+        if self.format is not LayerFormat.DIR:
+            out["format"] = self.format.value
+        if self.identity.diff_id is not None:
+            out["diff_id"] = self.identity.diff_id
+        if self.identity.chain_id is not None:
+            out["chain_id"] = self.identity.chain_id
+        if self.sealed:
+            out["sealed"] = True
+        if self.usage is not None:
+            out["usage"] = dataclasses.asdict(self.usage)
         if self.totals is not None:
             out["totals"] = dataclasses.asdict(self.totals)
         if self.size is not None:
@@ -167,12 +226,27 @@ def _dict(value: object, what: str) -> dict[str, object]:
     return value
 
 
-def _totals(value: object) -> Totals | None:
+def _totals(value: object, what: str = "totals") -> Totals | None:
     if value is None:
         return None
-    d = _dict(value, "totals")
-    return Totals(_int(d.get("bytes"), "totals.bytes"), _int(d.get("disk"), "totals.disk"),
-                  _int(d.get("inodes"), "totals.inodes"))
+    d = _dict(value, what)
+    return Totals(_int(d.get("bytes"), f"{what}.bytes"), _int(d.get("disk"), f"{what}.disk"),
+                  _int(d.get("inodes"), f"{what}.inodes"))
+
+
+def _opt_digest(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not is_digest(value):
+        raise _Bad(f"{what} is {value!r}, not a sha256 digest")
+    return str(value)
+
+
+def _format(value: object) -> LayerFormat:
+    try:
+        return LayerFormat(_str(value, "format"))
+    except ValueError:
+        raise _Bad(f"format {value!r} is not one this version knows") from None
 
 
 def _quota(value: object) -> Quota | None:

@@ -224,7 +224,7 @@ def _check_unsupported_when_not_root(tmp_path: Path) -> None:
 def test_a_failed_build_leaves_no_short_link(home: Path) -> None:
     """An apply cut short leaves no ``l/`` link behind, and a layer made again under the
     same id has exactly one; a stray second link is found by check and repaired."""
-    from lamina.store import check
+    from lamina.backends import check
 
     with lamina.open_driver(home, backend="overlay") as overlay:
         _links_after_failure(overlay, check)

@@ -46,7 +46,7 @@ import lamina
 from lamina import crashpoints
 from lamina.driver import REMOVING_SUFFIX
 from lamina.host import fsutil
-from lamina.store import check
+from lamina.backends import check
 from tests import tarbuild as tb
 from tests.conftest import mounts_under
 from tests.crash import child

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 import lamina
-from lamina.store import check
+from lamina.backends import check
 from tests import tarbuild as tb
 from tests.conftest import Stores, mounts_under
 from tests.crash.harness import REPO, child_env

@@ -212,9 +212,9 @@ def test_remote_snapshot_protocol_and_two_users(served: Served) -> None:
     d2 = "sha256:" + hashlib.sha256(t2).hexdigest()
     served.drv.apply_diff("docker1", None, io.BytesIO(t1))   # as `lamina serve` would
     served.drv.apply_diff("docker2", "docker1", io.BytesIO(t2))
-    meta = served.drv.store.meta(served.drv.store.require("docker2")).fields
+    identity = served.drv.record("docker2").identity
     c1, c2 = chain_id(None, d1), chain_id(chain_id(None, d1), d2)
-    assert meta["diff_id"] == d2 and meta["chain_id"] == c2
+    assert identity.diff_id == d2 and identity.chain_id == c2
     with pytest.raises(grpc.RpcError) as e:
         served.prepare("ns/1/extract-1 " + c1, "", **{REF_LABEL: c1})
     assert code(e) == grpc.StatusCode.ALREADY_EXISTS

@@ -220,7 +220,7 @@ def test_writable_layers_need_windows(drv: lamina.Driver) -> None:
 
 
 def test_check_covers_windows_layers(drv: lamina.Driver) -> None:
-    from lamina.store import check
+    from lamina.backends import check
 
     drv.apply_diff("base", None, io.BytesIO(base_layer()))
     drv.apply_diff("child", "base", io.BytesIO(child_layer()))

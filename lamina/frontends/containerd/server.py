@@ -22,7 +22,7 @@ that does not finish its HTTP/2 handshake in :data:`HANDSHAKE_TIMEOUT_MS` is clo
 SIGTERM or SIGINT stops it cleanly: the socket stops taking calls, the calls in
 progress finish (up to :data:`GRACE` seconds), the store is closed, exit status 0.
 Nothing is mounted by the server, so nothing is left mounted; a restarted server finds
-every snapshot (:mod:`lamina.store.snapshots`).
+every snapshot (:mod:`lamina.frontends.containerd.records`).
 """
 
 from __future__ import annotations
@@ -45,11 +45,10 @@ from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from lamina import errors
-from lamina.backends.base import StoreDriver
-from lamina.backends.snapshot_hooks import SnapshotMount
+from lamina.backends.contract import Backend, SnapshotMount
 from lamina.frontends.containerd.api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from lamina.frontends.containerd.records import ACTIVE, COMMITTED, VIEW, Record
 from lamina.frontends.containerd.snapshotter import Snapshotter
-from lamina.store.snapshots import ACTIVE, COMMITTED, VIEW, Record
 
 log = logging.getLogger("lamina")
 
@@ -249,7 +248,7 @@ def start(sn: Snapshotter, socket_path: Path, *, verbose: bool = False,
     return server
 
 
-def serve(driver: StoreDriver, socket_path: str | Path = DEFAULT_SOCKET, *,
+def serve(driver: Backend, socket_path: str | Path = DEFAULT_SOCKET, *,
           verbose: bool = False) -> int:
     """Serve ``driver``'s store on ``socket_path`` until SIGTERM or SIGINT; exit status."""
     if verbose:

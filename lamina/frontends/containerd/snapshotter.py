@@ -19,18 +19,21 @@ Vocabulary (containerd's): an *active* snapshot (a key) is writable; a *committe
   already adopts that layer and drops the copy containerd just extracted: one layer on
   disk, though containerd did the extraction.
 - Several snapshots may use one layer (namespaces importing the same image); a layer
-  goes with its last snapshot, unless another front end still has it
-  (:mod:`lamina.store.snapshots`: holds).
+  goes with its last snapshot, unless another front end still holds it
+  (:mod:`lamina.store.holds`).
 
-Every call runs under one lock (the metadata is one process's, in memory, written
-through); errors are :mod:`lamina.errors` (``Busy`` is containerd's
-FailedPrecondition).
+Locks.  The records are one process's, in memory, written through, and change under
+one lock; nothing slow runs under it.  Building a layer (Prepare), sealing one (its
+syncfs, Commit) and deleting one (Remove) run outside it, with the names they are
+about to create reserved (:attr:`Snapshotter._pending`), the snapshot being committed
+marked busy, and the layers being deleted marked dying (never adopted again), so that a
+Stat, a List or a Prepare of another snapshot never waits for them.  Errors are
+:mod:`lamina.errors` (``Busy`` is containerd's FailedPrecondition).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import threading
 import time
@@ -38,20 +41,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from lamina import errors
-from lamina.backends.base import StoreDriver
-from lamina.backends.snapshot_hooks import SnapshotMount
+from lamina.backends.contract import Backend, SnapshotMount
 from lamina.driver import LayerId
-from lamina.frontends.containerd import filters
+from lamina.frontends.containerd import filters, records
+from lamina.frontends.containerd.records import ACTIVE, COMMITTED, VIEW, Record
 from lamina.host.usage import Totals
-from lamina.store import snapshots
-from lamina.store.snapshots import ACTIVE, ADOPTED, COMMITTED, MADE, VIEW, Record
+from lamina.store.holds import Holder
+from lamina.store.meta import is_digest
 
 log = logging.getLogger("lamina")
 
 REF_LABEL = "containerd.io/snapshot.ref"
 MAX_LABEL = 4096  # containerd's limit on a label's key plus value, in bytes
 LAYER_PREFIX = "ctrd-"
-_CHAIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
+SNAPSHOTS = Holder.SNAPSHOTS
 
 
 def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
@@ -67,24 +70,31 @@ def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
 def _name_chain(name: str) -> str | None:
     """The chain id a name carries in its last segment (``NS/N/sha256:…``), if any."""
     tail = name.rsplit("/", 1)[-1].rsplit(" ", 1)[-1]
-    return tail if _CHAIN_RE.fullmatch(tail) else None
+    return tail if is_digest(tail) else None
 
 
 class Snapshotter:
-    """containerd's Snapshotter interface over one driver's store."""
+    """containerd's Snapshotter interface over one backend's store."""
 
-    def __init__(self, driver: StoreDriver) -> None:
+    def __init__(self, driver: Backend) -> None:
         self.drv = driver
-        self.store = driver.store
-        self.records = snapshots.SnapshotRecords(driver.home)
+        self.records = records.SnapshotRecords(driver.home)
         self._lock = threading.RLock()
+        self._pending: dict[str, str] = {}
+        """Names being created (Prepare, View, Commit), with their parent's name."""
+        self._busy: set[str] = set()
+        """Active snapshots being committed."""
+        self._making: set[LayerId] = set()
+        """Layers being made for a snapshot (held, not yet recorded)."""
+        self._dying: set[LayerId] = set()
+        """Layers being deleted (no record uses them any more)."""
         self.recover()
 
     def close(self) -> None:
         """Release the home's snapshots for another process."""
         self.records.close()
 
-    # -- lookups ----------------------------------------------------------------
+    # -- lookups (under the lock) ---------------------------------------------------
 
     def _get(self, key: str) -> Record:
         if not key:
@@ -94,11 +104,13 @@ class Snapshotter:
             raise errors.NotFound(f"snapshot {key!r} does not exist")
         return rec
 
-    def _new(self, key: str) -> None:
+    def _reserve(self, key: str, parent: str) -> None:
+        """Claim name ``key`` for a snapshot about to be made on ``parent``."""
         if not key:
             raise errors.InvalidArgument("a snapshot key is needed")
-        if self.records.get(key) is not None:
+        if self.records.get(key) is not None or key in self._pending:
             raise errors.AlreadyExists(f"snapshot {key!r} already exists")
+        self._pending[key] = parent
 
     def _parent(self, parent: str) -> Record | None:
         if not parent:
@@ -110,27 +122,17 @@ class Snapshotter:
             raise errors.InvalidArgument(f"parent {parent!r} is not a committed snapshot")
         return rec
 
-    def _layer_with_chain(self, chain: str, parent: LayerId | None) -> LayerId | None:
-        """A read-only layer of the store with chain id ``chain`` on layer ``parent``:
-        the image store's, named by the chain id itself, first (no walk), else any."""
-        named = LayerId(chain.removeprefix("sha256:"))
-        if re.fullmatch(r"sha256:[0-9a-f]{64}", chain) and self.store.exists(named):
-            try:
-                meta = self.store.meta(named)
-            except errors.LaminaError:
-                meta = None
-            if (meta is not None and meta.fields.get("chain_id") == chain and not meta.rw
-                    and meta.parent == parent):
-                return named
-        for lid in self.store.ids():
-            try:
-                meta = self.store.meta(lid)
-            except errors.LaminaError:
-                continue
-            if (meta.fields.get("chain_id") == chain and not meta.rw
-                    and meta.parent == parent):
-                return lid
-        return None
+    def _with_chain(self, chain: str, parent: LayerId | None) -> LayerId | None:
+        """A read-only layer of chain id ``chain`` on layer ``parent`` (any front end's),
+        held for the snapshots; None if there is none (or it is being deleted)."""
+        lid = self.drv.with_chain(chain, parent)
+        if lid is None or lid in self._dying:
+            return None
+        try:
+            self.drv.claim(lid, SNAPSHOTS)
+        except errors.NotFound:
+            return None  # gone meanwhile
+        return lid
 
     # -- creating ---------------------------------------------------------------
 
@@ -138,45 +140,61 @@ class Snapshotter:
         """A new active snapshot ``key`` on committed ``parent`` ("" for none)."""
         with self._lock:
             labels = check_labels(labels)
-            self._new(key)
-            prec = self._parent(parent)
-            player = prec.layer if prec is not None else None
-            target = labels.get(REF_LABEL)
-            if target:
-                self._remote(target, parent, player, labels)
-            lid = self._make_layer(writable=True, parent=player)
-            now = time.time_ns()
-            self.records.put(Record(key, ACTIVE, parent, lid, labels, now, now))
-            return self.drv.snapshot_mounts(lid, writable=True)
+            self._reserve(key, parent)
+            try:
+                prec = self._parent(parent)
+                target = labels.get(REF_LABEL)
+                if target:
+                    self._remote(target, parent, prec, labels)
+            except BaseException:
+                del self._pending[key]
+                raise
+        return self._make(key, ACTIVE, parent, prec.layer if prec else None, labels)
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[SnapshotMount]:
         """A new read-only view ``key`` of committed ``parent`` ("" for an empty one)."""
         with self._lock:
             labels = check_labels(labels)
-            self._new(key)
-            prec = self._parent(parent)
-            now = time.time_ns()
-            if prec is not None and prec.layer is not None:
-                self.records.put(Record(key, VIEW, parent, None, labels, now, now))
-                return self.drv.snapshot_mounts(prec.layer, writable=False)
-            lid = self._make_layer(writable=False, parent=None)
-            self.records.put(Record(key, VIEW, parent, lid, labels, now, now))
-            return self.drv.snapshot_mounts(lid, writable=False)
+            self._reserve(key, parent)
+            try:
+                prec = self._parent(parent)
+                layer = prec.layer if prec is not None else None
+                if layer is not None:
+                    now = time.time_ns()
+                    self.records.put(Record(key, VIEW, parent, None, labels, now, now))
+            except BaseException:
+                del self._pending[key]
+                raise
+            if layer is not None:
+                del self._pending[key]
+        if layer is not None:
+            return self.drv.snapshot_mounts(layer, writable=False)
+        return self._make(key, VIEW, parent, None, labels)
 
-    def _make_layer(self, *, writable: bool, parent: LayerId | None) -> LayerId:
+    def _make(self, key: str, kind: str, parent: str, player: LayerId | None,
+              labels: dict[str, str]) -> list[SnapshotMount]:
+        """Make snapshot ``key``'s layer (outside the lock), then its record."""
         lid = LayerId(LAYER_PREFIX + secrets.token_hex(16))
-        self.records.set_hold(lid, MADE)  # first: a layer made is never one nobody owns
+        with self._lock:
+            self._making.add(lid)
         try:
-            if writable:
-                self.drv.create_rw(lid, parent)
-            else:
-                self.drv.create(lid, parent)
+            self.drv.make(lid, player, writable=kind == ACTIVE, holder=SNAPSHOTS)
+            mounts = self.drv.snapshot_mounts(lid, writable=kind == ACTIVE)
+            with self._lock:
+                now = time.time_ns()
+                self.records.put(Record(key, kind, parent, lid, labels, now, now))
         except BaseException:
-            self.records.drop_hold(lid)
+            with self._lock:
+                self._pending.pop(key, None)
+                self._making.discard(lid)
+            self._let_go(lid)
             raise
-        return lid
+        with self._lock:
+            self._pending.pop(key, None)
+            self._making.discard(lid)
+        return mounts
 
-    def _remote(self, target: str, parent: str, player: LayerId | None,
+    def _remote(self, target: str, parent: str, prec: Record | None,
                 labels: dict[str, str]) -> None:
         """The remote-snapshotter protocol: ``AlreadyExists`` once snapshot ``target`` is
         there (committed here from a layer the store holds); None when it cannot be."""
@@ -185,26 +203,14 @@ class Snapshotter:
             if have.kind == COMMITTED and have.parent == parent:
                 raise errors.AlreadyExists(f"target snapshot {target!r} already exists")
             return
-        if not _CHAIN_RE.fullmatch(target):
+        if not is_digest(target) or target in self._pending:
             return
-        lid = self._layer_with_chain(target, player)
+        lid = self._with_chain(target, prec.layer if prec else None)
         if lid is None:
-            return
-        if not self._adopt(lid):
             return
         now = time.time_ns()
         self.records.put(Record(target, COMMITTED, parent, lid, dict(labels), now, now))
         raise errors.AlreadyExists(f"target snapshot {target!r} already exists")
-
-    def _adopt(self, lid: LayerId) -> bool:
-        """Hold layer ``lid`` for a snapshot (it stays another front end's too); False if
-        it is gone meanwhile."""
-        with self.store.layer_lock(lid):  # against a concurrent Driver.remove
-            if not self.store.exists(lid):
-                return False
-            if self.records.hold(lid) is None:
-                self.records.set_hold(lid, ADOPTED)
-        return True
 
     # -- committing and removing ------------------------------------------------------
 
@@ -213,54 +219,76 @@ class Snapshotter:
         with self._lock:
             labels = check_labels(labels)
             rec = self._get(key)
-            if rec.kind != ACTIVE or rec.layer is None:
+            if rec.kind != ACTIVE or rec.layer is None or key in self._busy:
                 raise errors.Busy(f"snapshot {key!r} is not active")
             if not name:
                 raise errors.InvalidArgument("a snapshot name is needed")
-            self._new(name)
-            now = time.time_ns()
-            chain = _name_chain(name)
-            if chain is not None and _name_chain(key) not in (None, chain):
-                chain = None
-            layer = rec.layer
-            if chain is not None:
-                parent_layer = self.store.parent(rec.layer)
-                found = self._layer_with_chain(chain, parent_layer)
-                if found is not None and found != rec.layer and self._adopt(found):
-                    layer = found  # the store holds this layer already: keep one copy
-            done = Record(name, COMMITTED, rec.parent, layer, labels, now, now,
-                          committed_from=(key, rec.layer))
-            self.records.put(done)  # the commit point
+            self._reserve(name, rec.parent)
+            try:
+                layer = self._commit_layer(name, key, rec.layer)
+                now = time.time_ns()
+                self.records.put(Record(name, COMMITTED, rec.parent, layer, labels, now, now,
+                                        committed_from=(key, rec.layer)))  # the commit point
+            finally:
+                del self._pending[name]
+            self._busy.add(key)
+        try:
             if layer == rec.layer:
-                self.drv.seal(rec.layer, {"chain_id": chain} if chain else None)
+                chain = _name_chain(name)
+                self.drv.seal(rec.layer, chain if _name_chain(key) in (None, chain) else None)
+        except BaseException:
+            with self._lock:  # committed all the same: recovery seals it again
+                self._busy.discard(key)
+            raise
+        with self._lock:
+            self._busy.discard(key)
             self.records.delete(key)
-            if layer != rec.layer:
-                self._release(rec.layer)
+            doomed = self._unused(rec.layer) if layer != rec.layer else None
+        if doomed is not None:
+            self._let_go(doomed)
+
+    def _commit_layer(self, name: str, key: str, own: LayerId) -> LayerId:
+        """The layer committed snapshot ``name`` is to use: one the store holds already
+        under the chain id the names carry (one copy on disk), else ``key``'s own."""
+        chain = _name_chain(name)
+        if chain is None or _name_chain(key) not in (None, chain):
+            return own
+        found = self._with_chain(chain, self.drv.parent(own))
+        return own if found is None else found
 
     def remove(self, key: str) -> None:
         """Remove snapshot ``key`` (not one that others have as parent)."""
         with self._lock:
             rec = self._get(key)
-            kids = self.records.children.get(key)
+            if key in self._busy:
+                raise errors.Busy(f"snapshot {key!r} is being committed")
+            kids = len(self.records.children.get(key, ())) + sum(
+                1 for p in self._pending.values() if p == key)
             if kids:
-                raise errors.Busy(f"snapshot {key!r} has children ({len(kids)}): "
+                raise errors.Busy(f"snapshot {key!r} has children ({kids}): "
                                   "remove them first")
             self.records.delete(key)  # the commit point
-            if rec.layer is not None:
-                self._release(rec.layer)
+            doomed = self._unused(rec.layer)
+        if doomed is not None:
+            self._let_go(doomed)
 
-    def _release(self, lid: LayerId) -> None:
-        """Let layer ``lid`` go once no snapshot uses it (unless another front end has it)."""
-        if self.records.users.get(lid):
-            return
-        how = self.records.hold(lid)
-        if how != ADOPTED and self.store.exists(lid):
-            try:
-                self.drv.remove_for_snapshots(lid)
-            except errors.LaminaError as e:
-                log.warning("lamina: cannot remove layer %s of a snapshot: %s", lid, e)
-                return  # the hold stays: recovery tries again
-        self.records.drop_hold(lid)
+    def _unused(self, lid: LayerId | None) -> LayerId | None:
+        """``lid`` marked dying if no snapshot uses it any more (under the lock)."""
+        if lid is None or self.records.users.get(lid) or lid in self._dying:
+            return None
+        self._dying.add(lid)
+        return lid
+
+    def _let_go(self, lid: LayerId) -> None:
+        """The snapshots' hold on ``lid`` goes (outside the lock: it may delete a tree);
+        the layer stays while another front end holds it."""
+        try:
+            self.drv.release(lid, SNAPSHOTS)
+        except errors.LaminaError as e:
+            log.warning("lamina: cannot remove layer %s of a snapshot: %s", lid, e)
+        finally:
+            with self._lock:
+                self._dying.discard(lid)
 
     # -- queries ------------------------------------------------------------------
 
@@ -274,11 +302,13 @@ class Snapshotter:
         with self._lock:
             rec = self._get(key)
             if rec.layer is not None:
-                return self.drv.snapshot_mounts(rec.layer, writable=rec.kind == ACTIVE)
-            prec = self._get(rec.parent)
-            if prec.layer is None:
-                raise errors.Corrupt(f"snapshot {rec.parent!r} has no layer")
-            return self.drv.snapshot_mounts(prec.layer, writable=False)
+                layer, writable = rec.layer, rec.kind == ACTIVE
+            else:
+                prec = self._get(rec.parent)
+                if prec.layer is None:
+                    raise errors.Corrupt(f"snapshot {rec.parent!r} has no layer")
+                layer, writable = prec.layer, False
+        return self.drv.snapshot_mounts(layer, writable=writable)
 
     def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Record:
         """Change snapshot ``name``'s labels (``paths``: ``labels`` or ``labels.KEY``; none:
@@ -325,12 +355,12 @@ class Snapshotter:
 
     def cleanup(self) -> None:
         """containerd's Cleanup: finish what was cut short, drop what nothing uses."""
-        with self._lock:
-            self.recover()
+        self.recover()
 
     def recover(self) -> None:
         """Bring the records, holds and layers together again (the module docstring of
-        :mod:`lamina.store.snapshots` says what a kill can leave)."""
+        :mod:`lamina.frontends.containerd.records` says what a kill can leave)."""
+        doomed: list[LayerId] = []
         with self._lock:
             recs = self.records
             for rec in list(recs):
@@ -338,20 +368,28 @@ class Snapshotter:
                     continue
                 src_name, src_layer = rec.committed_from
                 src = recs.get(src_name)
+                if src_name in self._busy or src_name in self._pending:
+                    continue  # a commit in progress here, not one cut short
                 if rec.layer is not None and rec.layer == src_layer:
                     self.drv.seal(rec.layer)  # a commit cut short: finish it
                 if src is not None and src.kind == ACTIVE and src.layer == src_layer:
                     recs.delete(src_name)
                     if src_layer is not None and src_layer != rec.layer:
-                        self._release(src_layer)
+                        doomed += [d for d in [self._unused(src_layer)] if d]
             for rec in list(recs):
-                if rec.layer is not None and not self.store.exists(rec.layer):
+                if rec.layer is None:
+                    continue
+                if not self.drv.exists(rec.layer):
                     log.warning("lamina: snapshot %r lost its layer %s; dropped",
                                 rec.name, rec.layer)
                     recs.delete(rec.name)
-                elif rec.layer is not None and recs.hold(rec.layer) is None:
-                    made = rec.layer.startswith(LAYER_PREFIX)
-                    recs.set_hold(rec.layer, MADE if made else ADOPTED)
-            for lid in recs.held():
-                if not recs.users.get(lid):
-                    self._release(lid)
+                else:
+                    try:
+                        self.drv.claim(rec.layer, SNAPSHOTS)
+                    except errors.NotFound:
+                        recs.delete(rec.name)
+            for lid in self.drv.held_by(SNAPSHOTS):
+                if lid not in self._making and lid not in self._dying:
+                    doomed += [d for d in [self._unused(lid)] if d]
+        for lid in doomed:
+            self._let_go(lid)

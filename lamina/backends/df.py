@@ -13,9 +13,9 @@ import os
 from dataclasses import dataclass
 
 from lamina import errors
+from lamina.backends.contract import backend_of
 from lamina.driver import REMOVING_SUFFIX, Driver
 from lamina.host.usage import tree_totals
-from lamina.store.layers import store_backed
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Usage:
 def df(drv: Driver) -> tuple[list[Usage], list[str]]:
     """Every layer's own bytes, bytes on disk and inodes; and the store's orphans.  A
     damaged layer is a row of its own (``broken``), not the end of the listing."""
-    sd = store_backed(drv)
+    sd = backend_of(drv)
     store = sd.store
     rows = []
     for lid in store.ids():

@@ -1,8 +1,10 @@
 """containerd's snapshots over the layer store: keys and names mapped to layers, crash-safe.
 
-containerd names a snapshot by any string (``default/12/extract-123 sha256:…``: slashes,
-spaces, any length), so a name is never a file name here: each snapshot is one
-record file named by the SHA-256 of its name.  Layout::
+containerd's vocabulary stays here, in its front end: the store knows layers and who
+holds them (:mod:`lamina.store.holds`), not snapshots.  containerd names a snapshot by
+any string (``default/12/extract-123 sha256:…``: slashes, spaces, any length), so a
+name is never a file name here: each snapshot is one record file named by the SHA-256
+of its name.  Layout::
 
     HOME/snapshots/.lock            held by the one process serving the snapshots
     HOME/snapshots/records/H.json   one snapshot, H = sha256(name): {"name", "kind"
@@ -12,22 +14,17 @@ record file named by the SHA-256 of its name.  Layout::
                                     parent's), "labels", "created", "updated" (ns since
                                     the epoch), and for a committed one "committed_from"
                                     ({"name", "layer"} of the active snapshot it was)}
-    HOME/snapshots/holds/LAYER      a layer some record uses: "made" (the snapshotter
-                                    made it), "adopted" (another front end made it: the
-                                    Docker plugin, the CLI; it keeps its claim) or
-                                    "released" (adopted, and that front end has removed
-                                    it since: the snapshots' alone now)
 
-A layer is removed when its last record goes, unless its hold says "adopted": then the
-front end that made it still has it.  ``Driver.remove`` of a held layer does not delete
-it: an adopted one becomes "released", a made one is ``Busy``.
+Every layer a record uses is held by :data:`~lamina.store.holds.Holder.SNAPSHOTS`; the
+layer goes when its last record goes, unless another holder (the Driver API: the
+Docker plugin, the CLI, the image store) still has it.
 
 Crash model (every write is :func:`lamina.host.fsutil.atomic_write`: temp, fsync,
 rename, fsync of the directory; a kill or power cut leaves a file whole or absent):
 
-- Prepare writes the hold, then makes the layer, then the record (the commit point).
-  Killed before the record: a hold with no record, perhaps with its layer; recovery
-  removes the layer (a made hold) and the hold.  Before, as if never called.
+- Prepare holds the new layer for the snapshots, then makes it, then writes the record
+  (the commit point).  Killed before the record: a held layer no record uses, which
+  recovery lets go.  Before, as if never called.
 - Commit writes the committed record (the commit point: it names the active snapshot
   it comes from), seals the layer read-only in place, then deletes the active record.
   Killed after the commit point: recovery finds the active record that a committed one
@@ -35,14 +32,15 @@ rename, fsync of the directory; a kill or power cut leaves a file whole or absen
   record — the commit has happened; before it, it has not.  A commit that adopts a
   layer lamina already holds (by chain id) releases the active snapshot's layer the
   same way.
-- Remove deletes the record (the commit point), then the layer and the hold.  Killed
-  after: recovery finds the hold without a record and finishes.
+- Remove deletes the record (the commit point), then lets the layer go.  Killed
+  after: recovery finds the layer held with no record and finishes.
 - Labels and timestamps change by rewriting the one record: old or new, whole.
 
-Recovery runs when the serving process opens the home (:meth:`SnapshotRecords.recover`
-with the snapshotter's callbacks): records naming a missing layer are dropped (the
-layer was lost: ``lamina check --repair`` removed it), holds without records are
-released.  What remains is a set of records whose layers exist and are held.
+Recovery runs when the serving process opens the home
+(:meth:`lamina.frontends.containerd.snapshotter.Snapshotter.recover`): records naming
+a missing layer are dropped (the layer was lost: ``lamina check --repair`` removed it),
+layers the snapshots hold that no record uses are let go.  What remains is a set of
+records whose layers exist and are held.
 """
 
 from __future__ import annotations
@@ -65,8 +63,6 @@ log = logging.getLogger("lamina")
 
 ACTIVE, VIEW, COMMITTED = "active", "view", "committed"
 KINDS = (ACTIVE, VIEW, COMMITTED)
-MADE, ADOPTED, RELEASED = "made", "adopted", "released"
-HOLDS = (MADE, ADOPTED, RELEASED)
 
 
 @dataclass
@@ -122,18 +118,17 @@ def record_file(name: str) -> str:
 
 
 class SnapshotRecords:
-    """The records and holds of one home, and an index of them in memory.
+    """The records of one home, and an index of them in memory.
 
     The serving process holds ``.lock`` for its lifetime, so the in-memory index is the
     truth while it runs; other processes (``lamina ls``, ``Driver.remove``) read the
-    files.  Not thread-safe: the snapshotter serializes its calls.
+    files.  Not thread-safe: the snapshotter calls it under its lock.
     """
 
     def __init__(self, home: Path, *, serve: bool = True) -> None:
         self.dir = home / "snapshots"
         self.records_dir = self.dir / "records"
-        self.holds_dir = self.dir / "holds"
-        for d in (self.dir, self.records_dir, self.holds_dir):
+        for d in (self.dir, self.records_dir):
             d.mkdir(mode=0o700, exist_ok=True)
         self._lock: fsutil.FileLock | None = None
         if serve:
@@ -232,39 +227,3 @@ class SnapshotRecords:
         fsutil.sync_dir(self.records_dir)
         if rec is not None:
             self._unindex(rec)
-
-    # -- holds ----------------------------------------------------------------------
-
-    def hold(self, layer: LayerId) -> str | None:
-        """How the snapshots hold ``layer`` (MADE, ADOPTED, RELEASED), or None."""
-        return read_hold(self.holds_dir, layer)
-
-    def set_hold(self, layer: LayerId, how: str) -> None:
-        """Record that the snapshots hold ``layer`` (durably)."""
-        fsutil.atomic_write(self.holds_dir / layer, how.encode(), mode=0o600)
-
-    def drop_hold(self, layer: LayerId) -> None:
-        """Forget the snapshots' hold of ``layer`` (durably)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.holds_dir / layer)
-        fsutil.sync_dir(self.holds_dir)
-
-    def held(self) -> dict[LayerId, str]:
-        """Every held layer and how."""
-        out = {}
-        for entry in os.listdir(self.holds_dir):
-            if entry.startswith("."):
-                continue  # an atomic_write's temp file
-            how = self.hold(LayerId(entry))
-            if how is not None:
-                out[LayerId(entry)] = how
-        return out
-
-
-def read_hold(holds_dir: Path, layer: str) -> str | None:
-    """How a layer is held (for ``Driver.remove`` in any process), or None."""
-    try:
-        how = (holds_dir / layer).read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return how if how in HOLDS else MADE  # unreadable: keep it, the safe answer

@@ -12,7 +12,10 @@ nothing.
 
 It knows no backend: what is a backend's own (its content inside a layer
 directory, where it mounts a union, its links in the home) it learns through the
-:class:`~lamina.store.layers.StoreBacked` hooks.
+"checking" hooks of :class:`~lamina.backends.contract.Backend`.  It also checks what
+the store keeps beside the layers: the chain-id index (every layer with a chain id
+indexed, no entry for a layer that is gone or has another; ``--repair`` rebuilds it),
+and the holds (none for a layer that is gone).
 
 Crash model: a repair removes a layer as ``remove`` does (renamed to
 ``ID-removing`` first, then deleted), so a repair killed midway leaves what the
@@ -25,10 +28,10 @@ import os
 from dataclasses import dataclass, field
 
 from lamina import errors
+from lamina.backends.contract import Backend, backend_of
 from lamina.driver import REMOVING_SUFFIX, Driver, LayerId, check_id
 from lamina.host import mount
 from lamina.store import manifest
-from lamina.store.layers import StoreBacked, store_backed
 from lamina.store.meta import LayerMeta
 
 
@@ -48,7 +51,7 @@ class Report:
 
 def check(drv: Driver, *, repair: bool = False, content: bool = True) -> Report:
     """Verify the store behind ``drv``; with ``repair``, fix what is broken."""
-    sd = store_backed(drv)
+    sd = backend_of(drv)
     store = sd.store
     report = Report()
     broken: dict[LayerId, str] = {}
@@ -82,7 +85,7 @@ def check(drv: Driver, *, repair: bool = False, content: bool = True) -> Report:
         if content and not meta.rw:
             where = store.layer_dir(lid)
             recorded = where / manifest.NAME
-            if not recorded.is_file() and meta.fields.get("sealed"):
+            if not recorded.is_file() and meta.sealed:
                 continue  # a committed snapshot: containerd wrote it, nothing to check
             if not recorded.is_file():
                 report.problems.append(f"{lid}: no manifest (made before manifests were kept)")
@@ -101,6 +104,7 @@ def check(drv: Driver, *, repair: bool = False, content: bool = True) -> Report:
         report.problems.append(f"{lid}: {reason}")
     _check_counts(sd, metas, report, repair)
     _check_leftovers(sd, report)
+    _check_index(sd, {lid: m for lid, m in metas.items() if lid not in doomed}, report, repair)
     if repair:
         for lid in _children_first(doomed, metas):
             sd.discard(lid)
@@ -134,7 +138,7 @@ def _children_first(doomed: set[LayerId], metas: dict[LayerId, LayerMeta]) -> li
     return sorted(doomed, key=depth, reverse=True)
 
 
-def _check_counts(sd: StoreBacked, metas: dict[LayerId, LayerMeta], report: Report,
+def _check_counts(sd: Backend, metas: dict[LayerId, LayerMeta], report: Report,
                   repair: bool) -> None:
     store = sd.store
     counts = store.counted()
@@ -169,7 +173,7 @@ def _check_counts(sd: StoreBacked, metas: dict[LayerId, LayerMeta], report: Repo
                 report.repairs.append(f"{lid}: its count reset")
 
 
-def _check_leftovers(sd: StoreBacked, report: Report) -> None:
+def _check_leftovers(sd: Backend, report: Report) -> None:
     store = sd.store
     for entry in os.listdir(store.staging_dir):
         # A layer being built now (its builder holds its lock) is work, not damage.
@@ -177,3 +181,24 @@ def _check_leftovers(sd: StoreBacked, report: Report) -> None:
             report.problems.append(f"staging/{entry}: an abandoned layer build")
     for name in sd.stray_links():
         report.problems.append(f"l/{name}: a short link to a layer that is gone")
+
+
+def _check_index(sd: Backend, metas: dict[LayerId, LayerMeta], report: Report,
+                 repair: bool) -> None:
+    """Every layer with a chain id must be found under it.  Entries for layers that are
+    gone or have another chain id are what the crash model allows (believed by no
+    lookup); a repair drops them with the rest of the index it rebuilds."""
+    chains = sd.store.chains
+    want = {(m.identity.chain_id, lid) for lid, m in metas.items()
+            if m.identity.chain_id is not None}
+    have = set(chains.entries())
+    missing = sorted(want - have)
+    for chain, lid in missing:
+        report.problems.append(f"{lid}: not in the chain-id index (under {chain})")
+    if repair and (missing or have - want):
+        for chain, lid in sorted(have - want):
+            chains.discard(chain, lid)
+        for chain, lid in missing:
+            chains.add(chain, lid)
+        if missing:
+            report.repairs.append(f"chain-id index rebuilt ({len(missing)} entries added)")
