@@ -40,7 +40,7 @@ with atheris.instrument_imports(include=["lamina"]):
     from lamina.frontends.containerd import server
     from lamina.frontends.containerd.api import snapshots_pb2 as pb
     from lamina.frontends.containerd.snapshotter import REF_LABEL, Snapshotter
-    from lamina.store.snapshots import COMMITTED
+    from lamina.frontends.containerd.records import COMMITTED
 
 # libFuzzer ends the process with exit(): each run sweeps the homes of runs that are gone.
 _WORK_IN = os.environ.get("LAMINA_FUZZ_WORK") or (
@@ -189,7 +189,7 @@ def _check() -> None:
             parent = recs.get(rec.parent)
             assert parent is not None and parent.kind == COMMITTED, (rec, parent)
         if rec.layer is not None:
-            assert sn.store.exists(rec.layer), rec
+            assert sn.drv.exists(rec.layer), rec
         assert sn.stat(rec.name) == rec
         sn.mounts(rec.name)
 
