@@ -33,6 +33,11 @@ IMAGE_POINTS = (
 )
 """The image store's points (tests/crash/test_image_kills.py walks them)."""
 
+HOLD_POINTS = (
+    "holds:before-forget",  # a layer's holders about to be the API alone (the file goes)
+)
+"""The holds' points (tests/crash/test_holds_kills.py walks them with the others)."""
+
 _TARGET = os.environ.get("LAMINA_CRASH_AT", "")
 # Point names hold one colon; a second one adds the count.
 _name, _sep, _count = _TARGET.rpartition(":") if _TARGET.count(":") == 2 else (_TARGET, "", "")

@@ -181,11 +181,21 @@ def cmd_check(drv: Driver, args: argparse.Namespace) -> Result:
     from lamina.backends import check
 
     report = check.check(drv, repair=args.repair)
+    if (drv.home / "image").is_dir():
+        from lamina.image.store import ImageStore
+
+        problems, repairs = ImageStore(drv, recover=False).check(repair=args.repair)
+        report.problems += problems
+        report.repairs += repairs
     lines = [f"problem: {p}" for p in report.problems]
     lines += [f"repaired: {r}" for r in report.repairs]
     ok = report.consistent
     if args.repair and not ok:
         ok = check.check(drv).consistent  # what is left after the repair
+        if ok and (drv.home / "image").is_dir():
+            from lamina.image.store import ImageStore
+
+            ok = not ImageStore(drv, recover=False).check()[0]
     lines.append(f"{report.layers} layers, {len(report.problems)} problems"
                  + (f", {len(report.repairs)} repairs" if args.repair else "")
                  + ("" if ok else " (store inconsistent)"))

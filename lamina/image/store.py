@@ -381,6 +381,46 @@ class ImageStore:
             return False
         return True
 
+    def check(self, *, repair: bool = False) -> tuple[list[str], list[str]]:
+        """Every image's layers are there (``lamina check``): the problems found, and
+        with ``repair`` what was done — a missing layer is applied again from its blob,
+        which the content store keeps.  A name or image that cannot be read is a
+        problem too (repaired by ``image rm`` of it, not here)."""
+        problems: list[str] = []
+        repairs: list[str] = []
+        damaged: list[str] = []
+        for img in self.images(damaged):
+            missing = [c for c in img.chains if not self.drv.exists(layer_id(c))]
+            if not missing:
+                continue
+            name = img.names[0] if img.names else img.id
+            problems.append(f"image {name}: {len(missing)} of its {len(img.chains)} layers "
+                            f"are gone (chain ids {', '.join(missing)})")
+            if repair:
+                try:
+                    self.restore_layers(img)
+                except errors.LaminaError as e:
+                    repairs.append(f"image {name}: cannot apply its layers again: {e}")
+                else:
+                    repairs.append(f"image {name}: its layers applied again from its blobs")
+        problems += damaged
+        return problems, repairs
+
+    def restore_layers(self, img: Image) -> int:
+        """Apply ``img``'s layers that are not there from the blobs the content store
+        keeps, bottom first; how many were applied."""
+        applied = 0
+        parent: str | None = None
+        with self.session():
+            for layer, diff_id, chain in zip(img.manifest.layers, img.config.diff_ids,
+                                             img.chains, strict=True):
+                def opener(layer: spec.Descriptor = layer) -> LayerBlob:
+                    return self.content.open_layer(layer.digest, size=layer.size)
+
+                applied += self.ensure_layer(chain, parent, diff_id, opener)
+                parent = chain
+        return applied
+
     def add_image(self, names: list[str | None], manifest_desc: spec.Descriptor,
                   *, pulled: bool = False) -> None:
         for name in names:

@@ -31,7 +31,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lamina import errors
+from lamina import crashpoints, errors
 from lamina.driver import LayerId, check_id
 from lamina.host import fsutil
 
@@ -79,6 +79,7 @@ class Holds:
 
     def forget(self, id: LayerId) -> None:
         """Drop layer ``id``'s record (it is gone, or the API's alone), durably."""
+        crashpoints.reached("holds:before-forget")
         fsutil.unlink_durably(self.dir / id)
 
     def recorded(self) -> Iterator[tuple[LayerId, Holders]]:
