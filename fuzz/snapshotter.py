@@ -39,8 +39,8 @@ with atheris.instrument_imports(include=["lamina"]):
     from lamina.backends.base import StoreDriver
     from lamina.frontends.containerd import server
     from lamina.frontends.containerd.api import snapshots_pb2 as pb
-    from lamina.frontends.containerd.snapshotter import REF_LABEL, Snapshotter
     from lamina.frontends.containerd.records import COMMITTED
+    from lamina.frontends.containerd.snapshotter import REF_LABEL, Snapshotter
 
 # libFuzzer ends the process with exit(): each run sweeps the homes of runs that are gone.
 _WORK_IN = os.environ.get("LAMINA_FUZZ_WORK") or (

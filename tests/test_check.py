@@ -30,9 +30,9 @@ import pytest
 
 import lamina
 from lamina.archive import isolate
-from lamina.backends.base import StoreDriver
 from lamina.backends import check
 from lamina.backends import df as usage
+from lamina.backends.base import StoreDriver
 from lamina.store import manifest
 from tests import tarbuild as tb
 from tests.conftest import Stores, mounts_under

@@ -44,9 +44,9 @@ from pathlib import Path
 
 import lamina
 from lamina import crashpoints
+from lamina.backends import check
 from lamina.driver import REMOVING_SUFFIX
 from lamina.host import fsutil
-from lamina.backends import check
 from tests import tarbuild as tb
 from tests.conftest import mounts_under
 from tests.crash import child

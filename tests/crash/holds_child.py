@@ -12,6 +12,7 @@ STEP [ARCHIVE]``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -44,18 +45,14 @@ def main(home: Path, step: str, archive: str = "") -> None:
                 elif step == "adopt":
                     parent = ""
                     for i, chain in enumerate(chains):
-                        try:
+                        with contextlib.suppress(errors.AlreadyExists):
                             sn.prepare(f"default/{i}/extract {chain}", parent,
                                        {REF_LABEL: chain})
-                        except errors.AlreadyExists:
-                            pass
                         parent = chain
                 else:
                     for chain in reversed(chains):
-                        try:
+                        with contextlib.suppress(errors.NotFound):  # removed before a kill
                             sn.remove(chain)
-                        except errors.NotFound:  # removed before a kill
-                            pass
             finally:
                 sn.close()
 

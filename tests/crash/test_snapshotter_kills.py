@@ -53,11 +53,11 @@ import grpc
 import pytest
 
 import lamina
+from lamina.backends import check
 from lamina.frontends.containerd.api import snapshots_pb2 as pb
 from lamina.frontends.containerd.api import snapshots_pb2_grpc
-from lamina.frontends.containerd.snapshotter import REF_LABEL
-from lamina.backends import check
 from lamina.frontends.containerd.records import SnapshotRecords
+from lamina.frontends.containerd.snapshotter import REF_LABEL
 from tests import tarbuild as tb
 from tests.containerd.daemon import Snapshotter
 from tests.crash.harness import child_env
