@@ -15,7 +15,7 @@ import contextvars
 import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, cast
+from typing import BinaryIO, cast
 
 Reporter = Callable[[int, int], None]
 """``reporter(nbytes, nentries)``: that many more bytes and tar entries are done."""
@@ -71,10 +71,6 @@ class _Counted(io.RawIOBase):
         super().close()
         if self._owned:
             self._stream.close()
-
-    def __getattr__(self, name: str) -> Any:
-        # What else the stream offers (a verifying reader's ``finish``), as it is.
-        return getattr(self._stream, name)
 
 
 def counted(stream: BinaryIO, on_read: Callable[[int], None], *,

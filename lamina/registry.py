@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,10 +19,14 @@ from lamina import errors
 from lamina.store.layers import recorded_backend
 
 if TYPE_CHECKING:
+    from lamina.backends.contract import Backend
     from lamina.driver import Driver, IdMap
 
-BackendFactory = Callable[..., "Driver"]
-"""``factory(home, options, uid_map, gid_map) -> Driver``; raises ``Unsupported``."""
+BackendFactory = type["Backend"]
+"""A :class:`~lamina.backends.contract.Backend` class: called as ``factory(home, options,
+uid_map, gid_map)``, it opens a home (``Unsupported`` where it cannot work), and it
+answers the capability probes (``layer_format``, ``layout_marker``, ``supported``)
+before any home is opened."""
 
 _backends: dict[str, BackendFactory] = {}
 _AUTO_ORDER = ("overlay", "vfs")  # auto never picks a backend of Windows layers
@@ -39,7 +43,7 @@ def backends(layer_format: str | None = "linux") -> list[str]:
     _load_builtin_backends()
     return sorted(
         name for name, factory in _backends.items()
-        if layer_format is None or getattr(factory, "layer_format", "linux") == layer_format
+        if layer_format is None or factory.layer_format == layer_format
     )
 
 
@@ -90,7 +94,7 @@ def _backend_of_layers(home: Path) -> str | None:
         entries = sorted(os.listdir(home / "layers"))
     except (FileNotFoundError, NotADirectoryError):
         return None
-    markers = {name: getattr(f, "layout_marker", None) for name, f in _backends.items()}
+    markers = {name: f.layout_marker for name, f in _backends.items()}
     seen: set[str] = set()
     for entry in entries[:16]:  # a few are enough: every layer of a home has one layout
         layer = home / "layers" / entry
@@ -114,9 +118,6 @@ def _pick_auto(
 ) -> str:
     for name in _AUTO_ORDER:
         factory = _backends.get(name)
-        probe = getattr(factory, "supported", None)
-        if factory is None:
-            continue
-        if probe is None or probe(home) is None:
+        if factory is not None and factory.supported(home) is None:
             return name
     raise errors.Unsupported("no backend can work here", path=str(home))

@@ -36,13 +36,13 @@ layer from being deleted (:class:`lamina.store.holds.Holder`).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, NamedTuple
 
 from lamina import errors
 from lamina.archive.digests import Digests
-from lamina.driver import Change, DiffGetter, Driver, LayerId
+from lamina.driver import Change, DiffGetter, Driver, IdMap, LayerId
 from lamina.host.usage import Totals
 from lamina.store.holds import Holder
 from lamina.store.layers import Store
@@ -86,6 +86,13 @@ class Backend(Driver, abc.ABC):
     @abc.abstractmethod
     def supported(cls, home: Path) -> str | None:
         """Why this backend cannot work at ``home`` (None: it can)."""
+
+    @abc.abstractmethod
+    def __init__(self, home: str | Path, options: Sequence[str] | Mapping[str, str] = (),
+                 uid_map: IdMap | None = None, gid_map: IdMap | None = None) -> None:
+        """Open (making it if needed) the store at ``home`` and recover it; ``options``
+        are driver options (``KEY=VALUE``), the maps Docker's idtools maps.
+        ``Unsupported`` where this backend cannot work."""
 
     store: Store
 
