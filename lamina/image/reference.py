@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from lamina import errors
+from lamina.store.meta import DIGEST as DIGEST  # the one digest pattern
 
 DEFAULT_DOMAIN = "docker.io"
 LEGACY_DOMAIN = "index.docker.io"
@@ -25,7 +26,6 @@ _DOMAIN = re.compile(
     r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*"
     r"[a-zA-Z0-9])?))*(?::[0-9]+)?|\[[0-9a-fA-F:.]+\](?::[0-9]+)?")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
-DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def check_digest(text: str, what: str = "digest") -> str:
