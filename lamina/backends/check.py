@@ -19,7 +19,7 @@ and the holds (none for a layer that is gone).
 
 Crash model: a repair removes a layer as ``remove`` does (renamed to
 ``ID-removing`` first, then deleted), so a repair killed midway leaves what the
-next open or check finishes; counts are rewritten under the store lock.
+next open or check finishes; counts are rewritten under each layer's mount lock.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def _check_counts(sd: Backend, metas: dict[LayerId, LayerMeta], report: Report,
         else:
             continue
         if repair:
-            with store.locked():
+            with store.mount_lock(lid):
                 store.set_count(lid, 0)
             report.repairs.append(f"{lid}: its count dropped")
             counts[lid] = 0
@@ -163,12 +163,13 @@ def _check_counts(sd: Backend, metas: dict[LayerId, LayerMeta], report: Report,
         if str(point) in mounted and count == 0:
             report.problems.append(f"{lid}: mounted with no count")
             if repair:
-                mount.unmount(str(point))
+                with store.mount_lock(lid):
+                    mount.unmount(str(point))
                 report.repairs.append(f"{lid}: unmounted")
         if str(point) not in mounted and count > 0 and sd.needs_mount(lid):
             report.problems.append(f"{lid}: a count of {count} with nothing mounted")
             if repair:
-                with store.locked():
+                with store.mount_lock(lid):
                     store.set_count(lid, 0)
                 report.repairs.append(f"{lid}: its count reset")
 

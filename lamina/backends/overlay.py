@@ -30,7 +30,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
@@ -131,26 +131,37 @@ class OverlayDriver(StoreDriver):
             raise errors.Unsupported("overlay.mount_program (fuse-overlayfs) is not supported",
                                      path="overlay.mount_program")
         (self.home / "l").mkdir(mode=0o700, exist_ok=True)
-        with self.store.locked():
-            # Read under the lock: get and put mount and count under it, so a list
-            # read before it could be older than the counts.
-            mounted = set(mount.mounted_below(str(self.store.layers_dir)))
-            counts = self.store.counted()
-            for lid in list(self.store.ids()):
-                point = str(self._merged(lid))
-                count = counts.get(lid, 0)
-                if count < 0:
-                    continue  # an unreadable count: check reports it, repair resets it
-                if point in mounted and count == 0:
-                    mount.unmount(point)  # left by a process that died between mount and count
-                elif point not in mounted and count > 0 and self.needs_mount(lid):
-                    self.store.set_count(lid, 0)  # the mount is gone (a reboot, a kill)
-            for lid, count in self.store.counted().items():
-                if count and not self.store.exists(lid):
-                    self.store.set_count(lid, 0)
-            # Under the lock too: a builder makes its link before it publishes the
-            # layer (under the lock), so a link seen dangling here stays so.
-            self.sweep_links()
+        # A first look without locks, then each layer that looks wrong again under its
+        # mount lock (get and put mount and count under it): a running process's get
+        # may be between its mount and its count.
+        for lid in self._mounts_to_mend(self.store.ids()):
+            with self.store.mount_lock(lid):
+                for wrong in self._mounts_to_mend([lid]):
+                    if self.store.count(wrong) == 0:
+                        mount.unmount(str(self._merged(wrong)))  # a process died before its count
+                    else:
+                        self.store.set_count(wrong, 0)  # the mount is gone (a reboot, a kill)
+        for lid, count in self.store.counted().items():
+            if count and not self.store.exists(lid):
+                with self.store.mount_lock(lid):
+                    if not self.store.exists(lid):
+                        self.store.set_count(lid, 0)
+        self.sweep_links()
+
+    def _mounts_to_mend(self, ids: Iterable[LayerId]) -> list[LayerId]:
+        """The layers among ``ids`` mounted with no count, or counted with no mount."""
+        mounted = set(mount.mounted_below(str(self.store.layers_dir)))
+        counts = self.store.counted()
+        wrong = []
+        for lid in ids:
+            point = str(self._merged(lid))
+            count = counts.get(lid, 0)
+            if count < 0:
+                continue  # an unreadable count: check reports it, repair resets it
+            if (point in mounted and count == 0) or (
+                    point not in mounted and count > 0 and self.needs_mount(lid)):
+                wrong.append(lid)
+        return wrong
 
     def stray_links(self) -> list[str]:
         """``l/`` links that lead to no layer, or to a layer that names another link (a
@@ -158,9 +169,13 @@ class OverlayDriver(StoreDriver):
         links = self.home / "l"
         if not links.is_dir():
             return []
+        # The links first, then the builders: a builder makes its staging directory
+        # before its link, so a link listed here whose layer is not yet published
+        # belongs to a builder still in flight (or one that died: stray).
+        names = sorted(os.listdir(links))
         building = self.store.building()
         stray = []
-        for name in sorted(os.listdir(links)):
+        for name in names:
             path = links / name
             try:
                 target = os.readlink(path)
