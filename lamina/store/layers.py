@@ -3,7 +3,7 @@
 Layout (every backend keeps its layer content inside the layer's directory)::
 
     HOME/lamina.json          the backend the home was made with
-    HOME/.lock                the store lock: held briefly to publish, remove, count
+    HOME/.lock                the store lock: held briefly to publish, swap, retire
     HOME/layers/ID/           one complete layer: layer.json, layerchain.json,
                               layerID (the seed driver's id redirect file), content
     HOME/layers/ID-removing/  a layer being deleted
