@@ -303,9 +303,20 @@ def _oci(src: _Source, index_bytes: bytes) -> list[_Found]:
     for i, desc in enumerate(index.manifests):
         what = f"index.json: manifest {i}"
         desc = _platform_manifest(src, desc, what)
-        name = desc.annotations.get(spec.ANNOTATION_IMAGE_NAME) or _ref_name(desc)
-        out.append(_Found([name], desc, None))
+        name = desc.annotations.get(spec.ANNOTATION_IMAGE_NAME)
+        if name:
+            name = _image_name(name, f"{what}: annotation {spec.ANNOTATION_IMAGE_NAME}")
+        out.append(_Found([name or _ref_name(desc)], desc, None))
     return out
+
+
+def _image_name(text: str, what: str) -> str:
+    """An image name from the archive, in normal form (what the store files it under);
+    ``InvalidArgument`` naming ``what`` when it is no image name."""
+    try:
+        return str(reference.parse(text))
+    except errors.InvalidArgument as e:
+        raise errors.InvalidArgument(f"{what}: {e}") from None
 
 
 def _ref_name(desc: spec.Descriptor) -> str | None:

@@ -235,6 +235,9 @@ class ImageStore:
                 yield rec
 
     def _read_record(self, path: Path) -> dict[str, Any] | None:
+        """The record at ``path``; ``Corrupt`` when it cannot be read, or is not the
+        record of its own name (its file is not named by the key of the name in normal
+        form: such a record would answer beside the true one, so it answers to none)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -242,24 +245,35 @@ class ImageStore:
         except OSError as e:
             raise errors.Corrupt(f"image name record unreadable: {e.strerror}",
                                  path=str(path)) from None
-        with open(fd, "rb") as f:
-            data = f.read(1 << 16)
+        try:
+            with open(fd, "rb") as f:
+                data = f.read(1 << 16)
+        except OSError as e:  # a directory, an I/O error
+            raise errors.Corrupt(f"image name record unreadable: {e.strerror}",
+                                 path=str(path)) from None
         try:
             doc = json.loads(data)
             name = doc.get("name")
-            if name is not None:
-                name = str(reference.parse(name))
             target = spec.parse_descriptor(doc["target"], f"image name record {path.name}")
+            if name is not None and str(reference.parse(name)) != name:
+                raise ValueError(f"its name {name!r} is not in normal form")
+            if path.name != f"{_key(name or '@' + target.digest)}.json":
+                raise ValueError("it is not filed under its name")
             created = doc.get("created", "")
             return {"name": name, "target": target, "created": str(created),
                     "pulled": bool(doc.get("pulled", False))}
-        except (ValueError, KeyError, TypeError, AttributeError, errors.LaminaError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
+                errors.LaminaError) as e:
             raise errors.Corrupt(f"image name record damaged ({e})", path=str(path)) from None
 
     def set_name(self, name: str | None, target: spec.Descriptor, *,
                  pulled: bool = False) -> None:
         """Point ``name`` (None: an unnamed image) at the manifest ``target``: the commit
-        point of a load or pull."""
+        point of a load or pull.  The name is normalised first (``InvalidArgument`` if it
+        is no name), and its record filed under the normal form's key: one name, one
+        record."""
+        if name is not None:
+            name = str(reference.parse(name))
         key = _key(name if name is not None else "@" + target.digest)
         doc = {"name": name, "target": target.to_json(), "created": _now(), "pulled": pulled}
         crashpoints.reached("image:before-name")
@@ -378,6 +392,11 @@ class ImageStore:
 
     def add_image(self, names: list[str | None], manifest_desc: spec.Descriptor,
                   *, pulled: bool = False) -> None:
+        """Give the image ``manifest_desc`` every one of ``names`` (None: unnamed); each
+        is checked before the first is written."""
+        for name in names:
+            if name is not None:
+                reference.parse(name)
         for name in names:
             self.set_name(name, manifest_desc, pulled=pulled)
 
