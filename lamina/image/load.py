@@ -239,6 +239,8 @@ def _json_doc(data: bytes, what: str) -> Any:
         raise errors.Corrupt(f"{what}: over {spec.MAX_DOCUMENT >> 20} MiB")
     try:
         return json.loads(data)
+    except RecursionError:  # nested deeper than the parser goes: no image document is
+        raise errors.Corrupt(f"{what}: not JSON (nested too deep)") from None
     except ValueError as e:
         raise errors.Corrupt(f"{what}: not JSON ({e})") from None
 

@@ -137,7 +137,13 @@ class ImageStore:
         self._gc_lock = self.root / "gc.lock"
         self._dirty = self.root / "dirty"
         if recover and self._dirty.exists():
-            self.collect(wait=False)
+            try:
+                self.collect(wait=False)
+            except (errors.LaminaError, OSError) as e:
+                # The sweep is housekeeping: a home it cannot sweep is still read (image
+                # ls says what is damaged), and the marker stays for a later sweep.
+                log.warning("lamina: the sweep after an interrupted image load failed "
+                            "(%s); going on", " ".join(str(e).split()))
 
     # -- sessions and collection --------------------------------------------------
 
@@ -161,8 +167,12 @@ class ImageStore:
         if not lock.acquire(blocking=wait):
             return [], []
         try:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(self._dirty)
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:  # a marker all the same; a full one is damage
+                os.rmdir(self._dirty)
             self.content.sweep()
             live = self._live()
             if live is None:
@@ -264,7 +274,8 @@ class ImageStore:
                     "pulled": bool(doc.get("pulled", False))}
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
                 errors.LaminaError) as e:
-            raise errors.Corrupt(f"image name record damaged ({e})", path=str(path)) from None
+            why = "nested too deep" if isinstance(e, RecursionError) else e
+            raise errors.Corrupt(f"image name record damaged ({why})", path=str(path)) from None
 
     def set_name(self, name: str | None, target: spec.Descriptor, *,
                  pulled: bool = False) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,63 @@ def test_cli_invalid_name_leaves_the_home_whole(tmp_path: Path) -> None:
     ls = cli.run("image", "ls")
     assert ls.stderr == b"" and ls.stdout.decode().splitlines()[1:] == []
     assert cli.image_json("prune") == {"blobs": [], "bytes": 0}
+
+
+# -- D8: tracebacks -------------------------------------------------------------------
+
+DEEP = b"[" * 100_000
+
+
+@pytest.mark.parametrize("member", ["manifest.json", "index.json"])
+def test_documents_nested_without_end(driver: lamina.Driver, member: str) -> None:
+    store = ImageStore(driver)
+    with pytest.raises(errors.Corrupt, match="nested too deep"):
+        load.load(store, stream=io.BytesIO(build.tar_of([(member, DEEP)])))
+    assert store.content.digests() == [] and records(store) == []
+
+
+def test_load_with_standard_input_closed(tmp_path: Path) -> None:
+    cli = ImageCli(tmp_path / "home", backend="vfs")
+    proc = subprocess.run(["sh", "-c", 'exec "$@" <&-', "sh",
+                           *cli.argv("image", "load", "-")],
+                          capture_output=True, env=cli.env, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.count("\n") == 1 and "standard input is closed" in err
+
+
+def damage(home: Path) -> None:
+    """A home as a crash or a hand leaves it: a directory where a name record belongs, a
+    record nested without end, and the marker of a load that died."""
+    refs = home / "image" / "refs"
+    (refs / "x.json").mkdir()
+    (refs / "deep.json").write_bytes(b"[" * 60_000)  # under the 64 KiB a record is read
+    (home / "image" / "dirty").write_bytes(b"")
+
+
+def test_a_damaged_home_is_one_line_or_a_warning(tmp_path: Path) -> None:
+    cli = ImageCli(tmp_path / "home", backend="vfs")
+    archive = tmp_path / "app.tar"
+    archive.write_bytes(build.docker_save([build.image(BASE, APP)]))
+    cli.run("image", "load", str(archive))
+    damage(cli.home)
+    for args in (["ls"], ["image", "ls"], ["image", "inspect", "test/app:1"],
+                 ["--json", "image", "ls"], ["status"]):
+        (cli.home / "image" / "dirty").write_bytes(b"")  # a sweep removes it
+        proc = cli.run(*args)  # exit 0: the damage is said, the rest is shown
+        err = proc.stderr.decode()
+        assert "Traceback" not in err and "nothing is swept" in err, (args, err)
+    lines = cli.image("ls").splitlines()
+    assert lines[1].split()[:2] == ["test/app", "1"]
+    assert sum(line.startswith("broken: ") for line in lines) == 2
+    assert "nested too deep" in lines[-1] + lines[-2] and "Is a directory" in "".join(lines)
+    (cli.home / "image" / "dirty").unlink(missing_ok=True)
+    (cli.home / "image" / "dirty").mkdir()
+    (cli.home / "image" / "dirty" / "x").write_bytes(b"")  # a marker that cannot go
+    proc = cli.run("ls")
+    assert b"Traceback" not in proc.stderr and b"going on" in proc.stderr
+
+
+def test_an_os_error_on_a_descriptor_is_one_line() -> None:
+    from lamina.frontends import cli
+
+    assert cli._os_message(IsADirectoryError(21, "Is a directory", 3)) == "Is a directory"
