@@ -191,7 +191,8 @@ def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
                          "created": _created(img), "size": size})
             table.append([_printable(ref.familiar_repository) if ref else "<none>",
                           (ref.tag or "<none>") if ref else "<none>", img.id[7:19],
-                          _created(img)[:19].replace("T", " ") or "-", human_size(size)])
+                          _printable(_created(img)[:19].replace("T", " ")) or "-",
+                          human_size(size)])
     broken = [f"broken: {_printable(_one_line(d))}" for d in damaged]
     doc: dict[str, Any] = {"images": rows}
     if damaged:

@@ -155,3 +155,19 @@ def test_an_os_error_on_a_descriptor_is_one_line() -> None:
     from lamina.frontends import cli
 
     assert cli._os_message(IsADirectoryError(21, "Is a directory", 3)) == "Is a directory"
+
+
+# -- D11: terminal escapes ----------------------------------------------------------------
+
+
+def test_image_ls_escapes_the_created_column(tmp_path: Path) -> None:
+    cli = ImageCli(tmp_path / "home", backend="vfs")
+    hostile = "\x1b]0;owned\x07\x1b[2J"
+    archive = tmp_path / "app.tar"
+    archive.write_bytes(build.docker_save([build.image(BASE, config_extra={
+        "created": hostile})]))
+    cli.run("image", "load", str(archive))
+    out = cli.image("ls")
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;owned\\x07" in out.splitlines()[1]
+    assert cli.image_json("ls")["images"][0]["created"] == hostile  # JSON keeps it exact
