@@ -44,6 +44,10 @@ DOCUMENTS = ("manifest.json", "index.json", "oci-layout", "repositories")
 MAX_MEMBERS = 1 << 16
 """The most members an image archive may have."""
 MAX_LINK_DEPTH = 8
+MAX_TRAILER = 1 << 20
+"""The most read after a tar's end-of-archive marker: room for a writer's blocking
+padding and a compressed stream's own end.  A stream that goes on past it (``image load
+/dev/zero``, an archive followed by endless zeros) is refused, not read for ever."""
 
 Progress = Callable[[str, int], None]
 """Called with ("read", bytes) as the archive is read, ("plan", bytes) once the layers
@@ -171,7 +175,7 @@ class _TarSource(_Source):
                 for view in reader.data_chunks(entry):
                     w.write(view)
                 self.blobs[name] = (w.commit(), entry.data_size)
-        reader.finish()
+        reader.trailer(MAX_TRAILER)
 
 
 class _DirSource(_Source):

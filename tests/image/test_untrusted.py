@@ -171,3 +171,24 @@ def test_image_ls_escapes_the_created_column(tmp_path: Path) -> None:
     assert "\x1b" not in out and "\x07" not in out
     assert "\\x1b]0;owned\\x07" in out.splitlines()[1]
     assert cli.image_json("ls")["images"][0]["created"] == hostile  # JSON keeps it exact
+
+
+# -- D12: endless input -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "archive then /dev/zero"])
+def test_an_endless_stream_is_refused_in_bounded_time(tmp_path: Path, source: str) -> None:
+    cli = ImageCli(tmp_path / "home", backend="vfs")
+    archive = tmp_path / "app.tar"
+    archive.write_bytes(build.docker_save([build.image(BASE, APP)]))
+    if source == "/dev/zero":
+        argv = cli.argv("image", "load", "/dev/zero")
+    else:
+        argv = ["sh", "-c", 'a=$1; shift; cat "$a" /dev/zero | "$@" image load -', "sh",
+                str(archive), *cli.argv()]
+    proc = subprocess.run(argv, capture_output=True, env=cli.env, timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and err.startswith("lamina: ") and err.count("\n") == 1, err
+    assert "after the end of the archive" in err
+    assert cli.image_json("ls") == {"images": []}
+    assert cli.image("load", str(archive)) == "Loaded image: test/app:1\n"  # padded: fine
