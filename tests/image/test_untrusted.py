@@ -5,20 +5,27 @@ a warning and going on, and never in a traceback, a shadowed name or a full disk
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import subprocess
+import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from isal import igzip
 
 import lamina
 from lamina import errors
 from lamina.image import load
 from lamina.image.store import ImageStore
-from tests.image import build
+from tests import tarbuild as tb
+from tests.conftest import lacking
+from tests.image import build, tools
 from tests.image.build import APP, BASE
 from tests.image.tools import ImageCli
 
@@ -192,3 +199,105 @@ def test_an_endless_stream_is_refused_in_bounded_time(tmp_path: Path, source: st
     assert "after the end of the archive" in err
     assert cli.image_json("ls") == {"images": []}
     assert cli.image("load", str(archive)) == "Loaded image: test/app:1\n"  # padded: fine
+
+
+# -- D9: disk amplification ---------------------------------------------------------------
+
+SMALL_HOME = "64m"
+"""A home that cannot take what an amplified archive expands to: the bound holds during
+the load, not only after it."""
+
+
+@contextlib.contextmanager
+def small_home(tmp_path: Path) -> Iterator[Path]:
+    with tools.tmpfs(tmp_path / "home", SMALL_HOME) as home:
+        if not os.path.ismount(home):
+            lacking("cannot mount a tmpfs for a home of bounded size")
+        yield home
+
+
+def used(path: Path) -> int:
+    """Bytes of disk the files under ``path`` take (``du``)."""
+    return sum(os.lstat(Path(d, n)).st_blocks * 512 for d, _, names in os.walk(path)
+               for n in names)
+
+
+def junk_first(path: Path, archive: bytes, junk: int) -> Path:
+    """``archive`` (a tar) gzip'd, behind a member of ``junk`` zeros that nothing names:
+    a few megabytes on disk, read through fast."""
+    info = tarfile.TarInfo("junk/layer.tar")
+    info.size = junk
+    zeros = bytes(1 << 20)
+    with igzip.open(path, "wb", compresslevel=1) as gz:
+        gz.write(info.tobuf(tarfile.PAX_FORMAT))
+        for _ in range(junk // len(zeros)):
+            gz.write(zeros)
+        gz.write(archive)  # junk is a whole number of blocks: the archive's members follow
+    return path
+
+
+BIG = build.image(BASE, [tb.file("big", os.urandom(5 << 20))], tag="test/big:1")
+"""An image with a layer over the 4 MiB a first reading keeps: it is read twice."""
+
+
+@pytest.mark.parametrize("layout", ["classic", "oci"])
+def test_an_unnamed_member_is_read_past_not_stored(tmp_path: Path, layout: str) -> None:
+    archive = build.docker_save([BIG]) if layout == "classic" else build.oci_tar([BIG])
+    path = junk_first(tmp_path / "junk.tar.gz", archive, 1 << 30)
+    assert path.stat().st_size < 16 << 20  # the image and a thousandth of the junk
+    with small_home(tmp_path) as home:
+        drv = lamina.open_driver(home, backend="vfs")
+        store = ImageStore(drv)
+        [got] = load.load(store, path=str(path))
+        assert got.image.id == BIG.id and got.names == ["docker.io/test/big:1"]
+        assert set(store.content.digests()) == {
+            BIG.id, got.image.digest, *(build.sha(b) for b in BIG.blobs)}
+        assert used(home / "image") < 16 << 20
+        root = store.mount("test/big:1")
+        assert (root / "big").stat().st_size == 5 << 20
+        store.unmount("test/big:1")
+        drv.close()
+
+
+def test_a_gzipd_pipe_is_kept_compressed_not_expanded(tmp_path: Path) -> None:
+    path = junk_first(tmp_path / "junk.tar.gz", build.docker_save([BIG]), 1 << 30)
+    with small_home(tmp_path) as home:
+        cli = ImageCli(home, backend="vfs")
+        proc = subprocess.run(["sh", "-c", 'a=$1; shift; cat "$a" | "$@" image load -', "sh",
+                               str(path), *cli.argv()], capture_output=True, env=cli.env,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout == b"Loaded image: test/big:1\n"
+        assert os.listdir(home / "image" / "ingest") == []  # the kept bytes are gone
+        assert used(home / "image") < 16 << 20
+        assert cli.inspect("test/big:1")["Id"] == BIG.id
+
+
+def test_an_uncompressed_pipe_keeps_only_what_is_named(tmp_path: Path) -> None:
+    """A pipe cannot be read again: its members are stored as they come (never more than
+    was sent), and what nothing names is swept when the load is done."""
+    info = tarfile.TarInfo("junk/layer.tar")
+    info.size = 6 << 20
+    junk = info.tobuf(tarfile.PAX_FORMAT) + bytes(info.size)  # the archive's members follow
+    cli = ImageCli(tmp_path / "home", backend="vfs")
+    doc = cli.image_json("load", input=junk + build.docker_save([BIG]))
+    # As the load left it (any later command, or store opened, would sweep it anyway):
+    held = {f"sha256:{n}" for n in os.listdir(cli.home / "image" / "blobs" / "sha256")}
+    assert held == {BIG.id, doc["images"][0]["digest"], *(build.sha(b) for b in BIG.blobs)}
+
+
+def test_a_sparse_blob_in_a_layout_is_refused_at_its_size(tmp_path: Path) -> None:
+    """The descriptor says a few kilobytes; the file is 4 GiB of holes: refused before
+    it is copied (as soon as a byte more than the descriptor's size would be)."""
+    img = build.image(BASE, APP)
+    layout = build.oci_dir([img], tmp_path / "layout")
+    blob = layout / "blobs" / "sha256" / build.sha(img.blobs[1])[7:]
+    os.truncate(blob, 4 << 30)
+    with small_home(tmp_path) as home:
+        drv = lamina.open_driver(home, backend="vfs")
+        store = ImageStore(drv)
+        with pytest.raises(errors.Corrupt, match="its descriptor says"):
+            load.load(store, path=str(layout))
+        assert store.content.digests() == [] and list(drv.layers()) == []
+        assert used(home / "image") < 1 << 20
+        drv.close()
