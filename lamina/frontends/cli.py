@@ -555,7 +555,8 @@ def _os_message(e: OSError) -> str:
     """An ``OSError`` the environment caused (a full disk, an unwritable directory) as
     one line: what failed and on what."""
     text = e.strerror or str(e)
-    if e.filename is not None:
+    # A path, or (for a file opened from a descriptor) an int that names nothing.
+    if isinstance(e.filename, (str, bytes, os.PathLike)):
         text = f"{text}: {os.fsdecode(e.filename)}"
     return text
 

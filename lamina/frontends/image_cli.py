@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
@@ -28,6 +29,7 @@ from lamina.frontends.output import (
 )
 
 Command = Callable[[Driver, argparse.Namespace], Result]
+log = logging.getLogger("lamina")
 
 
 def _store(drv: Driver) -> Any:
@@ -56,9 +58,15 @@ def _bar(enabled: bool, label: str, total: int | None) -> Iterator[Any]:
 
 
 def recover(drv: Driver) -> None:
-    """Sweep what an image load that died left (no image names it): only when one did."""
+    """Sweep what an image load that died left (no image names it): only when one did.
+    A sweep that cannot run (a damaged image home) is a warning: it must not stop every
+    command of the store, the layer commands included."""
     if (drv.home / "image" / "dirty").exists():
-        _store(drv)
+        try:
+            _store(drv)
+        except (errors.LaminaError, OSError) as e:
+            log.warning("lamina: the image store cannot be swept (%s); going on",
+                        _printable(_one_line(str(e))))
 
 
 def _file_size(path: str) -> int | None:
@@ -76,6 +84,9 @@ def cmd_load(drv: Driver, args: argparse.Namespace) -> Result:
     """``image load``: the images of a docker save archive or an OCI layout."""
     from lamina.image import load
 
+    if args.file == "-" and sys.stdin is None:
+        raise errors.InvalidArgument("image load: standard input is closed; give FILE or "
+                                     "pipe an archive in")
     store = _store(drv)
     size = None if args.file == "-" else _file_size(args.file)
     # The work is reading the archive, then reading its layers again to apply them:
@@ -180,7 +191,8 @@ def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
                          "created": _created(img), "size": size})
             table.append([_printable(ref.familiar_repository) if ref else "<none>",
                           (ref.tag or "<none>") if ref else "<none>", img.id[7:19],
-                          _created(img)[:19].replace("T", " ") or "-", human_size(size)])
+                          _printable(_created(img)[:19].replace("T", " ")) or "-",
+                          human_size(size)])
     broken = [f"broken: {_printable(_one_line(d))}" for d in damaged]
     doc: dict[str, Any] = {"images": rows}
     if damaged:

@@ -8,13 +8,16 @@ Three layouts, as a tar (plain or compressed, from a file or a pipe) or a direct
   ``<id>/layer.tar`` entries are links to ``blobs/sha256/…``);
 - an OCI image layout: ``oci-layout``, ``index.json``, ``blobs/sha256/…``.
 
-A tar is read once, front to back: each file member goes straight into the content
+A tar is read front to back (:mod:`lamina.image.sources`): first for its layout — the
+documents and small members kept, the larger members noted and read past — then, once
+the images are resolved, again for the members they need, each stored in the content
 store as it streams (hashed on the way: a member at ``blobs/sha256/HEX`` must hash to
-that digest), the small documents are kept, and links are followed by name within the
-archive only.  Then each image's layers are applied bottom first, from the content store
-(verified again as they are read), unless the store holds them already; each layer's
-diff id must be the one its config names.  Names are written last: the commit point.
-Anything wrong is an error, and the load leaves no image: its blobs and layers are swept
+that digest, and be its descriptor's size).  A member nothing names is never stored.
+Links are followed by name within the archive only.  Then each image's layers are
+applied bottom first, from the content store (verified again as they are read), unless
+the store holds them already; each layer's diff id must be the one its config names.
+Names are written last: the commit point.  Anything wrong is an error, and the load
+leaves no image: its blobs and layers are swept
 (:meth:`~lamina.image.store.ImageStore.collect`).
 """
 
@@ -24,8 +27,6 @@ import contextlib
 import functools
 import json
 import os
-import posixpath
-import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +34,15 @@ from typing import Any, BinaryIO
 
 from lamina import errors
 from lamina.archive import codecs
-from lamina.archive.entry import DIR, LINK, REG, SYMLINK
-from lamina.archive.reader import TarReader
 from lamina.image import reference, spec
-from lamina.image.content import ContentStore, LayerBlob
+from lamina.image.content import LayerBlob
+from lamina.image.sources import DirSource, Needed, Source, TarSource
 from lamina.image.store import Image, ImageStore, host, platform_matches
 from lamina.progress import counted
 
-DOCUMENTS = ("manifest.json", "index.json", "oci-layout", "repositories")
-MAX_MEMBERS = 1 << 16
-"""The most members an image archive may have."""
-MAX_LINK_DEPTH = 8
+MAX_READINGS = 8
+"""The most times an archive is read for one load: once for its layout, then once for
+each level of documents (index, manifest, config) the first reading only noted."""
 
 Progress = Callable[[str, int], None]
 """Called with ("read", bytes) as the archive is read, ("plan", bytes) once the layers
@@ -61,169 +60,6 @@ class Loaded:
     reused: int
 
 
-def _clean(name: str, what: str = "archive member") -> str:
-    """A member name as a relative path within the archive, or ``UnsafeArchive``."""
-    if "\x00" in name:
-        raise errors.UnsafeArchive(f"{what} name holds a NUL byte", path=repr(name))
-    if name.startswith("/"):
-        raise errors.UnsafeArchive(f"{what} has an absolute name", path=name)
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise errors.UnsafeArchive(f"{what} name leaves the archive ('..')", path=name)
-    return "/".join(parts)
-
-
-class _Source:
-    """What an archive holds: its files as blobs (by path) and its small documents."""
-
-    def __init__(self, content: ContentStore) -> None:
-        self.content = content
-        self.blobs: dict[str, tuple[str, int]] = {}
-        self.docs: dict[str, bytes] = {}
-        self.links: dict[str, str] = {}
-
-    def resolve(self, path: str, what: str) -> str:
-        """``path`` with the archive's links followed (within the archive)."""
-        path = _clean(path, what)
-        for _ in range(MAX_LINK_DEPTH):
-            if path in self.blobs or path in self.docs or path not in self.links:
-                return path
-            path = self.links[path]
-        raise errors.UnsafeArchive(f"{what}: too many links", path=path)
-
-    def blob(self, path: str, what: str, digest: str | None = None,
-             size: int | None = None) -> tuple[str, int]:
-        path = self.resolve(path, what)
-        found = self.blobs.get(path)
-        if found is None:
-            found = self._fetch(path, what)
-        if digest is not None and found[0] != digest:
-            raise errors.Corrupt(f"{what}: {path} hashes to {found[0]}, not {digest}")
-        if size is not None and found[1] != size:
-            raise errors.Corrupt(f"{what}: {path} is {found[1]} bytes, its descriptor "
-                                 f"says {size}")
-        return found
-
-    def blob_by_digest(self, desc: spec.Descriptor, what: str) -> str:
-        digest, _ = self.blob(f"blobs/sha256/{desc.digest[7:]}", what, desc.digest, desc.size)
-        return digest
-
-    def document(self, path: str, what: str) -> bytes | None:
-        path = self.resolve(path, what)
-        if path in self.docs:
-            return self.docs[path]
-        if path in self.blobs:
-            return self.content.read(self.blobs[path][0], limit=spec.MAX_DOCUMENT)
-        return self._fetch_document(path, what)
-
-    def _fetch(self, path: str, what: str) -> tuple[str, int]:
-        raise errors.NotFound(f"{what}: the archive holds no {path}")
-
-    def _fetch_document(self, path: str, what: str) -> bytes | None:
-        return None
-
-
-class _TarSource(_Source):
-    """A tar archive, read once into the content store (see the module docstring)."""
-
-    def read(self, stream: BinaryIO) -> None:
-        tar, _ = codecs.decompressed(stream)
-        reader = TarReader(tar)
-        count = 0
-        for entry in reader:
-            count += 1
-            if count > MAX_MEMBERS:
-                raise errors.UnsafeArchive(f"more than {MAX_MEMBERS} members in an image "
-                                           "archive")
-            name = _clean(entry.name)
-            if entry.type == DIR or not name:
-                continue
-            if entry.type in (SYMLINK, LINK):
-                target = entry.linkname
-                if entry.type == SYMLINK:
-                    if target.startswith("/"):
-                        raise errors.UnsafeArchive("archive link points outside the archive",
-                                                   path=name)
-                    target = posixpath.join(posixpath.dirname(name), target)
-                    target = posixpath.normpath(target)
-                    if target.startswith("../") or target == "..":
-                        raise errors.UnsafeArchive("archive link points outside the archive",
-                                                   path=name)
-                self.links[name] = _clean(target, "link target")
-                continue
-            if entry.type != REG:
-                raise errors.UnsafeArchive("an image archive holds only files, directories "
-                                           "and links", path=name)
-            if name in self.blobs or name in self.docs:
-                raise errors.UnsafeArchive("archive member appears twice", path=name)
-            base = posixpath.basename(name)
-            if name in DOCUMENTS:
-                self.docs[name] = reader.read_data(entry, spec.MAX_DOCUMENT, name)
-                continue
-            if "/" in name and base in ("VERSION", "json") and entry.data_size <= 1 << 16:
-                reader.read_data(entry, 1 << 16, name)  # Docker's legacy per-layer files
-                continue
-            expect = None
-            if name.startswith("blobs/sha256/"):
-                expect = "sha256:" + name[len("blobs/sha256/"):]
-                reference.check_digest(expect, f"archive member {name}")
-            with self.content.writer(expect, entry.data_size) as w:
-                for view in reader.data_chunks(entry):
-                    w.write(view)
-                self.blobs[name] = (w.commit(), entry.data_size)
-        reader.finish()
-
-
-class _DirSource(_Source):
-    """A directory (an OCI layout, or an unpacked ``docker save``): files are copied into
-    the content store as the images need them; links must stay inside the directory."""
-
-    def __init__(self, content: ContentStore, root: Path) -> None:
-        super().__init__(content)
-        self.root = root.resolve()
-
-    def _open(self, path: str, what: str) -> int | None:
-        full = Path(os.path.realpath(self.root / path))
-        if full != self.root and self.root not in full.parents:
-            raise errors.UnsafeArchive(f"{what}: {path} points outside the layout",
-                                       path=str(self.root / path))
-        try:
-            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise errors.InvalidArgument(f"{what}: cannot read it: {e.strerror}",
-                                         path=str(full)) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise errors.UnsafeArchive(f"{what}: not a regular file", path=str(full))
-        return fd
-
-    def _fetch(self, path: str, what: str) -> tuple[str, int]:
-        fd = self._open(path, what)
-        if fd is None:
-            raise errors.NotFound(f"{what}: the layout holds no {path}")
-        expect = None
-        if path.startswith("blobs/sha256/"):
-            expect = "sha256:" + path[len("blobs/sha256/"):]
-            reference.check_digest(expect, f"layout file {path}")
-        with open(fd, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            with self.content.writer(expect, size) as w:
-                w.copy_from(f)
-                found = (w.commit(), size)
-        self.blobs[path] = found
-        return found
-
-    def _fetch_document(self, path: str, what: str) -> bytes | None:
-        fd = self._open(path, what)
-        if fd is None:
-            return None
-        with open(fd, "rb") as f:
-            data = f.read(spec.MAX_DOCUMENT + 1)
-        return data
-
-
 # -- the layouts ---------------------------------------------------------------------
 
 
@@ -239,6 +75,8 @@ def _json_doc(data: bytes, what: str) -> Any:
         raise errors.Corrupt(f"{what}: over {spec.MAX_DOCUMENT >> 20} MiB")
     try:
         return json.loads(data)
+    except RecursionError:  # nested deeper than the parser goes: no image document is
+        raise errors.Corrupt(f"{what}: not JSON (nested too deep)") from None
     except ValueError as e:
         raise errors.Corrupt(f"{what}: not JSON ({e})") from None
 
@@ -251,18 +89,21 @@ def _names(tags: Any, what: str) -> list[str | None]:
     return [str(reference.parse(t)) for t in tags] or [None]
 
 
-def _classic(src: _Source, doc: Any) -> list[_Found]:
+def _classic(src: Source, doc: Any) -> list[_Found]:
     """The images of Docker's ``manifest.json``; for each, an OCI manifest made over the
     archive's files (Docker ≥ 25 writes that manifest itself: it is found by digest)."""
     if not isinstance(doc, list):
         raise errors.Corrupt("manifest.json: not a list of images")
-    out = []
     for i, item in enumerate(doc):
-        what = f"manifest.json: image {i}"
         if not isinstance(item, dict) or not isinstance(item.get("Config"), str) \
                 or not isinstance(item.get("Layers"), list) \
                 or not all(isinstance(x, str) for x in item["Layers"]):
-            raise errors.Corrupt(f"{what}: needs Config and Layers paths")
+            raise errors.Corrupt(f"manifest.json: image {i}: needs Config and Layers paths")
+    # Every file named here is hashed below: those still to be read, in one reading.
+    src.need((p for item in doc for p in [item["Config"], *item["Layers"]]), "manifest.json")
+    out = []
+    for i, item in enumerate(doc):
+        what = f"manifest.json: image {i}"
         names = _names(item.get("RepoTags"), what)
         cdigest, csize = src.blob(item["Config"], f"{what}: config")
         layers = []
@@ -278,7 +119,7 @@ def _classic(src: _Source, doc: Any) -> list[_Found]:
     return out
 
 
-def _layer_media(src: _Source, digest: str) -> str:
+def _layer_media(src: Source, digest: str) -> str:
     """A layer blob's media type, from its first bytes."""
     with src.content.open(digest) as f:
         head = f.read(codecs.SNIFF)
@@ -295,7 +136,7 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _oci(src: _Source, index_bytes: bytes) -> list[_Found]:
+def _oci(src: Source, index_bytes: bytes) -> list[_Found]:
     """The images of an OCI layout's ``index.json`` (an index in it resolved to this
     host's platform), named by their annotations or by Docker's ``manifest.json``."""
     index = spec.parse_index(index_bytes, "index.json")
@@ -303,9 +144,20 @@ def _oci(src: _Source, index_bytes: bytes) -> list[_Found]:
     for i, desc in enumerate(index.manifests):
         what = f"index.json: manifest {i}"
         desc = _platform_manifest(src, desc, what)
-        name = desc.annotations.get(spec.ANNOTATION_IMAGE_NAME) or _ref_name(desc)
-        out.append(_Found([name], desc, None))
+        name = desc.annotations.get(spec.ANNOTATION_IMAGE_NAME)
+        if name:
+            name = _image_name(name, f"{what}: annotation {spec.ANNOTATION_IMAGE_NAME}")
+        out.append(_Found([name or _ref_name(desc)], desc, None))
     return out
+
+
+def _image_name(text: str, what: str) -> str:
+    """An image name from the archive, in normal form (what the store files it under);
+    ``InvalidArgument`` naming ``what`` when it is no image name."""
+    try:
+        return str(reference.parse(text))
+    except errors.InvalidArgument as e:
+        raise errors.InvalidArgument(f"{what}: {e}") from None
 
 
 def _ref_name(desc: spec.Descriptor) -> str | None:
@@ -319,7 +171,7 @@ def _ref_name(desc: spec.Descriptor) -> str | None:
         return None
 
 
-def _platform_manifest(src: _Source, desc: spec.Descriptor, what: str) -> spec.Descriptor:
+def _platform_manifest(src: Source, desc: spec.Descriptor, what: str) -> spec.Descriptor:
     for _ in range(4):
         if desc.media_type in spec.MANIFESTS:
             return desc
@@ -339,7 +191,7 @@ def _platform_manifest(src: _Source, desc: spec.Descriptor, what: str) -> spec.D
     raise errors.Corrupt(f"{what}: indexes nested too deep")
 
 
-def _image_of(store: ImageStore, src: _Source, found: _Found, what: str) -> Image:
+def _image_of(store: ImageStore, src: Source, found: _Found, what: str) -> Image:
     """Check that the archive holds every blob of ``found``'s image; its :class:`Image`."""
     if found.manifest_bytes is not None:
         store.content.put(found.manifest_bytes, found.manifest.digest)
@@ -349,8 +201,8 @@ def _image_of(store: ImageStore, src: _Source, found: _Found, what: str) -> Imag
     manifest = spec.parse_manifest(data, f"{what}: manifest", found.manifest.media_type)
     if found.manifest_bytes is None:
         src.blob_by_digest(manifest.config, f"{what}: config")
-        for j, layer in enumerate(manifest.layers):
-            src.blob_by_digest(layer, f"{what}: layer {j}")
+        for j, layer in enumerate(manifest.layers):  # read when the images are known
+            src.blob_by_digest(layer, f"{what}: layer {j}", stored=False)
     cfg = spec.parse_config(store.content.read(manifest.config.digest,
                                                limit=spec.MAX_DOCUMENT), f"{what}: config")
     if len(cfg.diff_ids) != len(manifest.layers):
@@ -391,12 +243,13 @@ def apply_layers(store: ImageStore, img: Image,
 
 @contextlib.contextmanager
 def _source(store: ImageStore, path: str | None, stream: BinaryIO | None,
-            progress: Progress | None) -> Iterator[_Source]:
+            progress: Progress | None) -> Iterator[Source]:
     if path is not None and os.path.isdir(path):
-        yield _DirSource(store.content, Path(path))
+        yield DirSource(store.content, Path(path))
         return
-    src = _TarSource(store.content)
+    src = TarSource(store.content)
     with contextlib.ExitStack() as stack:
+        stack.callback(src.close)
         if stream is None:
             assert path is not None
             try:
@@ -404,10 +257,31 @@ def _source(store: ImageStore, path: str | None, stream: BinaryIO | None,
             except OSError as e:
                 raise errors.InvalidArgument(f"cannot read it: {e.strerror or e}",
                                              path=path) from None
-        if progress is not None:
-            stream = counted(stream, functools.partial(progress, "read"))
-        src.read(stream)
-    yield src
+        src.read(stream, None if progress is None else functools.partial(progress, "read"))
+        yield src
+
+
+def _resolve(store: ImageStore, src: Source,
+             path: str | None) -> tuple[list[_Found], list[Image]]:
+    """The archive's images, every blob they need stored.  Resolving may find that it
+    needs members the first reading only noted: they are read, and it starts again."""
+    for _ in range(MAX_READINGS):
+        try:
+            index = src.document("index.json", "index.json")
+            classic_doc = src.document("manifest.json", "manifest.json")
+            if index is None and classic_doc is None:
+                raise errors.InvalidArgument("neither an OCI image layout (index.json) nor "
+                                             "a docker save archive (manifest.json)",
+                                             path=path)
+            found = _layouts(src, index, classic_doc)
+            images = [_image_of(store, src, f, f"image {i}") for i, f in enumerate(found)]
+        except Needed as e:
+            src.fetch(e.paths)
+            continue
+        src.fetch(src.wanted)
+        return found, images
+    raise errors.Corrupt(f"image archive: documents nested deeper than {MAX_READINGS} "
+                         "readings reach")
 
 
 def load(store: ImageStore, path: str | None = None, stream: BinaryIO | None = None,
@@ -417,25 +291,22 @@ def load(store: ImageStore, path: str | None = None, stream: BinaryIO | None = N
     load that fails leaves nothing (what it made is swept before the error is raised,
     unless another load runs: then the next store to open sweeps it)."""
     try:
-        return _load(store, path, stream, progress)
+        loaded, unasked = _load(store, path, stream, progress)
     except BaseException:
         with contextlib.suppress(errors.LaminaError, OSError):
             store.collect(wait=False)
         raise
+    if unasked:  # members a pipe gave before anything named them: those unnamed go
+        with contextlib.suppress(errors.LaminaError, OSError):
+            store.collect(wait=False)
+    return loaded
 
 
 def _load(store: ImageStore, path: str | None, stream: BinaryIO | None,
-          progress: Progress | None) -> list[Loaded]:
+          progress: Progress | None) -> tuple[list[Loaded], bool]:
     with store.session():
         with _source(store, path, stream, progress) as src:
-            index = src.document("index.json", "index.json")
-            classic_doc = src.document("manifest.json", "manifest.json")
-            if index is None and classic_doc is None:
-                raise errors.InvalidArgument("neither an OCI image layout (index.json) nor "
-                                             "a docker save archive (manifest.json)",
-                                             path=path)
-            found = _layouts(src, index, classic_doc)
-            images = [_image_of(store, src, f, f"image {i}") for i, f in enumerate(found)]
+            found, images = _resolve(store, src, path)
         if progress is not None:
             progress("plan", sum(d.size for img in images for d in img.manifest.layers))
         results = []
@@ -444,7 +315,7 @@ def _load(store: ImageStore, path: str | None, stream: BinaryIO | None,
             results.append(Loaded([n for n in _unique(f.names) if n], img, applied, reused))
         for f, img in zip(found, images, strict=True):
             store.add_image(_unique(f.names), img.manifest_desc)
-    return results
+    return results, src.unasked
 
 
 def _unique(names: list[str | None]) -> list[str | None]:
@@ -452,7 +323,7 @@ def _unique(names: list[str | None]) -> list[str | None]:
     return list(named) if named else [None]
 
 
-def _layouts(src: _Source, index: bytes | None, classic_doc: bytes | None) -> list[_Found]:
+def _layouts(src: Source, index: bytes | None, classic_doc: bytes | None) -> list[_Found]:
     classic = _classic(src, _json_doc(classic_doc, "manifest.json")) \
         if classic_doc is not None else None
     if index is None:

@@ -82,7 +82,9 @@ def load_json(data: bytes, what: str) -> dict[str, Any]:
                     "may have")
     try:
         doc = json.loads(data)
-    except (ValueError, RecursionError) as e:
+    except RecursionError:
+        raise _fail(what, "not JSON (nested too deep)") from None
+    except ValueError as e:
         raise _fail(what, f"not JSON ({e})") from None
     return _obj(doc, what)
 

@@ -138,7 +138,13 @@ class ImageStore:
         self._gc_lock = self.root / "gc.lock"
         self._dirty = self.root / "dirty"
         if recover and self._dirty.exists():
-            self.collect(wait=False)
+            try:
+                self.collect(wait=False)
+            except (errors.LaminaError, OSError) as e:
+                # The sweep is housekeeping: a home it cannot sweep is still read (image
+                # ls says what is damaged), and the marker stays for a later sweep.
+                log.warning("lamina: the sweep after an interrupted image load failed "
+                            "(%s); going on", " ".join(str(e).split()))
 
     # -- sessions and collection --------------------------------------------------
 
@@ -162,8 +168,12 @@ class ImageStore:
         if not lock.acquire(blocking=wait):
             return [], []
         try:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(self._dirty)
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:  # a marker all the same; a full one is damage
+                os.rmdir(self._dirty)
             self.content.sweep()
             live = self._live()
             if live is None:
@@ -230,6 +240,9 @@ class ImageStore:
                 yield rec
 
     def _read_record(self, path: Path) -> dict[str, Any] | None:
+        """The record at ``path``; ``Corrupt`` when it cannot be read, or is not the
+        record of its own name (its file is not named by the key of the name in normal
+        form: such a record would answer beside the true one, so it answers to none)."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -237,24 +250,36 @@ class ImageStore:
         except OSError as e:
             raise errors.Corrupt(f"image name record unreadable: {e.strerror}",
                                  path=str(path)) from None
-        with open(fd, "rb") as f:
-            data = f.read(1 << 16)
+        try:
+            with open(fd, "rb") as f:
+                data = f.read(1 << 16)
+        except OSError as e:  # a directory, an I/O error
+            raise errors.Corrupt(f"image name record unreadable: {e.strerror}",
+                                 path=str(path)) from None
         try:
             doc = json.loads(data)
             name = doc.get("name")
-            if name is not None:
-                name = str(reference.parse(name))
             target = spec.parse_descriptor(doc["target"], f"image name record {path.name}")
+            if name is not None and str(reference.parse(name)) != name:
+                raise ValueError(f"its name {name!r} is not in normal form")
+            if path.name != f"{_key(name or '@' + target.digest)}.json":
+                raise ValueError("it is not filed under its name")
             created = doc.get("created", "")
             return {"name": name, "target": target, "created": str(created),
                     "pulled": bool(doc.get("pulled", False))}
-        except (ValueError, KeyError, TypeError, AttributeError, errors.LaminaError) as e:
-            raise errors.Corrupt(f"image name record damaged ({e})", path=str(path)) from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError,
+                errors.LaminaError) as e:
+            why = "nested too deep" if isinstance(e, RecursionError) else e
+            raise errors.Corrupt(f"image name record damaged ({why})", path=str(path)) from None
 
     def set_name(self, name: str | None, target: spec.Descriptor, *,
                  pulled: bool = False) -> None:
         """Point ``name`` (None: an unnamed image) at the manifest ``target``: the commit
-        point of a load or pull."""
+        point of a load or pull.  The name is normalised first (``InvalidArgument`` if it
+        is no name), and its record filed under the normal form's key: one name, one
+        record."""
+        if name is not None:
+            name = str(reference.parse(name))
         key = _key(name if name is not None else "@" + target.digest)
         doc = {"name": name, "target": target.to_json(), "created": _now(), "pulled": pulled}
         crashpoints.reached("image:before-name")
@@ -423,6 +448,11 @@ class ImageStore:
 
     def add_image(self, names: list[str | None], manifest_desc: spec.Descriptor,
                   *, pulled: bool = False) -> None:
+        """Give the image ``manifest_desc`` every one of ``names`` (None: unnamed); each
+        is checked before the first is written."""
+        for name in names:
+            if name is not None:
+                reference.parse(name)
         for name in names:
             self.set_name(name, manifest_desc, pulled=pulled)
 
