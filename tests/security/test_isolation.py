@@ -25,7 +25,8 @@ import pytest
 
 import lamina
 from lamina import errors, progress
-from lamina.archive import isolate, jail
+from lamina.archive import isolate
+from lamina.host import jail
 from tests import tarbuild as tb
 from tests.archive.test_hostile import MALFORMED
 from tests.conftest import Stores
@@ -46,7 +47,7 @@ def test_the_child_sees_only_the_layer(tmp_path: Path) -> None:
     host = ["/etc/passwd", "/usr/lib", "/lib", "/bin/sh", "/etc/nsswitch.conf", "/proc/1",
             "/proc/self/mountinfo", "/proc/self/root", "/sys", "/dev/null", "/tmp",
             sys.executable, str(REPO), str(tmp_path), str(layer), str(lowers[0])]
-    seen = isolate.probe(layer, [str(p) for p in lowers], host)
+    seen = isolate.probe(layer, [str(p) for p in lowers], host, module="lamina.frontends.cli")
     assert seen["root"] == ["layer", "lower", "proc"]
     assert seen["layer"] == "/layer"
     assert seen["lowers"] == ["/lower/0", "/lower/1", "/lower/2"]
@@ -215,7 +216,7 @@ def test_the_fork_server_comes_back(stores: Stores) -> None:
 
 CALLER = """
 import sys, time, lamina
-from lamina.archive import isolate, jail
+from lamina.archive import isolate
 drv = lamina.open_driver(sys.argv[1], backend=sys.argv[2])
 tar = open(sys.argv[3], "rb").read()
 
