@@ -14,8 +14,6 @@ Crash model of the helpers here:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -27,12 +25,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from lamina import crashpoints, errors
+from lamina.host import libc
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syncfs.argtypes = [ctypes.c_int]
-_libc.renameat2.argtypes = [
-    ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint,
-]
+_libc = libc.load()
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -40,11 +35,6 @@ FICLONE = 0x40049409
 COPY_CHUNK = 1 << 24
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 """How every walk below a layer root opens a directory: never through a symlink."""
-
-
-def _raise_errno(what: str, path: str | os.PathLike[str]) -> None:
-    err = ctypes.get_errno()
-    raise OSError(err, f"{what}: {os.strerror(err)}", os.fspath(path))
 
 
 WRITEBACK_PERIOD = 0.25
@@ -86,8 +76,7 @@ def syncfs(path: str | os.PathLike[str]) -> None:
     """Flush every dirty page and inode of the filesystem holding ``path``."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
-            _raise_errno("syncfs", path)
+        libc.check(_libc.syncfs(fd), "syncfs", path)
     finally:
         os.close(fd)
 
@@ -151,14 +140,14 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -
 
 def rename_exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
     """Swap two paths atomically (``renameat2(RENAME_EXCHANGE)``)."""
-    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), RENAME_EXCHANGE) != 0:
-        _raise_errno("renameat2", a)
+    libc.check(_libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), RENAME_EXCHANGE),
+               "renameat2", a)
 
 
 def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Rename ``src`` to ``dst``, failing with EEXIST rather than replacing ``dst``."""
-    if _libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), RENAME_NOREPLACE) != 0:
-        _raise_errno("renameat2", dst)
+    libc.check(_libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst),
+                               RENAME_NOREPLACE), "renameat2", dst)
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:

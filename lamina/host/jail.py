@@ -15,12 +15,13 @@ to its parent's.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
 import signal
 import sys
+
+from lamina.host import libc
 
 _CLONE_NEWNS, _CLONE_NEWUSER = 0x00020000, 0x10000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
@@ -46,14 +47,7 @@ _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "loongarch64": 41,
                "ppc64le": 203, "ppc64": 203, "s390x": 217, "i686": 217, "i386": 217,
                "armv7l": 218, "armv6l": 218}.get(platform.machine())
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.unshare.argtypes = [ctypes.c_int]
-_libc.syscall.restype = ctypes.c_long
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                        ctypes.c_ulong]
+_libc = libc.load()
 
 
 class _CapHeader(ctypes.Structure):
@@ -77,15 +71,9 @@ def die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
 def _mount(source: str | None, target: str, fstype: str | None, flags: int,
            data: str | None = None) -> None:
-    _check(_libc.mount(source.encode() if source else None, target.encode(),
+    libc.check(_libc.mount(source.encode() if source else None, target.encode(),
                        fstype.encode() if fstype else None, flags,
                        data.encode() if data else None), f"mount {target}")
 
@@ -103,10 +91,10 @@ def _bind(fd: int, target: str, flags: int) -> None:
 
 def _unshare() -> None:
     if os.geteuid() == 0:
-        _check(_libc.unshare(_CLONE_NEWNS), "unshare")
+        libc.check(_libc.unshare(_CLONE_NEWNS), "unshare")
         return
     uid, gid = os.geteuid(), os.getegid()
-    _check(_libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS), "unshare (user namespace)")
+    libc.check(_libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS), "unshare (user namespace)")
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
                        ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
@@ -146,10 +134,10 @@ def _switch_root() -> None:
     """Make the current directory the root and drop the old one (pivot_root, else chroot)."""
     if _PIVOT_ROOT is not None:
         if _libc.syscall(ctypes.c_long(_PIVOT_ROOT), b".", b".") == 0:
-            _check(_libc.umount2(b".", _MNT_DETACH), "umount the old root")
+            libc.check(_libc.umount2(b".", _MNT_DETACH), "umount the old root")
             return
         if ctypes.get_errno() != errno.EINVAL:  # EINVAL: the root is rootfs (an initramfs)
-            _check(-1, "pivot_root")
+            libc.check(-1, "pivot_root")
     _mount(".", "/", None, _MS_MOVE)
     os.chroot(".")
 
@@ -160,20 +148,20 @@ def drop_capabilities() -> None:
     keep = sum(1 << cap for cap in KEPT_CAPABILITIES) & capabilities(permitted=True)
     for cap in range(_LAST_CAP + 1):
         if not keep >> cap & 1:
-            _check(_libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), "drop a capability")
+            libc.check(_libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0), "drop a capability")
     header = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
     data[0].effective = data[0].permitted = keep & 0xFFFFFFFF
     data[1].effective = data[1].permitted = keep >> 32
-    _check(_libc.capset(ctypes.byref(header), data), "capset")
-    _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    libc.check(_libc.capset(ctypes.byref(header), data), "capset")
+    libc.check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
 def capabilities(*, permitted: bool = False) -> int:
     """This process's effective (or permitted) capabilities, as a bit mask."""
     header = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
-    _check(_libc.capget(ctypes.byref(header), data), "capget")
+    libc.check(_libc.capget(ctypes.byref(header), data), "capget")
     field = "permitted" if permitted else "effective"
     return int(getattr(data[0], field)) | int(getattr(data[1], field)) << 32
 

@@ -21,7 +21,6 @@ leftover before deleting it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import json
@@ -34,10 +33,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina import errors
-from lamina.host import fsutil
+from lamina.host import fsutil, libc
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_libc = libc.load()
 
 SYS_QUOTACTL_FD = 443  # the same on every architecture (the unified syscall table)
 PRJQUOTA = 2
@@ -53,11 +51,9 @@ PROJECT, LOOP = "project", "loop"
 IMAGE, IMAGE_MOUNT = "quota.img", "q"  # a loop-capped layer's image and its mount point
 
 def _quotactl(fd: int, cmd: int, qid: int, buf: ctypes.Array[ctypes.c_char]) -> None:
-    res = _libc.syscall(ctypes.c_long(SYS_QUOTACTL_FD), ctypes.c_uint(fd),
-                        ctypes.c_uint((cmd << 8) | PRJQUOTA), ctypes.c_int(qid), buf)
-    if res < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"quotactl: {os.strerror(err)}")
+    libc.check(_libc.syscall(ctypes.c_long(SYS_QUOTACTL_FD), ctypes.c_uint(fd),
+                             ctypes.c_uint((cmd << 8) | PRJQUOTA), ctypes.c_int(qid), buf),
+               "quotactl")
 
 
 def get_project(path: str | os.PathLike[str]) -> int:

@@ -26,7 +26,7 @@ import pytest
 import lamina
 from lamina import errors, progress
 from lamina.archive import isolate
-from lamina.host import jail
+from lamina.host import jail, libc
 from tests import tarbuild as tb
 from tests.archive.test_hostile import MALFORMED
 from tests.conftest import Stores
@@ -348,7 +348,7 @@ def test_isolation_of_a_non_root_caller(tmp_path: Path) -> None:
                 os.setuid(65534)
                 # A process that was root is not dumpable, and its /proc/self files stay
                 # root's; one started as the user is dumpable.
-                jail._libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+                libc.load().prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
                 root, _ = jail.enter_jail(str(base / "layer"), [])
                 jail.drop_capabilities()
                 with open(f"{root}/f", "w") as f:
