@@ -3,11 +3,17 @@
 Crash model of the helpers here:
 - :func:`atomic_write` leaves either the old file or the complete new one, never
   a torn file, across a kill or a power cut (temp in the same dir, fsync, rename,
-  fsync of the directory).
+  fsync of the directory).  :func:`atomic_write_nosync` does the same without the
+  fsyncs, for state that a reboot voids: a kill leaves the old or the new file, a
+  power cut may leave either, or an empty one.
+- :func:`rename` is atomic across a kill (one name or the other); its new name
+  survives a power cut once :func:`sync_dir` of its directory returns, which its
+  callers do right after (with their crash points between).  :func:`sync_file` makes
+  one open file's data durable, not its name.
 - :func:`syncfs` makes everything written on a filesystem durable at once; a
   layer is synced with it once, just before the rename that makes it visible.
-- :class:`FileLock` is an ``flock``: the kernel drops it when its holder dies, so
-  a lock never outlives a crashed process.
+- :class:`FileLock` and :func:`lock_fd` are ``flock``-s: the kernel drops them when
+  their holder dies, so a lock never outlives a crashed process.
 - :func:`copy_tree` writes into a directory nobody can see yet (a staging dir);
   an interrupted copy is swept with the staging dir.
 """
@@ -118,6 +124,30 @@ def sync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_file(fd: int) -> None:
+    """fsync the open file ``fd``: its data and inode survive a power cut (its name
+    does once its directory is synced, :func:`sync_dir`)."""
+    os.fsync(fd)
+
+
+def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename ``src`` to ``dst`` (replacing a file, or an empty directory, there) in one
+    step: a kill leaves one name or the other.  Not durable yet: the caller syncs the
+    directory (:func:`sync_dir`) once what a crash there would leave is stated."""
+    os.rename(src, dst)
+
+
+def atomic_write_nosync(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step, with no fsync: readers and a kill see
+    the old file or the new one, never a torn one; a power cut may leave either, or an
+    empty file.  For what a reboot voids anyway (mount counts).  The temp file is
+    ``.NAME.PID`` beside it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
@@ -234,6 +264,19 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def lock_fd(fd: int, *, blocking: bool = True) -> bool:
+    """Take an exclusive ``flock`` on the open file ``fd`` itself, held until it is closed;
+    with ``blocking=False`` return False when another holder has it.
+
+    For a file whose lock says a live process still writes it (an ingest file); a lock
+    that guards something else is a :class:`FileLock`."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @contextmanager

@@ -329,7 +329,7 @@ class Store:
             doomed = self.layers_dir / f"{id}{REMOVING_SUFFIX}"
             fsutil.remove_tree(doomed)  # an older removal of the same id, unfinished
             crashpoints.reached("retire:before-rename")
-            os.rename(self.layer_dir(id), doomed)
+            fsutil.rename(self.layer_dir(id), doomed)
             crashpoints.reached("retire:after-rename")
             fsutil.sync_dir(self.layers_dir)
             with contextlib.suppress(FileNotFoundError):
@@ -359,9 +359,7 @@ class Store:
                 os.unlink(path)
             return
         # Counts describe mounts, which do not survive a reboot: no fsync needed.
-        tmp = path.with_name(f".{id}.{os.getpid()}")
-        tmp.write_text(str(value))
-        os.replace(tmp, path)
+        fsutil.atomic_write_nosync(path, str(value).encode())
 
     def counted(self) -> dict[LayerId, int]:
         """Every layer with an outstanding count (-1: its count file is unreadable)."""
