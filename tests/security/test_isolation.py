@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import lamina
-from lamina import errors, progress
+from lamina import errors, progress, registry
 from lamina.archive import isolate
 from lamina.host import jail, libc
 from tests import tarbuild as tb
@@ -376,7 +376,7 @@ def test_isolation_of_a_non_root_caller(tmp_path: Path) -> None:
 def test_overlay_lowers_reach_the_child(tmp_path: Path) -> None:
     """Union-aware apply in the child: a parent's ``lib -> usr/lib`` symlink is followed
     and a parent file is copied up for a hard link, through the read-only lower mounts."""
-    drvs = lamina.driver.backends()
+    drvs = registry.backends()
     if "overlay" not in drvs:
         pytest.skip("no overlay backend")
     try:
