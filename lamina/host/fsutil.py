@@ -135,7 +135,7 @@ def sync_file(fd: int) -> None:
 def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Rename ``src`` to ``dst`` (replacing a file, or an empty directory, there) in one
     step: a kill leaves one name or the other.  Not durable yet: the caller syncs the
-    directory (:func:`sync_dir`) once what a crash there would leave is stated."""
+    directory after it (:func:`sync_dir`), its own crash point between."""
     os.rename(src, dst)
 
 

@@ -10,8 +10,8 @@ written below them is charged to it; the limit is set with ``quotactl_fd``
 Elsewhere (plain ext4 and the like) the layer's writable part lives in a sparse
 ext4 image of the quota's size, loop-mounted (:mod:`lamina.host.loop`) at
 ``layers/ID/q`` for the layer's whole life (mounted again when the store is opened
-after a reboot).  A write past
-it fails with ENOSPC.  This is the Linux analog of the seed driver's sandbox disk.
+after a reboot).  A write past it fails with ENOSPC.  This is the Linux analog of
+the seed driver's sandbox disk.
 
 Crash model: a project id is recorded in the layer's metadata before the layer is
 published; an id whose layer is gone is simply never used again.  An image is made
