@@ -217,12 +217,3 @@ class Driver(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional for backends that hold nothing
         """Release what this driver holds (not the mounts other processes counted)."""
 
-
-def __getattr__(name: str) -> object:
-    # The registry lived here before it had a module of its own; old callers still find
-    # it (PEP 562), without the contract importing the registry.
-    if name in ("_backends", "backends", "open_driver", "register_backend", "BackendFactory"):
-        from lamina import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,7 @@
 and ``graphdriver.New``).
 
 A backend module registers its factory when it is imported; :func:`open_driver`
-imports the built-in ones (:mod:`lamina.backends`) the first time it runs, the one
+imports the built-in ones (:data:`BUILTIN_BACKENDS`) the first time it runs, the one
 place where this tier reaches into the one below it by name, as moby's daemon does with
 its drivers' ``register`` package.
 """
@@ -47,9 +47,15 @@ def backends(layer_format: str | None = "linux") -> list[str]:
     )
 
 
+BUILTIN_BACKENDS = ("lamina.backends.overlay", "lamina.backends.vfs",
+                    "lamina.backends.windowsfilter")
+"""The modules of the built-in backends, each registering one when imported."""
+
+
 def _load_builtin_backends() -> None:
     # Importing a backend module registers it.
-    importlib.import_module("lamina.backends")
+    for module in BUILTIN_BACKENDS:
+        importlib.import_module(module)
 
 
 def open_driver(

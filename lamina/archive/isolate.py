@@ -12,7 +12,8 @@ before it).  So the parse and the apply run on two cores.  The tar engine's appl
 and never leaves it; the child is the second wall,
 as Docker's chrooted extraction is: if the engine had a bug, the name would
 still find nothing of the host.  This module is the caller's side;
-:mod:`lamina.archive.jail` is the fork server's and the child's.
+:mod:`lamina.archive.forkserver` is the fork server's and the child's, and
+:mod:`lamina.host.jail` the switch of the child's root.
 
 What the child sees.  Its own mount namespace (private: nothing propagates
 back) whose root is a small read-only tmpfs holding only::
@@ -192,15 +193,17 @@ def last_child_usage() -> dict[str, float] | None:
 
 
 def probe(root: str | os.PathLike[str], lowers: Sequence[str] = (),
-          paths: Sequence[str] = ()) -> dict[str, Any]:
+          paths: Sequence[str] = (), module: str | None = None) -> dict[str, Any]:
     """What an isolated child for ``root`` sees (for the tests of this module).
 
     Its root's listing, whether it can write below ``/`` and into each lower,
-    which of ``paths`` exist for it, and whether an import still works.
+    which of ``paths`` exist for it, and whether an import of ``module`` (one the
+    fork server has not imported) still works (``"allowed"``, ``"refused"``; None:
+    not tried).
     """
     spec = {"action": "probe", "root": os.path.abspath(root),
             "lowers": [os.path.abspath(p) for p in lowers], "paths": list(paths),
-            "layer": None, "progress": False}
+            "module": module, "layer": None, "progress": False}
     return _Run(spec, None).run(None)
 
 
@@ -487,7 +490,7 @@ class _ForkServer:
 
 
 _BOOT = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); "
-         "from lamina.archive.jail import serve; serve(int(sys.argv[2]))")
+         "from lamina.archive.forkserver import serve; serve(int(sys.argv[2]))")
 _server: _ForkServer | None = None
 _server_lock = threading.Lock()
 

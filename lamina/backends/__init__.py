@@ -1,5 +1,3 @@
-"""The backends, side by side; importing this package registers them all."""
-
-from lamina.backends import overlay, vfs, windowsfilter
-
-__all__ = ["overlay", "vfs", "windowsfilter"]
+"""The backends, side by side, one module each (``overlay``, ``vfs``, ``windowsfilter``);
+importing one registers that one (:data:`lamina.registry.BUILTIN_BACKENDS` names them
+all)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lamina import errors
 from lamina.driver import LayerId
-from lamina.host import fsutil, mount, quota
+from lamina.host import fsutil, loop, mount, quota
 from lamina.store.layers import Store
 from lamina.store.meta import Quota
 
@@ -83,7 +83,7 @@ class LayerQuotas:
             return None
         point = layer_dir / quota.IMAGE_MOUNT
         if not os.path.ismount(point):
-            quota.mount_image(layer_dir / quota.IMAGE, point)
+            loop.mount(layer_dir / quota.IMAGE, point)
         return point
 
     def remount_all(self) -> None:

@@ -1,2 +1,4 @@
 """The machine: the file system primitives (``fsutil``), overlayfs mounts (``mount``), size
-quotas (``quota``), uid/gid maps (``idmap``) and the one size walk (``usage``)."""
+quotas (``quota``), image files through loop devices (``loop``), uid/gid maps (``idmap``),
+the one size walk (``usage``), a process's jail: namespaces, a root of its own,
+capabilities (``jail``), and the C library they call (``libc``)."""

@@ -3,19 +3,23 @@
 Crash model of the helpers here:
 - :func:`atomic_write` leaves either the old file or the complete new one, never
   a torn file, across a kill or a power cut (temp in the same dir, fsync, rename,
-  fsync of the directory).
+  fsync of the directory).  :func:`atomic_write_nosync` does the same without the
+  fsyncs, for state that a reboot voids: a kill leaves the old or the new file, a
+  power cut may leave either, or an empty one.
+- :func:`rename` is atomic across a kill (one name or the other); its new name
+  survives a power cut once :func:`sync_dir` of its directory returns, which its
+  callers do right after (with their crash points between).  :func:`sync_file` makes
+  one open file's data durable, not its name.
 - :func:`syncfs` makes everything written on a filesystem durable at once; a
   layer is synced with it once, just before the rename that makes it visible.
-- :class:`FileLock` is an ``flock``: the kernel drops it when its holder dies, so
-  a lock never outlives a crashed process.
+- :class:`FileLock` and :func:`lock_fd` are ``flock``-s: the kernel drops them when
+  their holder dies, so a lock never outlives a crashed process.
 - :func:`copy_tree` writes into a directory nobody can see yet (a staging dir);
   an interrupted copy is swept with the staging dir.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -27,12 +31,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from lamina import crashpoints, errors
+from lamina.host import libc
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syncfs.argtypes = [ctypes.c_int]
-_libc.renameat2.argtypes = [
-    ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint,
-]
+_libc = libc.load()
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -40,11 +41,6 @@ FICLONE = 0x40049409
 COPY_CHUNK = 1 << 24
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 """How every walk below a layer root opens a directory: never through a symlink."""
-
-
-def _raise_errno(what: str, path: str | os.PathLike[str]) -> None:
-    err = ctypes.get_errno()
-    raise OSError(err, f"{what}: {os.strerror(err)}", os.fspath(path))
 
 
 WRITEBACK_PERIOD = 0.25
@@ -86,8 +82,7 @@ def syncfs(path: str | os.PathLike[str]) -> None:
     """Flush every dirty page and inode of the filesystem holding ``path``."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
-            _raise_errno("syncfs", path)
+        libc.check(_libc.syncfs(fd), "syncfs", path)
     finally:
         os.close(fd)
 
@@ -131,6 +126,30 @@ def sync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def sync_file(fd: int) -> None:
+    """fsync the open file ``fd``: its data and inode survive a power cut (its name
+    does once its directory is synced, :func:`sync_dir`)."""
+    os.fsync(fd)
+
+
+def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Rename ``src`` to ``dst`` (replacing a file, or an empty directory, there) in one
+    step: a kill leaves one name or the other.  Not durable yet: the caller syncs the
+    directory after it (:func:`sync_dir`), its own crash point between."""
+    os.rename(src, dst)
+
+
+def atomic_write_nosync(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step, with no fsync: readers and a kill see
+    the old file or the new one, never a torn one; a power cut may leave either, or an
+    empty file.  For what a reboot voids anyway (mount counts).  The temp file is
+    ``.NAME.PID`` beside it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def atomic_write(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` all at once: temp → write → fsync → rename → fsync dir."""
     path = Path(path)
@@ -159,22 +178,16 @@ def unlink_durably(path: str | os.PathLike[str]) -> None:
     sync_dir(os.path.dirname(os.fspath(path)) or ".")
 
 
-def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
-    """Rename ``src`` to ``dst`` (same filesystem); the caller fsyncs the directory when
-    the new name must survive a power cut."""
-    os.rename(src, dst)
-
-
 def rename_exchange(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> None:
     """Swap two paths atomically (``renameat2(RENAME_EXCHANGE)``)."""
-    if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), RENAME_EXCHANGE) != 0:
-        _raise_errno("renameat2", a)
+    libc.check(_libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), RENAME_EXCHANGE),
+               "renameat2", a)
 
 
 def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     """Rename ``src`` to ``dst``, failing with EEXIST rather than replacing ``dst``."""
-    if _libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), RENAME_NOREPLACE) != 0:
-        _raise_errno("renameat2", dst)
+    libc.check(_libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst),
+                               RENAME_NOREPLACE), "renameat2", dst)
 
 
 def remove_tree(path: str | os.PathLike[str]) -> None:
@@ -261,6 +274,19 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def lock_fd(fd: int, *, blocking: bool = True) -> bool:
+    """Take an exclusive ``flock`` on the open file ``fd`` itself, held until it is closed;
+    with ``blocking=False`` return False when another holder has it.
+
+    For a file whose lock says a live process still writes it (an ingest file); a lock
+    that guards something else is a :class:`FileLock`."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 @contextmanager

@@ -14,17 +14,14 @@ directory is left alone, which threads would share).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import os
 from collections.abc import Sequence
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+from lamina.host import libc
+
+_libc = libc.load()
 # syscall(2) typed once for fsconfig's shape (int, uint, str, str, int): a mount of
 # 500 lower layers makes 500 of these calls.
 _syscall5 = ctypes.CFUNCTYPE(
@@ -54,10 +51,9 @@ def mount_error(err: int, what: str, detail: str = "") -> OSError:
 
 
 def _check(result: int, what: str, fs_fd: int = -1) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise mount_error(err, what, _kernel_log(fs_fd))
-    return result
+    if result < 0 and fs_fd >= 0:  # the error with what the kernel logged about it
+        raise mount_error(ctypes.get_errno(), what, _kernel_log(fs_fd))
+    return libc.check(result, what)
 
 
 def _kernel_log(fs_fd: int) -> str:

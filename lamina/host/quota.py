@@ -8,9 +8,10 @@ written below them is charged to it; the limit is set with ``quotactl_fd``
 (``Q_SETQUOTA``, ``PRJQUOTA``).  A write past it fails with EDQUOT in the container.
 
 Elsewhere (plain ext4 and the like) the layer's writable part lives in a sparse
-ext4 image of the quota's size, loop-mounted at ``layers/ID/q`` for the layer's
-whole life (mounted again when the store is opened after a reboot).  A write past
-it fails with ENOSPC.  This is the Linux analog of the seed driver's sandbox disk.
+ext4 image of the quota's size, loop-mounted (:mod:`lamina.host.loop`) at
+``layers/ID/q`` for the layer's whole life (mounted again when the store is opened
+after a reboot).  A write past it fails with ENOSPC.  This is the Linux analog of
+the seed driver's sandbox disk.
 
 Crash model: a project id is recorded in the layer's metadata before the layer is
 published; an id whose layer is gone is simply never used again.  An image is made
@@ -21,23 +22,20 @@ leftover before deleting it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import json
 import os
 import secrets
-import shutil
 import struct
 import subprocess
 from pathlib import Path
 from typing import BinaryIO
 
 from lamina import errors
-from lamina.host import fsutil
+from lamina.host import fsutil, libc, loop
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_libc = libc.load()
 
 SYS_QUOTACTL_FD = 443  # the same on every architecture (the unified syscall table)
 PRJQUOTA = 2
@@ -53,11 +51,9 @@ PROJECT, LOOP = "project", "loop"
 IMAGE, IMAGE_MOUNT = "quota.img", "q"  # a loop-capped layer's image and its mount point
 
 def _quotactl(fd: int, cmd: int, qid: int, buf: ctypes.Array[ctypes.c_char]) -> None:
-    res = _libc.syscall(ctypes.c_long(SYS_QUOTACTL_FD), ctypes.c_uint(fd),
-                        ctypes.c_uint((cmd << 8) | PRJQUOTA), ctypes.c_int(qid), buf)
-    if res < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"quotactl: {os.strerror(err)}")
+    libc.check(_libc.syscall(ctypes.c_long(SYS_QUOTACTL_FD), ctypes.c_uint(fd),
+                             ctypes.c_uint((cmd << 8) | PRJQUOTA), ctypes.c_int(qid), buf),
+               "quotactl")
 
 
 def get_project(path: str | os.PathLike[str]) -> int:
@@ -139,15 +135,6 @@ def allocate_project(home: Path) -> int:
     return last + 1
 
 
-def _run(*argv: str) -> None:
-    tool = shutil.which(argv[0])
-    if tool is None:
-        raise errors.Unsupported(f"{argv[0]} is missing (e2fsprogs, util-linux)", path=argv[0])
-    done = subprocess.run([tool, *argv[1:]], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise OSError(errno.EIO, f"{' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
-
-
 def _capacity(mount_point: Path) -> int:
     """Bytes a fresh filesystem offers (statvfs of its root)."""
     st = os.statvfs(mount_point)
@@ -166,14 +153,14 @@ def make_image(image: Path, size: int, mount_point: Path) -> None:
     for _ in range(4):
         with open(image, "wb") as f:
             _extend(f, guess, size)
-        _run("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=0:0", str(image))
-        mount_image(image, mount_point)
+        loop.run_tool("mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=0:0", str(image))
+        loop.mount(image, mount_point)
         offered = _capacity(mount_point)
         if abs(offered - size) <= max(64 << 10, size // 100):
             return
-        _run("umount", str(mount_point))
+        loop.unmount(mount_point)
         guess = max(LOOP_MIN, guess + size - offered)
-    mount_image(image, mount_point)  # the last guess stays: close enough
+    loop.mount(image, mount_point)  # the last guess stays: close enough
 
 
 def _extend(f: BinaryIO, length: int, size: int) -> None:
@@ -191,21 +178,6 @@ def _extend(f: BinaryIO, length: int, size: int) -> None:
             f"can hold ({why})", path="size") from None
 
 
-def mount_image(image: Path, mount_point: Path) -> None:
-    """Loop-mount an image (util-linux picks a free loop device)."""
-    _run("mount", "-o", "loop", str(image), str(mount_point))
-
-
-def loop_device(mount_point: Path) -> str | None:
-    """The loop device mounted at ``mount_point``."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(mount_point):
-                return fields[fields.index("-") + 2]
-    return None
-
-
 def grow_image(image: Path, mount_point: Path, size: int, *, in_use: bool) -> None:
     """Grow a mounted image so that it holds ``size`` bytes.
 
@@ -213,26 +185,26 @@ def grow_image(image: Path, mount_point: Path, size: int, *, in_use: bool) -> No
     (it needs CAP_SYS_RESOURCE); else offline: unmount, check, resize, mount again,
     which is refused with ``Busy`` while the layer is in use.
     """
-    if loop_device(mount_point) is None:
-        mount_image(image, mount_point)
-    device = loop_device(mount_point)
+    if loop.device_of(mount_point) is None:
+        loop.mount(image, mount_point)
+    device = loop.device_of(mount_point)
     # ext4's overhead is already in the image: grow it by what is missing.
     missing = size - _capacity(mount_point)
     with open(image, "r+b") as f:
         _extend(f, os.fstat(f.fileno()).st_size + max(missing, 0), size)
     if device is not None:  # pragma: no branch - mounted just above
-        _run("losetup", "-c", device)
+        loop.refresh_size(device)
         try:
-            _run("resize2fs", device)
+            loop.run_tool("resize2fs", device)
             return
         except OSError:
             if in_use:
                 raise errors.Busy("the image cannot grow online here (no CAP_SYS_RESOURCE) "
                                   "and the layer is mounted", path=str(image)) from None
-        _run("umount", str(mount_point))
+        loop.unmount(mount_point)
     _run_ok_codes(("e2fsck", "-f", "-y", str(image)), (0, 1))
-    _run("resize2fs", str(image))
-    mount_image(image, mount_point)
+    loop.run_tool("resize2fs", str(image))
+    loop.mount(image, mount_point)
 
 
 def _run_ok_codes(argv: tuple[str, ...], ok: tuple[int, ...]) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import secrets
@@ -162,9 +161,8 @@ class ContentStore:
                     os.unlink(path)  # not a file a writer made (a link, a fifo): remove it
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a live writer
+                if not fsutil.lock_fd(fd, blocking=False):
+                    continue  # a live writer
             finally:
                 os.close(fd)
             with contextlib.suppress(FileNotFoundError):
@@ -186,7 +184,7 @@ class BlobWriter:
         self.tmp = store.ingest_dir / f"{secrets.token_hex(8)}.partial"
         self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                                        | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        fsutil.lock_fd(self._fd)
 
     def _what(self) -> str:
         return f"blob {self.expected}" if self.expected else "blob"
@@ -231,13 +229,13 @@ class BlobWriter:
             raise errors.Corrupt(f"{self._what()}: its bytes hash to {digest} (damaged or "
                                  "tampered with)")
         os.fchmod(self._fd, 0o444)
-        os.fsync(self._fd)
+        fsutil.sync_file(self._fd)
         final = self.store.path(digest)
         crashpoints.reached("blob:before-rename")
         if self.store.has(digest):
             self.abort()
             return digest
-        os.rename(self.tmp, final)
+        fsutil.rename(self.tmp, final)
         os.close(self._fd)
         self._fd = None
         fsutil.sync_dir(self.store.blobs)

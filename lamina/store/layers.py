@@ -365,9 +365,7 @@ class Store:
                 os.unlink(path)
             return
         # Counts describe mounts, which do not survive a reboot: no fsync needed.
-        tmp = path.with_name(f".{id}.{os.getpid()}")
-        tmp.write_text(str(value))
-        os.replace(tmp, path)
+        fsutil.atomic_write_nosync(path, str(value).encode())
 
     def counted(self) -> dict[LayerId, int]:
         """Every layer with an outstanding count (-1: its count file is unreadable)."""

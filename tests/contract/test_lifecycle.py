@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import lamina
-from lamina import errors
+from lamina import errors, registry
 from tests import tarbuild as tb
 from tests.conftest import Stores, mounts_under
 from tests.layers import apply, listing, mounted, names, read, tree
@@ -431,7 +431,7 @@ def test_home_remembers_its_backend(
         raise AssertionError("a home made with another backend must not reach its factory")
 
     # A second backend, registered for this test only.
-    monkeypatch.setitem(lamina.driver._backends, "other-test-backend", factory)
+    monkeypatch.setitem(registry._backends, "other-test-backend", factory)
     with pytest.raises(errors.InvalidArgument) as excinfo:
         lamina.open_driver(drv.home, backend="other-test-backend")
     assert backend in str(excinfo.value) and "other-test-backend" in str(excinfo.value)

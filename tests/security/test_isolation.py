@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 
 import lamina
-from lamina import errors, progress
-from lamina.archive import isolate, jail
+from lamina import errors, progress, registry
+from lamina.archive import isolate
+from lamina.host import jail, libc
 from tests import tarbuild as tb
 from tests.archive.test_hostile import MALFORMED
 from tests.conftest import Stores
@@ -46,7 +47,7 @@ def test_the_child_sees_only_the_layer(tmp_path: Path) -> None:
     host = ["/etc/passwd", "/usr/lib", "/lib", "/bin/sh", "/etc/nsswitch.conf", "/proc/1",
             "/proc/self/mountinfo", "/proc/self/root", "/sys", "/dev/null", "/tmp",
             sys.executable, str(REPO), str(tmp_path), str(layer), str(lowers[0])]
-    seen = isolate.probe(layer, [str(p) for p in lowers], host)
+    seen = isolate.probe(layer, [str(p) for p in lowers], host, module="lamina.frontends.cli")
     assert seen["root"] == ["layer", "lower", "proc"]
     assert seen["layer"] == "/layer"
     assert seen["lowers"] == ["/lower/0", "/lower/1", "/lower/2"]
@@ -215,7 +216,7 @@ def test_the_fork_server_comes_back(stores: Stores) -> None:
 
 CALLER = """
 import sys, time, lamina
-from lamina.archive import isolate, jail
+from lamina.archive import isolate
 drv = lamina.open_driver(sys.argv[1], backend=sys.argv[2])
 tar = open(sys.argv[3], "rb").read()
 
@@ -347,7 +348,7 @@ def test_isolation_of_a_non_root_caller(tmp_path: Path) -> None:
                 os.setuid(65534)
                 # A process that was root is not dumpable, and its /proc/self files stay
                 # root's; one started as the user is dumpable.
-                jail._libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+                libc.load().prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
                 root, _ = jail.enter_jail(str(base / "layer"), [])
                 jail.drop_capabilities()
                 with open(f"{root}/f", "w") as f:
@@ -375,7 +376,7 @@ def test_isolation_of_a_non_root_caller(tmp_path: Path) -> None:
 def test_overlay_lowers_reach_the_child(tmp_path: Path) -> None:
     """Union-aware apply in the child: a parent's ``lib -> usr/lib`` symlink is followed
     and a parent file is copied up for a hard link, through the read-only lower mounts."""
-    drvs = lamina.driver.backends()
+    drvs = registry.backends()
     if "overlay" not in drvs:
         pytest.skip("no overlay backend")
     try:

@@ -22,8 +22,8 @@ import pytest
 
 import lamina
 from lamina import errors
-from lamina.archive import isolate, jail, wclayer
-from lamina.host import mount
+from lamina.archive import isolate, wclayer
+from lamina.host import jail, mount
 from tests.security.test_isolation import _children
 from tests.windows.test_windowsfilter import ATTR_DIR, _export, _tar, _win, base_layer, child_layer
 
@@ -179,8 +179,8 @@ def test_a_buggy_importer_finds_nothing_of_the_host(
     else:
         isolate.shutdown()
         monkeypatch.setattr(isolate, "_BOOT", isolate._BOOT.replace(
-            "from lamina.archive.jail import serve;",
-            f"exec({BUGGY!r}); from lamina.archive.jail import serve;"))
+            "from lamina.archive.forkserver import serve;",
+            f"exec({BUGGY!r}); from lamina.archive.forkserver import serve;"))
     try:
         try:
             drv.apply_diff("hostile", None, io.BytesIO(_hostile(target)))

@@ -101,7 +101,7 @@ def test_a_slow_build_holds_up_no_other_call(sn: Snapshotter,
     def prepare() -> None:
         try:
             sn.prepare("slow", "", {})
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             errors_seen.append(e)
 
     maker = threading.Thread(target=prepare)
