@@ -1,7 +1,9 @@
 """The backends by name, and the choice of one for a home (moby's ``graphdriver.Register``
 and ``graphdriver.New``).
 
-A backend module registers its factory when it is imported; :func:`open_driver`
+A backend module registers its factory when it is imported (with
+:func:`lamina.backends.contract.register_backend`, beside the interface it
+implements, as moby's drivers call ``graphdriver.Register``); :func:`open_driver`
 imports the built-in ones (:data:`BUILTIN_BACKENDS`) the first time it runs, the one
 place where this tier reaches into the one below it by name, as moby's daemon does with
 its drivers' ``register`` package.
@@ -16,25 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lamina import errors
+from lamina.backends.contract import BackendFactory, register_backend
+from lamina.backends.contract import registered as _backends
 from lamina.store.layers import recorded_backend
 
 if TYPE_CHECKING:
-    from lamina.backends.contract import Backend
     from lamina.driver import Driver, IdMap
 
-BackendFactory = type["Backend"]
-"""A :class:`~lamina.backends.contract.Backend` class: called as ``factory(home, options,
-uid_map, gid_map)``, it opens a home (``Unsupported`` where it cannot work), and it
-answers the capability probes (``layer_format``, ``layout_marker``, ``supported``)
-before any home is opened."""
+__all__ = ["BackendFactory", "backends", "open_driver", "register_backend"]
 
-_backends: dict[str, BackendFactory] = {}
 _AUTO_ORDER = ("overlay", "vfs")  # auto never picks a backend of Windows layers
-
-
-def register_backend(name: str, factory: BackendFactory) -> None:
-    """Register a backend factory by name (moby's ``graphdriver.Register``)."""
-    _backends[name] = factory
 
 
 def backends(layer_format: str | None = "linux") -> list[str]:

@@ -40,15 +40,7 @@ TIERS: tuple[tuple[str, ...], ...] = (
 )
 EXEMPT = ("lamina", "lamina.__main__")
 
-KNOWN_UPWARD = {
-    # The built-in backends register themselves (STYLE rule 2) with the registry, a tier
-    # above them.  Fixing it means moving the registration table (BackendFactory,
-    # _backends, register_backend) below the backends, out of lamina/registry.py, which
-    # is being changed elsewhere at the same time: left for after that (issue 22).
-    ("lamina.backends.overlay", "lamina.registry"),
-    ("lamina.backends.vfs", "lamina.registry"),
-    ("lamina.backends.windowsfilter", "lamina.registry"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 """Upward imports that are known and not yet fixed: (importer, imported)."""
 
 

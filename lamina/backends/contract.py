@@ -257,3 +257,18 @@ def backend_of(drv: Driver) -> Backend:
     if not isinstance(drv, Backend):
         raise errors.Unsupported(f"backend {drv.name} keeps no lamina store")
     return drv
+
+
+BackendFactory = type[Backend]
+"""A :class:`Backend` class: called as ``factory(home, options, uid_map, gid_map)``, it
+opens a home (``Unsupported`` where it cannot work), and it answers the capability
+probes (``layer_format``, ``layout_marker``, ``supported``) before any home is opened."""
+
+registered: dict[str, BackendFactory] = {}
+"""The backends by name (:func:`lamina.registry.open_driver` picks among them)."""
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    """Register a backend by name (moby's ``graphdriver.Register``): a backend module
+    calls it when it is imported."""
+    registered[name] = factory

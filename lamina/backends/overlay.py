@@ -41,14 +41,13 @@ from lamina.archive.digests import Digests
 from lamina.archive.export import change_items, export_changes, open_stream
 from lamina.archive.overlaydiff import native_changes, native_items
 from lamina.backends.base import StoreDriver
-from lamina.backends.contract import SnapshotMount, bind
+from lamina.backends.contract import SnapshotMount, bind, register_backend
 from lamina.backends.reading import TreeGetter
 from lamina.driver import Change, DiffGetter, LayerId
 from lamina.host import fsutil, mount
 from lamina.host import quota as quotas
 from lamina.host.usage import tree_totals
 from lamina.options import APPLY_OPTIONS
-from lamina.registry import register_backend
 from lamina.store.holds import Holder
 
 DIFF, WORK, MERGED, LOWER, LINK = "diff", "work", "merged", "lower", "link"

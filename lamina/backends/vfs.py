@@ -23,14 +23,13 @@ from lamina.archive import isolate, naivediff
 from lamina.archive.digests import Digests
 from lamina.archive.export import change_items, export_changes
 from lamina.backends.base import StoreDriver
-from lamina.backends.contract import SnapshotMount, bind
+from lamina.backends.contract import SnapshotMount, bind, register_backend
 from lamina.backends.reading import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil
 from lamina.host import quota as quotas
 from lamina.host.usage import Tally, Totals, tree_totals
 from lamina.options import APPLY_OPTIONS
-from lamina.registry import register_backend
 
 FS = "fs"
 

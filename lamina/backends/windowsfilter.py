@@ -31,10 +31,10 @@ from lamina.archive.apply import lower_lookup
 from lamina.archive.digests import Digests
 from lamina.archive.export import open_stream
 from lamina.backends.base import StoreDriver
+from lamina.backends.contract import register_backend
 from lamina.backends.reading import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import mount
-from lamina.registry import register_backend
 from lamina.store.meta import LayerFormat
 
 FILES, MERGED = "Files", "merged"
