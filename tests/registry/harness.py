@@ -9,7 +9,12 @@ and a fault-injecting proxy in front of it.
   basic auth) that signs ES256 JWTs whose header carries the certificate (``x5c``) the
   registry's ``rootcertbundle`` holds; it grants what the scopes ask for.
 - :class:`FaultProxy`: an HTTP proxy to a registry whose :attr:`FaultProxy.rule` may
-  answer a request itself (a status, a redirect, a stall, a body) or cut it.
+  answer a request itself (a status, a redirect, a stall, a body, a body a byte a
+  second: :meth:`ProxyHandler.trickle`, a ``Bearer`` challenge:
+  :meth:`ProxyHandler.challenge`) or cut it; with an unreachable upstream it is a
+  hostile server of its own (a token service, a CDN).
+- :func:`gzip_bomb`: gigabytes of zeros in a few MiB of gzip.
+- :func:`run_measured`: a command's exit status, standard error and peak RSS.
 """
 
 from __future__ import annotations
@@ -17,18 +22,22 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import functools
 import hashlib
 import http.client
 import http.server
 import json
+import os
 import socket
 import socketserver
+import struct
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +402,32 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 
+    def challenge(self, realm: str, service: str = "lamina-tests") -> None:
+        """``401`` with a ``Bearer`` challenge naming ``realm``."""
+        self.answer(401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="{service}"',
+                          "Content-Type": "application/json"},
+                    b'{"errors": [{"code": "UNAUTHORIZED", "message": "authenticate"}]}')
+
+    def trickle(self, status: int, headers: dict[str, str], body: bytes, *,
+                rate: float = 1.0, most: float = 60.0) -> None:
+        """Answer with ``body`` at ``rate`` bytes a second, for at most ``most`` seconds
+        (then the connection is closed: a bounded server)."""
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.flush()
+        until = time.monotonic() + most
+        with contextlib.suppress(OSError):
+            for i in range(len(body)):
+                if time.monotonic() > until:
+                    break
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(1 / rate)
+        self.close_connection = True
+
     def forward(self, body: bytes, *, cut_after: int | None = None,
                 replace: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> None:
         """Pass the request on; ``cut_after``: close the connection after that many bytes
@@ -433,6 +468,66 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(chunk)
             sent += len(chunk)
         conn.close()
+
+
+@functools.lru_cache
+def gzip_bomb(inflated: int, *, layers: int = 1) -> bytes:
+    """A gzip member that inflates to ``inflated`` zero bytes (whole MiBs), about a
+    thousandth of that on the wire (one compressed MiB of zeros, repeated; a full flush
+    between copies, so none looks back into another); ``layers`` > 1: gzipped again
+    (sent as ``Content-Encoding: gzip, gzip``)."""
+    piece = bytes(1 << 20)
+    block = zlib.compressobj(9, zlib.DEFLATED, -15)
+    copy = block.compress(piece) + block.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(inflated >> 20):
+        crc = zlib.crc32(piece, crc)
+    last = zlib.compressobj(9, zlib.DEFLATED, -15).flush()  # an empty final block
+    bomb = (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + copy * (inflated >> 20) + last
+            + struct.pack("<II", crc, inflated & 0xFFFFFFFF))
+    for _ in range(layers - 1):
+        wrap = zlib.compressobj(9, zlib.DEFLATED, 31)
+        bomb = wrap.compress(bomb) + wrap.flush()
+    return bomb
+
+
+@dataclass
+class Measured:
+    """How a command ended: its exit status, standard error and peak RSS (bytes)."""
+
+    status: int
+    stderr: str
+    peak_rss: int
+    seconds: float
+
+
+def run_measured(argv: list[str], env: dict[str, str], *, timeout: float = 120,
+                 nofile: int | None = None) -> Measured:
+    """Run ``argv`` (with at most ``nofile`` open files), and take its own peak RSS from
+    ``wait4`` (the rusage of that child alone, not of every child the tests ran)."""
+    import resource
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    with tempfile.TemporaryFile() as err:
+        began = time.monotonic()
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=limit)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - began > timeout:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise AssertionError(f"{argv}: still running after {timeout} s")
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+        err.seek(0)
+        return Measured(proc.returncode, err.read().decode(errors="replace"),
+                        usage.ru_maxrss * 1024, time.monotonic() - began)
 
 
 # -- small images, made in a registry by the tests ------------------------------------
