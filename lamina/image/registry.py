@@ -145,11 +145,11 @@ class Registry:
         if self.options.insecure:
             tls = {"cert_reqs": "CERT_NONE", "assert_hostname": False}
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        self.pool = urllib3.PoolManager(num_pools=8, maxsize=max(pool_size, 1), block=False,
-                                        retries=False,
-                                        timeout=urllib3.Timeout(connect=self.timeout,
-                                                                read=self.timeout),
-                                        **tls)
+        self.pool = wire.pool_manager(num_pools=8, maxsize=max(pool_size, 1), block=False,
+                                      retries=False,
+                                      timeout=urllib3.Timeout(connect=self.timeout,
+                                                              read=self.timeout),
+                                      **tls)
 
     def close(self) -> None:
         self.pool.clear()
@@ -182,10 +182,11 @@ class Registry:
         for attempt in range(self.options.retries + 1):
             last = attempt == self.options.retries
             try:
-                resp = self.pool.request(method, url, headers=dict(headers), body=body,
-                                         preload_content=False, redirect=False,
-                                         decode_content=False, retries=False,
-                                         timeout=deadline.timeout(self.timeout))
+                with wire.watched(deadline):
+                    resp = self.pool.request(method, url, headers=dict(headers), body=body,
+                                             preload_content=False, redirect=False,
+                                             decode_content=False, retries=False,
+                                             timeout=deadline.timeout(self.timeout))
             except urllib3.exceptions.HTTPError as e:
                 failed = (f"{method} {wire.short(url)}: {wire.reason(e)} (tried "
                           f"{attempt + 1} times)")

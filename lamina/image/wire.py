@@ -11,7 +11,9 @@ not memory, time or a traceback:
   (:func:`error_detail`);
 - **deadlines** (:class:`Deadline`): the timeout of the transport bounds the wait for
   one read; a server that answers a byte at a time never trips it, so every request also
-  has an overall deadline, checked between reads and before every retry;
+  has an overall deadline, checked between reads of a body and before every retry, and
+  while the response's head comes, by a timer that cuts the connection when it passes
+  (:func:`watched`; the pools of :func:`pool_manager` hand their sockets to it);
 - **URLs** a server hands over (a redirect's or an upload's ``Location``, a token
   realm) are checked before use (:func:`check_url`): ``http``/``https`` only, a host
   that parses, no control characters: anything else is refused at once, never retried;
@@ -25,12 +27,18 @@ import contextlib
 import math
 import os
 import re
+import socket
+import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
+from typing import Any
 
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
 import urllib3.util
-from urllib3.response import BaseHTTPResponse
+from urllib3.response import BaseHTTPResponse, HTTPResponse
 
 from lamina import errors
 
@@ -95,6 +103,91 @@ class Deadline:
             raise errors.LaminaError(f"{self.subject}: {cause}; no time left to try again "
                                      f"within {self.seconds:g} s ({self.why})")
         time.sleep(seconds)
+
+
+class _Watch:
+    """The sockets one request's head is awaited on, cut when its deadline passes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self.fired = False
+
+    def add(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            self._socks.append(sock)
+            fired = self.fired
+        if fired:
+            _cut(sock)
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            socks = list(self._socks)
+        for sock in socks:
+            _cut(sock)
+
+
+def _cut(sock: socket.socket) -> None:
+    # shutdown, not close: the blocked read returns at once, and the socket stays its
+    # connection's to close (a closed fd could be reused by another thread meanwhile).
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+_current = threading.local()
+
+
+@contextlib.contextmanager
+def watched(deadline: Deadline) -> Iterator[None]:
+    """While a request is sent and its response's head read (in this thread): cut its
+    connection if the deadline passes first (a head sent a byte at a time trips no
+    timeout)."""
+    watch = _Watch()
+    timer = threading.Timer(max(deadline.left(), 0.0), watch.fire)
+    timer.daemon = True
+    _current.watch = watch
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        _current.watch = None
+
+
+def _watch_this(sock: socket.socket | None) -> None:
+    watch = getattr(_current, "watch", None)
+    if watch is not None:
+        watch.add(sock)
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        _watch_this(self.sock)
+        return super().getresponse()
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
+        _watch_this(self.sock)
+        return super().getresponse()
+
+
+class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def pool_manager(**kwargs: Any) -> urllib3.PoolManager:
+    """A ``urllib3.PoolManager`` whose connections :func:`watched` can cut."""
+    manager = urllib3.PoolManager(**kwargs)
+    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    return manager
 
 
 def check_url(url: str, what: str) -> str:

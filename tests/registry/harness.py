@@ -409,21 +409,23 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                     b'{"errors": [{"code": "UNAUTHORIZED", "message": "authenticate"}]}')
 
     def trickle(self, status: int, headers: dict[str, str], body: bytes, *,
-                rate: float = 1.0, most: float = 60.0) -> None:
-        """Answer with ``body`` at ``rate`` bytes a second, for at most ``most`` seconds
-        (then the connection is closed: a bounded server)."""
-        self.send_response(status)
-        for k, v in headers.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.flush()
+                rate: float = 1.0, most: float = 60.0, head: bool = False) -> None:
+        """Answer with ``body`` at ``rate`` bytes a second (``head``: the status line and
+        headers too), for at most ``most`` seconds (then the connection is closed: a
+        bounded server)."""
+        lines = [f"HTTP/1.1 {status} Slow", *(f"{k}: {v}" for k, v in headers.items()),
+                 f"Content-Length: {len(body)}", "", ""]
+        raw = "\r\n".join(lines).encode()
+        slow = raw + body if head else body
+        if not head:
+            self.wfile.write(raw)
+            self.wfile.flush()
         until = time.monotonic() + most
         with contextlib.suppress(OSError):
-            for i in range(len(body)):
+            for i in range(len(slow)):
                 if time.monotonic() > until:
                     break
-                self.wfile.write(body[i:i + 1])
+                self.wfile.write(slow[i:i + 1])
                 self.wfile.flush()
                 time.sleep(1 / rate)
         self.close_connection = True

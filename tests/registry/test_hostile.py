@@ -8,9 +8,9 @@ lamina pulls through a :class:`FaultProxy` whose rule plays the hostile part:
   as a token answer (768 MiB in 800 KB: under the token's 1 MiB on the wire) and
   (``gzip, gzip``: 2 GiB in 5 KB) as an error body; the pull runs as a process
   of its own and its peak RSS must stay under :data:`MAX_RSS`;
-- D7: a manifest sent a byte a second: the pull fails at its deadline
-  (``LAMINA_REGISTRY_DEADLINE``), and ``image rm``/``image prune`` meanwhile return at
-  once;
+- D7: a manifest sent a byte a second (its body; its head): the pull fails at its
+  deadline (``LAMINA_REGISTRY_DEADLINE``), and ``image rm``/``image prune`` meanwhile
+  return at once;
 - D8: a token answer nested too deep for the parser, a token with CR/LF, realms,
   redirects and upload Locations that are no usable URL (``http://[::1:bad/x``),
   timeouts that are no number (``nan``, ``inf``, ``1e309``);
@@ -208,6 +208,26 @@ def test_trickled_manifest_meets_the_deadline_and_rm_prune_do_not_wait(world: Wo
     assert "not done within 3 s" in one_line(err.decode()), err
     assert took < 3 + 3 + 6, f"{took:.1f} s"
     assert_nothing_stored(cli)  # the failed pull swept what rm left
+
+
+def test_trickled_head_meets_the_deadline(world: World) -> None:
+    """The status line and headers a byte a second: no read waits long enough for the
+    timeout, the deadline's timer cuts the connection."""
+    def rule(h: ProxyHandler, seen: Seen) -> bool:
+        if is_manifest(seen):
+            h.trickle(200, {"Content-Type": OCI_MANIFEST, "X-Pad": "x" * 100}, b"{}",
+                      rate=1.0, most=60, head=True)
+            return True
+        return False
+
+    world.proxy.reset(rule)
+    cli = world.cli()
+    cli.env.update(LAMINA_REGISTRY_DEADLINE="3", LAMINA_REGISTRY_TIMEOUT="3")
+    began = time.monotonic()
+    err = one_line(cli.fails("image", "pull", world.name()))
+    assert "not done within 3 s" in err, err
+    assert time.monotonic() - began < 3 + 3 + 6
+    assert sum(map(is_manifest, world.proxy.seen)) == 1
 
 
 # -- D8: what the parser, the headers and the timers cannot take -----------------------
