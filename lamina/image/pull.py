@@ -2,11 +2,13 @@
 
 The order of a pull, and why:
 
-1. The manifest (an index resolved to the platform asked for, then its manifest), and
-   the config: small documents, fetched one after the other and verified.
+1. The manifest (an index resolved to the platform asked for, then its manifest; at
+   most :data:`~lamina.image.spec.MAX_LAYERS` layers), and the config: small
+   documents, fetched one after the other and verified.
 2. The layers' blobs, :data:`JOBS` at once, bottom layer first, each into a
    :class:`~lamina.image.content.BlobWriter` (hashed as it is written, committed only
-   when its size and digest are right).
+   when its size and digest are right) opened when its download begins: the files a
+   pull holds open grow with ``jobs``, not with the layers.
 3. Meanwhile, in this thread, each layer is applied in order, **from its blob as it
    grows**: the applier reads the ingest file behind the writer (:class:`_Growing`),
    waiting when it catches up, so decompressing and applying overlap the download.  The

@@ -43,10 +43,9 @@ from tests.registry.harness import (
     Seen,
     Uploader,
     assert_nothing_stored,
-    gzip_bomb,
-    run_measured,
     sha256,
 )
+from tests.registry.hostile import gzip_bomb, run_measured
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
