@@ -54,7 +54,7 @@ def test_two_loads_sharing_a_base_apply_it_once(backend: str, tmp_path: Path) ->
     assert len(layers) == 3
 
 
-def test_removal_waits_for_a_load(backend: str, tmp_path: Path) -> None:
+def test_removal_spares_a_running_load(backend: str, tmp_path: Path) -> None:
     """``image rm`` sweeps unreferenced blobs and layers; a load running meanwhile has
     blobs and layers no name reaches yet, which the sweep must not take (the removal
     leaves the sweep to a later command rather than wait)."""
