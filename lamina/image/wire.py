@@ -163,13 +163,27 @@ def _watch_this(sock: socket.socket | None) -> None:
         watch.add(sock)
 
 
+# A new connection's socket is watched from its TCP connect on (a TLS handshake can be
+# sent a byte at a time too), a reused one's when its response is awaited.
+
+
 class _HTTPConnection(urllib3.connection.HTTPConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watch_this(sock)
+        return sock
+
     def getresponse(self) -> HTTPResponse:  # type: ignore[override]
         _watch_this(self.sock)
         return super().getresponse()
 
 
 class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watch_this(sock)
+        return sock
+
     def getresponse(self) -> HTTPResponse:  # type: ignore[override]
         _watch_this(self.sock)
         return super().getresponse()
