@@ -57,12 +57,13 @@ def env_number(name: str, default: float, *, most: float, unit: str = "seconds")
     text = os.environ.get(name)
     if not text:
         return default
+    shown = repr(text[:40])
     try:
         value = float(text)
     except ValueError:
-        raise errors.InvalidArgument(f"{name}={text!r} is not a number of {unit}") from None
+        raise errors.InvalidArgument(f"{name}={shown} is not a number of {unit}") from None
     if not math.isfinite(value) or not 0 < value <= most:
-        raise errors.InvalidArgument(f"{name}={text!r}: give a number of {unit} more than 0 "
+        raise errors.InvalidArgument(f"{name}={shown}: give a number of {unit} more than 0 "
                                      f"and at most {most:g}")
     return value
 
