@@ -130,7 +130,8 @@ def _transport(c: argparse.ArgumentParser) -> None:
     c.add_argument("--creds", metavar="USER:PASS", default=None,
                    help="credentials (default: Docker's ~/.docker/config.json, else none)")
     c.add_argument("--insecure", action="store_true",
-                   help="do not verify the registry's TLS certificate")
+                   help="do not verify the registry's TLS certificate (and let credentials "
+                        "go to a token service on another host over plain HTTP)")
     c.add_argument("--plain-http", action="store_true",
                    help="HTTP, not HTTPS (always so for localhost and 127.0.0.1)")
     c.add_argument("--jobs", type=_jobs, default=3, metavar="N",

@@ -7,19 +7,26 @@ carries a ``WWW-Authenticate`` challenge, which :meth:`Auth.answer` learns from:
 - ``Bearer realm=…,service=…``: a token asked of the realm (``GET realm?service=&scope=…``,
   with the credentials as basic auth when there are some, anonymously otherwise) for
   the request's scopes (``repository:NAME:pull`` or ``…:pull,push``), kept per set of
-  scopes until shortly before it expires (``expires_in``, default 60 s).
+  scopes until shortly before it expires (``expires_in``, default 60 s, at most a day).
+  The realm must be an ``http``/``https`` URL; **credentials never go over plain HTTP
+  to a realm on another host** (host and port other than the registry's): that is
+  ``Unauthorized`` naming the realm, unless ``--insecure`` (which already gives up on
+  knowing who is at the other end).  A token must be visible ASCII (it goes in a
+  header as it is).
 
 A second ``401`` for the same request means the credentials will not do:
 :meth:`Auth.refused`, an ``Unauthorized`` naming the user (or the scopes).  Credentials
 come from ``--creds`` (:func:`parse_creds`) or Docker's ``config.json``
 (:func:`docker_credentials`: ``auths``, a base64 ``auth`` or ``username``/``password``;
-credential helpers are not run).
+credential helpers are not run).  A ``config.json`` that cannot be read (not JSON,
+nested too deep, over 4 MiB, an ``auth`` that is not base64) is ignored with a warning,
+as Docker's own client does (``WARNING: Error loading config file``).
 """
 
 from __future__ import annotations
 
 import base64
-import json
+import logging
 import os
 import re
 import threading
@@ -29,9 +36,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from lamina import errors
+from lamina.image import spec, wire
+
+log = logging.getLogger("lamina")
 
 DOCKER_HUB = "registry-1.docker.io"
 """The host behind the ``docker.io`` of image names."""
+
+MAX_TOKEN_LIFE = 86400.0
+"""The longest a token is kept, whatever its ``expires_in`` says."""
 
 _PARAM = re.compile(r'([A-Za-z_]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
@@ -48,18 +61,26 @@ def parse_creds(text: str) -> tuple[str, str]:
 
 
 def docker_credentials(domain: str, config: Path | None = None) -> tuple[str, str] | None:
-    """The credentials Docker keeps for ``domain`` (``docker login``'s ``auths``)."""
+    """The credentials Docker keeps for ``domain`` (``docker login``'s ``auths``); None
+    when it keeps none, or when its file cannot be read (a warning, as Docker's)."""
     if config is None:
         base = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
         config = Path(base) / "config.json"
     try:
-        doc = json.loads(config.read_bytes())
+        return _credentials(domain, config)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        raise errors.InvalidArgument(f"cannot read Docker's credentials: {e}",
-                                     path=str(config)) from None
-    auths = doc.get("auths") if isinstance(doc, dict) else None
+    except (OSError, errors.LaminaError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        log.warning("lamina: WARNING: Error loading config file %s: %s (no credentials "
+                    "from it)", config, why)
+        return None
+
+
+def _credentials(domain: str, config: Path) -> tuple[str, str] | None:
+    with open(config, "rb") as f:
+        data = f.read(spec.MAX_DOCUMENT + 1)
+    auths = spec.load_json(data, "not usable").get("auths")
     if not isinstance(auths, dict):
         return None
     wanted = {domain}
@@ -73,8 +94,8 @@ def docker_credentials(domain: str, config: Path | None = None) -> tuple[str, st
             try:
                 text = base64.b64decode(entry["auth"], validate=True).decode()
             except (ValueError, UnicodeDecodeError):
-                raise errors.InvalidArgument(f"Docker's credentials for {key}: 'auth' is not "
-                                             "base64 of USER:PASS", path=str(config)) from None
+                raise errors.InvalidArgument(f"the 'auth' of {key[:100]!r} is not base64 of "
+                                             "USER:PASS") from None
             user, sep, password = text.partition(":")
             if sep:
                 return user, password
@@ -94,10 +115,15 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
 class Auth:
     """What one registry's client knows of its auth: the last challenge, the tokens."""
 
-    def __init__(self, domain: str, creds: tuple[str, str] | None, fetch: Fetch) -> None:
+    def __init__(self, domain: str, creds: tuple[str, str] | None, fetch: Fetch, *,
+                 origin: str = "", insecure: bool = False) -> None:
         self.domain = domain
         self.creds = creds
         self._fetch = fetch
+        self._origin = wire.origin(origin or f"https://{domain}")
+        """The registry's scheme, host and port: a realm elsewhere over HTTP gets no
+        credentials."""
+        self._insecure = insecure
         self._lock = threading.Lock()
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._tokens: dict[tuple[str, ...], tuple[str, float]] = {}
@@ -154,39 +180,46 @@ class Auth:
         query = [("scope", s) for s in scopes]
         if params.get("service"):
             query.insert(0, ("service", params["service"]))
-        realm = params["realm"]
+        realm = self._realm(params["realm"])
         url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
         headers = {"Authorization": basic(self.creds)} if self.creds else {}
         status, data, detail = self._fetch(url, headers)
         if status in (401, 403):
             who = f"user {self.creds[0]!r}" if self.creds else "anonymous access"
             raise errors.Unauthorized(f"registry {self.domain}: the token service "
-                                      f"{_short(realm)} refused {who} (HTTP {status})")
+                                      f"{wire.short(realm)} refused {who} (HTTP {status})")
         if status != 200:
             raise errors.LaminaError(f"registry {self.domain}: the token service "
-                                     f"{_short(realm)}: HTTP {status}{detail}")
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            raise errors.LaminaError(f"registry {self.domain}: the token service answered "
-                                     "no JSON") from None
-        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+                                     f"{wire.short(realm)}: HTTP {status}{detail}")
+        what = f"registry {self.domain}: the token service's answer"
+        doc = spec.load_json(data, what)  # bounded, and RecursionError is Corrupt
+        token = doc.get("token") or doc.get("access_token")
         if not isinstance(token, str) or not token:
             raise errors.LaminaError(f"registry {self.domain}: the token service gave no token")
+        wire.header_value(token, f"{what}: its token")
         expires = doc.get("expires_in")
-        life = float(expires) if isinstance(expires, int | float) and expires > 0 else 60.0
+        life = 60.0
+        if isinstance(expires, int | float) and not isinstance(expires, bool) and expires > 0:
+            life = float(min(expires, MAX_TOKEN_LIFE))
         with self._lock:
             # Kept a little less than its life: a token must not expire on its way.
             self._tokens[scopes] = (token, time.monotonic() + max(life - 10, life / 2))
         return token
+
+    def _realm(self, realm: str) -> str:
+        """The realm, if a token may be asked of it (with the credentials, if any)."""
+        wire.check_url(realm, f"registry {self.domain}: the token realm")
+        scheme, host, port = wire.origin(realm)
+        if (self.creds and scheme == "http" and (host, port) != self._origin[1:]
+                and not self._insecure):
+            raise errors.Unauthorized(
+                f"registry {self.domain}: will not send the credentials of user "
+                f"{self.creds[0]!r} to the token service {wire.short(realm)}: another host "
+                "over plain HTTP (--insecure allows it)")
+        return realm
 
 
 def basic(creds: tuple[str, str] | None) -> str:
     """The ``Authorization`` value of basic auth with ``creds``."""
     assert creds is not None
     return "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
-
-
-def _short(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.netloc else parts.path

@@ -2,11 +2,13 @@
 
 The order of a pull, and why:
 
-1. The manifest (an index resolved to the platform asked for, then its manifest), and
-   the config: small documents, fetched one after the other and verified.
+1. The manifest (an index resolved to the platform asked for, then its manifest; at
+   most :data:`~lamina.image.spec.MAX_LAYERS` layers), and the config: small
+   documents, fetched one after the other and verified.
 2. The layers' blobs, :data:`JOBS` at once, bottom layer first, each into a
    :class:`~lamina.image.content.BlobWriter` (hashed as it is written, committed only
-   when its size and digest are right).
+   when its size and digest are right) opened when its download begins: the files a
+   pull holds open grow with ``jobs``, not with the layers.
 3. Meanwhile, in this thread, each layer is applied in order, **from its blob as it
    grows**: the applier reads the ingest file behind the writer (:class:`_Growing`),
    waiting when it catches up, so decompressing and applying overlap the download.  The
@@ -44,6 +46,8 @@ from lamina.progress import counted
 JOBS = 3
 """Layers downloaded at once (Docker's ``max-concurrent-downloads``)."""
 MAX_INDEX_DEPTH = 2
+SHOWN_PLATFORMS = 10
+"""How many of an index's platforms an error names."""
 
 
 class Progress(Protocol):
@@ -73,28 +77,44 @@ class Pulled:
 class _Growing:
     """A blob being downloaded, readable behind its writer while it grows.
 
-    The download thread writes through :meth:`write` (the registry's sink) and ends with
-    :meth:`commit` or :meth:`fail`; the applier reads with :meth:`reader`, which waits
-    for bytes, raises the download's error, and ends only once the blob is verified
-    (its size and digest: the fsync and the rename into the store follow, and the
-    pull's name waits for them)."""
+    Nothing is opened before its download starts (:meth:`start`, in the download's
+    thread): a pull holds files for the blobs downloading (``jobs`` of them) and the
+    one being applied, never one per layer.  The download thread writes through
+    :meth:`write` (the registry's sink) and ends with :meth:`commit` or :meth:`fail`;
+    the applier follows with :meth:`follow`, whose stream waits for bytes, raises the
+    download's error, and ends only once the blob is verified (its size and digest: the
+    fsync and the rename into the store follow, and the pull's name waits for them).
+    The read side's file is closed by whichever comes last of the download's end and
+    its reader's close."""
 
-    def __init__(self, writer: BlobWriter, index: int, progress: Progress | None) -> None:
-        self.writer = writer
+    def __init__(self, digest: str, size: int, index: int, progress: Progress | None) -> None:
+        self.digest = digest
+        self.size = size
         self.index = index
         self._progress = progress
         self._cond = threading.Condition()
-        self._fd = os.open(writer.tmp, os.O_RDONLY | os.O_CLOEXEC)
+        self.writer: BlobWriter | None = None
+        self._fd = -1
+        self._readers = 0
         self._written = 0
         self._verified = False
         self._done = False
         self.error: BaseException | None = None
 
+    def start(self, writer: BlobWriter) -> None:
+        """The download begins: its writer, and the file the applier reads behind it."""
+        fd = os.open(writer.tmp, os.O_RDONLY | os.O_CLOEXEC)
+        with self._cond:
+            self.writer, self._fd = writer, fd
+            self._cond.notify_all()
+
     @property
     def offset(self) -> int:
+        assert self.writer is not None
         return self.writer.offset
 
     def write(self, data: bytes) -> None:
+        assert self.writer is not None
         self.writer.write(data)
         with self._cond:
             self._written = self.writer.offset
@@ -106,6 +126,7 @@ class _Growing:
         """Check the blob, let the applier finish, then make the blob durable: the
         applier need not wait for the fsync."""
         w = self.writer
+        assert w is not None
         if w.offset != w.expected_size or w.digest != w.expected:
             w.commit()  # raises the writer's own Corrupt (and aborts)
         with self._cond:
@@ -115,12 +136,19 @@ class _Growing:
         with self._cond:
             self._done = True
             self._cond.notify_all()
+            self._close_unfollowed()
 
     def fail(self, error: BaseException) -> None:
-        self.writer.abort()
+        if self.writer is not None:
+            self.writer.abort()
         with self._cond:
             self.error = error
             self._cond.notify_all()
+            self._close_unfollowed()
+
+    def _close_unfollowed(self) -> None:
+        if self._readers == 0:
+            self.close()
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
@@ -139,33 +167,51 @@ class _Growing:
         # Raised afresh in the applier's thread, the download's own error as its cause.
         if isinstance(error, errors.LaminaError):
             raise type(error)(str(error)) from error
-        raise errors.LaminaError(f"blob {self.writer.expected}: download failed: "
-                                 f"{error!r}") from error
+        raise errors.LaminaError(f"blob {self.digest}: download failed: {error!r}") from error
 
     def read_at(self, pos: int, n: int) -> bytes:
         with self._cond:
-            while pos >= self._written and not self._verified and self.error is None:
+            while ((self._fd < 0 or pos >= self._written) and not self._verified
+                   and self.error is None):
                 self._cond.wait()
             if self.error is not None:
                 self.wait(durable=False)
             avail = self._written - pos
-        return os.pread(self._fd, min(n, avail), pos) if avail > 0 else b""
+            fd = self._fd
+        return os.pread(fd, min(n, avail), pos) if avail > 0 else b""
 
-    def reader(self, on_read: Callable[[int], None] | None) -> LayerBlob:
+    def follow(self, on_read: Callable[[int], None] | None) -> LayerBlob | None:
+        """The applier's stream behind the download, with what waits for its end; None
+        once the blob is in the store (read it from there)."""
+        with self._cond:
+            if self.error is None and self._done and self._fd < 0:
+                return None
+            self._readers += 1
         follower = _Follower(self, on_read)
         return LayerBlob(cast(BinaryIO, follower), follower.finish)
+
+    def unfollow(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._done or self.error is not None:
+                self._close_unfollowed()
 
 
 class _Follower:
     """The applier's stream over a :class:`_Growing` blob."""
 
     def __init__(self, blob: _Growing, on_read: Callable[[int], None] | None) -> None:
-        self._blob = blob
+        self._blob: _Growing | None = blob
         self._pos = 0
         self._on_read = on_read
 
+    def _following(self) -> _Growing:
+        if self._blob is None:
+            raise ValueError("read of a closed blob stream")
+        return self._blob
+
     def read(self, n: int = -1) -> bytes:
-        data = self._blob.read_at(self._pos, CHUNK if n is None or n < 0 else n)
+        data = self._following().read_at(self._pos, CHUNK if n is None or n < 0 else n)
         self._pos += len(data)
         if data and self._on_read is not None:
             self._on_read(len(data))
@@ -181,10 +227,12 @@ class _Follower:
 
     def finish(self) -> None:
         """Wait for the download's end: the blob is whole and verified (else its error)."""
-        self._blob.wait(durable=False)
+        self._following().wait(durable=False)
 
     def close(self) -> None:
-        pass
+        blob, self._blob = self._blob, None
+        if blob is not None:
+            blob.unfollow()
 
     def __enter__(self) -> _Follower:
         return self
@@ -208,11 +256,20 @@ def _resolve_platform(reg: Registry, path: str, data: bytes, media: str, digest:
                  and (not want.variant or d.platform.variant == want.variant)]
         found = exact or [d for d in index.manifests if platform_matches(want, d.platform)]
         if not found:
-            offered = sorted({str(d.platform) for d in index.manifests if d.platform})
             raise errors.NotFound(f"{what}: no manifest for {want} (the index has "
-                                  f"{', '.join(offered) or 'no platforms'})")
+                                  f"{_platforms(index)})")
         data, media, digest = reg.get_manifest(path, found[0].digest)
     raise errors.Corrupt(f"{what}: indexes nested too deep")
+
+
+def _platforms(index: spec.Index) -> str:
+    """The platforms an index offers, as an error says them: the first
+    :data:`SHOWN_PLATFORMS` (an index may list thousands)."""
+    offered = sorted({str(d.platform)[:100] for d in index.manifests if d.platform})
+    if not offered:
+        return "no platforms"
+    more = len(offered) - SHOWN_PLATFORMS
+    return ", ".join(offered[:SHOWN_PLATFORMS]) + (f" and {more} more" if more > 0 else "")
 
 
 def pull(store: ImageStore, ref_text: str, *, platform: spec.Platform | None = None,
@@ -262,9 +319,17 @@ def _pull(store: ImageStore, reg: Registry, ref: reference.Reference, want: spec
     return Pulled(name, img, downloaded, applied, reused)
 
 
-def _download(reg: Registry, path: str, layer: spec.Descriptor, blob: _Growing,
-              stop: threading.Event) -> None:
+def _download(store: ImageStore, reg: Registry, path: str, layer: spec.Descriptor,
+              blob: _Growing, stop: threading.Event) -> None:
     try:
+        if stop.is_set():
+            raise errors.LaminaError(f"blob {layer.digest}: download cancelled")
+        writer = store.content.writer(layer.digest, layer.size)
+        try:
+            blob.start(writer)
+        except BaseException:
+            writer.abort()
+            raise
         reg.fetch_blob(path, layer, blob, stop.is_set)
         blob.commit()
     except BaseException as e:  # handed to the applier, which raises it
@@ -285,12 +350,11 @@ def _layers(store: ImageStore, reg: Registry, path: str, img: Image, jobs: int,
     growing: dict[int, _Growing] = {}
     applied = reused = 0
     with contextlib.ExitStack() as stack:
-        # Unwound in reverse: stop the downloads, wait for them, close the readers, and
-        # only then abort the writers no download writes to any more.
-        writers = stack.enter_context(contextlib.ExitStack())
+        # Unwound in reverse: stop the downloads and drop those not begun, wait for the
+        # running ones (each aborts its own writer), then close what readers are left.
         stack.callback(_close_all, growing)
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=jobs,
-                                                      thread_name_prefix="lamina-pull"))
+        pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="lamina-pull")
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         stack.callback(stop.set)
         seen: dict[str, _Growing] = {}
         for i, layer in enumerate(layers):
@@ -299,9 +363,8 @@ def _layers(store: ImageStore, reg: Registry, path: str, img: Image, jobs: int,
             if layer.digest in seen:  # the same blob twice in one image: fetched once
                 growing[i] = seen[layer.digest]
                 continue
-            writer = writers.enter_context(store.content.writer(layer.digest, layer.size))
-            growing[i] = seen[layer.digest] = _Growing(writer, i, progress)
-            pool.submit(_download, reg, path, layer, growing[i], stop)
+            growing[i] = seen[layer.digest] = _Growing(layer.digest, layer.size, i, progress)
+            pool.submit(_download, store, reg, path, layer, growing[i], stop)
         parent: str | None = None
         for i, (layer, diff_id, chain) in enumerate(zip(layers, img.config.diff_ids, chains,
                                                         strict=True)):
@@ -309,8 +372,9 @@ def _layers(store: ImageStore, reg: Registry, path: str, img: Image, jobs: int,
 
             def opener(i: int = i, layer: spec.Descriptor = layer,
                        on_read: Callable[[int], None] | None = on_read) -> LayerBlob:
-                if i in growing:
-                    return growing[i].reader(on_read)
+                followed = growing[i].follow(on_read) if i in growing else None
+                if followed is not None:
+                    return followed
                 blob = store.content.open_layer(layer.digest, size=layer.size)
                 return blob._replace(stream=_counted(blob.stream, on_read))
 

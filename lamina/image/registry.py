@@ -11,9 +11,18 @@ blobs, uploads) and does, for each of them, what real registries expect of a cli
   of them, and ``Authorization`` is sent only to the registry's own host and port.
 - **retries**: connection errors, timeouts, ``5xx`` and ``429`` are tried again with
   exponential backoff (a ``Retry-After`` honoured), at most :data:`RETRIES` times.
-- **timeouts** on every request (``LAMINA_REGISTRY_TIMEOUT`` seconds, to connect and
-  between two reads); TLS verified with the system's CAs unless ``insecure``; plain
-  HTTP only for ``localhost``/``127.0.0.1``/``::1`` or when asked for.
+- **time**: every wait for the network is bounded (``LAMINA_REGISTRY_TIMEOUT`` seconds, to
+  connect and between two reads, default 60), and so is every request as a whole, its
+  retries, redirects and body included (:mod:`lamina.image.wire`'s deadline): a
+  document or a token must come within ``LAMINA_REGISTRY_DEADLINE`` seconds (default
+  120); a blob, download or upload, within that plus its size at
+  ``LAMINA_REGISTRY_MIN_RATE`` bytes a second (default 32 KiB/s: a 1 GB layer has 9 h).
+- **bounds** on what a server sends: documents at most :data:`spec.MAX_DOCUMENT`, token
+  answers 1 MiB, error bodies 64 KiB, each read a piece at a time (a gzip bomb inflates
+  no further than the limit); URLs it hands over (``Location``, token realms) are
+  ``http``/``https`` with a host, else refused at once.
+- TLS verified with the system's CAs unless ``insecure``; plain HTTP only for
+  ``localhost``/``127.0.0.1``/``::1`` or when asked for.
 - blobs are asked for with ``Accept-Encoding: identity`` and read undecoded: their bytes
   are what their digest names.  :meth:`Registry.fetch_blob` resumes a cut download
   with ``Range`` (or skips what it has when the server sends the whole blob again).
@@ -26,11 +35,9 @@ nonsense.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import hashlib
 import json
-import os
 import re
 import time
 import urllib.parse
@@ -44,8 +51,9 @@ import urllib3.exceptions
 from urllib3.response import BaseHTTPResponse
 
 from lamina import errors
-from lamina.image import spec
+from lamina.image import spec, wire
 from lamina.image.auth import DOCKER_HUB, Auth, docker_credentials
+from lamina.image.wire import Deadline
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
@@ -54,7 +62,17 @@ RETRIES = 4
 MAX_RESUMES = 5
 """How many times one blob download is taken up again after its connection broke."""
 MAX_RETRY_AFTER = 60.0
+MAX_TOKEN = 1 << 20
+"""The largest answer of a token service read."""
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+DEADLINE = 120.0
+"""Seconds a document or token request may take, all told (``LAMINA_REGISTRY_DEADLINE``)."""
+MIN_RATE = 32 << 10
+"""Bytes a second a blob must average at the least (``LAMINA_REGISTRY_MIN_RATE``): a
+blob's deadline is :data:`DEADLINE` and its size at this rate."""
+_DEADLINE_WHY = "LAMINA_REGISTRY_DEADLINE"
+_BLOB_WHY = "LAMINA_REGISTRY_DEADLINE and its size at LAMINA_REGISTRY_MIN_RATE"
 
 MANIFEST_ACCEPT = ", ".join([spec.OCI_INDEX, spec.OCI_MANIFEST, spec.DOCKER_LIST,
                              spec.DOCKER_MANIFEST])
@@ -64,19 +82,6 @@ _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 
 
-def _env_float(name: str, default: float) -> float:
-    text = os.environ.get(name)
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise errors.InvalidArgument(f"{name}={text!r} is not a number of seconds") from None
-    if value <= 0:
-        raise errors.InvalidArgument(f"{name}={text!r} must be more than 0")
-    return value
-
-
 @dataclass(frozen=True)
 class Options:
     """How to reach a registry: credentials and transport choices."""
@@ -84,7 +89,8 @@ class Options:
     creds: tuple[str, str] | None = None
     """``(user, password)`` from ``--creds``; None: Docker's config file, else none."""
     insecure: bool = False
-    """TLS without verifying the server's certificate."""
+    """TLS without verifying the server's certificate; credentials may go to a token
+    service on another host over plain HTTP."""
     plain_http: bool = False
     """HTTP, not HTTPS (always so for a registry on this host)."""
     timeout: float | None = None
@@ -125,18 +131,25 @@ class Registry:
         local = hostname in LOCAL_HOSTS or f"[{hostname}]" in LOCAL_HOSTS
         self.scheme = "http" if (self.options.plain_http or local) else "https"
         self.base = f"{self.scheme}://{self.host}"
+        self.timeout = self.options.timeout or wire.env_number("LAMINA_REGISTRY_TIMEOUT", 60.0,
+                                                               most=86400)
+        self.backoff = self.options.backoff or wire.env_number("LAMINA_REGISTRY_BACKOFF", 0.5,
+                                                               most=3600)
+        self.deadline = wire.env_number("LAMINA_REGISTRY_DEADLINE", DEADLINE, most=7 * 86400)
+        self.min_rate = wire.env_number("LAMINA_REGISTRY_MIN_RATE", MIN_RATE, most=1e12,
+                                        unit="bytes a second")
         self.creds = self.options.creds or docker_credentials(domain, self.options.docker_config)
-        self.auth = Auth(domain, self.creds, self._fetch_token)
-        timeout = self.options.timeout or _env_float("LAMINA_REGISTRY_TIMEOUT", 60.0)
-        self.backoff = self.options.backoff or _env_float("LAMINA_REGISTRY_BACKOFF", 0.5)
+        self.auth = Auth(domain, self.creds, self._fetch_token, origin=self.base,
+                         insecure=self.options.insecure)
         tls: dict[str, Any] = {}
         if self.options.insecure:
             tls = {"cert_reqs": "CERT_NONE", "assert_hostname": False}
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        self.pool = urllib3.PoolManager(num_pools=8, maxsize=max(pool_size, 1), block=False,
-                                        retries=False,
-                                        timeout=urllib3.Timeout(connect=timeout, read=timeout),
-                                        **tls)
+        self.pool = wire.pool_manager(num_pools=8, maxsize=max(pool_size, 1), block=False,
+                                      retries=False,
+                                      timeout=urllib3.Timeout(connect=self.timeout,
+                                                              read=self.timeout),
+                                      **tls)
 
     def close(self) -> None:
         self.pool.clear()
@@ -149,42 +162,61 @@ class Registry:
 
     # -- requests ---------------------------------------------------------------------
 
+    def document_deadline(self, what: str) -> Deadline:
+        """The deadline of a document's or a token's request."""
+        return Deadline(self.deadline, f"registry {self.domain}: {what}", _DEADLINE_WHY)
+
+    def blob_deadline(self, what: str, size: int) -> Deadline:
+        """The deadline of a blob of ``size`` bytes (a download or an upload)."""
+        return Deadline(self.deadline + max(size, 0) / self.min_rate,
+                        f"registry {self.domain}: {what}", _BLOB_WHY)
+
     def _same_origin(self, url: str) -> bool:
         parts = urllib.parse.urlsplit(url)
         return parts.scheme == self.scheme and parts.netloc == self.host
 
     def _attempt(self, method: str, url: str, headers: Mapping[str, str],
-                 body: bytes | None) -> BaseHTTPResponse:
-        """One request, tried again on connection errors, ``429`` and ``5xx``."""
+                 body: bytes | None, deadline: Deadline) -> BaseHTTPResponse:
+        """One request, tried again on connection errors, ``429`` and ``5xx`` while the
+        deadline allows."""
         for attempt in range(self.options.retries + 1):
             last = attempt == self.options.retries
             try:
-                resp = self.pool.request(method, url, headers=dict(headers), body=body,
-                                         preload_content=False, redirect=False,
-                                         decode_content=False, retries=False)
+                with wire.watched(deadline):
+                    resp = self.pool.request(method, url, headers=dict(headers), body=body,
+                                             preload_content=False, redirect=False,
+                                             decode_content=False, retries=False,
+                                             timeout=deadline.timeout(self.timeout))
             except urllib3.exceptions.HTTPError as e:
+                failed = (f"{method} {wire.short(url)}: {wire.reason(e)} (tried "
+                          f"{attempt + 1} times)")
+                if deadline.left() <= 0:
+                    raise errors.LaminaError(f"{deadline.error()}: {failed}") from None
                 if last:
-                    raise errors.LaminaError(f"registry {self.domain}: {method} "
-                                             f"{_short(url)}: {_reason(e)} (tried "
-                                             f"{attempt + 1} times)") from None
-                time.sleep(self.backoff * 2 ** attempt)
+                    raise errors.LaminaError(f"registry {self.domain}: {failed}") from None
+                deadline.sleep(self.backoff * 2 ** attempt, failed)
                 continue
             if resp.status in _RETRY_STATUS and not last:
                 delay = _retry_after(resp.headers.get("Retry-After"))
-                _discard(resp)
-                time.sleep(delay if delay is not None else self.backoff * 2 ** attempt)
+                wire.discard(resp)
+                deadline.sleep(delay if delay is not None else self.backoff * 2 ** attempt,
+                               f"{method} {wire.short(url)}: HTTP {resp.status}")
                 continue
             return resp
         raise AssertionError("unreachable")
 
     def request(self, method: str, path: str, scopes: Iterable[str], *,
                 headers: Mapping[str, str] | None = None, body: bytes | None = None,
-                ok: Iterable[int] = (200,), what: str = "") -> BaseHTTPResponse:
+                ok: Iterable[int] = (200,), what: str = "",
+                deadline: Deadline | None = None) -> BaseHTTPResponse:
         """``method`` on ``path`` (``/v2/…``, or a URL the registry gave), authenticated
         for ``scopes``, redirects followed; the response (its body unread) when its
-        status is in ``ok``, else the error it means."""
+        status is in ``ok``, else the error it means.  All of it within ``deadline``
+        (default: a document's)."""
         scopes = tuple(sorted(set(scopes)))
-        url = path if "://" in path else self.base + path
+        subject = f"registry {self.domain}: {what or method}"
+        url = wire.check_url(path if "://" in path else self.base + path, subject)
+        deadline = deadline or self.document_deadline(what or f"{method} {wire.short(url)}")
         ok = frozenset(ok)
         challenged = False
         for _hop in range(MAX_REDIRECTS + 1):
@@ -192,43 +224,48 @@ class Registry:
             auth = self.auth.header(scopes) if self._same_origin(url) else None
             if auth is not None:
                 sent["Authorization"] = auth
-            resp = self._attempt(method, url, sent, body)
+            resp = self._attempt(method, url, sent, body, deadline)
             if resp.status in ok:
                 return resp
             if resp.status == 401 and self._same_origin(url):
                 header = resp.headers.get("WWW-Authenticate", "")
-                detail = _error_detail(resp)
-                _discard(resp)
+                detail = _error_detail(resp, deadline)
+                wire.discard(resp)
                 if challenged:  # answered once already: these credentials will not do
                     raise self.auth.refused(header, scopes, detail)
                 challenged = True
                 self.auth.answer(header, scopes, refused=auth is not None)
                 continue
             if resp.status in _REDIRECT_STATUS and resp.headers.get("Location"):
-                url = urllib.parse.urljoin(url, resp.headers["Location"])
-                _discard(resp)
+                wire.discard(resp)
+                url = wire.join_url(url, resp.headers["Location"], f"{subject}: a redirect")
                 if resp.status == 303:
                     method, body = "GET", None
                 continue
-            raise self._error(resp, method, url, what)
-        raise errors.LaminaError(f"registry {self.domain}: {what or _short(url)}: more than "
-                                 f"{MAX_REDIRECTS} redirects (a redirect loop?)")
+            raise self._error(resp, method, url, what, deadline)
+        raise errors.LaminaError(f"registry {self.domain}: {what or wire.short(url)}: more "
+                                 f"than {MAX_REDIRECTS} redirects (a redirect loop?)")
 
     def _fetch_token(self, url: str, headers: Mapping[str, str]) -> tuple[int, bytes, str]:
-        """GET a token service's ``url``: its status, body (at most 1 MiB) and the
-        error detail it gave."""
-        resp = self._attempt("GET", url, headers, None)
+        """GET a token service's ``url``: its status, body (at most :data:`MAX_TOKEN`)
+        and the error detail it gave."""
+        what = f"the token service {wire.short(url)}"
+        wire.check_url(url, f"registry {self.domain}: {what}")
+        deadline = self.document_deadline(what)
+        resp = self._attempt("GET", url, headers, None, deadline)
         try:
             if resp.status != 200:
-                return resp.status, b"", _error_detail(resp)
-            return resp.status, _read_limited(resp, 1 << 20, "token"), ""
+                return resp.status, b"", _error_detail(resp, deadline)
+            return resp.status, wire.read_body(resp, MAX_TOKEN, f"registry {self.domain}: "
+                                               f"{what}", deadline), ""
         finally:
-            _discard(resp)
+            wire.discard(resp)
 
-    def _error(self, resp: BaseHTTPResponse, method: str, url: str,
-               what: str) -> errors.LaminaError:
-        detail = _error_detail(resp)
-        subject = what or f"{method} {_short(url)}"
+    def _error(self, resp: BaseHTTPResponse, method: str, url: str, what: str,
+               deadline: Deadline) -> errors.LaminaError:
+        detail = _error_detail(resp, deadline)
+        wire.discard(resp)
+        subject = what or f"{method} {wire.short(url)}"
         text = f"registry {self.domain}: {subject}: HTTP {resp.status}{detail}"
         if resp.status in (401, 403):
             return errors.Unauthorized(f"{text} (credentials refused"
@@ -246,17 +283,19 @@ class Registry:
         and digest, checked against ``Docker-Content-Digest`` and, for a digest, against
         the bytes (``Corrupt``)."""
         what = f"manifest {path}{'@' if ref.startswith('sha256:') else ':'}{ref}"
+        deadline = self.document_deadline(what)
         resp = self.request("GET", f"/v2/{path}/manifests/{ref}", [pull_scope(path)],
-                            headers={"Accept": MANIFEST_ACCEPT}, what=what)
+                            headers={"Accept": MANIFEST_ACCEPT}, what=what, deadline=deadline)
         try:
-            data = _read_limited(resp, spec.MAX_DOCUMENT, what)
+            data = wire.read_body(resp, spec.MAX_DOCUMENT, f"registry {self.domain}: {what}",
+                                  deadline)
         finally:
-            _discard(resp)
+            wire.discard(resp)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         said = resp.headers.get("Docker-Content-Digest")
         if said and said != digest:
             raise errors.Corrupt(f"registry {self.domain}: {what}: its bytes hash to "
-                                 f"{digest}, the registry says {said}")
+                                 f"{digest}, the registry says {said[:100]}")
         if ref.startswith("sha256:") and digest != ref:
             raise errors.Corrupt(f"registry {self.domain}: {what}: its bytes hash to {digest}")
         media = resp.headers.get("Content-Type", "").split(";")[0].strip()
@@ -273,12 +312,12 @@ class Registry:
         resp = self.request("PUT", f"/v2/{path}/manifests/{ref}", [push_scope(path)],
                             headers={"Content-Type": media_type}, body=data, ok=(200, 201),
                             what=what)
-        _discard(resp)
+        wire.discard(resp)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         said = resp.headers.get("Docker-Content-Digest")
         if said and said != digest:
-            raise errors.Corrupt(f"registry {self.domain}: {what}: stored as {said}, its "
-                                 f"bytes are {digest}")
+            raise errors.Corrupt(f"registry {self.domain}: {what}: stored as {said[:100]}, "
+                                 f"its bytes are {digest}")
         return digest
 
     # -- blobs ------------------------------------------------------------------------
@@ -289,12 +328,14 @@ class Registry:
         if desc.size > limit:
             raise errors.Corrupt(f"registry {self.domain}: {what}: {desc.size} bytes, over "
                                  f"the {limit >> 20} MiB a document may have")
+        deadline = self.document_deadline(what)
         resp = self.request("GET", f"/v2/{path}/blobs/{desc.digest}", [pull_scope(path)],
-                            headers={"Accept-Encoding": "identity"}, what=what)
+                            headers={"Accept-Encoding": "identity"}, what=what,
+                            deadline=deadline)
         try:
-            data = _read_limited(resp, limit, what)
+            data = wire.read_body(resp, limit, f"registry {self.domain}: {what}", deadline)
         finally:
-            _discard(resp)
+            wire.discard(resp)
         got = "sha256:" + hashlib.sha256(data).hexdigest()
         if got != desc.digest or len(data) != desc.size:
             raise errors.Corrupt(f"registry {self.domain}: {what}: its {len(data)} bytes "
@@ -303,11 +344,12 @@ class Registry:
 
     def fetch_blob(self, path: str, desc: spec.Descriptor, sink: Sink,
                    cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Write blob ``desc`` into ``sink`` (which checks it), from ``sink.offset`` on: a
-        broken connection is taken up again with ``Range`` (at most
-        :data:`MAX_RESUMES` times); a server that sends the whole blob again has what
-        the sink holds skipped."""
+        """Write blob ``desc`` into ``sink`` (which checks it), from ``sink.offset`` on,
+        within the blob's deadline: a broken connection is taken up again with
+        ``Range`` (at most :data:`MAX_RESUMES` times); a server that sends the whole
+        blob again has what the sink holds skipped."""
         what = f"blob {desc.digest}"
+        deadline = self.blob_deadline(what, desc.size)
         resumes = 0
         while True:
             start = sink.offset
@@ -317,40 +359,29 @@ class Registry:
             if start:
                 headers["Range"] = f"bytes={start}-"
             resp = self.request("GET", f"/v2/{path}/blobs/{desc.digest}", [pull_scope(path)],
-                                headers=headers, ok=(200, 206), what=what)
+                                headers=headers, ok=(200, 206), what=what, deadline=deadline)
             try:
                 skip = start
                 if resp.status == 206:
                     skip = start - _range_start(resp.headers.get("Content-Range", ""), start)
-                while True:
-                    if cancelled():
-                        raise errors.LaminaError(f"{what}: download cancelled")
-                    chunk = resp.read(CHUNK, decode_content=False)
-                    if not chunk:
-                        break
-                    if skip:
-                        drop = min(skip, len(chunk))
-                        chunk, skip = chunk[drop:], skip - drop
-                        if not chunk:
-                            continue
-                    sink.write(chunk)
+                _copy(resp, sink, skip, what, cancelled, deadline)
                 if sink.offset >= desc.size:
                     return
                 failure = f"the stream ended at {sink.offset} of {desc.size} bytes"
             except (urllib3.exceptions.HTTPError, OSError) as e:
-                failure = _reason(e)
+                failure = wire.reason(e)
             finally:
-                _discard(resp)
+                wire.discard(resp)
             resumes += 1
             if resumes > MAX_RESUMES:
                 raise errors.LaminaError(f"registry {self.domain}: {what}: {failure} (taken "
                                          f"up again {MAX_RESUMES} times)")
-            time.sleep(self.backoff * 2 ** min(resumes - 1, 4))
+            deadline.sleep(self.backoff * 2 ** min(resumes - 1, 4), failure)
 
     def blob_exists(self, path: str, digest: str) -> bool:
         resp = self.request("HEAD", f"/v2/{path}/blobs/{digest}", [push_scope(path)],
                             ok=(200, 404), what=f"blob {digest}")
-        _discard(resp)
+        wire.discard(resp)
         return resp.status == 200
 
     def start_upload(self, path: str, scopes: list[str], *, mount: str | None = None,
@@ -360,97 +391,79 @@ class Registry:
         query = ""
         if mount is not None and source is not None:
             query = "?" + urllib.parse.urlencode({"mount": mount, "from": source})
+        what = f"upload to {path}"
         resp = self.request("POST", f"/v2/{path}/blobs/uploads/{query}", scopes,
                             headers={"Content-Length": "0"}, body=b"", ok=(201, 202),
-                            what=f"upload to {path}")
-        _discard(resp)
+                            what=what)
+        wire.discard(resp)
         if resp.status == 201 and mount is not None:
             return True, ""
         location = resp.headers.get("Location")
         if not location:
             raise errors.LaminaError(f"registry {self.domain}: an upload without a Location")
-        return False, urllib.parse.urljoin(self.base + "/", location)
+        return False, wire.join_url(self.base + "/", location,
+                                    f"registry {self.domain}: {what}: its Location")
 
     def upload_chunk(self, location: str, path: str, data: bytes, start: int) -> str:
         """``PATCH`` bytes ``start…`` of a chunked upload; the next location."""
+        what = f"upload to {path}"
         resp = self.request("PATCH", location, [push_scope(path)], body=data, ok=(202,),
                             headers={"Content-Type": "application/octet-stream",
                                      "Content-Range": f"{start}-{start + len(data) - 1}",
                                      "Content-Length": str(len(data))},
-                            what=f"upload to {path}")
-        _discard(resp)
-        return urllib.parse.urljoin(location, resp.headers.get("Location") or location)
+                            what=what, deadline=self.blob_deadline(what, len(data)))
+        wire.discard(resp)
+        return wire.join_url(location, resp.headers.get("Location") or location,
+                             f"registry {self.domain}: {what}: its Location")
 
     def finish_upload(self, location: str, path: str, digest: str, data: bytes = b"") -> None:
         """``PUT ?digest=`` closing an upload (with the whole blob: a monolithic one)."""
         url = location + ("&" if "?" in location else "?") + urllib.parse.urlencode(
             {"digest": digest})
+        what = f"blob {digest} to {path}"
         resp = self.request("PUT", url, [push_scope(path)], body=data, ok=(201, 204),
                             headers={"Content-Type": "application/octet-stream",
                                      "Content-Length": str(len(data))},
-                            what=f"blob {digest} to {path}")
-        _discard(resp)
+                            what=what, deadline=self.blob_deadline(what, len(data)))
+        wire.discard(resp)
 
 
-def _short(url: str) -> str:
-    """A URL without its query (upload states and signed URLs are long and secret)."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.netloc else parts.path
+def _copy(resp: BaseHTTPResponse, sink: Sink, skip: int, what: str,
+          cancelled: Callable[[], bool], deadline: Deadline) -> None:
+    """A blob's body into ``sink``, its first ``skip`` bytes dropped (held already)."""
+    while True:
+        if cancelled():
+            raise errors.LaminaError(f"{what}: download cancelled")
+        deadline.check()
+        # read1: what has come (up to CHUNK), so that the deadline is looked at even
+        # while a server sends a byte at a time.
+        chunk = resp.read1(CHUNK, decode_content=False)
+        if not chunk:
+            return
+        if skip:
+            drop = min(skip, len(chunk))
+            chunk, skip = chunk[drop:], skip - drop
+            if not chunk:
+                continue
+        sink.write(chunk)
 
 
-def _reason(e: BaseException) -> str:
-    if isinstance(e, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError too
-        return f"cannot connect ({e.__context__ or e})" if e.__context__ else "cannot connect"
-    if isinstance(e, urllib3.exceptions.ReadTimeoutError | urllib3.exceptions.ConnectTimeoutError):
-        return "timed out"
-    if isinstance(e, urllib3.exceptions.SSLError):
-        return f"TLS: {e} (--insecure to skip verification)"
-    if isinstance(e, urllib3.exceptions.ProtocolError):
-        return "the connection broke"
-    return str(e) or type(e).__name__
-
-
-def _discard(resp: BaseHTTPResponse) -> None:
-    """Give the connection back (read what little is left, else close it)."""
-    with contextlib.suppress(Exception):
-        length = resp.headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) <= 1 << 16:
-            resp.drain_conn()
-        else:
-            resp.close()
-        resp.release_conn()
-
-
-def _read_limited(resp: BaseHTTPResponse, limit: int, what: str) -> bytes:
-    length = resp.headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise errors.Corrupt(f"{what}: {int(length)} bytes, over the {limit >> 20} MiB a "
-                             "document may have")
-    parts: list[bytes] = []
-    total = 0
+def _error_detail(resp: BaseHTTPResponse, deadline: Deadline) -> str:
+    """The registry's own words (``{"errors": [{"code", "message"}]}``), as ``: …``;
+    at most :data:`wire.ERROR_BODY` of the body is read, and the words shown are cut
+    short."""
     try:
-        while chunk := resp.read(CHUNK, decode_content=True):
-            total += len(chunk)
-            if total > limit:
-                raise errors.Corrupt(f"{what}: over the {limit >> 20} MiB a document may have")
-            parts.append(chunk)
-    except (urllib3.exceptions.HTTPError, OSError) as e:
-        raise errors.LaminaError(f"{what}: {_reason(e)}") from None
-    return b"".join(parts)
-
-
-def _error_detail(resp: BaseHTTPResponse) -> str:
-    """The registry's own words (``{"errors": [{"code", "message"}]}``), as ``: …``."""
-    try:
-        doc = json.loads(resp.read(1 << 16, decode_content=True) or b"null")
-    except Exception:
+        doc = json.loads(wire.error_body(resp, deadline) or b"null")
+    except (ValueError, RecursionError):
         return ""
     found = doc.get("errors") if isinstance(doc, dict) else None
     if not isinstance(found, list):
         return ""
-    words = [f"{e.get('code', '')} {e.get('message', '')}".strip() for e in found
+    words = [f"{e.get('code', '')} {e.get('message', '')}".strip() for e in found[:5]
              if isinstance(e, dict)]
-    return f" ({'; '.join(w for w in words if w)})" if any(words) else ""
+    text = "; ".join(w for w in words if w)
+    text = text if len(text) <= 300 else text[:300] + "…"
+    return f" ({ascii(text)[1:-1]})" if text else ""
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -461,9 +474,11 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         try:  # an HTTP date
             when = email.utils.parsedate_to_datetime(value)
-        except (ValueError, TypeError, IndexError):
+        except (ValueError, TypeError, IndexError, OverflowError):
             return None  # nonsense: the usual backoff
         seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # nan
+        return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
@@ -474,5 +489,5 @@ def _range_start(header: str, wanted: int) -> int:
     start = int(m.group(1)) if m else -1
     if not m or start > wanted:
         raise errors.LaminaError(f"a partial blob without a usable Content-Range "
-                                 f"({header!r})")
+                                 f"({header[:100]!r})")
     return start

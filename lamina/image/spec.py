@@ -3,9 +3,10 @@
 Descriptors, manifests, indexes (Docker's manifest lists) and image configs are parsed
 from their bytes with :func:`parse_manifest`, :func:`parse_index` and
 :func:`parse_config`.  Whatever does not fit is ``Corrupt`` (``InvalidArgument`` for a
-media type lamina does not take), naming the document: a document over
-:data:`MAX_DOCUMENT`, a field of the wrong type, an unknown media type, a digest that is
-not ``sha256:``, a negative size, a schema 1 manifest.
+media type lamina does not take, ``Unsupported`` for a manifest of over
+:data:`MAX_LAYERS` layers), naming the document: a document over :data:`MAX_DOCUMENT`
+or nested too deep for the parser, a field of the wrong type, an unknown media type, a
+digest that is not ``sha256:``, a negative size, a schema 1 manifest.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from lamina.image.reference import DIGEST
 
 MAX_DOCUMENT = 4 << 20
 """The largest manifest, index or config taken (4 MiB, as containerd's limit)."""
+MAX_LAYERS = 1000
+"""The most layers a manifest may have.  Docker builds at most 127, overlayfs stacks at
+most 500 (lamina's overlay backend, with the new mount API; 128 without); a manifest of
+thousands is an attack on the puller (a request, a file and a layer each), not an
+image."""
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -188,6 +194,9 @@ def parse_manifest(data: bytes, what: str = "manifest", media_type: str = "") ->
     raw = doc.get("layers")
     if not isinstance(raw, list):
         raise _fail(what, "layers is not a list")
+    if len(raw) > MAX_LAYERS:
+        raise errors.Unsupported(f"{what}: {len(raw)} layers, over the {MAX_LAYERS} lamina "
+                                 "takes")
     layers = tuple(parse_descriptor(d, f"{what}: layer {i}") for i, d in enumerate(raw))
     for i, d in enumerate(layers):
         if d.media_type not in LAYERS:

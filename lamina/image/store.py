@@ -484,7 +484,7 @@ class ImageStore:
         if remaining:
             return untagged, None
         self._drop_name(None, img.digest)
-        self.collect()
+        self._collect_unless_busy("image rm")
         return untagged, img.id
 
     def top_mounted(self, img: Image) -> bool:
@@ -505,8 +505,20 @@ class ImageStore:
     def prune(self) -> tuple[list[str], int]:
         """Remove the blobs no image uses; their digests and bytes."""
         sizes = {d: self.content.size(d) for d in self.content.digests()}
-        blobs, _ = self.collect()
+        blobs, _ = self._collect_unless_busy("image prune")
         return blobs, sum(sizes.get(d, 0) for d in blobs)
+
+    def _collect_unless_busy(self, command: str) -> tuple[list[str], list[LayerId]]:
+        """:meth:`collect`, but not waiting for a load or pull (one from a slow registry
+        holds the store for as long as it takes): then nothing is swept now, the store
+        stays marked, and the next command that opens it after that pull sweeps."""
+        probe = fsutil.FileLock(self._gc_lock)
+        if probe.acquire(blocking=False):
+            probe.release()
+            return self.collect(wait=False)
+        log.warning("lamina: %s: a load or pull is running: what no image uses is swept "
+                    "after it (image prune)", command)
+        return [], []
 
 
 def _now() -> str:

@@ -1,5 +1,6 @@
 """Image loads at once, as the rest of the store: two loads of images that share a base
-layer apply it once between them, and a removal (which sweeps) waits for a load."""
+layer apply it once between them, and a removal (which sweeps) spares what a load makes
+(since issue 23 it does not wait for the load: the sweep is left to a later command)."""
 
 from __future__ import annotations
 
@@ -53,9 +54,10 @@ def test_two_loads_sharing_a_base_apply_it_once(backend: str, tmp_path: Path) ->
     assert len(layers) == 3
 
 
-def test_removal_waits_for_a_load(backend: str, tmp_path: Path) -> None:
+def test_removal_spares_a_running_load(backend: str, tmp_path: Path) -> None:
     """``image rm`` sweeps unreferenced blobs and layers; a load running meanwhile has
-    blobs and layers no name reaches yet, which the sweep must not take."""
+    blobs and layers no name reaches yet, which the sweep must not take (the removal
+    leaves the sweep to a later command rather than wait)."""
     home = tmp_path / "home"
     old = build.image(build.BASE, tag="test/old:1")
     new = build.image(BIG_BASE, build.APP, tag="test/new:1")

@@ -9,7 +9,13 @@ and a fault-injecting proxy in front of it.
   basic auth) that signs ES256 JWTs whose header carries the certificate (``x5c``) the
   registry's ``rootcertbundle`` holds; it grants what the scopes ask for.
 - :class:`FaultProxy`: an HTTP proxy to a registry whose :attr:`FaultProxy.rule` may
-  answer a request itself (a status, a redirect, a stall, a body) or cut it.
+  answer a request itself (a status, a redirect, a stall, a body, a body a byte a
+  second: :meth:`ProxyHandler.trickle`, a ``Bearer`` challenge:
+  :meth:`ProxyHandler.challenge`) or cut it; with an unreachable upstream it is a
+  hostile server of its own (a token service, a CDN).
+
+The hostile server's payloads and the measure of a pull are in
+:mod:`tests.registry.hostile`.
 """
 
 from __future__ import annotations
@@ -392,6 +398,34 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.forward(body)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+    def challenge(self, realm: str, service: str = "lamina-tests") -> None:
+        """``401`` with a ``Bearer`` challenge naming ``realm``."""
+        self.answer(401, {"WWW-Authenticate": f'Bearer realm="{realm}",service="{service}"',
+                          "Content-Type": "application/json"},
+                    b'{"errors": [{"code": "UNAUTHORIZED", "message": "authenticate"}]}')
+
+    def trickle(self, status: int, headers: dict[str, str], body: bytes, *,
+                rate: float = 1.0, most: float = 60.0, head: bool = False) -> None:
+        """Answer with ``body`` at ``rate`` bytes a second (``head``: the status line and
+        headers too), for at most ``most`` seconds (then the connection is closed: a
+        bounded server)."""
+        lines = [f"HTTP/1.1 {status} Slow", *(f"{k}: {v}" for k, v in headers.items()),
+                 f"Content-Length: {len(body)}", "", ""]
+        raw = "\r\n".join(lines).encode()
+        slow = raw + body if head else body
+        if not head:
+            self.wfile.write(raw)
+            self.wfile.flush()
+        until = time.monotonic() + most
+        with contextlib.suppress(OSError):
+            for i in range(len(slow)):
+                if time.monotonic() > until:
+                    break
+                self.wfile.write(slow[i:i + 1])
+                self.wfile.flush()
+                time.sleep(1 / rate)
+        self.close_connection = True
 
     def forward(self, body: bytes, *, cut_after: int | None = None,
                 replace: dict[str, str] | None = None, drop: tuple[str, ...] = ()) -> None:

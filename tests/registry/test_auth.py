@@ -7,7 +7,8 @@ certificate is trusted (``SSL_CERT_FILE``, as the system's CAs are) or ``--insec
 
 Credentials come from ``--creds`` or Docker's ``config.json`` (``DOCKER_CONFIG``);
 none, or wrong ones, are ``Unauthorized`` in one line, and nothing is stored.  Tokens
-are kept per scope: a whole pull asks the issuer once.
+are kept per scope: a whole pull asks the issuer once.  The issuer listens on another
+port over plain HTTP: lamina sends it credentials only with ``--insecure`` (issue 23).
 """
 
 from __future__ import annotations
@@ -126,12 +127,13 @@ def test_token_auth(work: Path, basic: DistRegistry, token: DistRegistry,
     src.image_json("pull", "--creds", creds(), f"{basic.address}/small/app:1")
     name = f"{token.address}/small/app:1"
     issuer.requests.clear()
-    pushed = src.image_json("push", "--creds", creds(), f"{basic.address}/small/app:1", name)
+    pushed = src.image_json("push", "--insecure", "--creds", creds(),
+                            f"{basic.address}/small/app:1", name)
     assert pushed["blobs_uploaded"] == 3
     assert issuer.requests and all(r["user"] == "alice" for r in issuer.requests)
     issuer.requests.clear()
     cli = ImageCli(work / "token-pull" / "home")
-    doc = cli.image_json("pull", "--creds", creds(), name)
+    doc = cli.image_json("pull", "--insecure", "--creds", creds(), name)
     assert doc["digest"] == pushed["digest"] and doc["layers_applied"] == 2
     # One token for the whole pull: kept for its scope.
     assert [r["scopes"] for r in issuer.requests] == [["repository:small/app:pull"]]
@@ -141,7 +143,7 @@ def test_token_auth_refused(work: Path, token: DistRegistry, issuer: TokenIssuer
                             basic: DistRegistry) -> None:
     cli = ImageCli(work / "token-refused" / "home")
     name = f"{token.address}/small/app:1"
-    err = cli.fails("image", "pull", "--creds", "alice:nope", name)
+    err = cli.fails("image", "pull", "--insecure", "--creds", "alice:nope", name)
     assert "token service" in err and "refused user 'alice'" in err, err
     assert_nothing_stored(cli)
     err = cli.fails("image", "pull", name)  # anonymous: a token with no access

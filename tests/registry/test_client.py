@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lamina import errors
-from lamina.image import registry
+from lamina.image import registry, wire
 from lamina.image.auth import docker_credentials, parse_challenge, parse_creds
 
 
@@ -40,12 +40,21 @@ def test_docker_credentials(tmp_path: Path) -> None:
     assert docker_credentials("example.com:5000", config) == ("me", "pa:ss")
     assert docker_credentials("other.example", config) == ("u", "p")
     assert docker_credentials("example.com", config) is None
-    config.write_text(json.dumps({"auths": {"x.io": {"auth": "%%%"}}}))
-    with pytest.raises(errors.InvalidArgument, match="base64"):
-        docker_credentials("x.io", config)
-    config.write_text("{not json")
-    with pytest.raises(errors.InvalidArgument, match="credentials"):
-        docker_credentials("x.io", config)
+
+
+def test_unusable_docker_config_is_ignored_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As Docker's client (``WARNING: Error loading config file``): no credentials from
+    it, and no traceback for one nested too deep for the parser (issue 23, D8)."""
+    config = tmp_path / "config.json"
+    for text, why in ((json.dumps({"auths": {"x.io": {"auth": "%%%"}}}), "base64"),
+                      ("{not json", "not JSON"),
+                      ('{"auths": ' + "[" * 200_000 + "]" * 200_000 + "}", "recursion"),
+                      ("{" + " " * (5 << 20) + "}", "4 MiB")):
+        config.write_text(text)
+        caplog.clear()
+        assert docker_credentials("x.io", config) is None
+        assert "Error loading config file" in caplog.text and why in caplog.text, caplog.text
 
 
 def test_parse_creds() -> None:
@@ -88,9 +97,34 @@ def test_timeout_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LAMINA_REGISTRY_TIMEOUT", "nope")
     with pytest.raises(errors.InvalidArgument, match="LAMINA_REGISTRY_TIMEOUT"):
         registry.Registry("localhost:5000")
+    # Not numbers of seconds a timer takes (issue 23, D8): one InvalidArgument each.
+    for name in ("LAMINA_REGISTRY_TIMEOUT", "LAMINA_REGISTRY_BACKOFF",
+                 "LAMINA_REGISTRY_DEADLINE", "LAMINA_REGISTRY_MIN_RATE"):
+        for bad in ("nan", "inf", "-inf", "1e309", "0", "-1", "1e300"):
+            monkeypatch.setenv(name, bad)
+            with pytest.raises(errors.InvalidArgument, match=name):
+                registry.Registry("localhost:5000")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("LAMINA_REGISTRY_TIMEOUT", "2.5")
     reg = registry.Registry("localhost:5000")
     assert reg.pool.connection_pool_kw["timeout"].read_timeout == 2.5
+
+
+def test_urls_from_outside_are_checked() -> None:
+    """A Location or realm lamina will not request: refused at once (issue 23, D8/D12)."""
+    for bad, why in (("http://[::1:bad/x", "IPv6"), ("file:///etc/passwd", "only http"),
+                     ("gopher://h/x", "only http"), ("http://h/x\r\nX-Evil: 1", "control"),
+                     ("http:///x", "no host"), ("http://h:99999/x", "Port")):
+        with pytest.raises(errors.InvalidArgument, match=why):
+            wire.check_url(bad, "a redirect")
+    with pytest.raises(errors.InvalidArgument, match="IPv6"):
+        wire.join_url("http://127.0.0.1:5000/v2/", "http://[::1:bad/x", "a redirect")
+    assert wire.join_url("http://127.0.0.1:5000/v2/a", "/v2/b?x=1", "a redirect") == (
+        "http://127.0.0.1:5000/v2/b?x=1")
+    assert wire.header_value("abc.DEF-_~+/=", "a token")
+    for bad in ("a\r\nX: y", "a b", "é", ""):
+        with pytest.raises(errors.LaminaError, match="header value"):
+            wire.header_value(bad, "a token")
 
 
 def test_unreachable_registry_is_one_error(monkeypatch: pytest.MonkeyPatch,
