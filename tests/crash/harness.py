@@ -366,7 +366,14 @@ class Torture:
                 short = (home / "layers" / id / "link").read_text()
                 if not (home / "l" / short).is_symlink():
                     problems.append(f"layer {id}: its short link l/{short} is missing")
-        expected = {"lamina.json", ".lock", "layers", "staging", "mounts", "locks", "l"}
+        for bucket in sorted(os.listdir(home / "chains")) if (home / "chains").is_dir() else []:
+            for id in os.listdir(home / "chains" / bucket):
+                if id not in layers:  # swept on open: an entry of a layer that is gone
+                    problems.append(f"chains/{bucket}/{id}: an index entry of no layer")
+        for id in os.listdir(home / "holds") if (home / "holds").is_dir() else []:
+            problems.append(f"holds/{id}: a hold on a layer no snapshot ever used")
+        expected = {"lamina.json", ".lock", "layers", "staging", "mounts", "locks", "l",
+                    "mountlocks", "holds", "chains"}
         problems += [f"stray {e} in the home" for e in set(os.listdir(home)) - expected]
         return problems
 
