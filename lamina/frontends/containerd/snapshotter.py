@@ -42,6 +42,7 @@ from lamina.backends.base import StoreDriver
 from lamina.backends.snapshot_hooks import SnapshotMount
 from lamina.driver import LayerId
 from lamina.frontends.containerd import filters
+from lamina.frontends.containerd.labels import check_labels
 from lamina.host.usage import Totals
 from lamina.store import snapshots
 from lamina.store.snapshots import ACTIVE, ADOPTED, COMMITTED, MADE, VIEW, Record
@@ -49,19 +50,8 @@ from lamina.store.snapshots import ACTIVE, ADOPTED, COMMITTED, MADE, VIEW, Recor
 log = logging.getLogger("lamina")
 
 REF_LABEL = "containerd.io/snapshot.ref"
-MAX_LABEL = 4096  # containerd's limit on a label's key plus value, in bytes
 LAYER_PREFIX = "ctrd-"
 _CHAIN_RE = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
-    """``labels`` as containerd allows them (a key plus its value at most 4 KiB)."""
-    for k, v in labels.items():
-        size = len(k.encode()) + len(v.encode())
-        if not k or size > MAX_LABEL:
-            raise errors.InvalidArgument(
-                f"label {k[:40]!r}: key and value of {size} bytes (at most {MAX_LABEL})")
-    return dict(labels)
 
 
 def _name_chain(name: str) -> str | None:
