@@ -37,7 +37,10 @@ SNAPSHOTS = 2000
 HOSTILE_KEYS = 10
 """Keys of 24 ``a`` and a ``!``: 0.5 s each for Python's ``re`` and ``^(a+)+$``."""
 LIST_LIMIT = 1.0
-STAT_LIMIT = 0.25
+STAT_LIMIT = 0.5
+"""The slowest Stat during a List (old code: 3.2 s, one name's backtracking); on a
+busy shared machine a thread can wait for a core some hundred milliseconds."""
+STAT_MEDIAN_LIMIT = 0.05
 
 
 def stub_of(channel: grpc.Channel) -> Any:
@@ -88,7 +91,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 class Stats:
-    """Two other clients, each on its own connection, calling Stat without pause."""
+    """Two other clients, each on its own connection, calling Stat every 5 ms."""
 
     def __init__(self, sock: Path) -> None:
         self.sock = sock
@@ -105,6 +108,7 @@ class Stats:
                 info = stub.Stat(pb.StatSnapshotRequest(key="base"), timeout=30).info
                 self.latencies.append(time.monotonic() - t0)
                 assert info.name == "base"
+                time.sleep(0.005)
 
     def __enter__(self) -> Stats:
         for t in self.threads:
@@ -149,6 +153,7 @@ def test_a_hostile_filter_lists_2000_snapshots_in_a_second(
     assert found == []  # none of them matches: every key searched to its end
     assert took < LIST_LIMIT, took
     assert lat and max(lat) < STAT_LIMIT, max(lat)
+    assert statistics.median(lat) < STAT_MEDIAN_LIMIT, statistics.median(lat)
 
 
 def test_filters_still_find_what_they_should(served: Served) -> None:

@@ -26,9 +26,9 @@ time) AND-ed with those whose class holds the character.  That is
 already taken makes the usual case one dictionary look-up.  ``^`` and ``$`` are states
 that match a sentinel before and after the text (as many sentinels as the pattern has
 anchors, since ``^^a`` matches ``a``; in an empty text, sentinels of both kinds, since
-``$^`` matches it).  A pattern of more than :data:`MAX_POSITIONS`
-states, or longer than :data:`MAX_PATTERN`, is :class:`TooLarge`, as RE2 refuses a
-program over its memory budget.
+``$^`` matches it).  A pattern of more than :data:`MAX_POSITIONS` states, or longer
+than :data:`MAX_PATTERN`, is :class:`TooLarge`, as RE2 refuses a program over its
+memory budget.
 """
 
 from __future__ import annotations
@@ -501,6 +501,8 @@ class Regex:
                 i = bisect.bisect_right(los, c) - 1
                 if i >= 0 and c <= his[i]:
                     mask |= states
+            if len(self._masks) >= MAX_CACHE:
+                self._masks.clear()
             self._masks[ch] = mask
         return mask
 
