@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 import lamina
 from lamina.store import check
 from tests import tarbuild as tb
+from tests.conftest import lacking
 from tests.layers import mounted
 
 pytestmark = pytest.mark.root
@@ -75,3 +79,35 @@ def test_a_terabyte_sparse_file_applies_and_checks_in_seconds(
         finally:
             os.close(fd)
         assert (root / "after").read_bytes() == b"2"
+
+
+def test_gnu_tars_terabyte_sparse_file(driver: lamina.Driver, tmp_path: Path) -> None:
+    """The same with the tar GNU tar writes (``--sparse --format=pax``) of a file made
+    with ``truncate``: a terabyte, five bytes of data in its middle."""
+    if shutil.which("tar") is None:
+        lacking("no GNU tar")
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "disk.img", "wb") as f:
+        f.truncate(TERABYTE)
+        f.seek(TERABYTE // 2)
+        f.write(b"hello")
+    subprocess.run(["tar", "--sparse", "--format=pax", "-C", str(src), "-cf",
+                    str(tmp_path / "layer.tar"), "disk.img"], check=True, timeout=60)
+    (src / "disk.img").unlink()
+    t0 = time.monotonic()
+    with open(tmp_path / "layer.tar", "rb") as f:
+        driver.apply_diff("sparse", None, f)
+    report = check.check(driver)
+    took = time.monotonic() - t0
+    assert report.consistent, report.problems
+    assert took < LIMIT, took
+    with mounted(driver, "sparse") as root:
+        path = root / "disk.img"
+        assert os.stat(path).st_size == TERABYTE
+        assert os.stat(path).st_blocks * 512 < 1 << 20
+        with open(path, "rb") as f:
+            f.seek(TERABYTE // 2 - 3)
+            assert f.read(11) == b"\0\0\0hello\0\0\0"
+            f.seek(TERABYTE - 4096)
+            assert f.read() == bytes(4096)
