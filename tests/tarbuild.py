@@ -173,6 +173,8 @@ def _split(data: bytes, parts: int) -> list[bytes]:
 
 
 def _octal(value: int, width: int) -> bytes:
+    if value >= 8 ** (width - 1):  # too large for octal: GNU base-256, as GNU tar writes
+        return b"\x80" + value.to_bytes(width - 1, "big")
     return b"%0*o\0" % (width - 1, value)
 
 

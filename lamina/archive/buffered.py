@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 from isal import isal_zlib
 
+from lamina.archive.crc import combine, extend_zeros
 from lamina.archive.entry import Entry
 
 
@@ -113,10 +114,17 @@ class BufferedInput:
                 view = view[os.write(fd, view) :]
         return crc if checksum else None
 
-    def _write_sparse(self, fd: int, regions: list[tuple[int, int]], entry: Entry) -> None:
+    def _write_sparse(self, fd: int, regions: list[tuple[int, int]], entry: Entry,
+                      checksum: bool = False) -> int | None:
         """Write a sparse file's stored ``regions`` to their offsets in ``fd``, holes
-        between, and give it the entry's real size."""
+        between, and give it the entry's real size; with ``checksum``, return the CRC-32
+        of the whole file, its holes folded in as zeros without being read or made."""
+        crc = pos = 0
         for offset, length in regions:
             os.lseek(fd, offset, os.SEEK_SET)
-            self._write_span(fd, length, entry.name, False)
+            part = self._write_span(fd, length, entry.name, checksum)
+            if part is not None:
+                crc = combine(extend_zeros(crc, offset - pos), part, length)
+            pos = offset + length
         os.ftruncate(fd, entry.size)
+        return extend_zeros(crc, entry.size - pos) if checksum else None

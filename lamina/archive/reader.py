@@ -212,8 +212,9 @@ class TarReader(BufferedInput):
     def copy_data(self, entry: Entry, fd: int, *, checksum: bool = False) -> int | None:
         """Write ``entry``'s data to ``fd`` (expanding a sparse file), then skip the padding.
 
-        With ``checksum``, return the CRC-32 of the data as written (None for a sparse
-        file), computed on the way so that nobody has to read the file again for it.
+        With ``checksum``, return the CRC-32 of the data as written (a sparse file's
+        holes as zeros), computed on the way so that nobody has to read the file again
+        for it.
         """
         crc: int | None = None
         n = entry.data_size
@@ -232,7 +233,7 @@ class TarReader(BufferedInput):
         if entry.sparse is None:
             crc = self._write_span(fd, entry.data_size, entry.name, checksum)
         else:
-            self._write_sparse(fd, entry.sparse, entry)
+            crc = self._write_sparse(fd, entry.sparse, entry, checksum)
         pad = -entry.data_size % BLOCK
         if pad and pad <= len(self._buf) - self._pos:
             self._pos += pad

@@ -160,11 +160,10 @@ class RecordReader(BufferedInput):
 
     def copy_data(self, entry: Entry, fd: int, *, checksum: bool = False) -> int | None:
         """Write ``entry``'s data to ``fd`` (expanding a sparse file), as TarReader does."""
-        crc = None  # as TarReader: no digest for a sparse file
         if entry.sparse is None:
             crc = self._write_span(fd, entry.data_size, entry.name, checksum)
         else:
-            self._write_sparse(fd, entry.sparse, entry)
+            crc = self._write_sparse(fd, entry.sparse, entry, checksum)
         self._pending = 0
         return crc
 

@@ -19,6 +19,15 @@ not after a value, and ``/`` and ``|`` always open a quoted literal, so a value 
 either (a snapshot key that is a path) must be quoted: ``name=="/a/b"``.  The same
 quirks as containerd's scanner, so a filter means here what it means there.
 
+``~=`` searches with :mod:`~lamina.frontends.containerd.regex` (RE2's syntax, in time
+linear in the value searched, as Go's ``regexp``), not Python's backtracking ``re``.
+Bounds, each ``InvalidArgument`` (containerd has none, but runs every filter in linear
+time): the filters of one call together at most :data:`MAX_TEXT` characters, and their
+patterns together at most :data:`MAX_STATES` states (``regex.MAX_POSITIONS`` each), so
+that no ``List`` costs more than some hundred milliseconds on thousands of snapshots.
+A pattern that Go would not compile matches nothing, as in containerd; one that RE2
+takes but the regex module does not (flags, ``\\b``, ``\\p``) is ``InvalidArgument``.
+
 Snapshot fields: ``name``, ``parent``, ``kind`` (``active``, ``view``, ``committed``) and
 ``labels.KEY`` (the rest of the path joined with dots; a quoted field keeps its dots:
 ``labels."containerd.io/gc.root"``).  A parse error is ``InvalidArgument``.
@@ -26,12 +35,12 @@ Snapshot fields: ``name``, ``parent``, ``kind`` (``active``, ``view``, ``committ
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from lamina import errors
+from lamina.frontends.containerd import regex
 
 Fields = Callable[[Sequence[str]], "tuple[str, bool]"]
 """Looks a field path up in the object being matched: its value and whether present."""
@@ -39,6 +48,11 @@ Fields = Callable[[Sequence[str]], "tuple[str, bool]"]
 _EOF = "EOF"
 _QUOTES = "/|\""
 _OPERATORS = ("==", "!=", "~=")
+
+MAX_TEXT = 4096
+"""Characters the filters of one call may have together."""
+MAX_STATES = 2 * regex.MAX_POSITIONS
+"""Regex states the ``~=`` patterns of one call may make together."""
 
 
 class FilterError(errors.InvalidArgument):
@@ -52,7 +66,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     op: str | None = None
     value: str = ""
-    pattern: re.Pattern[str] | None = None
+    pattern: regex.Regex | None = None
 
     def matches(self, fields: Fields) -> bool:
         """Whether the object whose fields ``fields`` looks up passes this test."""
@@ -63,7 +77,7 @@ class Selector:
             return present and value == self.value
         if self.op == "!=":
             return value != self.value
-        return self.pattern is not None and self.pattern.search(value) is not None
+        return self.pattern is not None and self.pattern.search(value)
 
 
 @dataclass(frozen=True)
@@ -81,11 +95,15 @@ class Filter:
 
 def parse_all(filters: Sequence[str]) -> Filter:
     """The filter that matches what any of ``filters`` matches (none given: everything)."""
+    size = sum(len(text) for text in filters)
+    if size > MAX_TEXT:
+        raise FilterError(f"filters of {size} characters (at most {MAX_TEXT} together)")
     alternatives = []
+    states = [MAX_STATES]  # what the patterns may still make, shared by all filters
     for text in filters:
         if text == "":
             return Filter(())  # containerd's special case: matches everything
-        alternatives.append(_Parser(text).selectors())
+        alternatives.append(_Parser(text, states).selectors())
     return Filter(tuple(alternatives))
 
 
@@ -129,8 +147,9 @@ def _is_value_char(ch: str) -> bool:
 class _Parser:
     """containerd's scanner and recursive-descent parser, token for token."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, states: list[int]) -> None:
         self.text = text
+        self.states = states
         self.pos = 0
         self.value_next = False  # after an operator, a bare word is a value
         self.err = ""
@@ -239,13 +258,18 @@ class _Parser:
         if text not in _OPERATORS:
             raise self._fail(pos, f"unsupported operator {_go_quote(text)}")
         value = self._value(allow_alt_quotes=text == "~=")
-        pattern = None
-        if text == "~=":
-            try:
-                pattern = re.compile(value)
-            except (re.error, RecursionError, OverflowError):
-                pattern = None  # containerd logs it and matches nothing
+        pattern = self._pattern(value) if text == "~=" else None
         return Selector(path, text, value, pattern)
+
+    def _pattern(self, value: str) -> regex.Regex | None:
+        try:
+            pattern = regex.compile(value, min(regex.MAX_POSITIONS, self.states[0]))
+        except (regex.Unsupported, regex.TooLarge) as e:
+            raise FilterError(f"filters: regular expression {value[:64]!r}: {e}") from None
+        except regex.RegexError:
+            return None  # containerd logs it and matches nothing
+        self.states[0] -= pattern.size
+        return pattern
 
     def _fieldpath(self) -> tuple[str, ...]:
         fields = [self._field()]

@@ -62,10 +62,15 @@ MAX_CONCURRENT = 64
 MAX_RECEIVE = 4 << 20
 """The largest request (containerd's are a few KiB: a key, a parent, labels of <= 4 KiB)."""
 MAX_SEND = 16 << 20
-"""The largest response (a List batch of 100 snapshots with their labels)."""
+"""The largest response (gRPC's default; a List batch stays far below it)."""
 HANDSHAKE_TIMEOUT_MS = 10_000
 LIST_BATCH = 100
-"""Snapshots a List response carries (containerd's own server sends 100 at a time)."""
+"""Snapshots a List response carries at most (containerd's own server sends 100)."""
+LIST_BATCH_BYTES = 4 << 20
+"""Bytes a List response carries at most (less with a smaller send limit): a batch of
+100 is cut short by size, since 100 snapshots of 64 KiB of labels (the most
+:mod:`~lamina.frontends.containerd.labels` allows; an older home may hold more) would
+not fit gRPC's 16 MiB."""
 
 _KIND = {VIEW: snapshots_pb2.VIEW, ACTIVE: snapshots_pb2.ACTIVE,
          COMMITTED: snapshots_pb2.COMMITTED}
@@ -105,6 +110,25 @@ def mounts_of(specs: Sequence[SnapshotMount]) -> list[mount_pb2.Mount]:
             for m in specs]
 
 
+def list_batches(found: Sequence[Record],
+                 max_bytes: int) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
+    """``found`` as List responses of at most :data:`LIST_BATCH` snapshots and, but for
+    a snapshot larger alone, ``max_bytes`` bytes."""
+    batch: list[snapshots_pb2.Info] = []
+    size = 0
+    for rec in found:
+        info = info_of(rec)
+        # An Info's bytes, plus its tag and length in the response (at most 6 bytes).
+        n = info.ByteSize() + 6
+        if batch and (len(batch) == LIST_BATCH or size + n > max_bytes):
+            yield snapshots_pb2.ListSnapshotsResponse(info=batch)
+            batch, size = [], 0
+        batch.append(info)
+        size += n
+    if batch:
+        yield snapshots_pb2.ListSnapshotsResponse(info=batch)
+
+
 def _call(fn: Callable[..., T]) -> Callable[..., T]:
     """A servicer method whose lamina errors become gRPC statuses."""
 
@@ -138,9 +162,11 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
 class Servicer(snapshots_pb2_grpc.SnapshotsServicer):
     """The Snapshots service over one :class:`Snapshotter`."""
 
-    def __init__(self, sn: Snapshotter, *, verbose: bool = False) -> None:
+    def __init__(self, sn: Snapshotter, *, verbose: bool = False,
+                 batch_bytes: int = LIST_BATCH_BYTES) -> None:
         self.sn = sn
         self.verbose = verbose
+        self.batch_bytes = batch_bytes
 
     @_call
     def Prepare(self, request: snapshots_pb2.PrepareSnapshotRequest,
@@ -190,9 +216,7 @@ class Servicer(snapshots_pb2_grpc.SnapshotsServicer):
             found = self.sn.list(list(request.filters))
         except errors.LaminaError as e:
             context.abort(status_code(e), str(e))
-        for start in range(0, len(found), LIST_BATCH):
-            batch = found[start:start + LIST_BATCH]
-            yield snapshots_pb2.ListSnapshotsResponse(info=[info_of(r) for r in batch])
+        yield from list_batches(found, self.batch_bytes)
 
     @_call
     def Usage(self, request: snapshots_pb2.UsageRequest,
@@ -239,8 +263,11 @@ def start(sn: Snapshotter, socket_path: Path, *, verbose: bool = False,
         options=[("grpc.max_receive_message_length", max_receive),
                  ("grpc.max_send_message_length", max_send),
                  ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS)])
+    # Half the send limit per List batch: the rest is room for the framing, and a
+    # smaller limit (a test's) still sees its List cut into batches that fit it.
+    batch_bytes = min(LIST_BATCH_BYTES, max_send // 2)
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
-        Servicer(sn, verbose=verbose), server)
+        Servicer(sn, verbose=verbose, batch_bytes=batch_bytes), server)
     if server.add_insecure_port(f"unix:{socket_path}") == 0:
         raise errors.InvalidArgument("cannot listen on the socket", path=str(socket_path))
     os.chmod(socket_path, 0o660)

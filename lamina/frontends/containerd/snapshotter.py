@@ -44,6 +44,7 @@ from lamina import errors
 from lamina.backends.contract import Backend, SnapshotMount
 from lamina.driver import LayerId
 from lamina.frontends.containerd import filters, records
+from lamina.frontends.containerd.labels import check_labels
 from lamina.frontends.containerd.records import ACTIVE, COMMITTED, VIEW, Record
 from lamina.host.usage import Totals
 from lamina.store.holds import Holder
@@ -52,19 +53,8 @@ from lamina.store.meta import is_digest
 log = logging.getLogger("lamina")
 
 REF_LABEL = "containerd.io/snapshot.ref"
-MAX_LABEL = 4096  # containerd's limit on a label's key plus value, in bytes
 LAYER_PREFIX = "ctrd-"
 SNAPSHOTS = Holder.SNAPSHOTS
-
-
-def check_labels(labels: Mapping[str, str]) -> dict[str, str]:
-    """``labels`` as containerd allows them (a key plus its value at most 4 KiB)."""
-    for k, v in labels.items():
-        size = len(k.encode()) + len(v.encode())
-        if not k or size > MAX_LABEL:
-            raise errors.InvalidArgument(
-                f"label {k[:40]!r}: key and value of {size} bytes (at most {MAX_LABEL})")
-    return dict(labels)
 
 
 def _name_chain(name: str) -> str | None:
