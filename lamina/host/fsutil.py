@@ -312,6 +312,8 @@ def copy_file_data(src_fd: int, dst_fd: int, size: int, *, reflink: bool = True)
             if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY,
                                errno.EBADF):
                 raise
+    if os.fstat(src_fd).st_blocks * 512 < size and _copy_extents(src_fd, dst_fd, size):
+        return  # a sparse file: its data, not its holes (no work proportional to them)
     copied = 0
     try:
         while copied < size:
@@ -330,6 +332,42 @@ def copy_file_data(src_fd: int, dst_fd: int, size: int, *, reflink: bool = True)
         if not chunk:
             break
         os.write(dst_fd, chunk)
+
+
+def _copy_extents(src_fd: int, dst_fd: int, size: int) -> bool:
+    """Copy a sparse file's data extents (``SEEK_DATA``/``SEEK_HOLE``) to the same
+    offsets and leave its holes holes; False where the filesystem cannot tell them."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src_fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break  # only a hole from here to the end
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP) and pos == 0:
+                return False
+            raise
+        end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+        _copy_range(src_fd, dst_fd, start, end)
+        pos = end
+    os.ftruncate(dst_fd, size)
+    return True
+
+
+def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
+    """Bytes ``start`` to ``end`` of one file to the same offsets of another."""
+    pos = start
+    while pos < end:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, end - pos), pos, pos)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data = os.pread(src_fd, min(1 << 20, end - pos), pos)
+            n = os.pwrite(dst_fd, data, pos) if data else 0
+        if n == 0:
+            break  # the file shrank meanwhile
+        pos += n
 
 
 def copy_xattrs(

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import lamina
-from lamina.store import check
+from lamina.backends import check
 from tests import tarbuild as tb
 from tests.conftest import lacking
 from tests.layers import mounted
@@ -111,3 +111,24 @@ def test_gnu_tars_terabyte_sparse_file(driver: lamina.Driver, tmp_path: Path) ->
             assert f.read(11) == b"\0\0\0hello\0\0\0"
             f.seek(TERABYTE - 4096)
             assert f.read() == bytes(4096)
+
+
+def test_a_child_of_a_sparse_layer_copies_no_holes(driver: lamina.Driver) -> None:
+    """vfs copies its parent's tree into a child: the data of a sparse file, not its
+    holes (it stays sparse, and the copy takes no time proportional to them)."""
+    driver.apply_diff("sparse", None, io.BytesIO(layer_tar(tb.raw_pax_sparse_1_0)))
+    t0 = time.monotonic()
+    driver.create("child", "sparse")
+    driver.create_rw("ctr", "child")
+    took = time.monotonic() - t0
+    assert took < LIMIT, f"children of a 1 TiB sparse file took {took:.1f} s"
+    with mounted(driver, "ctr") as root:
+        st = os.stat(root / "big/disk.img")
+        assert st.st_size == TERABYTE and st.st_blocks * 512 < 1 << 20
+        with open(root / "big/disk.img", "rb") as f:
+            for offset, data in CHUNKS:
+                f.seek(offset)
+                assert f.read(len(data)) == data
+            f.seek(TERABYTE // 4)
+            assert f.read(4096) == bytes(4096)
+    assert check.check(driver).consistent
