@@ -58,6 +58,7 @@ from lamina.frontends.containerd.api import snapshots_pb2 as pb
 from lamina.frontends.containerd.api import snapshots_pb2_grpc
 from lamina.frontends.containerd.records import SnapshotRecords
 from lamina.frontends.containerd.snapshotter import REF_LABEL
+from lamina.store.holds import Holder, Holds
 from tests import tarbuild as tb
 from tests.containerd.daemon import Snapshotter
 from tests.crash.harness import child_env
@@ -407,9 +408,9 @@ class Rig:
             problems.append(f"orphan layer {layer}: no snapshot uses it")
         if OTHER not in layers:
             problems.append("the other front end's layer is gone")
-        for layer, how in records.held().items():
-            if layer not in used:
-                problems.append(f"a hold ({how}) of {layer}, which no snapshot uses")
+        for layer, who in Holds(self.sn.home).recorded():
+            if Holder.SNAPSHOTS in who and layer not in used:
+                problems.append(f"a hold ({sorted(who)}) of {layer}, which no snapshot uses")
         for entry in os.listdir(self.sn.home / "layers"):
             if entry.endswith("-removing"):
                 problems.append(f"an unfinished removal: layers/{entry}")
