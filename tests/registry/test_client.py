@@ -49,7 +49,7 @@ def test_unusable_docker_config_is_ignored_with_a_warning(
     config = tmp_path / "config.json"
     for text, why in ((json.dumps({"auths": {"x.io": {"auth": "%%%"}}}), "base64"),
                       ("{not json", "not JSON"),
-                      ('{"auths": ' + "[" * 200_000 + "]" * 200_000 + "}", "recursion"),
+                      ('{"auths": ' + "[" * 200_000 + "]" * 200_000 + "}", "nested too deep"),
                       ("{" + " " * (5 << 20) + "}", "4 MiB")):
         config.write_text(text)
         caplog.clear()
