@@ -7,10 +7,9 @@ inode per directory; xattrs live in a side table for the few inodes that have an
 :mod:`lamina.archive.erofstar` fills it from a tar; :meth:`ImageTree.write` lays it
 out as :mod:`lamina.archive.erofs` describes and writes the image:
 
-1. a walk from the root, breadth first, gives every reachable inode its place in
-   the order, its link count, each directory its parent, and turns each directory's
-   dict into a sorted list (an inode replaced by a later member is unreachable and
-   is not written);
+1. a walk from the root, breadth first and by name, gives every reachable inode its
+   place in the order, its link count, and each directory its parent (an inode
+   replaced by a later member is unreachable and is not written);
 2. a layout pass gives each inode its nid (its slot in the metadata area) and each
    directory or symlink that is not inline its blocks in the data area;
 3. a writing pass encodes every inode, its xattrs and its data or chunk indexes, in
@@ -31,8 +30,6 @@ from lamina.archive import erofs
 
 IMPLICIT = -(1 << 63)
 """The mtime of a directory no member named (a missing parent): the image's epoch."""
-
-_Children = dict[bytes, int] | list[tuple[bytes, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +52,7 @@ class ImageTree:
         self.size = array("Q")
         self.ref = array("Q")
         self.xattrs: dict[int, dict[str, bytes]] = {}
-        self.dirs: list[_Children] = []
+        self.dirs: list[dict[bytes, int]] = []
         self.targets: list[bytes] = []
         self.root = self.new_dir(0o755, 0, 0, IMPLICIT)
 
@@ -89,16 +86,8 @@ class ImageTree:
         return self._new(mode, uid, gid, mtime, 0, rdev)
 
     def children(self, node: int) -> dict[bytes, int]:
-        """The entries of the directory ``node`` (before :meth:`write`)."""
-        children = self.dirs[self.ref[node]]
-        assert isinstance(children, dict)
-        return children
-
-    def entries(self, node: int) -> list[tuple[bytes, int]]:
-        """The entries of the directory ``node``, sorted by name (during :meth:`write`)."""
-        entries = self.dirs[self.ref[node]]
-        assert isinstance(entries, list)
-        return entries
+        """The entries of the directory ``node``: name to inode."""
+        return self.dirs[self.ref[node]]
 
     def kind(self, node: int) -> int:
         """The file type bits of ``node``."""
@@ -131,7 +120,7 @@ class ImageTree:
 
     def _walk(self) -> tuple[array[int], array[int], array[int]]:
         """The reachable inodes, root first and breadth first; their link counts; each
-        directory's parent.  Each directory's entries become a sorted list."""
+        directory's parent."""
         count = len(self.mode)
         nlink = array("I", bytes(4 * count))
         parent = array("Q", bytes(8 * count))
@@ -143,9 +132,9 @@ class ImageTree:
         queue = deque([self.root])
         while queue:
             node = queue.popleft()
-            entries = sorted(self.children(node).items())
-            self.dirs[self.ref[node]] = entries
-            for _, child in entries:
+            children = self.children(node)
+            for name in sorted(children):
+                child = children[name]
                 if stat.S_ISDIR(self.mode[child]):
                     nlink[node] += 1
                     nlink[child] = 2
@@ -213,8 +202,7 @@ class _Layout:
     def _dir_size(self, node: int) -> int:
         size = self.dir_sizes.get(node)
         if size is None:
-            names = [name for name, _ in self.tree.entries(node)]
-            names += [b".", b".."]
+            names = [*self.tree.children(node), b".", b".."]
             names.sort()
             size = self.dir_sizes[node] = erofs.dir_blocks(names)[1]
         return size
@@ -315,7 +303,7 @@ class _Layout:
     def _dir_data(self, node: int, parent: array[int]) -> bytes:
         tree = self.tree
         items = [(name, self.nid[child], erofs.FILE_TYPES[tree.kind(child)])
-                 for name, child in tree.entries(node)]
+                 for name, child in tree.children(node).items()]
         dir_type = erofs.FILE_TYPES[stat.S_IFDIR]
         items.append((b".", self.nid[node], dir_type))
         items.append((b"..", self.nid[parent[node]], dir_type))
