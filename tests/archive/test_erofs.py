@@ -26,6 +26,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,7 +43,7 @@ pytestmark = pytest.mark.root
 MS_RDONLY = 1
 OPQ = ".wh..wh..opq"
 
-Node = tuple[object, ...]
+Node = tuple[Any, ...]
 
 
 # -- mounting -----------------------------------------------------------------------------
@@ -87,7 +88,7 @@ def index(tar: Path, image: Path) -> None:
 
 
 def node_of(path: str) -> Node:
-    """Everything compared about one path (mtime not for directories)."""
+    """Everything compared about one path (the link count not for directories)."""
     st_ = os.lstat(path)
     kind = stat.S_IFMT(st_.st_mode)
     digest = link = rdev = None
@@ -102,8 +103,7 @@ def node_of(path: str) -> Node:
                           for key in os.listxattr(path, follow_symlinks=False)))
     return (stat.filemode(st_.st_mode), st_.st_uid, st_.st_gid,
             st_.st_size if kind != stat.S_IFDIR else None, digest, link, rdev, xattrs,
-            None if kind == stat.S_IFDIR else st_.st_mtime_ns,
-            None if kind == stat.S_IFDIR else st_.st_nlink)
+            st_.st_mtime_ns, None if kind == stat.S_IFDIR else st_.st_nlink)
 
 
 def picture(root: Path) -> tuple[dict[str, Node], set[frozenset[str]]]:
@@ -124,8 +124,9 @@ def picture(root: Path) -> tuple[dict[str, Node], set[frozenset[str]]]:
 def as_overlay_lower(nodes: dict[str, Node]) -> dict[str, Node]:
     """GNU tar's tree with the whiteout files it extracted as overlayfs has them, and
     without the overlay xattrs that a tar may not set."""
-    out = {path: (*node[:7], tuple((k, v) for k, v in node[7] if not k.startswith(  # type: ignore[attr-defined]
-        ("trusted.overlay.", "user.overlay."))), *node[8:]) for path, node in nodes.items()}
+    banned = ("trusted.overlay.", "user.overlay.")
+    out = {path: (*node[:7], tuple((k, v) for k, v in node[7] if not k.startswith(banned)),
+                  *node[8:]) for path, node in nodes.items()}
     for path, node in nodes.items():
         parent, _, base = path.rpartition("/")
         if not base.startswith(".wh."):
@@ -134,7 +135,7 @@ def as_overlay_lower(nodes: dict[str, Node]) -> dict[str, Node]:
         if base == OPQ:
             if parent:
                 old = out[parent]
-                xattrs = tuple(sorted((*old[7], ("trusted.overlay.opaque", b"y"))))  # type: ignore[misc]
+                xattrs = tuple(sorted((*old[7], ("trusted.overlay.opaque", b"y"))))
                 out[parent] = (*old[:7], xattrs, *old[8:])
         elif not base.startswith(".wh..wh.") and f"{parent}/{base[4:]}" not in nodes:
             out[f"{parent}/{base[4:]}"] = ("c---------", 0, 0, 0, None, None, (0, 0), (),
@@ -166,11 +167,16 @@ def check_tar(tar: Path, work: Path) -> tuple[dict[str, Node], float]:
     index(tar, image)
     took = time.perf_counter() - started
     want_dir = work / "gnu"
+    extracted = time.time_ns() - 1_000_000_000
     gnu_extract(tar, want_dir)
     want, want_links = picture(want_dir)
     with mounted(image, tar, work / "mnt") as where:
         got, got_links = picture(where)
     want = as_overlay_lower(want)
+    for path, node in want.items():  # a directory no member named: GNU tar made it now
+        if node[0].startswith("d") and node[8] >= extracted and path in got:
+            want[path] = (*node[:8], None, None)
+            got[path] = (*got[path][:8], None, None)
     assert not differences(got, want), "\n".join(differences(got, want))
     assert got_links == {g for g in want_links if all(p in want for p in g)}
     return got, took
@@ -220,7 +226,7 @@ def test_builders_tree_mounts_as_gnu_tar_extracts(tmp_path: Path) -> None:
     tar = tb.write(tmp_path / "layer.tar", ENTRIES)
     got, _ = check_tar(tar, tmp_path)
     assert got["/etc/removed"][0] == "c---------"
-    assert ("trusted.overlay.opaque", b"y") in got["/var/cache"][7]  # type: ignore[operator]
+    assert ("trusted.overlay.opaque", b"y") in got["/var/cache"][7]
 
 
 def test_a_file_replaces_a_directory(tmp_path: Path) -> None:
