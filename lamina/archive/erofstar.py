@@ -16,13 +16,17 @@ Semantics, as contract §2 has them for a layer:
   dropped); a name with a ``..`` component, an absolute name, an empty one, or a
   component longer than 255 bytes is :class:`~lamina.errors.UnsafeArchive` (the
   reader already refuses NUL);
-- a missing parent directory is created 0755, owned by root, with the image's epoch
-  as its mtime (as extraction creates it); a symlink met as a parent is followed as
-  a chroot at the layer root would follow it, inside this layer's tree;
+- a missing parent directory is copied up from the lower layers where they have it
+  and are known (``lowers``), else created 0755, owned by root, with the image's
+  epoch as its mtime (as extraction creates it); a symlink met as a parent (this
+  layer's, or a lower's where this layer has nothing) is followed as a chroot at the
+  layer root would follow it: nothing leaves the tree;
 - ``.wh.NAME`` becomes a 0/0 character device NAME (overlayfs' whiteout) unless the
-  layer has NAME itself; ``.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on its
-  directory; other ``.wh..wh.`` names are ignored (as Docker does); a bare ``.wh.``
-  or a whiteout of ``.``/``..`` is ``UnsafeArchive``;
+  layer has NAME itself (and, the lowers known, only where a lower has NAME);
+  ``.wh..wh..opq`` sets ``trusted.overlay.opaque=y`` on its directory, or at the
+  root (where overlayfs ignores the xattr) whiteouts each name the lowers have
+  there; other ``.wh..wh.`` names are ignored (as Docker does); a bare ``.wh.`` or
+  a whiteout of ``.``/``..`` is ``UnsafeArchive``;
 - ``trusted.overlay.*`` and ``user.overlay.*`` xattrs from the tar are dropped, as are
   names without a Linux namespace; an xattr EROFS cannot hold (a name past 255 bytes,
   a value past 64 KiB) is ``Unsupported``;
@@ -31,16 +35,19 @@ Semantics, as contract §2 has them for a layer:
 What cannot be an image over this tar is :class:`~lamina.errors.Unsupported`,
 naming the path, so that the caller keeps the layer as a directory instead:
 a sparse member (its data is not contiguous in the tar), a hard link to a file
-this tar does not carry (a lower layer's), an opaque marker at the layer root
-(overlayfs ignores the xattr on a layer's root: only whiteouts of the lowers'
-names, which this tar cannot list, would do), a 0/0 character device (it would be
-a whiteout), and a tar past 2 TiB (32-bit block numbers).
+this tar does not carry (a lower layer's: the image cannot copy its data up), an
+opaque marker at the layer root when the lowers are not known (only whiteouts of
+their names would do), a 0/0 character device (it would be a whiteout), and a tar
+past 2 TiB (32-bit block numbers).  This is the same union that
+:class:`~lamina.archive.apply.Applier` writes with ``overlay_whiteouts`` over the
+same lowers (tests/archive/test_erofs.py compares them).
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from typing import BinaryIO
 
 from lamina.archive import erofs
@@ -49,43 +56,64 @@ from lamina.archive.entry import BLK, BLOCK, CHR, DIR, FIFO, LINK, REG, SYMLINK,
 from lamina.archive.erofsimage import IMPLICIT, ImageStats, ImageTree
 from lamina.archive.reader import TarReader
 from lamina.archive.resolve import MAX_DEPTH, MAX_SYMLINKS
-from lamina.archive.union import OPAQUE_MARKER, OVERLAY_OPAQUE_XATTR, WHITEOUT_PREFIX
+from lamina.archive.union import (
+    OPAQUE_MARKER,
+    OVERLAY_OPAQUE_XATTR,
+    WHITEOUT_PREFIX,
+    lower_lookup,
+)
 from lamina.errors import UnsafeArchive, Unsupported
 from lamina.host.idmap import IdMapper
 
 __all__ = ["ImageStats", "index_tar"]
 
 _CACHE_MAX = 512
+_Place = tuple[int, tuple[bytes, ...], bool]
+"""A directory of the tree: its inode, its path in the union, whether an opaque
+directory of this layer (it, or one above it) hides the lowers there."""
 _SPECIAL = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
 
 
 def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
-              ids: IdMapper | None = None, max_entries: int | None = None) -> ImageStats:
+              ids: IdMapper | None = None, max_entries: int | None = None,
+              lowers: Sequence[str] | None = None) -> ImageStats:
     """Read the uncompressed tar ``stream`` to its end and write to the file ``out`` the
     EROFS image that shows it with the tar as device 1 (see the module docstring).
 
     ``stream`` must give the tar's bytes exactly as they are stored for the mount: the
     image records offsets into it.  ``ids`` maps owners as apply does; ``max_entries``
-    bounds the members."""
+    bounds the members.
+
+    ``lowers``: the union of the layers below (their root directories, nearest first,
+    as the applier takes them), or None where it is not known.  Known, it is consulted
+    as the applier consults it: a missing parent that a lower has is copied up (its
+    owner, mode, mtime and xattrs), a lower's symlink met as a parent is followed, a
+    whiteout is written only where a lower has the name, and an opaque marker at the
+    root becomes a whiteout of each name the lowers have there.  Unknown, parents are
+    made 0755 and root's, every whiteout is written, and an opaque root is
+    ``Unsupported``."""
     reader = TarReader(stream, layer=layer)
-    builder = _Builder(layer, ids or IdMapper())
+    builder = _Builder(layer, ids or IdMapper(), lowers)
     for count, entry in enumerate(reader, 1):
         if max_entries is not None and count > max_entries:
             raise UnsafeArchive(f"more than {max_entries} entries", layer=layer)
         builder.add(entry, reader.consumed)
     reader.finish()
+    builder.finish()
     return builder.tree.write(out, reader.consumed)
 
 
 class _Builder:
     """Tar members into an :class:`ImageTree`."""
 
-    def __init__(self, layer: str | None, ids: IdMapper) -> None:
+    def __init__(self, layer: str | None, ids: IdMapper, lowers: Sequence[str] | None) -> None:
         self.layer = layer
         self.ids = ids
+        self.lowers = None if lowers is None else list(lowers)
         self.tree = ImageTree()
         # Directories by cleaned path: most members sit beside the one before them.
-        self._cache: dict[tuple[str, ...], int] = {}
+        self._cache: dict[tuple[str, ...], _Place] = {}
+        self._root_opaque = False
 
     def _unsafe(self, message: str, name: str) -> UnsafeArchive:
         return UnsafeArchive(message, layer=self.layer, path=name)
@@ -113,23 +141,29 @@ class _Builder:
             raise self._unsafe(f"a name component is longer than {erofs.NAME_MAX} bytes", name)
         return raw
 
-    def _dir(self, parts: list[str], name: str) -> int:
-        """The directory ``parts`` names, made where missing."""
+    def _dir(self, parts: list[str], name: str, *, copy_up_only: bool = False) -> _Place | None:
+        """The directory ``parts`` names: made where missing (``copy_up_only``: only
+        where a lower layer has it; else None)."""
         key = tuple(parts)
-        node = self._cache.get(key)
-        if node is None:
-            node = self._walk([self._component(p, name) for p in parts], True, name)
-            assert node is not None
+        place = self._cache.get(key)
+        if place is None:
+            raw = [self._component(p, name) for p in parts]
+            place = self._walk(raw, True, name, copy_up_only)
+            if place is None:
+                return None
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
-            self._cache[key] = node
-        return node
+            self._cache[key] = place
+        return place
 
-    def _walk(self, parts: list[bytes], create: bool, name: str) -> int | None:
-        """Resolve ``parts`` from the root as a chroot would, following symlinks inside
-        the tree; a missing directory is made (``create``) or None."""
+    def _walk(self, parts: list[bytes], create: bool, name: str,
+              copy_up_only: bool = False) -> _Place | None:
+        """Resolve ``parts`` from the root as a chroot would, following symlinks (this
+        layer's, or the lowers' where this layer has nothing); a missing directory is
+        made (``create``), copied up from the lowers where they have it, or None."""
         tree = self.tree
         stack = [tree.root]
+        path: list[bytes] = []  # the names that lead to stack[-1]
         todo = list(reversed(parts))
         links = 0
         while todo:
@@ -137,32 +171,69 @@ class _Builder:
             if part in (b"", b"."):
                 continue
             if part == b"..":
-                if len(stack) > 1:
+                if path:
                     stack.pop()
+                    path.pop()
                 continue
             children = tree.children(stack[-1])
             child = children.get(part)
+            target: bytes | None = None
             if child is None or tree.is_whiteout(child):
-                if not create:
+                lower = None if child is not None else self._in_lowers(stack, path, part)
+                if lower is not None and stat.S_ISLNK(lower[1].st_mode):
+                    target = os.fsencode(os.readlink(lower[0]))
+                elif lower is not None and not stat.S_ISDIR(lower[1].st_mode):
+                    raise self._unsafe(f"{os.fsdecode(part)!r} is not a directory", name)
+                elif not create or (copy_up_only and lower is None):
                     return None
-                if len(part) > erofs.NAME_MAX:
-                    raise self._unsafe("a symlink leads to a name too long", name)
-                child = children[part] = tree.new_dir(0o755, *self._owner(0, 0, name), IMPLICIT)
+                else:
+                    child = children[part] = self._parent_dir(part, lower, name)
             elif tree.kind(child) == stat.S_IFLNK:
+                target = tree.targets[tree.ref[child]]
+            elif tree.kind(child) != stat.S_IFDIR:
+                raise self._unsafe(f"{os.fsdecode(part)!r} is not a directory", name)
+            if target is not None:
                 links += 1
                 if links > MAX_SYMLINKS:
                     raise self._unsafe("too many levels of symbolic links", name)
-                target = tree.targets[tree.ref[child]]
                 if target.startswith(b"/"):
-                    del stack[1:]
+                    del stack[1:], path[:]
                 todo.extend(reversed(target.split(b"/")))
                 continue
-            elif tree.kind(child) != stat.S_IFDIR:
-                raise self._unsafe(f"{os.fsdecode(part)!r} is not a directory", name)
+            assert child is not None
             stack.append(child)
+            path.append(part)
             if len(stack) > MAX_DEPTH + 1:
                 raise self._unsafe(f"path is more than {MAX_DEPTH} directories deep", name)
-        return stack[-1]
+        return stack[-1], tuple(path), any(map(self._opaque, stack[1:]))
+
+    def _opaque(self, node: int) -> bool:
+        return self.tree.xattrs.get(node, {}).get(OVERLAY_OPAQUE_XATTR) == b"y"
+
+    def _in_lowers(self, stack: list[int], path: list[bytes],
+                   part: bytes) -> tuple[str, os.stat_result] | None:
+        """What the lower layers show at ``path``/``part``, unless an opaque directory of
+        this layer above it hides them."""
+        if not self.lowers or any(map(self._opaque, stack[1:])):
+            return None
+        return lower_lookup(self.lowers, [*map(os.fsdecode, path), os.fsdecode(part)])
+
+    def _parent_dir(self, part: bytes, lower: tuple[str, os.stat_result] | None,
+                    name: str) -> int:
+        """A directory no member named: the lower layer's copied up (owner, mode, mtime,
+        xattrs: the union must not change), else 0755 and root's."""
+        if len(part) > erofs.NAME_MAX:
+            raise self._unsafe("a symlink leads to a name too long", name)
+        if lower is None:
+            return self.tree.new_dir(0o755, *self._owner(0, 0, name), IMPLICIT)
+        where, st = lower
+        node = self.tree.new_dir(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+        xattrs = {key: os.getxattr(where, key, follow_symlinks=False)
+                  for key in os.listxattr(where, follow_symlinks=False)
+                  if xattr_allowed(key) and erofs.xattr_key(key) is not None}
+        if xattrs:
+            self.tree.xattrs[node] = xattrs
+        return node
 
     def _owner(self, uid: int, gid: int, name: str) -> tuple[int, int]:
         return self.ids.to_host(uid, gid, self.layer, name)
@@ -189,7 +260,9 @@ class _Builder:
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, base, name, entry)
             return
-        parent = self._dir(parts[:-1], name)
+        place = self._dir(parts[:-1], name)
+        assert place is not None
+        parent = place[0]
         raw = self._component(base, name)
         kind = entry.type
         if kind == DIR:
@@ -265,8 +338,8 @@ class _Builder:
         if not target:
             raise self._unsafe("hard link to the layer root", name)
         raw = [self._component(part, name) for part in target]
-        parent = self._walk(raw[:-1], False, name)
-        node = None if parent is None else self.tree.children(parent).get(raw[-1])
+        place = self._walk(raw[:-1], False, name)
+        node = None if place is None else self.tree.children(place[0]).get(raw[-1])
         if node is None:
             raise self._unsupported(
                 f"hard link target {entry.linkname!r} is not in this layer", name)
@@ -279,19 +352,47 @@ class _Builder:
     def _whiteout(self, parts: list[str], base: str, name: str, entry: Entry) -> None:
         tree = self.tree
         if base == OPAQUE_MARKER:
-            if len(parts) == 1:
-                raise self._unsupported("an opaque marker at the layer root", name)
-            node = self._dir(parts[:-1], name)
-            tree.xattrs.setdefault(node, {})[OVERLAY_OPAQUE_XATTR] = b"y"
+            self._opaque_marker(parts, name)
             return
         if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             return  # other whiteout meta files are ignored, as Docker does
         target = base[len(WHITEOUT_PREFIX):]
         if target in ("", ".", ".."):
             raise self._unsafe("invalid whiteout name", name)
-        parent = self._dir(parts[:-1], name)
         raw = self._component(target, name)
+        place = self._dir(parts[:-1], name, copy_up_only=self.lowers is not None)
+        if place is None:
+            return  # no such directory in the union: nothing to hide
+        parent, path, hidden = place
         if raw in tree.children(parent):
             return  # whiteouts hide the lowers only, never this layer's own entries
+        if self.lowers is not None and (hidden or not lower_lookup(
+                self.lowers, [*map(os.fsdecode, path), target])):
+            return  # no lower has it
         uid, gid = self._owner(0, 0, name)
         tree.children(parent)[raw] = tree.new_special(stat.S_IFCHR, uid, gid, entry.mtime, 0)
+
+    def _opaque_marker(self, parts: list[str], name: str) -> None:
+        if len(parts) > 1:
+            place = self._dir(parts[:-1], name)
+            assert place is not None
+            self.tree.xattrs.setdefault(place[0], {})[OVERLAY_OPAQUE_XATTR] = b"y"
+            self._cache.clear()  # the lowers are hidden below it now
+        elif self.lowers is None:
+            raise self._unsupported("an opaque marker at the layer root, the lowers unknown",
+                                    name)
+        else:
+            self._root_opaque = True  # see finish()
+
+    def finish(self) -> None:
+        """After the last member: an opaque root hides each name the lowers have there,
+        one whiteout each (overlayfs ignores the opaque xattr on a layer's root)."""
+        if not self._root_opaque or not self.lowers:
+            return
+        tree = self.tree
+        children = tree.children(tree.root)
+        for name in sorted({name for lower in self.lowers for name in os.listdir(lower)}):
+            raw = os.fsencode(name)
+            if raw not in children and lower_lookup(self.lowers, [name]) is not None:
+                children[raw] = tree.new_special(stat.S_IFCHR, *self._owner(0, 0, name),
+                                                 IMPLICIT, 0)
