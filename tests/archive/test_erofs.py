@@ -51,16 +51,17 @@ Node = tuple[Any, ...]
 
 
 @contextlib.contextmanager
-def mounted(image: Path, tar: Path, where: Path) -> Iterator[Path]:
+def mounted(image: Path, tar: Path, where: Path, *, loops: bool = False) -> Iterator[Path]:
     """``image`` mounted read-only at ``where`` with ``tar`` as its device 1: file-backed
-    (Linux >= 6.12), else through two loop devices; unmounted (and freed) after."""
+    (Linux >= 6.12), else (or with ``loops``) through two loop devices; unmounted (and
+    the devices freed) after."""
     where.mkdir(exist_ok=True)
     lib = libc.load()
     devices: list[str] = []
     source, extra = str(image), str(tar)
-    if lib.mount(source.encode(), str(where).encode(), b"erofs", MS_RDONLY,
-                 f"device={extra}".encode()) != 0:
-        err = ctypes.get_errno()
+    if loops or lib.mount(source.encode(), str(where).encode(), b"erofs", MS_RDONLY,
+                          f"device={extra}".encode()) != 0:
+        err = errno.ENOTBLK if loops else ctypes.get_errno()
         if err == errno.ENODEV:
             lacking("the kernel has no EROFS")
         if err not in (errno.ENOTBLK, errno.EINVAL):
@@ -228,6 +229,68 @@ def test_builders_tree_mounts_as_gnu_tar_extracts(tmp_path: Path) -> None:
     got, _ = check_tar(tar, tmp_path)
     assert got["/etc/removed"][0] == "c---------"
     assert ("trusted.overlay.opaque", b"y") in got["/var/cache"][7]
+
+
+def test_loop_devices_mount_it_too(tmp_path: Path) -> None:
+    # What a kernel before 6.12 (no file-backed mounts) needs: the image and the tar
+    # each on a loop device, the tar's named in the device= option.
+    tar = tb.write(tmp_path / "layer.tar", ENTRIES)
+    image = tmp_path / "meta.erofs"
+    index(tar, image)
+    with mounted(image, tar, tmp_path / "mnt", loops=True) as where:
+        assert (where / "etc/big").read_bytes() == ENTRIES[4].data
+        assert (where / "srv/long").readlink() == Path("x/" * 1500)
+
+
+def test_names_that_are_not_utf8(tmp_path: Path) -> None:
+    tar = tmp_path / "layer.tar"
+    tar.write_bytes(_raw(tb.raw_member(b"caf\xe9", b"latin-1"),
+                         tb.raw_member(b"d\xff/f\xfe", b"bytes")))
+    got, _ = check_tar(tar, tmp_path)
+    assert sorted(got) == sorted(os.fsdecode(n) for n in (b"/caf\xe9", b"/d\xff",
+                                                          b"/d\xff/f\xfe"))
+
+
+def test_deep_nesting_within_the_limit(tmp_path: Path) -> None:
+    name = "d/" * 500 + "f"
+    tar = tb.write(tmp_path / "layer.tar", [tb.file(name, b"deep")])
+    image = tmp_path / "meta.erofs"
+    index(tar, image)
+    with mounted(image, tar, tmp_path / "mnt") as where:
+        assert (where / name).read_bytes() == b"deep"
+
+
+@pytest.mark.slow
+def test_a_file_past_4_gib(tmp_path: Path) -> None:
+    # Extended inode (64-bit size), chunk indexes of 2^24 blocks; the tar is sparse.
+    size = (5 << 30) + 3
+    tar = tmp_path / "layer.tar"
+    with open(tar, "wb") as f:
+        f.write(tb.raw_header("big", size=size))
+        f.seek(size - 3, os.SEEK_CUR)
+        f.write(b"end" + bytes(-size % 512) + tb.END)
+    image = tmp_path / "meta.erofs"
+    index(tar, image)
+    with mounted(image, tar, tmp_path / "mnt") as where, open(where / "big", "rb") as f:
+        assert os.fstat(f.fileno()).st_size == size
+        f.seek(size - 5)
+        assert f.read() == b"\0\0end"
+        f.seek(1 << 32)
+        assert f.read(4) == bytes(4)
+
+
+def test_chunks_of_a_file_past_the_largest_chunk() -> None:
+    from lamina.archive import erofs
+
+    size = (512 << 31) + 1  # 1 TiB and a byte: the 5-bit chunk size is 1 TiB at most
+    fmt, chunks = erofs.chunk_format(size)
+    assert (fmt, chunks) == (erofs.CHUNK_FORMAT_INDEXES | 31, 2)
+    indexes = erofs.chunk_indexes(100, size)
+    assert [int.from_bytes(indexes[i + 4 : i + 8], "little") for i in (0, 8)] == [
+        100, 100 + (1 << 31)]
+    assert [int.from_bytes(indexes[i + 2 : i + 4], "little") for i in (0, 8)] == [1, 1]
+    assert erofs.chunk_format(512) == (erofs.CHUNK_FORMAT_INDEXES, 1)
+    assert erofs.chunk_format(513) == (erofs.CHUNK_FORMAT_INDEXES | 1, 1)
 
 
 def test_a_file_replaces_a_directory(tmp_path: Path) -> None:
