@@ -28,8 +28,9 @@ Semantics, as contract §2 has them for a layer:
   there; other ``.wh..wh.`` names are ignored (as Docker does); a bare ``.wh.`` or
   a whiteout of ``.``/``..`` is ``UnsafeArchive``;
 - ``trusted.overlay.*`` and ``user.overlay.*`` xattrs from the tar are dropped, as are
-  names without a Linux namespace; an xattr EROFS cannot hold (a name past 255 bytes,
-  a value past 64 KiB) is ``Unsupported``;
+  names without a Linux namespace and ``user.*`` on what is neither a file nor a
+  directory (Linux refuses those); an xattr EROFS cannot hold (a name past 255 bytes,
+  a value past 64 KiB) is ``Unsupported``; a symlink's target is 1 to 4095 bytes;
 - a hard link to an earlier member is the same inode (its link count counted).
 
 What cannot be an image over this tar is :class:`~lamina.errors.Unsupported`,
@@ -68,6 +69,7 @@ from lamina.host.idmap import IdMapper
 __all__ = ["ImageStats", "index_tar"]
 
 _CACHE_MAX = 512
+_PATH_MAX = 4096  # symlink(2) takes no target of this length or more, nor an empty one
 _Place = tuple[int, tuple[bytes, ...], bool]
 """A directory of the tree: its inode, its path in the union, whether an opaque
 directory of this layer (it, or one above it) hides the lowers there."""
@@ -299,9 +301,9 @@ class _Builder:
                 raise self._unsupported("data past 2 TiB into the tar", name)
             return tree.new_file(perm, uid, gid, entry.mtime, entry.size, block)
         if entry.type == SYMLINK:
-            if not entry.linkname:
-                raise self._unsafe("symlink with an empty target", name)
             target = os.fsencode(entry.linkname)
+            if not 0 < len(target) < _PATH_MAX:
+                raise self._unsafe(f"symlink target of {len(target)} bytes", name)
             return tree.new_symlink(perm, uid, gid, entry.mtime, target)
         major, minor = entry.devmajor, entry.devminor
         if entry.type == CHR and major == minor == 0:
@@ -321,9 +323,15 @@ class _Builder:
             tree.xattrs.setdefault(node, {}).update(xattrs)
 
     def _xattrs(self, entry: Entry) -> dict[str, bytes]:
+        """The member's xattrs that the image keeps (see the module docstring)."""
         kept = {}
+        # Linux allows user.* on regular files and directories only: extraction drops
+        # them elsewhere (EPERM), and so does the image.
+        user_ok = entry.type in (REG, DIR)
         for key, value in entry.xattrs.items():
             if not xattr_allowed(key) or erofs.xattr_key(key) is None:
+                continue
+            if not user_ok and key.startswith("user."):
                 continue
             problem = erofs.xattr_error(key, value)
             if problem is not None:

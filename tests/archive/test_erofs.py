@@ -199,6 +199,8 @@ ENTRIES = [
     tb.symlink("lib", "usr/lib"),
     tb.symlink("abs", "/etc/motd"),
     tb.symlink("srv/long", "x/" * 1500),
+    tb.symlink("srv/longest", "y" * 4095),
+    tb.fifo("run/xfifo", xattrs={"user.dropped": b"1", "trusted.kept": b"2"}),
     tb.hardlink("etc/motd2", "etc/motd"),
     tb.hardlink("srv/motd3", "etc/motd"),
     tb.chardev("dev/null", 1, 3),
@@ -491,6 +493,9 @@ HOSTILE = {
     "too deep": _raw(tb.raw_pax({"path": "d/" * 600 + "f"}), tb.raw_member("f", b"x")),
     "name too long": _raw(tb.raw_pax({"path": "n" * 256}), tb.raw_member("f", b"x")),
     "truncated": tb.raw_member("f", b"x" * 2000)[:1024],
+    "empty symlink": _raw(tb.raw_member("s", type=tarfile.SYMTYPE, linkname="")),
+    "symlink past PATH_MAX": _raw(tb.raw_pax({"linkpath": "x" * 4096}),
+                                  tb.raw_member("s", type=tarfile.SYMTYPE)),
     "symlink loop": _raw(tb.raw_member("a", type=tarfile.SYMTYPE, linkname="b"),
                          tb.raw_member("b", type=tarfile.SYMTYPE, linkname="a"),
                          tb.raw_member("a/f", b"x")),
@@ -541,6 +546,8 @@ UNSUPPORTED = {
                "sparse"),
     "hard link to a lower layer's file": (
         _raw(tb.raw_member("l", type=tarfile.LNKTYPE, linkname="lower/file")), "l"),
+    "PAX sparse": (_raw(tb.raw_pax_sparse_1_0("p", [(0, b"a" * 512), (4096, b"b")], 8192)),
+                   "p"),
     "opaque root": (_raw(tb.raw_member(OPQ, b"")), OPQ),
     "whiteout device": (_raw(tb.raw_member("wh", type=tarfile.CHRTYPE)), "wh"),
 }
