@@ -179,6 +179,11 @@ class _Layout:
         self.xattrs: dict[int, bytes] = {}
         self.dir_sizes: dict[int, int] = {}
         self.blocks: dict[int, int] = {}  # node -> its first block in the data area (relative)
+        # Each inode's shape (see _shape), kept in a few bytes per inode for the writing.
+        count = len(tree.mode)
+        self.compact = bytearray(count)
+        self.layout = bytearray(count)
+        self.after = array("I", bytes(4 * count))
         self.data_start = 0  # byte offset of the data area
         self.data_end = 0
 
@@ -238,6 +243,9 @@ class _Layout:
         data = 0
         for node in self.order:
             isize, xsize, layout, after = self._shape(node)
+            self.compact[node] = isize == erofs.COMPACT_SIZE
+            self.layout[node] = layout
+            self.after[node] = after
             total = isize + xsize + after
             pos = erofs.place(pos, total if total <= erofs.BLOCK_SIZE else erofs.BLOCK_SIZE)
             self.nid[node] = (erofs.META_START + pos) // erofs.INODE_SLOT
@@ -258,8 +266,9 @@ class _Layout:
         meta = _Sink(fd, erofs.META_START)
         data = _Sink(fd, self.data_start)
         for i, node in enumerate(self.order):
-            # The shape again, rather than kept: a tuple per inode costs more than this.
-            body, tail, content = self._encode(node, self._shape(node), parent, i + 1)
+            shape = (erofs.COMPACT_SIZE if self.compact[node] else erofs.EXTENDED_SIZE,
+                     len(self.xattrs.get(node, b"")), self.layout[node], self.after[node])
+            body, tail, content = self._encode(node, shape, parent, i + 1)
             meta.put(self.nid[node] * erofs.INODE_SLOT, body + tail)
             if content:
                 data.put(self.data_start + self.blocks[node] * erofs.BLOCK_SIZE, content)

@@ -233,6 +233,14 @@ def test_builders_tree_mounts_as_gnu_tar_extracts(tmp_path: Path) -> None:
     assert ("trusted.overlay.opaque", b"y") in got["/var/cache"][7]
 
 
+def test_the_same_tar_gives_the_same_image(tmp_path: Path) -> None:
+    # No clock, uuid or order of a dict in it: an image can be checked by its digest.
+    tar = tb.write(tmp_path / "layer.tar", ENTRIES)
+    index(tar, tmp_path / "one.erofs")
+    index(tar, tmp_path / "two.erofs")
+    assert (tmp_path / "one.erofs").read_bytes() == (tmp_path / "two.erofs").read_bytes()
+
+
 def test_loop_devices_mount_it_too(tmp_path: Path) -> None:
     # What a kernel before 6.12 (no file-backed mounts) needs: the image and the tar
     # each on a loop device, the tar's named in the device= option.
