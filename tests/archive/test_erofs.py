@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from lamina import errors
@@ -464,6 +464,37 @@ def test_over_lowers_as_the_applier_writes(tmp_path: Path, case: str) -> None:
             if (node[0] == "c---------" and node[6] == (0, 0)) or node[0].startswith("d"):
                 tree[path] = (*node[:8], None, node[9])
     assert not differences(got, want), "\n".join(differences(got, want))
+
+
+# -- damaged tars -------------------------------------------------------------------------
+
+_SEED = tb.build([e for e in ENTRIES[:24] if len(e.data) < 4096] + ENTRIES[-5:])
+
+
+@settings(max_examples=150, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(_SEED) - 1), st.integers(0, 255)), max_size=4),
+       st.one_of(st.just(len(_SEED)), st.integers(0, len(_SEED))))
+def test_damaged_tars_are_refused_or_mount_whole(tmp_path: Path, flips: list[tuple[int, int]],
+                                                 cut: int) -> None:
+    # Bytes flipped and the tar cut anywhere: a LaminaError, or an image the kernel
+    # mounts and reads to the end without an error (fuzz/erofs_index.py goes further,
+    # without mounting).
+    data = bytearray(_SEED)
+    for at, value in flips:
+        data[at] = value
+    work = tmp_path / f"case-{time.monotonic_ns()}"
+    work.mkdir()
+    tar = work / "layer.tar"
+    tar.write_bytes(bytes(data[:cut]) if cut < len(data) else bytes(data))
+    try:
+        index(tar, work / "meta.erofs")
+    except errors.LaminaError as e:
+        event(f"refused: {type(e).__name__}")
+        return
+    event("mounted")
+    with mounted(work / "meta.erofs", tar, work / "mnt") as where:
+        picture(where)
 
 
 # -- the corpus ---------------------------------------------------------------------------
