@@ -36,6 +36,7 @@ from lamina import errors
 from lamina.archive.apply import Applier
 from lamina.archive.erofstar import index_tar
 from lamina.host import libc, loop
+from lamina.host.idmap import IdMapper
 from tests import tarbuild as tb
 from tests.conftest import lacking
 
@@ -239,6 +240,22 @@ def test_the_same_tar_gives_the_same_image(tmp_path: Path) -> None:
     index(tar, tmp_path / "one.erofs")
     index(tar, tmp_path / "two.erofs")
     assert (tmp_path / "one.erofs").read_bytes() == (tmp_path / "two.erofs").read_bytes()
+
+
+def test_owners_through_id_maps(tmp_path: Path) -> None:
+    tar = tb.write(tmp_path / "layer.tar", [
+        tb.file("d/f", b"x", uid=1000, gid=1001), tb.whiteout("d/gone"),
+    ])
+    image = tmp_path / "meta.erofs"
+    ids = IdMapper([(0, 100_000, 65536)], [(0, 200_000, 65536)])
+    with open(tar, "rb") as src, open(image, "wb") as out:
+        index_tar(src, out, ids=ids)
+    with mounted(image, tar, tmp_path / "mnt") as where:
+        got, _ = picture(where)
+    assert {path: node[1:3] for path, node in got.items()} == {
+        "/d": (100_000, 200_000), "/d/f": (101_000, 201_001), "/d/gone": (100_000, 200_000)}
+    with open(tar, "rb") as src, open(image, "wb") as out, pytest.raises(errors.UnsafeArchive):
+        index_tar(src, out, ids=IdMapper([(0, 100_000, 1000)], [(0, 200_000, 1000)]))
 
 
 def test_loop_devices_mount_it_too(tmp_path: Path) -> None:
