@@ -49,7 +49,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from lamina.archive import erofs
 from lamina.archive.apply import xattr_allowed
@@ -78,12 +78,14 @@ _SPECIAL = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
 
 def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
               ids: IdMapper | None = None, max_entries: int | None = None,
-              lowers: Sequence[str] | None = None) -> ImageStats:
+              lowers: Sequence[str] | None = None, store: BinaryIO | None = None) -> ImageStats:
     """Read the uncompressed tar ``stream`` to its end and write to the file ``out`` the
     EROFS image that shows it with the tar as device 1 (see the module docstring).
 
     ``stream`` must give the tar's bytes exactly as they are stored for the mount: the
-    image records offsets into it.  ``ids`` maps owners as apply does; ``max_entries``
+    image records offsets into it.  ``store``, if given, receives those bytes as they
+    are read (all of them, to the stream's end: the device itself, in the same pass;
+    syncing it is the caller's).  ``ids`` maps owners as apply does; ``max_entries``
     bounds the members.
 
     ``lowers``: the union of the layers below (their root directories, nearest first,
@@ -94,6 +96,8 @@ def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
     root becomes a whiteout of each name the lowers have there.  Unknown, parents are
     made 0755 and root's, every whiteout is written, and an opaque root is
     ``Unsupported``."""
+    if store is not None:
+        stream = cast(BinaryIO, _Tee(stream, store))  # the reader calls read() alone
     reader = TarReader(stream, layer=layer)
     builder = _Builder(layer, ids or IdMapper(), lowers)
     for count, entry in enumerate(reader, 1):
@@ -103,6 +107,19 @@ def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
     reader.finish()
     builder.finish()
     return builder.tree.write(out, reader.consumed)
+
+
+class _Tee:
+    """A stream that writes what is read from it to ``copy``."""
+
+    def __init__(self, stream: BinaryIO, copy: BinaryIO) -> None:
+        self.stream = stream
+        self.copy = copy
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.copy.write(data)
+        return data
 
 
 class _Builder:

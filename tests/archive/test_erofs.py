@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import io
 import os
 import stat
 import subprocess
@@ -240,6 +241,17 @@ def test_the_same_tar_gives_the_same_image(tmp_path: Path) -> None:
     index(tar, tmp_path / "one.erofs")
     index(tar, tmp_path / "two.erofs")
     assert (tmp_path / "one.erofs").read_bytes() == (tmp_path / "two.erofs").read_bytes()
+
+
+def test_the_tar_stored_while_it_is_indexed(tmp_path: Path) -> None:
+    # One pass: the stream is read once, and the copy written on the way is the device.
+    data = tb.build(ENTRIES)
+    tar, image = tmp_path / "stored.tar", tmp_path / "meta.erofs"
+    with open(tar, "wb") as store, open(image, "wb") as out:
+        index_tar(io.BytesIO(data + bytes(512 * 20)), out, store=store)
+    assert tar.read_bytes() == data + bytes(512 * 20)
+    with mounted(image, tar, tmp_path / "mnt") as where:
+        assert (where / "etc/big").read_bytes() == ENTRIES[4].data
 
 
 def test_owners_through_id_maps(tmp_path: Path) -> None:
