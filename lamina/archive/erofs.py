@@ -17,9 +17,10 @@ Layout of the image (offsets in bytes, blocks of 512)::
 
 An inode's nid is its offset in the image divided by 32 (``meta_blkaddr`` 0): no
 inode is nid 0, which readdir(3) would take for a deleted entry, and the root's
-nid fits the superblock's 16 bits.  Each inode is
-followed by its inline xattrs (``erofs_xattr_ibody_header`` then entries, each
-4-byte aligned; no shared xattrs) and then by one of:
+nid fits the superblock's 16 bits.  Each inode is followed by its inline xattrs
+(``erofs_xattr_ibody_header`` then entries, each 4-byte aligned, names shortened by
+the ``user.``/``trusted.``/``security.`` prefix indexes; no shared xattrs, no long
+prefixes, no name filter) and then by one of:
 
 - a regular file with data: ``EROFS_INODE_CHUNK_BASED`` with chunk indexes
   (``EROFS_CHUNK_FORMAT_INDEXES``), 8-byte aligned after the xattrs: one index per
@@ -40,9 +41,11 @@ they point to, unterminated; names are sorted bytewise across the whole director
 ``.`` and ``..`` among them.
 
 Inodes are compact (32 bytes) where they can be: owners and nlink below 65536, a
-size below 4 GiB, and a mtime equal to the superblock's ``epoch`` (its ``i_mtime``
-offset left 0, so that kernels before 6.15, which read no offset, agree); else
-extended (64 bytes: 32-bit owners, 64-bit size, mtime in seconds and nanoseconds).
+size below 4 GiB, and a mtime equal to the superblock's ``epoch`` (the writer picks
+the layer's most frequent mtime; a compact inode's ``i_mtime`` offset is left 0,
+since older kernels, which have no such field, give every compact inode the epoch
+itself); else extended (64 bytes: 32-bit owners, 64-bit size, mtime in seconds and
+nanoseconds).
 Features used: ``CHUNKED_FILE`` and ``DEVICE_TABLE`` (incompat); no compat bits,
 so no superblock checksum.
 """
