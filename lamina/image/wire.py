@@ -179,15 +179,8 @@ class _HTTPConnection(urllib3.connection.HTTPConnection):
         return super().getresponse()
 
 
-class _HTTPSConnection(urllib3.connection.HTTPSConnection):
-    def _new_conn(self) -> socket.socket:
-        sock = super()._new_conn()
-        _watch_this(sock)
-        return sock
-
-    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
-        _watch_this(self.sock)
-        return super().getresponse()
+class _HTTPSConnection(_HTTPConnection, urllib3.connection.HTTPSConnection):
+    """The same watch over TLS (the MRO puts HTTPSConnection after the watch)."""
 
 
 class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
