@@ -25,27 +25,9 @@ from lamina.frontends.containerd import labels, server
 from lamina.frontends.containerd.api import snapshots_pb2 as pb
 from lamina.frontends.containerd.api import snapshots_pb2_grpc
 from lamina.frontends.containerd.snapshotter import Snapshotter
+from tests.snapshotter.served import Served
 
 pytestmark = pytest.mark.root
-
-
-class Served:
-    """A vfs store served on a socket, with a client."""
-
-    def __init__(self, home: Path, sock: Path) -> None:
-        drv = lamina.open_driver(home, backend="vfs")
-        assert isinstance(drv, StoreDriver)
-        self.drv = drv
-        self.sn = Snapshotter(drv)
-        self.server = server.start(self.sn, sock)
-        self.channel = grpc.insecure_channel(f"unix:{sock}")
-        self.stub: Any = snapshots_pb2_grpc.SnapshotsStub(self.channel)  # type: ignore[no-untyped-call]
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.server.stop(5).wait()
-        self.sn.close()
-        self.drv.close()
 
 
 @pytest.fixture

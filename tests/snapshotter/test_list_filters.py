@@ -24,12 +24,9 @@ from typing import Any
 import grpc
 import pytest
 
-import lamina
-from lamina.backends.base import StoreDriver
-from lamina.frontends.containerd import server
 from lamina.frontends.containerd.api import snapshots_pb2 as pb
 from lamina.frontends.containerd.api import snapshots_pb2_grpc
-from lamina.frontends.containerd.snapshotter import Snapshotter
+from tests.snapshotter.served import Served
 
 pytestmark = pytest.mark.root
 
@@ -55,24 +52,6 @@ def keys() -> list[str]:
         out.append(f"default/{i}/extract-{i * 7919 % 10**9:09d}-{i % 4096:03x} "
                    f"sha256:{digest}")
     return out
-
-
-class Served:
-    def __init__(self, home: Path, sock: Path) -> None:
-        drv = lamina.open_driver(home, backend="vfs")
-        assert isinstance(drv, StoreDriver)
-        self.drv = drv
-        self.sn = Snapshotter(drv)
-        self.sock = sock
-        self.server = server.start(self.sn, sock)
-        self.channel = grpc.insecure_channel(f"unix:{sock}")
-        self.stub = stub_of(self.channel)
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.server.stop(5).wait()
-        self.sn.close()
-        self.drv.close()
 
 
 @pytest.fixture(scope="module")

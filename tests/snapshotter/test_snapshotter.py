@@ -22,41 +22,18 @@ import pytest
 import lamina
 from lamina.archive.diffid import chain_id
 from lamina.backends.base import StoreDriver
-from lamina.frontends.containerd import filters, server
+from lamina.frontends.containerd import filters
 from lamina.frontends.containerd.api import snapshots_pb2 as pb
-from lamina.frontends.containerd.api import snapshots_pb2_grpc
 from lamina.frontends.containerd.snapshotter import REF_LABEL, Snapshotter
+from tests.snapshotter.served import Served as ServedStore
 
 pytestmark = pytest.mark.root
 
 BACKENDS = ["overlay", "vfs"]
 
 
-class Served:
-    """A store served on a socket, with a client; ``restart()`` starts it anew."""
-
-    def __init__(self, home: Path, backend: str, sock: Path) -> None:
-        self.home, self.backend, self.sock = home, backend, sock
-        self._start()
-
-    def _start(self) -> None:
-        drv = lamina.open_driver(self.home, backend=self.backend)
-        assert isinstance(drv, StoreDriver)
-        self.drv = drv
-        self.sn = Snapshotter(drv)
-        self.server = server.start(self.sn, self.sock)
-        self.channel = grpc.insecure_channel(f"unix:{self.sock}")
-        self.stub: Any = snapshots_pb2_grpc.SnapshotsStub(self.channel)
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.server.stop(5).wait()
-        self.sn.close()
-        self.drv.close()
-
-    def restart(self) -> None:
-        self.stop()
-        self._start()
+class Served(ServedStore):
+    """A store served on a socket, with a client, and shorthands for its calls."""
 
     # shorthands
     def prepare(self, key: str, parent: str = "", **labels: str) -> Any:
@@ -78,7 +55,7 @@ class Served:
 
 @pytest.fixture(params=BACKENDS)
 def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
-    s = Served(tmp_path / "home", request.param, tmp_path / "s.sock")
+    s = Served(tmp_path / "home", tmp_path / "s.sock", request.param)
     try:
         yield s
     finally:
