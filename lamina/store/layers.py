@@ -327,7 +327,9 @@ class Store:
         its children; it is retired without looking at what it says."""
         chain = None
         if not damaged:
-            chain = self.meta(id).identity.chain_id  # NotFound: removed meanwhile
+            # Damaged metadata (``rm`` removes such a layer): its index entry is swept.
+            with contextlib.suppress(errors.Corrupt):
+                chain = self.meta(id).identity.chain_id  # NotFound: removed meanwhile
         doomed = self.layers_dir / f"{id}{REMOVING_SUFFIX}"
         fsutil.remove_tree(doomed)  # an older removal of the same id, unfinished
         with self.mount_lock(id), self.locked():

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -48,30 +50,39 @@ class Measured:
     seconds: float
 
 
+_LAUNCH = """
+import os, resource, sys
+nofile = int(sys.argv[1])
+if nofile:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+"""Runs the command as its own child and prints its exit status and peak RSS: measured
+from a small process, since a child forked from this big test process would count the
+test process's pages in its peak (Linux keeps the peak across ``exec``)."""
+
+
 def run_measured(argv: list[str], env: dict[str, str], *, timeout: float = 120,
                  nofile: int | None = None) -> Measured:
     """Run ``argv`` (with at most ``nofile`` open files), and take its own peak RSS from
     ``wait4`` (the rusage of that child alone, not of every child the tests ran)."""
-    import resource
-
-    def limit() -> None:
-        if nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
     with tempfile.TemporaryFile() as err:
         began = time.monotonic()
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=limit)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - began > timeout:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise AssertionError(f"{argv}: still running after {timeout} s")
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # Popen must not wait again
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(nofile or 0), *argv],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"{argv}: still running after {timeout} s") from None
+        status, maxrss = (int(x) for x in out.split())
         err.seek(0)
-        return Measured(proc.returncode, err.read().decode(errors="replace"),
-                        usage.ru_maxrss * 1024, time.monotonic() - began)
+        return Measured(status, err.read().decode(errors="replace"), maxrss * 1024,
+                        time.monotonic() - began)
