@@ -130,6 +130,9 @@ class _Builder:
         self.ids = ids
         self.lowers = None if lowers is None else list(lowers)
         self.tree = ImageTree()
+        # The root, where the tar has none, as the applier's: the container's root's.
+        root_uid, root_gid = ids.to_host(0, 0, layer, "/")
+        self.tree.uid[self.tree.root], self.tree.gid[self.tree.root] = root_uid, root_gid
         # Directories by cleaned path: most members sit beside the one before them.
         self._cache: dict[tuple[str, ...], _Place] = {}
         self._root_opaque = False
