@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 import pytest
 
 import lamina
+import lamina.host.mount
 from lamina import errors
 
 
@@ -61,16 +62,24 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", names, scope="module")
 
 
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` (from /proc/self/mountinfo)."""
+def mounts_under(path: Path, *, images: bool = False) -> list[str]:
+    """Mount points at or below ``path`` (from /proc/self/mountinfo), leaving out the
+    EROFS layers' own (mounted as long as their layer exists) unless ``images``."""
     prefix = str(path)
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             point = line.split()[4].encode().decode("unicode_escape")
-            if point == prefix or point.startswith(prefix + "/"):
+            if (point == prefix or point.startswith(prefix + "/")) and (
+                    images or not is_layer_image(Path(point))):
                 found.append(point)
     return found
+
+
+def is_layer_image(point: Path) -> bool:
+    """Whether mount ``point`` is an EROFS layer's own (its ``diff/``, mounted as long
+    as the layer exists)."""
+    return point.name == "diff" and (point.parent / "layer.erofs").is_file()
 
 
 Opener = Callable[..., lamina.Driver]
@@ -133,6 +142,9 @@ def stores(backend: str, home: Path, open_store: Opener) -> Iterator[Stores]:
     opened = Stores(backend, home, open_store)
     yield opened
     opened.finish()
+    for point in mounts_under(home.parent, images=True):
+        if is_layer_image(Path(point)):  # kept while their layers exist, not after the test
+            lamina.host.mount.unmount(point)
     assert mounts_under(home.parent) == [], "cleanup() left mounts behind"
 
 

@@ -94,6 +94,10 @@ def check(drv: Driver, *, repair: bool = False, content: bool = True) -> Report:
                     store.rewrite_meta(meta)
                     report.repairs.append(f"{lid}: manifest recorded from its present content")
                 continue
+            wrong = sd.verify_layer(lid, meta)
+            if wrong is not None:
+                broken[lid] = wrong
+                continue
             found = manifest.verify(sd.content_of(where), recorded, only=sd.content_only)
             if found:
                 broken[lid] = "content differs from its manifest: " + "; ".join(found[:5]) + (
