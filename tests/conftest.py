@@ -1,7 +1,9 @@
 """Fixtures shared by lamina's suites.
 
 - ``backend``: every registered backend (``lamina.registry.backends()``), so a backend that
-  registers itself runs the whole conformance suite with no change here.
+  registers itself runs the whole conformance suite with no change here; a test whose
+  stores the fixtures open runs again for each other layer format of its backend
+  (:data:`LAYER_FORMATS`: ``overlay+erofs``), with ``backend_options`` set to pick it.
 - ``driver``: a store opened in a fresh home with that backend; cleaned up and closed
   after the test, which then checks that nothing is left mounted under the home.
 - ``stores``: for tests that open, close and reopen stores themselves.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -59,7 +61,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # Module scope, so that a module's expensive fixtures are built once per backend.
         # A module that runs a suite against some backends only names them in BACKENDS.
         names = getattr(metafunc.module, "BACKENDS", None) or backends()
-        metafunc.parametrize("backend", names, scope="module")
+        # A module that picks its layer formats itself says ``EACH_FORMAT = False``.
+        if "backend_options" not in metafunc.fixturenames or not getattr(
+                metafunc.module, "EACH_FORMAT", True):
+            metafunc.parametrize("backend", names, scope="module")
+            return
+        # A store opened by the fixtures runs with each layer format too (overlay's
+        # EROFS layers: the same contract, another kind of lower).
+        variants = [(name, opts) for name in names
+                    for opts in [(), *LAYER_FORMATS.get(name, {}).values()]]
+        ids = [name + next((f"+{k}" for k, v in LAYER_FORMATS.get(name, {}).items()
+                            if v == opts), "") for name, opts in variants]
+        metafunc.parametrize(("backend", "backend_options"), variants, ids=ids, scope="module")
+
+
+LAYER_FORMATS: dict[str, dict[str, tuple[str, ...]]] = {
+    "overlay": {"erofs": ("overlay.layers=erofs",)},
+}
+"""Per backend, the other layer formats the fixtures' stores run with (by the name a
+test id carries: ``backend`` ``overlay+erofs``), as the driver options that pick them."""
 
 
 def mounts_under(path: Path, *, images: bool = False) -> list[str]:
@@ -128,12 +148,30 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+@pytest.fixture(scope="module")
+def backend_options() -> tuple[str, ...]:
+    """Driver options every store of the fixtures opens with (a layer format's, see
+    :data:`LAYER_FORMATS`); parametrized with ``backend``."""
+    return ()
+
+
+def _open_with(home: Path, *, backend: str, extra: tuple[str, ...],
+               options: Sequence[str] | Mapping[str, str] = (), **kw: Any) -> lamina.Driver:
+    """``lamina.open_driver`` with ``extra`` options before the test's own."""
+    if isinstance(options, Mapping):
+        merged: Sequence[str] | Mapping[str, str] = {
+            **dict(o.split("=", 1) for o in extra), **options}
+    else:
+        merged = [*extra, *options]
+    return lamina.open_driver(home, backend=backend, options=merged, **kw)
+
+
 @pytest.fixture
-def open_store(backend: str) -> Opener:
-    """How the suites open a store: ``lamina.open_driver`` with ``backend``.  A module that
-    runs the contract suite against another driver overrides this fixture (see
-    :mod:`tests.contract`)."""
-    return functools.partial(lamina.open_driver, backend=backend)
+def open_store(backend: str, backend_options: tuple[str, ...]) -> Opener:
+    """How the suites open a store: ``lamina.open_driver`` with ``backend`` (and its
+    layer format's options).  A module that runs the contract suite against another
+    driver overrides this fixture (see :mod:`tests.contract`)."""
+    return functools.partial(_open_with, backend=backend, extra=backend_options)
 
 
 @pytest.fixture
