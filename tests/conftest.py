@@ -99,7 +99,8 @@ def mounts_under(path: Path, *, images: bool = False) -> list[str]:
 def is_layer_image(point: Path) -> bool:
     """Whether mount ``point`` is an EROFS layer's own (its ``diff/``, mounted as long
     as the layer exists)."""
-    return point.name == "diff" and (point.parent / "layer.erofs").is_file()
+    return (point.name == "diff" and point.parent.parent.name == "layers"
+            and (point.parent / "layer.erofs").is_file())
 
 
 Opener = Callable[..., lamina.Driver]

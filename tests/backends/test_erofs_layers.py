@@ -31,7 +31,7 @@ from tests import tarbuild as tb
 from tests.conftest import Stores, lacking, mounts_under
 from tests.layers import apply, mounted, read, tree
 from tests.snapshot import assert_same_tree, snapshot_tar
-from tests.test_corpus import assert_is_docker_export
+from tests.test_corpus import assert_is_docker_export, tar_data_size
 
 pytestmark = [pytest.mark.root]
 BACKENDS = ["overlay"]
@@ -76,7 +76,8 @@ def test_status_says_the_format(stores: Stores, erofs: lamina.Driver) -> None:
 def test_rootfs_is_the_tar_and_gives_it_back(erofs: lamina.Driver, corpus_dir: Path) -> None:
     tar = corpus_dir / "rootfs.tar"
     with open(tar, "rb") as f:
-        erofs.apply_diff("root", None, f)
+        size = erofs.apply_diff("root", None, f)
+    assert size == tar_data_size(tar)  # what a directory layer's apply says
     assert fmt(erofs, "root") is LayerFormat.EROFS
     assert_same_tree(tree(erofs, "root"), snapshot_tar(tar))
     want = hashlib.sha256(tar.read_bytes()).hexdigest()
