@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import stat
@@ -60,6 +61,7 @@ from lamina.options import APPLY_OPTIONS
 from lamina.store.holds import Holder
 from lamina.store.meta import LayerFormat, LayerMeta
 
+log = logging.getLogger("lamina")
 DIFF, WORK, MERGED, LOWER, LINK = "diff", "work", "merged", "lower", "link"
 MAX_DEPTH = 500  # overlayfs' limit on lower layers (the new mount API takes them all)
 LEGACY_MAX_DEPTH = 128
@@ -173,13 +175,19 @@ class OverlayDriver(StoreDriver):
         return erofslayers.probe(self.home)
 
     def _remount_images(self) -> None:
-        """Mount the EROFS layers whose mounts are gone (a reboot), each under its lock."""
+        """Mount the EROFS layers whose mounts are gone (a reboot), each under its lock.
+        One that will not mount (a damaged image) is left to ``check`` to report."""
         for lid in self.store.ids():
             layer_dir = self.store.layer_dir(lid)
             if erofslayers.is_erofs(layer_dir) and not os.path.ismount(layer_dir / DIFF):
                 with self.store.mount_lock(lid):
-                    if self.store.exists(lid) and erofslayers.is_erofs(layer_dir):
+                    if not (self.store.exists(lid) and erofslayers.is_erofs(layer_dir)):
+                        continue
+                    try:
                         erofslayers.remount(layer_dir, layer_dir / DIFF)
+                    except OSError as e:
+                        log.warning("lamina: layer %s: its EROFS image does not mount (see "
+                                    "lamina check): %s", lid, e)
 
     def _mounts_to_mend(self, ids: Iterable[LayerId]) -> list[LayerId]:
         """The layers among ``ids`` mounted with no count, or counted with no mount."""

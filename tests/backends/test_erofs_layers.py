@@ -185,3 +185,21 @@ def test_check_finds_a_tampered_tar(erofs: lamina.Driver) -> None:
     check.check(erofs, repair=True)
     assert not erofs.exists("a") and not erofs.exists("b")
     assert mounts_under(erofs.home, images=True) == []
+
+
+def test_an_image_that_will_not_mount_is_found_after_a_reboot(stores: Stores,
+                                                              erofs: lamina.Driver) -> None:
+    apply(erofs, "a", None, [tb.file("f", b"a")])
+    apply(erofs, "b", "a", [tb.file("g", b"b")])
+    image = image_mount(erofs, "a").parent / "layer.erofs"
+    stores.close(erofs)
+    for point in mounts_under(stores.home, images=True):
+        mount.unmount(point)  # a reboot, and then the image is damaged
+    image.write_bytes(bytes(4096))
+    again = stores.open(options=EROFS)  # opens all the same
+    report = check.check(again)
+    assert any(p.startswith("a: its EROFS image does not mount") for p in report.problems), \
+        report.problems
+    check.check(again, repair=True)
+    assert sorted(again.layers()) == []
+    assert check.check(again).consistent
