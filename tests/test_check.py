@@ -42,6 +42,7 @@ from tests.conftest import Stores, mounts_under
 from tests.layers import apply, is_stored_tar, tree
 
 pytestmark = pytest.mark.root
+EACH_FORMAT = True  # an EROFS layer's damage is its tar's, or its image's
 
 REPO = Path(__file__).resolve().parent.parent
 
