@@ -63,7 +63,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # A module that runs a suite against some backends only names them in BACKENDS.
         names = getattr(metafunc.module, "BACKENDS", None) or backends()
         # The conformance suite runs with every layer format; another module says
-        # ``EACH_FORMAT = True`` to (the security and crash suites do not yet).
+        # ``EACH_FORMAT = True`` to (the security suite does not yet).
         each = getattr(metafunc.module, "EACH_FORMAT",
                        metafunc.module.__name__.startswith("tests.contract."))
         if "backend_options" not in metafunc.fixturenames or not each:
