@@ -1,7 +1,10 @@
 """Fixtures shared by lamina's suites.
 
 - ``backend``: every registered backend (``lamina.registry.backends()``), so a backend that
-  registers itself runs the whole conformance suite with no change here.
+  registers itself runs the whole conformance suite with no change here; a conformance
+  test (or one of a module that says ``EACH_FORMAT = True``) whose stores the fixtures
+  open runs again for each other layer format of its backend (:data:`LAYER_FORMATS`:
+  ``overlay+erofs``), with ``backend_options`` set to pick it.
 - ``driver``: a store opened in a fresh home with that backend; cleaned up and closed
   after the test, which then checks that nothing is left mounted under the home.
 - ``stores``: for tests that open, close and reopen stores themselves.
@@ -16,13 +19,14 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
 
 import lamina
+import lamina.host.mount
 from lamina import errors
 
 
@@ -58,19 +62,48 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         # Module scope, so that a module's expensive fixtures are built once per backend.
         # A module that runs a suite against some backends only names them in BACKENDS.
         names = getattr(metafunc.module, "BACKENDS", None) or backends()
-        metafunc.parametrize("backend", names, scope="module")
+        # The conformance suite runs with every layer format; another module says
+        # ``EACH_FORMAT = True`` to (the security suite does not yet).
+        each = getattr(metafunc.module, "EACH_FORMAT",
+                       metafunc.module.__name__.startswith("tests.contract."))
+        if "backend_options" not in metafunc.fixturenames or not each:
+            metafunc.parametrize("backend", names, scope="module")
+            return
+        # A store opened by the fixtures runs with each layer format too (overlay's
+        # EROFS layers: the same contract, another kind of lower).
+        variants = [(name, opts) for name in names
+                    for opts in [(), *LAYER_FORMATS.get(name, {}).values()]]
+        ids = [name + next((f"+{k}" for k, v in LAYER_FORMATS.get(name, {}).items()
+                            if v == opts), "") for name, opts in variants]
+        metafunc.parametrize(("backend", "backend_options"), variants, ids=ids, scope="module")
 
 
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` (from /proc/self/mountinfo)."""
+LAYER_FORMATS: dict[str, dict[str, tuple[str, ...]]] = {
+    "overlay": {"erofs": ("overlay.layers=erofs",)},
+}
+"""Per backend, the other layer formats the fixtures' stores run with (by the name a
+test id carries: ``backend`` ``overlay+erofs``), as the driver options that pick them."""
+
+
+def mounts_under(path: Path, *, images: bool = False) -> list[str]:
+    """Mount points at or below ``path`` (from /proc/self/mountinfo), leaving out the
+    EROFS layers' own (mounted as long as their layer exists) unless ``images``."""
     prefix = str(path)
     found = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             point = line.split()[4].encode().decode("unicode_escape")
-            if point == prefix or point.startswith(prefix + "/"):
+            if (point == prefix or point.startswith(prefix + "/")) and (
+                    images or not is_layer_image(Path(point))):
                 found.append(point)
     return found
+
+
+def is_layer_image(point: Path) -> bool:
+    """Whether mount ``point`` is an EROFS layer's own (its ``diff/``, mounted as long
+    as the layer exists)."""
+    return (point.name == "diff" and point.parent.parent.name == "layers"
+            and (point.parent / "layer.erofs").is_file())
 
 
 Opener = Callable[..., lamina.Driver]
@@ -119,12 +152,30 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+@pytest.fixture(scope="module")
+def backend_options() -> tuple[str, ...]:
+    """Driver options every store of the fixtures opens with (a layer format's, see
+    :data:`LAYER_FORMATS`); parametrized with ``backend``."""
+    return ()
+
+
+def _open_with(home: Path, *, backend: str, extra: tuple[str, ...],
+               options: Sequence[str] | Mapping[str, str] = (), **kw: Any) -> lamina.Driver:
+    """``lamina.open_driver`` with ``extra`` options before the test's own."""
+    if isinstance(options, Mapping):
+        merged: Sequence[str] | Mapping[str, str] = {
+            **dict(o.split("=", 1) for o in extra), **options}
+    else:
+        merged = [*extra, *options]
+    return lamina.open_driver(home, backend=backend, options=merged, **kw)
+
+
 @pytest.fixture
-def open_store(backend: str) -> Opener:
-    """How the suites open a store: ``lamina.open_driver`` with ``backend``.  A module that
-    runs the contract suite against another driver overrides this fixture (see
-    :mod:`tests.contract`)."""
-    return functools.partial(lamina.open_driver, backend=backend)
+def open_store(backend: str, backend_options: tuple[str, ...]) -> Opener:
+    """How the suites open a store: ``lamina.open_driver`` with ``backend`` (and its
+    layer format's options).  A module that runs the contract suite against another
+    driver overrides this fixture (see :mod:`tests.contract`)."""
+    return functools.partial(_open_with, backend=backend, extra=backend_options)
 
 
 @pytest.fixture
@@ -133,6 +184,9 @@ def stores(backend: str, home: Path, open_store: Opener) -> Iterator[Stores]:
     opened = Stores(backend, home, open_store)
     yield opened
     opened.finish()
+    for point in mounts_under(home.parent, images=True):
+        if is_layer_image(Path(point)):  # kept while their layers exist, not after the test
+            lamina.host.mount.unmount(point)
     assert mounts_under(home.parent) == [], "cleanup() left mounts behind"
 
 

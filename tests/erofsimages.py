@@ -1,8 +1,8 @@
 """EROFS layer images in tests: mounted by the kernel, pictured, compared with GNU tar.
 
 :func:`mounted` mounts an image that :func:`~lamina.archive.erofstar.index_tar` wrote
-with its tar as device 1 (file-backed, or through loop devices); :func:`picture`
-describes a tree (names, types, modes, owners, sizes, contents, every xattr, link
+with its tar as device 1 (the host tier's mount, file-backed or through loop devices);
+:func:`picture` describes a tree (names, types, modes, owners, sizes, contents, every xattr, link
 targets, devices, mtimes, link counts, hard-link groups); :func:`check_tar` indexes a
 tar, mounts it and compares it with what ``tar --xattrs --xattrs-include='*'
 --numeric-owner -xpf`` extracts, whiteouts and opaque markers as overlayfs has them
@@ -12,7 +12,6 @@ tar, mounts it and compares it with what ``tar --xattrs --xattrs-include='*'
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import os
@@ -24,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from lamina.archive.erofstar import index_tar
-from lamina.host import libc, loop
+from lamina.host import mount
 from tests.conftest import lacking
 
-MS_RDONLY = 1  # mount(2)'s flag
 OPQ = ".wh..wh..opq"  # the opaque marker, as a tar spells it
 
 Node = tuple[Any, ...]
@@ -45,35 +43,24 @@ def _kernel_release() -> tuple[int, int]:
 
 @contextlib.contextmanager
 def mounted(image: Path, tar: Path, where: Path, *, loops: bool = False) -> Iterator[Path]:
-    """``image`` mounted read-only at ``where`` with ``tar`` as its device 1: file-backed
-    (Linux >= 6.12), else (or with ``loops``) through two loop devices; unmounted (and
-    the devices freed) after.  A mount the kernel refuses is an error: an image lamina
-    wrote must mount wherever EROFS takes 512-byte blocks (Linux >= 6.4)."""
+    """``image`` mounted read-only at ``where`` with ``tar`` as its device 1 by
+    :func:`lamina.host.mount.mount_erofs`: file-backed (Linux >= 6.12), else (or with
+    ``loops``) through two loop devices; unmounted (and the devices freed) after.  A
+    mount the kernel refuses is an error: an image lamina wrote must mount wherever
+    EROFS takes 512-byte blocks (Linux >= 6.4)."""
     if _kernel_release() < (6, 4):
         lacking(f"EROFS with 512-byte blocks needs Linux >= 6.4, not {os.uname().release}")
     where.mkdir(exist_ok=True)
-    lib = libc.load()
-    devices: list[str] = []
-    if loops or lib.mount(str(image).encode(), str(where).encode(), b"erofs", MS_RDONLY,
-                          f"device={tar}".encode()) != 0:
-        err = errno.ENOTBLK if loops else ctypes.get_errno()
-        if err == errno.ENODEV:
+    try:
+        mount.mount_erofs(image, tar, where, loops=loops)
+    except OSError as e:
+        if e.errno == errno.ENODEV:
             lacking("the kernel has no EROFS")
-        if err != errno.ENOTBLK:  # ENOTBLK: no file-backed mounts (before 6.12)
-            raise OSError(err, f"mount erofs {image}: {os.strerror(err)}")
-        devices = [loop.attach(tar, read_only=True), loop.attach(image, read_only=True)]
-        if lib.mount(devices[1].encode(), str(where).encode(), b"erofs", MS_RDONLY,
-                     f"device={devices[0]}".encode()) != 0:
-            err = ctypes.get_errno()
-            for device in devices:
-                loop.detach(device)
-            raise OSError(err, f"mount erofs {image} on loop devices: {os.strerror(err)}")
+        raise
     try:
         yield where
     finally:
-        libc.check(lib.umount2(str(where).encode(), 0), "umount", where)
-        for device in devices:
-            loop.detach(device)
+        mount.unmount(str(where), lazy=False)
 
 
 def index(tar: Path, image: Path, lowers: list[str] | None = None) -> None:

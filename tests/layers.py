@@ -81,3 +81,12 @@ def listing(path: Path) -> set[str]:
         rel = os.path.relpath(dirpath, path)
         out.update(os.path.normpath(os.path.join(rel, n)) for n in dirnames + filenames)
     return out
+
+
+def is_stored_tar(drv: lamina.Driver, id: str) -> bool:
+    """Whether layer ``id`` is kept as the tar it was applied from (overlay's EROFS
+    layers: their diff is that tar, byte for byte)."""
+    from lamina.backends.contract import backend_of
+    from lamina.store.meta import LayerFormat
+
+    return backend_of(drv).record(id).format is LayerFormat.EROFS

@@ -35,7 +35,8 @@ Semantics, as contract §2 has them for a layer:
 
 What cannot be an image over this tar is :class:`~lamina.errors.Unsupported`,
 naming the path, so that the caller keeps the layer as a directory instead:
-a sparse member (its data is not contiguous in the tar), a hard link to a file
+a sparse member (its data is not contiguous in the tar), xattrs past an inode's
+inline area (some 256 KiB of them), a hard link to a file
 this tar does not carry (a lower layer's: the image cannot copy its data up), an
 opaque marker at the layer root when the lowers are not known (only whiteouts of
 their names would do), a 0/0 character device (it would be a whiteout), and a tar
@@ -69,6 +70,7 @@ from lamina.host.idmap import IdMapper
 __all__ = ["ImageStats", "index_tar"]
 
 _CACHE_MAX = 512
+_ICOUNT_MAX = 0xFFFF  # i_xattr_icount, 16 bits
 _PATH_MAX = 4096  # symlink(2) takes no target of this length or more, nor an empty one
 _Place = tuple[int, tuple[bytes, ...], bool]
 """A directory of the tree: its inode, its path in the union, whether an opaque
@@ -130,6 +132,9 @@ class _Builder:
         self.ids = ids
         self.lowers = None if lowers is None else list(lowers)
         self.tree = ImageTree()
+        # The root, where the tar has none, as the applier's: the container's root's.
+        root_uid, root_gid = ids.to_host(0, 0, layer, "/")
+        self.tree.uid[self.tree.root], self.tree.gid[self.tree.root] = root_uid, root_gid
         # Directories by cleaned path: most members sit beside the one before them.
         self._cache: dict[tuple[str, ...], _Place] = {}
         self._root_opaque = False
@@ -299,7 +304,7 @@ class _Builder:
             node = self._node(entry, data_offset)
             xattrs = self._xattrs(entry)
             if xattrs:
-                self.tree.xattrs[node] = xattrs
+                self.tree.xattrs[node] = self._fitting(xattrs, entry.name)
         self._put(parent, raw, node)
 
     def _node(self, entry: Entry, data_offset: int) -> int:
@@ -337,7 +342,15 @@ class _Builder:
         tree.mtime[node] = entry.mtime
         xattrs = self._xattrs(entry)
         if xattrs:
-            tree.xattrs.setdefault(node, {}).update(xattrs)
+            tree.xattrs[node] = self._fitting({**tree.xattrs.get(node, {}), **xattrs},
+                                              entry.name)
+
+    def _fitting(self, xattrs: dict[str, bytes], name: str) -> dict[str, bytes]:
+        """``xattrs``, which must fit one inode's inline xattr area (its size in 4-byte
+        slots is 16 bits: some 256 KiB), else ``Unsupported``."""
+        if erofs.xattr_icount(erofs.xattr_body(xattrs)) > _ICOUNT_MAX:
+            raise self._unsupported("its xattrs take more than an EROFS inode holds", name)
+        return xattrs
 
     def _xattrs(self, entry: Entry) -> dict[str, bytes]:
         """The member's xattrs that the image keeps (see the module docstring)."""

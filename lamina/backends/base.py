@@ -147,7 +147,11 @@ class StoreDriver(Backend, abc.ABC):
                         fields = self._populate(staged, lid, pid, quota)
                         meta = LayerMeta(lid, pid, rw, wall_time(), quota=fields.pop("quota", None),
                                          format=self.new_format, backend=fields)
-                        if tar is not None:
+                        if tar is not None and not rw:
+                            size, meta.format = self._apply_new(staged, lid, pid,
+                                                                tar.as_stream(), digests)
+                            meta.identity = self._identity(meta, tar)
+                        elif tar is not None:
                             size = self._apply(staged, lid, pid, tar.as_stream(), digests)
                             meta.identity = self._identity(meta, tar)
                         if not rw:
@@ -213,6 +217,7 @@ class StoreDriver(Backend, abc.ABC):
                     fields = self._restage(staged, lid)
                     size = self._apply(staged, lid, pid, tar.as_stream(), digests)
                     meta = self.store.meta(lid)
+                    meta.format = self.new_format  # restaged: an EROFS layer's is a copy now
                     meta.backend.update(fields)
                     # A layer that had content of its own is no single tar's any more.
                     meta.identity = (Identity() if _had_content(meta)

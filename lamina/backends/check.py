@@ -2,7 +2,9 @@
 
 ``check`` looks at every layer directory: its metadata (readable, its own id,
 a parent that exists, a chain that agrees), its content against the manifest
-recorded when it was made (read-only layers), its mount count against the
+recorded when it was made (read-only layers; and what the backend verifies
+beyond it, :meth:`~lamina.backends.contract.Backend.verify_layer`: an EROFS
+layer's tar against its diff id, its image's mount), its mount count against the
 mounts that exist, and at the store's leftovers (staging directories of dead
 builders, ``-removing`` directories, dangling short links, counts of layers
 that are gone).  With ``repair`` it removes what is broken — a damaged layer
@@ -93,6 +95,10 @@ def check(drv: Driver, *, repair: bool = False, content: bool = True) -> Report:
                     meta.totals = sd.record_manifest(where)
                     store.rewrite_meta(meta)
                     report.repairs.append(f"{lid}: manifest recorded from its present content")
+                continue
+            wrong = sd.verify_layer(lid, meta)
+            if wrong is not None:
+                broken[lid] = wrong
                 continue
             found = manifest.verify(sd.content_of(where), recorded, only=sd.content_only)
             if found:

@@ -112,6 +112,12 @@ class Backend(Driver, abc.ABC):
         CRC-32s of the files it writes in ``digests``, where it can, for the manifest;
         return the tar's regular-file bytes."""
 
+    def _apply_new(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
+                   digests: Digests) -> tuple[int, LayerFormat]:
+        """:meth:`_apply` into a new read-only layer, which a backend may keep in another
+        format than its new layers' (overlay's EROFS); the bytes and the format."""
+        return self._apply(staged, id, parent, tar, digests), self.new_format
+
     @abc.abstractmethod
     def _restage(self, staged: Path, id: LayerId) -> dict[str, Any]:
         """Copy live layer ``id``'s content into ``staged`` (for a replacing apply)."""
@@ -180,6 +186,11 @@ class Backend(Driver, abc.ABC):
     @abc.abstractmethod
     def record_manifest(self, layer_dir: Path, digests: Digests | None = None) -> Totals:
         """Record what a read-only layer holds (for ``check``); its totals (for ``df``)."""
+
+    def verify_layer(self, id: LayerId, meta: LayerMeta) -> str | None:
+        """What is wrong with read-only layer ``id`` beyond its manifest (an EROFS
+        layer's tar against its diff id, its image's mount); None: nothing."""
+        return None
 
     def union_point(self, id: LayerId) -> Path | None:
         """Where ``id``'s union view is mounted while in use (None: never a mount)."""

@@ -13,6 +13,13 @@ no mount: its view is its ``diff/``.  Mounts are counted across processes by
 the store; ``redirect_dir``, ``metacopy`` and ``index`` are off, so that
 ``diff/`` always holds a layer's full changes and the native diff is exact.
 
+Read-only layers applied from a tar into a new layer are directories by default;
+with ``overlay.layers=erofs`` (where the kernel mounts lamina's images: probed on
+open, ``status`` says which and why) they are kept as their tar and an EROFS image
+over it, mounted read-only at the layer's ``diff/`` (:mod:`lamina.backends.erofslayers`):
+the same lower to everything that uses one, and ``diff`` against the layer's own
+parent is the tar itself.  A chain mixes both kinds.
+
 Native diff: against its own parent a layer's changes are read from ``diff/``
 alone (cost proportional to the change, lower layers consulted only for the
 paths that changed); against any other parent both union views are mounted and
@@ -20,19 +27,21 @@ compared naively.
 
 Crash model: as :mod:`lamina.store.layers` for building and removal.  Mounts do not
 survive a reboot and may outlive a process that died; on open, a mount with no
-count is unmounted and a count with no mount is reset.
+count is unmounted, a count with no mount is reset, and an EROFS layer whose image
+is not mounted is mounted again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import Any, BinaryIO, ClassVar, cast
 
 from lamina import errors
 from lamina.archive import isolate, naivediff
@@ -40,6 +49,7 @@ from lamina.archive.apply import OVERLAY_OPAQUE_XATTR
 from lamina.archive.digests import Digests
 from lamina.archive.export import change_items, export_changes, open_stream
 from lamina.archive.overlaydiff import native_changes, native_items
+from lamina.backends import erofslayers
 from lamina.backends.base import StoreDriver
 from lamina.backends.contract import SnapshotMount, bind, register_backend
 from lamina.backends.reading import TreeGetter
@@ -49,7 +59,9 @@ from lamina.host import quota as quotas
 from lamina.host.usage import tree_totals
 from lamina.options import APPLY_OPTIONS
 from lamina.store.holds import Holder
+from lamina.store.meta import LayerFormat, LayerMeta
 
+log = logging.getLogger("lamina")
 DIFF, WORK, MERGED, LOWER, LINK = "diff", "work", "merged", "lower", "link"
 MAX_DEPTH = 500  # overlayfs' limit on lower layers (the new mount API takes them all)
 LEGACY_MAX_DEPTH = 128
@@ -110,6 +122,8 @@ class OverlayDriver(StoreDriver):
     known_options: ClassVar[dict[str, str]] = {
         **APPLY_OPTIONS,
         "overlay.mount_program": "not supported: lamina mounts kernel overlayfs itself",
+        "overlay.layers": "how read-only layers applied from a tar are kept: dir (the "
+                          "default: directories) or erofs (the tar and an EROFS image over it)",
         "overlay.size": "default size quota of writable layers (Docker's units: 50M, 1.5GB)",
     }
 
@@ -129,7 +143,9 @@ class OverlayDriver(StoreDriver):
         if "overlay.mount_program" in self.options:
             raise errors.Unsupported("overlay.mount_program (fuse-overlayfs) is not supported",
                                      path="overlay.mount_program")
+        self._erofs_reason = self._choose_layers()
         (self.home / "l").mkdir(mode=0o700, exist_ok=True)
+        self._remount_images()
         # A first look without locks, then each layer that looks wrong again under its
         # mount lock (get and put mount and count under it): a running process's get
         # may be between its mount and its count.
@@ -146,6 +162,32 @@ class OverlayDriver(StoreDriver):
                     if not self.store.exists(lid):
                         self.store.set_count(lid, 0)
         self.sweep_links()
+
+    def _choose_layers(self) -> str | None:
+        """Why read-only layers are directories (None: they are EROFS): the option's
+        default, or a kernel that cannot mount the images (probed once, here)."""
+        choice = self.options.get("overlay.layers", "dir")
+        if choice not in ("dir", "erofs"):
+            raise errors.InvalidArgument(f"overlay.layers is {choice!r}, not erofs or dir",
+                                         path="overlay.layers")
+        if choice == "dir":
+            return "overlay.layers=dir"
+        return erofslayers.probe(self.home)
+
+    def _remount_images(self) -> None:
+        """Mount the EROFS layers whose mounts are gone (a reboot), each under its lock.
+        One that will not mount (a damaged image) is left to ``check`` to report."""
+        for lid in self.store.ids():
+            layer_dir = self.store.layer_dir(lid)
+            if erofslayers.is_erofs(layer_dir) and not os.path.ismount(layer_dir / DIFF):
+                with self.store.mount_lock(lid):
+                    if not (self.store.exists(lid) and erofslayers.is_erofs(layer_dir)):
+                        continue
+                    try:
+                        erofslayers.remount(layer_dir, layer_dir / DIFF)
+                    except OSError as e:
+                        log.warning("lamina: layer %s: its EROFS image does not mount (see "
+                                    "lamina check): %s", lid, e)
 
     def _mounts_to_mend(self, ids: Iterable[LayerId]) -> list[LayerId]:
         """The layers among ``ids`` mounted with no count, or counted with no mount."""
@@ -316,6 +358,30 @@ class OverlayDriver(StoreDriver):
                                    overlay_whiteouts=True, lowers=self._lowers(parent),
                                    digests=digests, **self.apply_limits)
 
+    def _apply_new(self, staged: Path, id: LayerId, parent: LayerId | None, tar: BinaryIO,
+                   digests: Digests) -> tuple[int, LayerFormat]:
+        """An EROFS layer where the option asks for it and the tar can be one (its
+        regular-file bytes as the image counts them), else a directory."""
+        if self._erofs_reason is not None or self.apply_limits.get("max_size") is not None:
+            # (apply.max_size is the directory applier's: an image is not bounded so)
+            return self._apply(staged, id, parent, tar, digests), LayerFormat.DIR
+        replay = erofslayers.store_indexed(
+            staged, staged / DIFF, tar, layer=id, lowers=self._lowers(parent), ids=self.ids,
+            max_entries=self.apply_limits.get("max_entries"))
+        if replay is None:
+            return tree_totals(staged / DIFF).bytes, LayerFormat.EROFS
+        try:
+            size = self._apply(staged, id, parent, cast(BinaryIO, replay), digests)
+        finally:
+            erofslayers.drop_replayed(staged, replay)
+        return size, LayerFormat.DIR
+
+    def verify_layer(self, id: LayerId, meta: LayerMeta) -> str | None:
+        if meta.format is not LayerFormat.EROFS:
+            return None
+        layer_dir = self.store.layer_dir(id)
+        return erofslayers.verify(layer_dir, layer_dir / DIFF, meta.identity.diff_id)
+
     def release(self, id: LayerId, holder: Holder) -> bool:
         # The layer's l/ link goes with it, as overlay2's does: left behind it would
         # dangle (swept on the next open, reported by check until then).
@@ -379,6 +445,9 @@ class OverlayDriver(StoreDriver):
         out = {"dir": str(layer_dir), "UpperDir": str(layer_dir / DIFF),
                "WorkDir": str(layer_dir / WORK), "MergedDir": str(layer_dir / MERGED)}
         lowers = self._lowers(self.store.parent(lid))
+        if erofslayers.is_erofs(layer_dir):
+            out["Image"] = str(layer_dir / erofslayers.IMAGE)
+            out["Tar"] = str(layer_dir / erofslayers.TAR)
         if lowers:
             out["LowerDir"] = ":".join(lowers)
         return out
@@ -404,6 +473,8 @@ class OverlayDriver(StoreDriver):
     def _stream_diff(self, id: str, parent: str | None) -> BinaryIO:
         lid = self.store.require(id)
         pid, own = self._diff_parent(lid, parent)
+        if own and self.store.meta(lid).format is LayerFormat.EROFS:
+            return erofslayers.stream_tar(self.store.layer_dir(lid))  # what was applied
         if own:
             return export_changes(self._diff(lid), native_items(self._diff(lid)), layer=lid,
                                   ids=self.ids)
@@ -439,7 +510,9 @@ class OverlayDriver(StoreDriver):
 
     def status(self) -> list[tuple[str, str]]:
         api = "new mount API (lowerdir+)" if mount.lowerdir_plus_available() else "mount(2)"
+        layers = "erofs" if self._erofs_reason is None else f"dir ({self._erofs_reason})"
         return [*super().status(), ("Native Overlay Diff", "true"), ("Mount", api),
+                ("Layer Format", layers),
                 ("Max Depth", str(max_depth()))]
 
     # -- snapshotter hooks (lamina.frontends.containerd) --------------------------------

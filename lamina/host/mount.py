@@ -18,8 +18,9 @@ import errno
 import functools
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
-from lamina.host import libc
+from lamina.host import libc, loop
 
 _libc = libc.load()
 # syscall(2) typed once for fsconfig's shape (int, uint, str, str, int): a mount of
@@ -243,3 +244,32 @@ def unmount_below(path: str | os.PathLike[str]) -> None:
         points.append(path)
     for point in sorted(points, key=len, reverse=True):
         unmount(point)
+
+
+def mount_erofs(image: str | os.PathLike[str], device: str | os.PathLike[str],
+                target: str | os.PathLike[str], *, loops: bool = False) -> None:
+    """Mount the EROFS metadata ``image`` read-only at ``target`` with ``device`` (the
+    layer's tar) as its extra device 1: file-backed on Linux >= 6.12, else through two
+    read-only loop devices (:mod:`lamina.host.loop`), detached lazily once mounted so
+    that the kernel frees them with the mount (``loops``: those, whatever the kernel).
+    ``OSError`` when the kernel refuses (ENODEV: no EROFS; EINVAL: no 512-byte blocks
+    before Linux 6.4)."""
+    src, dst = os.fsencode(image), os.fsencode(target)
+    if loops:
+        err = errno.ENOTBLK
+    elif _libc.mount(src, dst, b"erofs", MS_RDONLY, b"device=" + os.fsencode(device)) == 0:
+        return
+    else:
+        err = ctypes.get_errno()
+    if err != errno.ENOTBLK:  # ENOTBLK: no file-backed mounts here (before 6.12)
+        raise mount_error(err, "mount erofs", os.fsdecode(image))
+    devices = [loop.attach(Path(os.fsdecode(device)), read_only=True),
+               loop.attach(Path(os.fsdecode(image)), read_only=True)]
+    try:
+        if _libc.mount(devices[1].encode(), dst, b"erofs", MS_RDONLY,
+                       f"device={devices[0]}".encode()) != 0:
+            err = ctypes.get_errno()
+            raise mount_error(err, "mount erofs on loop devices", os.fsdecode(image))
+    finally:
+        for dev in devices:  # busy (mounted): the kernel frees it with the mount
+            loop.detach(dev)

@@ -51,6 +51,9 @@ class LayerFormat(enum.StrEnum):
 
     DIR = "dir"
     """A directory tree: what the isolated applier writes, and every writable layer."""
+    EROFS = "erofs"
+    """Overlay's EROFS over the layer's own tar: ``layer.tar`` byte for byte and the
+    ``layer.erofs`` metadata image over it, mounted read-only as the layer's lower."""
     WINDOWS = "windowsfilter"
     """Windows container files in the seed driver's layout (``Files/``, ``Hives/``)."""
 

@@ -481,6 +481,9 @@ UNSUPPORTED = {
                    "p"),
     "opaque root": (_raw(tb.raw_member(OPQ, b"")), OPQ),
     "whiteout device": (_raw(tb.raw_member("wh", type=tarfile.CHRTYPE)), "wh"),
+    "xattrs past an inode's area": (_raw(
+        tb.raw_pax({f"SCHILY.xattr.user.x{i:05d}": b"v" * 64000 for i in range(5)}),
+        tb.raw_member("x", b"")), "x"),
 }
 
 

@@ -21,7 +21,7 @@ import lamina
 from lamina import errors
 from tests import tarbuild as tb
 from tests.conftest import Stores
-from tests.layers import apply, links, mounted, names, read, tree
+from tests.layers import apply, is_stored_tar, links, mounted, names, read, tree
 from tests.snapshot import assert_same_tree, tar_path
 
 pytestmark = pytest.mark.root
@@ -147,7 +147,9 @@ def test_diff_apply_reproduces_everything(driver: lamina.Driver) -> None:
 def test_diff_of_a_base_layer_is_the_whole_tree(driver: lamina.Driver) -> None:
     apply(driver, "base", None, BASE)
     members = read_diff(driver, "base")
-    assert set(members) == {"/" + e.name for e in BASE} | {"/var", "/var/lib", "/usr"}
+    # A layer kept as its tar (overlay's EROFS) gives that tar back: no parents added.
+    made = set() if is_stored_tar(driver, "base") else {"/var", "/var/lib", "/usr"}
+    assert set(members) == {"/" + e.name for e in BASE} | made
     assert not any(os.path.basename(p).startswith(".wh.") for p in members)
     diff_then_apply(driver, "base", "copy", None)
     assert_same_tree(tree(driver, "copy"), tree(driver, "base"))

@@ -21,7 +21,7 @@ import pytest
 import lamina
 from lamina import errors, registry
 from tests import tarbuild as tb
-from tests.conftest import Stores, mounts_under
+from tests.conftest import Opener, Stores, mounts_under
 from tests.layers import apply, listing, mounted, names, read, tree
 
 pytestmark = pytest.mark.root
@@ -388,14 +388,14 @@ def test_size_quota_on_writable_layer(driver: lamina.Driver) -> None:
     ids=["list", "mapping", "no-prefix", "no-value", "empty-key"],
 )
 def test_unknown_driver_option_is_invalid(
-    backend: str, tmp_path: Path, options: list[str] | dict[str, str]
+    backend: str, tmp_path: Path, options: list[str] | dict[str, str], open_store: Opener
 ) -> None:
     if isinstance(options, dict):
         options = {k.format(b=backend): v for k, v in options.items()}
     else:
         options = [o.format(b=backend) for o in options]
     with pytest.raises(errors.InvalidArgument):
-        lamina.open_driver(tmp_path / "home", backend=backend, options=options).close()
+        open_store(tmp_path / "home", options=options).close()
 
 
 def test_vfs_copy_option(backend: str, stores: Stores) -> None:
@@ -437,14 +437,14 @@ def test_home_remembers_its_backend(
     assert backend in str(excinfo.value) and "other-test-backend" in str(excinfo.value)
 
 
-def test_driver_is_a_context_manager(backend: str, tmp_path: Path) -> None:
+def test_driver_is_a_context_manager(backend: str, tmp_path: Path, open_store: Opener) -> None:
     try:
-        with lamina.open_driver(tmp_path / "home", backend=backend) as drv:
+        with open_store(tmp_path / "home") as drv:
             drv.create("l")
             assert drv.exists("l")
     except errors.Unsupported as e:
         pytest.skip(f"backend {backend} cannot work here: {e}")
-    drv2 = lamina.open_driver(tmp_path / "home", backend=backend)
+    drv2 = open_store(tmp_path / "home")
     try:
         assert drv2.exists("l")
     finally:
