@@ -208,7 +208,7 @@ class LayerPaths:
             try:
                 os.fchown(dfd, st.st_uid, st.st_gid)
                 os.fchmod(dfd, stat.S_IMODE(st.st_mode))
-                fsutil.copy_xattrs(path, f"/proc/self/fd/{dfd}", overlay=False)
+                fsutil.copy_xattrs(path, dfd, overlay=False)  # fsetxattr: no /proc needed
                 os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(dfd)
