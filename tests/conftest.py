@@ -4,7 +4,7 @@
   registers itself runs the whole conformance suite with no change here; a conformance
   test (or one of a module that says ``EACH_FORMAT = True``) whose stores the fixtures
   open runs again for each other layer format of its backend (:data:`LAYER_FORMATS`:
-  ``overlay+erofs``), with ``backend_options`` set to pick it.
+  ``overlay+dir``), with ``backend_options`` set to pick it.
 - ``driver``: a store opened in a fresh home with that backend; cleaned up and closed
   after the test, which then checks that nothing is left mounted under the home.
 - ``stores``: for tests that open, close and reopen stores themselves.
@@ -70,7 +70,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize("backend", names, scope="module")
             return
         # A store opened by the fixtures runs with each layer format too (overlay's
-        # EROFS layers: the same contract, another kind of lower).
+        # directory layers beside its default EROFS ones: the same contract).
         variants = [(name, opts) for name in names
                     for opts in [(), *LAYER_FORMATS.get(name, {}).values()]]
         ids = [name + next((f"+{k}" for k, v in LAYER_FORMATS.get(name, {}).items()
@@ -79,10 +79,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 LAYER_FORMATS: dict[str, dict[str, tuple[str, ...]]] = {
-    "overlay": {"erofs": ("overlay.layers=erofs",)},
+    "overlay": {"dir": ("overlay.layers=dir",)},
 }
 """Per backend, the other layer formats the fixtures' stores run with (by the name a
-test id carries: ``backend`` ``overlay+erofs``), as the driver options that pick them."""
+test id carries: ``backend`` ``overlay+dir``), as the driver options that pick them."""
+
+DIR_LAYERS: dict[str, tuple[str, ...]] = {
+    name: formats["dir"] for name, formats in LAYER_FORMATS.items() if "dir" in formats}
+"""The options that make a backend's read-only layers directories (the applier's), for
+the tests of the applier itself (the security suites, the isolated child)."""
 
 
 def mounts_under(path: Path, *, images: bool = False) -> list[str]:
@@ -159,7 +164,7 @@ def backend_options() -> tuple[str, ...]:
     return ()
 
 
-def _open_with(home: Path, *, backend: str, extra: tuple[str, ...],
+def open_with(home: Path, *, backend: str, extra: tuple[str, ...],
                options: Sequence[str] | Mapping[str, str] = (), **kw: Any) -> lamina.Driver:
     """``lamina.open_driver`` with ``extra`` options before the test's own."""
     if isinstance(options, Mapping):
@@ -175,7 +180,7 @@ def open_store(backend: str, backend_options: tuple[str, ...]) -> Opener:
     """How the suites open a store: ``lamina.open_driver`` with ``backend`` (and its
     layer format's options).  A module that runs the contract suite against another
     driver overrides this fixture (see :mod:`tests.contract`)."""
-    return functools.partial(_open_with, backend=backend, extra=backend_options)
+    return functools.partial(open_with, backend=backend, extra=backend_options)
 
 
 @pytest.fixture

@@ -13,9 +13,11 @@ Semantics, as contract §2 has them for a layer:
   directory drops what was below it, and the reverse); a directory over a directory
   merges, the later one's metadata winning and xattrs added;
 - names are cleaned as lamina cleans them (``.`` components and repeated slashes
-  dropped); a name with a ``..`` component, an absolute name, an empty one, or a
-  component longer than 255 bytes is :class:`~lamina.errors.UnsafeArchive` (the
-  reader already refuses NUL);
+  dropped, an absolute name is the layer's own: ``/x`` is ``x``, as Docker has it);
+  a name with a ``..`` component, an empty one, a component longer than 255 bytes or
+  a path (symlinks followed) of PATH_MAX bytes or more from the layer root is
+  :class:`~lamina.errors.UnsafeArchive`, as extracting it fails (the reader already
+  refuses NUL);
 - a missing parent directory is copied up from the lower layers where they have it
   and are known (``lowers``), else created 0755, owned by root, with the image's
   epoch as its mtime (as extraction creates it); a symlink met as a parent (this
@@ -150,8 +152,6 @@ class _Builder:
     def _clean(self, name: str) -> list[str]:
         if not name:
             raise self._unsafe("empty name", name)
-        if name.startswith("/"):
-            raise self._unsafe("absolute name", name)
         parts = [part for part in name.split("/") if part and part != "."]
         if ".." in parts:
             raise self._unsafe("name has a '..' component", name)
@@ -190,6 +190,7 @@ class _Builder:
         path: list[bytes] = []  # the names that lead to stack[-1]
         todo = list(reversed(parts))
         links = 0
+        length = 0  # of "/" + "/".join(path)
         while todo:
             part = todo.pop()
             if part in (b"", b"."):
@@ -197,7 +198,7 @@ class _Builder:
             if part == b"..":
                 if path:
                     stack.pop()
-                    path.pop()
+                    length -= len(path.pop()) + 1
                 continue
             children = tree.children(stack[-1])
             child = children.get(part)
@@ -222,11 +223,15 @@ class _Builder:
                     raise self._unsafe("too many levels of symbolic links", name)
                 if target.startswith(b"/"):
                     del stack[1:], path[:]
+                    length = 0
                 todo.extend(reversed(target.split(b"/")))
                 continue
             assert child is not None
             stack.append(child)
             path.append(part)
+            length += len(part) + 1
+            if length >= _PATH_MAX:
+                raise self._unsafe(f"path is {_PATH_MAX} bytes or longer", name)
             if len(stack) > MAX_DEPTH + 1:
                 raise self._unsafe(f"path is more than {MAX_DEPTH} directories deep", name)
         return stack[-1], tuple(path), any(map(self._opaque, stack[1:]))
@@ -288,6 +293,8 @@ class _Builder:
         assert place is not None
         parent = place[0]
         raw = self._component(base, name)
+        if sum(map(len, place[1])) + len(place[1]) + 1 + len(raw) >= _PATH_MAX:
+            raise self._unsafe(f"path is {_PATH_MAX} bytes or longer", name)
         kind = entry.type
         if kind == DIR:
             old = self.tree.children(parent).get(raw)

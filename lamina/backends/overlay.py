@@ -13,12 +13,14 @@ no mount: its view is its ``diff/``.  Mounts are counted across processes by
 the store; ``redirect_dir``, ``metacopy`` and ``index`` are off, so that
 ``diff/`` always holds a layer's full changes and the native diff is exact.
 
-Read-only layers applied from a tar into a new layer are directories by default;
-with ``overlay.layers=erofs`` (where the kernel mounts lamina's images: probed on
-open, ``status`` says which and why) they are kept as their tar and an EROFS image
-over it, mounted read-only at the layer's ``diff/`` (:mod:`lamina.backends.erofslayers`):
-the same lower to everything that uses one, and ``diff`` against the layer's own
-parent is the tar itself.  A chain mixes both kinds.
+Read-only layers applied from a tar into a new layer are, wherever the kernel mounts
+lamina's images (probed on open; ``status`` says which and why), kept as their tar
+and an EROFS image over it, mounted read-only at the layer's ``diff/``
+(:mod:`lamina.backends.erofslayers`): the same lower to everything that uses one, and
+``diff`` against the layer's own parent is the tar itself.  ``overlay.layers=dir``
+keeps them as directories, as does a kernel that cannot mount the images (Linux
+< 6.4: no 512-byte blocks).  A chain mixes both kinds; a home's existing layers stay
+what they are when the option changes.
 
 Native diff: against its own parent a layer's changes are read from ``diff/``
 alone (cost proportional to the change, lower layers consulted only for the
@@ -122,8 +124,9 @@ class OverlayDriver(StoreDriver):
     known_options: ClassVar[dict[str, str]] = {
         **APPLY_OPTIONS,
         "overlay.mount_program": "not supported: lamina mounts kernel overlayfs itself",
-        "overlay.layers": "how read-only layers applied from a tar are kept: dir (the "
-                          "default: directories) or erofs (the tar and an EROFS image over it)",
+        "overlay.layers": "how read-only layers applied from a tar are kept: erofs (the "
+                          "default where the kernel mounts the images: the tar and an EROFS "
+                          "image over it) or dir (directories)",
         "overlay.size": "default size quota of writable layers (Docker's units: 50M, 1.5GB)",
     }
 
@@ -164,9 +167,9 @@ class OverlayDriver(StoreDriver):
         self.sweep_links()
 
     def _choose_layers(self) -> str | None:
-        """Why read-only layers are directories (None: they are EROFS): the option's
-        default, or a kernel that cannot mount the images (probed once, here)."""
-        choice = self.options.get("overlay.layers", "dir")
+        """Why read-only layers are directories (None: they are EROFS): the option, or
+        a kernel that cannot mount the images (probed once, here: a millisecond)."""
+        choice = self.options.get("overlay.layers", "erofs")
         if choice not in ("dir", "erofs"):
             raise errors.InvalidArgument(f"overlay.layers is {choice!r}, not erofs or dir",
                                          path="overlay.layers")

@@ -63,7 +63,8 @@ def image_mount(drv: lamina.Driver, id: str) -> Path:
 
 
 def test_status_says_the_format(stores: Stores, erofs: lamina.Driver) -> None:
-    plain = stores.open(stores.home.parent / "plain")
+    assert dict(stores.open(stores.home.parent / "default").status())["Layer Format"] == "erofs"
+    plain = stores.open(stores.home.parent / "plain", options=["overlay.layers=dir"])
     assert dict(plain.status())["Layer Format"] == "dir (overlay.layers=dir)"
     with pytest.raises(lamina.errors.InvalidArgument):
         stores.open(stores.home.parent / "bad", options=["overlay.layers=squashfs"])
@@ -98,7 +99,7 @@ def app_layers(corpus: Path) -> Iterator[bytes]:
 
 @pytest.mark.corpus
 def test_corpus_image_chain(stores: Stores, erofs: lamina.Driver, corpus_dir: Path) -> None:
-    plain = stores.open(stores.home.parent / "plain")
+    plain = stores.open(stores.home.parent / "plain", options=["overlay.layers=dir"])
     parent = None
     for i, data in enumerate(app_layers(corpus_dir)):
         for drv in (erofs, plain):
