@@ -111,6 +111,14 @@ def is_layer_image(point: Path) -> bool:
             and (point.parent / "layer.erofs").is_file())
 
 
+def unmount_layer_images(under: Path) -> None:
+    """Unmount the EROFS layers' own mounts below ``under``: kept while their layers
+    exist, not after a test that leaves its layers to its temporary directory."""
+    for point in mounts_under(under, images=True):
+        if is_layer_image(Path(point)):
+            lamina.host.mount.unmount(point)
+
+
 Opener = Callable[..., lamina.Driver]
 """``opener(home, **kw) -> Driver``: how a suite opens a store (see ``open_store``)."""
 
@@ -151,6 +159,24 @@ class Stores:
             drv.close()
 
 
+@pytest.fixture(autouse=True)
+def _layer_images_unmounted(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test with a ``tmp_path``, the EROFS layers' mounts left in it go (a
+    test's layers outlive it in its directory, their mounts must not)."""
+    # Asked for here, before the test: then torn down after this fixture's end.
+    path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if path is not None:
+        unmount_layer_images(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_layer_images_unmounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end, the EROFS layers' mounts left in any of the session's directories."""
+    yield
+    unmount_layer_images(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     """Where the test's store lives (not created: opening a store creates it)."""
@@ -189,9 +215,7 @@ def stores(backend: str, home: Path, open_store: Opener) -> Iterator[Stores]:
     opened = Stores(backend, home, open_store)
     yield opened
     opened.finish()
-    for point in mounts_under(home.parent, images=True):
-        if is_layer_image(Path(point)):  # kept while their layers exist, not after the test
-            lamina.host.mount.unmount(point)
+    unmount_layer_images(home.parent)
     assert mounts_under(home.parent) == [], "cleanup() left mounts behind"
 
 

@@ -179,7 +179,8 @@ class OverlayDriver(StoreDriver):
 
     def _remount_images(self) -> None:
         """Mount the EROFS layers whose mounts are gone (a reboot), each under its lock.
-        One that will not mount (a damaged image) is left to ``check`` to report."""
+        One that will not mount (a damaged image) is left to its readers and ``check``
+        to report (an error each), not said on every open."""
         for lid in self.store.ids():
             layer_dir = self.store.layer_dir(lid)
             if erofslayers.is_erofs(layer_dir) and not os.path.ismount(layer_dir / DIFF):
@@ -188,9 +189,9 @@ class OverlayDriver(StoreDriver):
                         continue
                     try:
                         erofslayers.remount(layer_dir, layer_dir / DIFF)
-                    except OSError as e:
-                        log.warning("lamina: layer %s: its EROFS image does not mount (see "
-                                    "lamina check): %s", lid, e)
+                    except OSError as e:  # its readers say so (Corrupt), as check does
+                        log.info("lamina: layer %s: its EROFS image does not mount (see "
+                                 "lamina check): %s", lid, e)
 
     def _mounts_to_mend(self, ids: Iterable[LayerId]) -> list[LayerId]:
         """The layers among ``ids`` mounted with no count, or counted with no mount."""
@@ -378,6 +379,23 @@ class OverlayDriver(StoreDriver):
         finally:
             erofslayers.drop_replayed(staged, replay)
         return size, LayerFormat.DIR
+
+    def _require_content(self, lid: LayerId) -> None:
+        if self.store.meta(lid).format is not LayerFormat.EROFS:
+            super()._require_content(lid)
+            return
+        # An EROFS layer's content is its tar and its image, mounted at diff/ (again,
+        # after a reboot or an unmount behind lamina's back): an empty diff/ is no layer.
+        layer_dir = self.store.layer_dir(lid)
+        for name in (erofslayers.TAR, erofslayers.IMAGE):
+            if not (layer_dir / name).is_file():
+                raise errors.Corrupt(f"its {name} is missing (see lamina check)", layer=lid)
+        with self.store.mount_lock(lid):
+            try:
+                erofslayers.remount(layer_dir, layer_dir / DIFF)
+            except OSError as e:
+                raise errors.Corrupt(f"its {erofslayers.IMAGE} does not mount: {e} "
+                                     "(see lamina check)", layer=lid) from None
 
     def verify_layer(self, id: LayerId, meta: LayerMeta) -> str | None:
         if meta.format is not LayerFormat.EROFS:
