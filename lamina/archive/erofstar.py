@@ -54,6 +54,8 @@ import stat
 from collections.abc import Sequence
 from typing import BinaryIO, cast
 
+from isal import isal_zlib
+
 from lamina.archive import erofs
 from lamina.archive.apply import xattr_allowed
 from lamina.archive.entry import BLK, BLOCK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry
@@ -82,7 +84,8 @@ _SPECIAL = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
 
 def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
               ids: IdMapper | None = None, max_entries: int | None = None,
-              lowers: Sequence[str] | None = None, store: BinaryIO | None = None) -> ImageStats:
+              lowers: Sequence[str] | None = None, store: BinaryIO | None = None,
+              checksums: bool = False) -> ImageStats:
     """Read the uncompressed tar ``stream`` to its end and write to the file ``out`` the
     EROFS image that shows it with the tar as device 1 (see the module docstring).
 
@@ -90,7 +93,8 @@ def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
     image records offsets into it.  ``store``, if given, receives those bytes as they
     are read (all of them, to the stream's end: the device itself, in the same pass;
     syncing it is the caller's).  ``ids`` maps owners as apply does; ``max_entries``
-    bounds the members.
+    bounds the members.  ``checksums``: the regular files' CRC-32s are taken as their
+    data passes, for the returned :attr:`ImageStats.digests`.
 
     ``lowers``: the union of the layers below (their root directories, nearest first,
     as the applier takes them), or None where it is not known.  Known, it is consulted
@@ -104,10 +108,19 @@ def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
         stream = cast(BinaryIO, _Tee(stream, store))  # the reader calls read() alone
     reader = TarReader(stream, layer=layer)
     builder = _Builder(layer, ids or IdMapper(), lowers)
+    crcs = builder.tree.crc
     for count, entry in enumerate(reader, 1):
         if max_entries is not None and count > max_entries:
             raise UnsafeArchive(f"more than {max_entries} entries", layer=layer)
-        builder.add(entry, reader.consumed)
+        node = builder.add(entry, reader.consumed)
+        if checksums and node is not None:
+            # The data passes by anyway (to ``store``): its CRC-32 now spares the
+            # manifest a second read of every file through the mount.
+            crc = 0
+            if entry.size:
+                for chunk in reader.data_chunks(entry):
+                    crc = isal_zlib.crc32(chunk, crc)
+            crcs[node] = crc
     reader.finish()
     builder.finish()
     return builder.tree.write(out, reader.consumed)
@@ -276,19 +289,20 @@ class _Builder:
 
     # -- members ----------------------------------------------------------------
 
-    def add(self, entry: Entry, data_offset: int) -> None:
-        """Add one member whose data (if any) starts at ``data_offset`` in the tar."""
+    def add(self, entry: Entry, data_offset: int) -> int | None:
+        """Add one member whose data (if any) starts at ``data_offset`` in the tar; the
+        new inode of a regular file's (not a hard link's), else None."""
         name = entry.name
         parts = self._clean(name)
         if not parts:
             if entry.type != DIR:
                 raise self._unsafe("root entry is not a directory", name)
             self._dir_metadata(self.tree.root, entry)
-            return
+            return None
         base = parts[-1]
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, base, name, entry)
-            return
+            return None
         place = self._dir(parts[:-1], name)
         assert place is not None
         parent = place[0]
@@ -300,19 +314,22 @@ class _Builder:
             old = self.tree.children(parent).get(raw)
             if old is not None and self.tree.kind(old) == stat.S_IFDIR:
                 self._dir_metadata(old, entry)
-                return
+                return None
             node = self.tree.new_dir(0, 0, 0, 0)
             self._dir_metadata(node, entry)
         elif kind == LINK:
             node = self._hardlink(entry)
             if self.tree.children(parent).get(raw) == node:
-                return
+                return None
         else:
             node = self._node(entry, data_offset)
             xattrs = self._xattrs(entry)
             if xattrs:
                 self.tree.xattrs[node] = self._fitting(xattrs, entry.name)
+            self._put(parent, raw, node)
+            return node if kind == REG else None
         self._put(parent, raw, node)
+        return None
 
     def _node(self, entry: Entry, data_offset: int) -> int:
         """A new inode for a file, symlink, device or fifo member."""

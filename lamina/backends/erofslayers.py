@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina import errors
+from lamina.archive.digests import Digests
 from lamina.archive.erofstar import index_tar
 from lamina.host import fsutil, mount
 from lamina.host.idmap import IdMapper
@@ -108,24 +109,25 @@ class Replay:
 
 
 def store_indexed(staged: Path, diff: Path, tar: BinaryIO, *, layer: str,
-                  lowers: Sequence[str], ids: IdMapper,
-                  max_entries: int | None) -> Replay | None:
+                  lowers: Sequence[str], ids: IdMapper, max_entries: int | None,
+                  digests: Digests) -> Replay | int:
     """Keep ``tar`` as an EROFS layer in ``staged``: ``layer.tar`` and ``layer.erofs``
-    written in one pass, the image mounted at ``diff`` (None).  Where the tar cannot
-    be an image, or the image cannot be mounted, nothing of it is left but what the
-    directory applier must read instead (a :class:`Replay`, to be given to
-    :func:`drop_replayed` when read)."""
-    with open(staged / TAR, "wb") as stored, open(staged / IMAGE, "wb") as out:
-        try:
-            index_tar(tar, out, layer=layer, ids=ids, max_entries=max_entries,
-                      lowers=lowers, store=stored)
-            indexed = True
-        except errors.Unsupported:
-            indexed = False  # the directory applier takes it from what was read (below)
-    if indexed:
+    written in one pass, the image mounted at ``diff``; its regular files' bytes (as
+    the directory applier counts them), their CRC-32s added to ``digests`` for the
+    manifest.  Where the tar cannot be an image, or the image cannot be mounted,
+    nothing of it is left but what the directory applier must read instead (a
+    :class:`Replay`, to be given to :func:`drop_replayed` when read)."""
+    stats = None
+    # Unsupported: the directory applier takes it from what was read (below).
+    with open(staged / TAR, "wb") as stored, open(staged / IMAGE, "wb") as out, \
+            contextlib.suppress(errors.Unsupported):
+        stats = index_tar(tar, out, layer=layer, ids=ids, max_entries=max_entries,
+                          lowers=lowers, store=stored, checksums=True)
+    if stats is not None:
         try:
             mount.mount_erofs(staged / IMAGE, staged / TAR, diff)
-            return None
+            digests.update(stats.digests)
+            return stats.file_bytes
         except OSError:
             pass  # refused: the whole tar is stored, the directory applier takes it
     (staged / IMAGE).unlink(missing_ok=True)

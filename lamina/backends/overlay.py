@@ -371,9 +371,9 @@ class OverlayDriver(StoreDriver):
             return self._apply(staged, id, parent, tar, digests), LayerFormat.DIR
         replay = erofslayers.store_indexed(
             staged, staged / DIFF, tar, layer=id, lowers=self._lowers(parent), ids=self.ids,
-            max_entries=self.apply_limits.get("max_entries"))
-        if replay is None:
-            return tree_totals(staged / DIFF).bytes, LayerFormat.EROFS
+            max_entries=self.apply_limits.get("max_entries"), digests=digests)
+        if not isinstance(replay, erofslayers.Replay):
+            return replay, LayerFormat.EROFS
         try:
             size = self._apply(staged, id, parent, cast(BinaryIO, replay), digests)
         finally:
