@@ -84,6 +84,14 @@ LAYER_FORMATS: dict[str, dict[str, tuple[str, ...]]] = {
 """Per backend, the other layer formats the fixtures' stores run with (by the name a
 test id carries: ``backend`` ``overlay+dir``), as the driver options that pick them."""
 
+def open_variant(home: Path | str, variant: str) -> lamina.Driver:
+    """A store of ``variant``: a backend, or ``BACKEND+FORMAT`` for one of its other
+    layer formats (:data:`LAYER_FORMATS`: ``overlay+dir``), as the test ids name them."""
+    backend, _, kind = variant.partition("+")
+    options = LAYER_FORMATS[backend][kind] if kind else ()
+    return lamina.open_driver(home, backend=backend, options=options)
+
+
 DIR_LAYERS: dict[str, tuple[str, ...]] = {
     name: formats["dir"] for name, formats in LAYER_FORMATS.items() if "dir" in formats}
 """The options that make a backend's read-only layers directories (the applier's), for

@@ -56,6 +56,7 @@ from typing import BinaryIO, cast
 
 from isal import isal_zlib
 
+from lamina import crashpoints, progress
 from lamina.archive import erofs
 from lamina.archive.apply import xattr_allowed
 from lamina.archive.entry import BLK, BLOCK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry
@@ -109,9 +110,12 @@ def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
     reader = TarReader(stream, layer=layer)
     builder = _Builder(layer, ids or IdMapper(), lowers)
     crcs = builder.tree.crc
+    report = progress.current()
+    seen = 0
     for count, entry in enumerate(reader, 1):
         if max_entries is not None and count > max_entries:
             raise UnsafeArchive(f"more than {max_entries} entries", layer=layer)
+        crashpoints.reached("index:entry")
         node = builder.add(entry, reader.consumed)
         if checksums and node is not None:
             # The data passes by anyway (to ``store``): its CRC-32 now spares the
@@ -121,7 +125,12 @@ def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
                 for chunk in reader.data_chunks(entry):
                     crc = isal_zlib.crc32(chunk, crc)
             crcs[node] = crc
+        if report is not None:
+            report(reader.consumed - seen, 1)
+            seen = reader.consumed
     reader.finish()
+    if report is not None:
+        report(reader.consumed - seen, 0)
     builder.finish()
     return builder.tree.write(out, reader.consumed)
 

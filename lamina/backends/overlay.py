@@ -175,7 +175,7 @@ class OverlayDriver(StoreDriver):
                                          path="overlay.layers")
         if choice == "dir":
             return "overlay.layers=dir"
-        return erofslayers.probe(self.home)
+        return erofslayers.probe(self.store.staging_dir)
 
     def _remount_images(self) -> None:
         """Mount the EROFS layers whose mounts are gone (a reboot), each under its lock.
