@@ -20,6 +20,7 @@ POINTS = (
     "retire:after-rename",  # renamed to ID-removing, not yet deleted
     "remove:deleting",  # part of ID-removing deleted
     "apply:entry",  # in the middle of applying a tar (every entry)
+    "index:entry",  # in the middle of indexing a tar as an EROFS layer (every entry)
     "get:after-mount",  # mounted, the count not yet written
     "put:after-unmount",  # unmounted, the count not yet written
     "diff:chunk",  # while a diff is being streamed

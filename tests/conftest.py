@@ -4,7 +4,7 @@
   registers itself runs the whole conformance suite with no change here; a conformance
   test (or one of a module that says ``EACH_FORMAT = True``) whose stores the fixtures
   open runs again for each other layer format of its backend (:data:`LAYER_FORMATS`:
-  ``overlay+erofs``), with ``backend_options`` set to pick it.
+  ``overlay+dir``), with ``backend_options`` set to pick it.
 - ``driver``: a store opened in a fresh home with that backend; cleaned up and closed
   after the test, which then checks that nothing is left mounted under the home.
 - ``stores``: for tests that open, close and reopen stores themselves.
@@ -70,7 +70,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize("backend", names, scope="module")
             return
         # A store opened by the fixtures runs with each layer format too (overlay's
-        # EROFS layers: the same contract, another kind of lower).
+        # directory layers beside its default EROFS ones: the same contract).
         variants = [(name, opts) for name in names
                     for opts in [(), *LAYER_FORMATS.get(name, {}).values()]]
         ids = [name + next((f"+{k}" for k, v in LAYER_FORMATS.get(name, {}).items()
@@ -79,10 +79,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 LAYER_FORMATS: dict[str, dict[str, tuple[str, ...]]] = {
-    "overlay": {"erofs": ("overlay.layers=erofs",)},
+    "overlay": {"dir": ("overlay.layers=dir",)},
 }
 """Per backend, the other layer formats the fixtures' stores run with (by the name a
-test id carries: ``backend`` ``overlay+erofs``), as the driver options that pick them."""
+test id carries: ``backend`` ``overlay+dir``), as the driver options that pick them."""
+
+def open_variant(home: Path | str, variant: str) -> lamina.Driver:
+    """A store of ``variant``: a backend, or ``BACKEND+FORMAT`` for one of its other
+    layer formats (:data:`LAYER_FORMATS`: ``overlay+dir``), as the test ids name them."""
+    backend, _, kind = variant.partition("+")
+    options = LAYER_FORMATS[backend][kind] if kind else ()
+    return lamina.open_driver(home, backend=backend, options=options)
+
+
+DIR_LAYERS: dict[str, tuple[str, ...]] = {
+    name: formats["dir"] for name, formats in LAYER_FORMATS.items() if "dir" in formats}
+"""The options that make a backend's read-only layers directories (the applier's), for
+the tests of the applier itself (the security suites, the isolated child)."""
 
 
 def mounts_under(path: Path, *, images: bool = False) -> list[str]:
@@ -104,6 +117,14 @@ def is_layer_image(point: Path) -> bool:
     as the layer exists)."""
     return (point.name == "diff" and point.parent.parent.name == "layers"
             and (point.parent / "layer.erofs").is_file())
+
+
+def unmount_layer_images(under: Path) -> None:
+    """Unmount the EROFS layers' own mounts below ``under``: kept while their layers
+    exist, not after a test that leaves its layers to its temporary directory."""
+    for point in mounts_under(under, images=True):
+        if is_layer_image(Path(point)):
+            lamina.host.mount.unmount(point)
 
 
 Opener = Callable[..., lamina.Driver]
@@ -146,6 +167,24 @@ class Stores:
             drv.close()
 
 
+@pytest.fixture(autouse=True)
+def _layer_images_unmounted(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test with a ``tmp_path``, the EROFS layers' mounts left in it go (a
+    test's layers outlive it in its directory, their mounts must not)."""
+    # Asked for here, before the test: then torn down after this fixture's end.
+    path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if path is not None:
+        unmount_layer_images(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_layer_images_unmounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end, the EROFS layers' mounts left in any of the session's directories."""
+    yield
+    unmount_layer_images(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     """Where the test's store lives (not created: opening a store creates it)."""
@@ -159,7 +198,7 @@ def backend_options() -> tuple[str, ...]:
     return ()
 
 
-def _open_with(home: Path, *, backend: str, extra: tuple[str, ...],
+def open_with(home: Path, *, backend: str, extra: tuple[str, ...],
                options: Sequence[str] | Mapping[str, str] = (), **kw: Any) -> lamina.Driver:
     """``lamina.open_driver`` with ``extra`` options before the test's own."""
     if isinstance(options, Mapping):
@@ -175,7 +214,7 @@ def open_store(backend: str, backend_options: tuple[str, ...]) -> Opener:
     """How the suites open a store: ``lamina.open_driver`` with ``backend`` (and its
     layer format's options).  A module that runs the contract suite against another
     driver overrides this fixture (see :mod:`tests.contract`)."""
-    return functools.partial(_open_with, backend=backend, extra=backend_options)
+    return functools.partial(open_with, backend=backend, extra=backend_options)
 
 
 @pytest.fixture
@@ -184,9 +223,7 @@ def stores(backend: str, home: Path, open_store: Opener) -> Iterator[Stores]:
     opened = Stores(backend, home, open_store)
     yield opened
     opened.finish()
-    for point in mounts_under(home.parent, images=True):
-        if is_layer_image(Path(point)):  # kept while their layers exist, not after the test
-            lamina.host.mount.unmount(point)
+    unmount_layer_images(home.parent)
     assert mounts_under(home.parent) == [], "cleanup() left mounts behind"
 
 

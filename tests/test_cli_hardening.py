@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+import lamina.host.mount
 from tests.conftest import lacking
 from tests.test_cli import BASE_TAR, Lamina, make_tar, terminal
 
@@ -221,24 +222,38 @@ def test_lamina_json_not_an_object(image: Store, doc: str) -> None:
     image.run("ls")
 
 
-def test_content_directory_removed(tmp_path: Path, backend: str) -> None:
-    store = Store(tmp_path / "home", backend)
-    status = store.run("status", code=None)
-    if status.returncode != 0:
-        pytest.skip(f"no {backend} here: {status.stderr.decode().strip()}")
-    store.run("apply", "base", input=BASE_TAR)
-    store.run("apply", "app", "--parent", "base", input=make_tar({"app/bin": b"app\n"}))
+def _remove_content(layer_dir: Path, backend: str) -> str:
+    """Damage a layer's content behind lamina's back; what lamina must say of it."""
+    if (layer_dir / "layer.erofs").is_file():  # overlay's EROFS layer: its tar and image
+        lamina.host.mount.unmount(str(layer_dir / "diff"))
+        (layer_dir / "layer.tar").unlink()
+        return "its layer.tar is missing"
     content = {"vfs": "fs", "overlay": "diff"}[backend]
-    shutil.rmtree(store.home / "layers" / "app" / content)
-    for command in (("changes", "app"), ("diff-size", "app"),
-                    ("diff", "app", "-o", str(tmp_path / "app.tar"))):
-        one_line(store.run(*command, code=None), names=f"layer app: its content directory "
-                 f"{content}/ is missing")
-    assert not (tmp_path / "app.tar").exists()
-    assert set(_rows(store, "ls")) == {"base", "app"}
-    store.run("changes", "base")
-    store.run("rm", "app")
-    assert set(_rows(store, "ls")) == {"base"}
+    shutil.rmtree(layer_dir / content)
+    return f"its content directory {content}/ is missing"
+
+
+def test_content_directory_removed(tmp_path: Path, backend: str) -> None:
+    # Each kind of layer of the backend: overlay's EROFS layers (its default) and its
+    # directory layers (overlay.layers=dir).
+    kinds = [(), *([("--opt", "overlay.layers=dir")] if backend == "overlay" else [])]
+    for i, opts in enumerate(kinds):
+        store = Store(tmp_path / f"home{i}", backend)
+        status = store.run("status", code=None)
+        if status.returncode != 0:
+            pytest.skip(f"no {backend} here: {status.stderr.decode().strip()}")
+        store.run(*opts, "apply", "base", input=BASE_TAR)
+        store.run(*opts, "apply", "app", "--parent", "base",
+                  input=make_tar({"app/bin": b"app\n"}))
+        said = _remove_content(store.home / "layers" / "app", backend)
+        for command in (("changes", "app"), ("diff-size", "app"),
+                        ("diff", "app", "-o", str(tmp_path / "app.tar"))):
+            one_line(store.run(*command, code=None), names=f"layer app: {said}")
+        assert not (tmp_path / "app.tar").exists()
+        assert set(_rows(store, "ls")) == {"base", "app"}
+        store.run("changes", "base")
+        store.run("rm", "app")
+        assert set(_rows(store, "ls")) == {"base"}
 
 
 # --- permissions and the home --------------------------------------------------------------

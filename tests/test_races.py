@@ -22,7 +22,7 @@ from tests import tarbuild as tb
 from tests.test_cli import Lamina
 
 pytestmark = pytest.mark.root
-EACH_FORMAT = True  # with overlay+erofs too (tests/conftest.py)
+EACH_FORMAT = True  # with overlay+dir too (tests/conftest.py)
 
 FILES = 200
 ROUNDS = {"overlay": 500, "vfs": 150}

@@ -23,7 +23,7 @@ import stat
 from array import array
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from lamina.archive import erofs
@@ -39,6 +39,12 @@ class ImageStats:
     inodes: int
     image_size: int
     tar_size: int
+    file_bytes: int = 0
+    """The regular files' data, each inode once (what extracting the tar writes)."""
+    digests: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    """The files whose CRC-32 the tree was given (:attr:`ImageTree.crc`), by the inode
+    number the kernel reports for them (the nid): ``(size, mtime_ns, crc)``, as
+    :data:`lamina.archive.digests.Digests` has them for a store's manifest."""
 
 
 class ImageTree:
@@ -54,6 +60,8 @@ class ImageTree:
         self.xattrs: dict[int, dict[str, bytes]] = {}
         self.dirs: list[dict[bytes, int]] = []
         self.targets: list[bytes] = []
+        self.crc: dict[int, int] = {}
+        """CRC-32s of regular files' data, where the caller had them (see ImageStats)."""
         self.root = self.new_dir(0o755, 0, 0, IMPLICIT)
 
     # -- building ---------------------------------------------------------------
@@ -116,7 +124,16 @@ class ImageTree:
                                 epoch=epoch // 1_000_000_000, epoch_nsec=epoch % 1_000_000_000,
                                 blocks=size // erofs.BLOCK_SIZE, devices=1)
         os.pwrite(fd, head + erofs.device_slot(tar_blocks), erofs.SUPER_OFFSET)
-        return ImageStats(len(order), size, tar_size)
+        file_bytes = 0
+        digests = {}
+        mode, sizes, crcs = self.mode, self.size, self.crc
+        for node in order:
+            if mode[node] & 0o170000 == stat.S_IFREG:
+                file_bytes += sizes[node]
+                crc = crcs.get(node)
+                if crc is not None:
+                    digests[layout.nid[node]] = (sizes[node], layout.mtime_of(node), crc)
+        return ImageStats(len(order), size, tar_size, file_bytes, digests)
 
     def _walk(self) -> tuple[array[int], array[int], array[int]]:
         """The reachable inodes, root first and breadth first; their link counts; each
@@ -186,6 +203,10 @@ class _Layout:
         self.after = array("I", bytes(4 * count))
         self.data_start = 0  # byte offset of the data area
         self.data_end = 0
+
+    def mtime_of(self, node: int) -> int:
+        """``node``'s mtime in nanoseconds, as the image has it (and the kernel says)."""
+        return self._mtime(node)
 
     def _mtime(self, node: int) -> int:
         mtime = self.tree.mtime[node]

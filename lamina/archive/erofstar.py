@@ -13,9 +13,11 @@ Semantics, as contract §2 has them for a layer:
   directory drops what was below it, and the reverse); a directory over a directory
   merges, the later one's metadata winning and xattrs added;
 - names are cleaned as lamina cleans them (``.`` components and repeated slashes
-  dropped); a name with a ``..`` component, an absolute name, an empty one, or a
-  component longer than 255 bytes is :class:`~lamina.errors.UnsafeArchive` (the
-  reader already refuses NUL);
+  dropped, an absolute name is the layer's own: ``/x`` is ``x``, as Docker has it);
+  a name with a ``..`` component, an empty one, a component longer than 255 bytes or
+  a path (symlinks followed) of PATH_MAX bytes or more from the layer root is
+  :class:`~lamina.errors.UnsafeArchive`, as extracting it fails (the reader already
+  refuses NUL);
 - a missing parent directory is copied up from the lower layers where they have it
   and are known (``lowers``), else created 0755, owned by root, with the image's
   epoch as its mtime (as extraction creates it); a symlink met as a parent (this
@@ -52,6 +54,9 @@ import stat
 from collections.abc import Sequence
 from typing import BinaryIO, cast
 
+from isal import isal_zlib
+
+from lamina import crashpoints, progress
 from lamina.archive import erofs
 from lamina.archive.apply import xattr_allowed
 from lamina.archive.entry import BLK, BLOCK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry
@@ -80,7 +85,8 @@ _SPECIAL = {CHR: stat.S_IFCHR, BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
 
 def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
               ids: IdMapper | None = None, max_entries: int | None = None,
-              lowers: Sequence[str] | None = None, store: BinaryIO | None = None) -> ImageStats:
+              lowers: Sequence[str] | None = None, store: BinaryIO | None = None,
+              checksums: bool = False) -> ImageStats:
     """Read the uncompressed tar ``stream`` to its end and write to the file ``out`` the
     EROFS image that shows it with the tar as device 1 (see the module docstring).
 
@@ -88,7 +94,8 @@ def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
     image records offsets into it.  ``store``, if given, receives those bytes as they
     are read (all of them, to the stream's end: the device itself, in the same pass;
     syncing it is the caller's).  ``ids`` maps owners as apply does; ``max_entries``
-    bounds the members.
+    bounds the members.  ``checksums``: the regular files' CRC-32s are taken as their
+    data passes, for the returned :attr:`ImageStats.digests`.
 
     ``lowers``: the union of the layers below (their root directories, nearest first,
     as the applier takes them), or None where it is not known.  Known, it is consulted
@@ -102,11 +109,28 @@ def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
         stream = cast(BinaryIO, _Tee(stream, store))  # the reader calls read() alone
     reader = TarReader(stream, layer=layer)
     builder = _Builder(layer, ids or IdMapper(), lowers)
+    crcs = builder.tree.crc
+    report = progress.current()
+    seen = 0
     for count, entry in enumerate(reader, 1):
         if max_entries is not None and count > max_entries:
             raise UnsafeArchive(f"more than {max_entries} entries", layer=layer)
-        builder.add(entry, reader.consumed)
+        crashpoints.reached("index:entry")
+        node = builder.add(entry, reader.consumed)
+        if checksums and node is not None:
+            # The data passes by anyway (to ``store``): its CRC-32 now spares the
+            # manifest a second read of every file through the mount.
+            crc = 0
+            if entry.size:
+                for chunk in reader.data_chunks(entry):
+                    crc = isal_zlib.crc32(chunk, crc)
+            crcs[node] = crc
+        if report is not None:
+            report(reader.consumed - seen, 1)
+            seen = reader.consumed
     reader.finish()
+    if report is not None:
+        report(reader.consumed - seen, 0)
     builder.finish()
     return builder.tree.write(out, reader.consumed)
 
@@ -150,8 +174,6 @@ class _Builder:
     def _clean(self, name: str) -> list[str]:
         if not name:
             raise self._unsafe("empty name", name)
-        if name.startswith("/"):
-            raise self._unsafe("absolute name", name)
         parts = [part for part in name.split("/") if part and part != "."]
         if ".." in parts:
             raise self._unsafe("name has a '..' component", name)
@@ -190,6 +212,7 @@ class _Builder:
         path: list[bytes] = []  # the names that lead to stack[-1]
         todo = list(reversed(parts))
         links = 0
+        length = 0  # of "/" + "/".join(path)
         while todo:
             part = todo.pop()
             if part in (b"", b"."):
@@ -197,7 +220,7 @@ class _Builder:
             if part == b"..":
                 if path:
                     stack.pop()
-                    path.pop()
+                    length -= len(path.pop()) + 1
                 continue
             children = tree.children(stack[-1])
             child = children.get(part)
@@ -222,11 +245,15 @@ class _Builder:
                     raise self._unsafe("too many levels of symbolic links", name)
                 if target.startswith(b"/"):
                     del stack[1:], path[:]
+                    length = 0
                 todo.extend(reversed(target.split(b"/")))
                 continue
             assert child is not None
             stack.append(child)
             path.append(part)
+            length += len(part) + 1
+            if length >= _PATH_MAX:
+                raise self._unsafe(f"path is {_PATH_MAX} bytes or longer", name)
             if len(stack) > MAX_DEPTH + 1:
                 raise self._unsafe(f"path is more than {MAX_DEPTH} directories deep", name)
         return stack[-1], tuple(path), any(map(self._opaque, stack[1:]))
@@ -271,41 +298,47 @@ class _Builder:
 
     # -- members ----------------------------------------------------------------
 
-    def add(self, entry: Entry, data_offset: int) -> None:
-        """Add one member whose data (if any) starts at ``data_offset`` in the tar."""
+    def add(self, entry: Entry, data_offset: int) -> int | None:
+        """Add one member whose data (if any) starts at ``data_offset`` in the tar; the
+        new inode of a regular file's (not a hard link's), else None."""
         name = entry.name
         parts = self._clean(name)
         if not parts:
             if entry.type != DIR:
                 raise self._unsafe("root entry is not a directory", name)
             self._dir_metadata(self.tree.root, entry)
-            return
+            return None
         base = parts[-1]
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, base, name, entry)
-            return
+            return None
         place = self._dir(parts[:-1], name)
         assert place is not None
         parent = place[0]
         raw = self._component(base, name)
+        if sum(map(len, place[1])) + len(place[1]) + 1 + len(raw) >= _PATH_MAX:
+            raise self._unsafe(f"path is {_PATH_MAX} bytes or longer", name)
         kind = entry.type
         if kind == DIR:
             old = self.tree.children(parent).get(raw)
             if old is not None and self.tree.kind(old) == stat.S_IFDIR:
                 self._dir_metadata(old, entry)
-                return
+                return None
             node = self.tree.new_dir(0, 0, 0, 0)
             self._dir_metadata(node, entry)
         elif kind == LINK:
             node = self._hardlink(entry)
             if self.tree.children(parent).get(raw) == node:
-                return
+                return None
         else:
             node = self._node(entry, data_offset)
             xattrs = self._xattrs(entry)
             if xattrs:
                 self.tree.xattrs[node] = self._fitting(xattrs, entry.name)
+            self._put(parent, raw, node)
+            return node if kind == REG else None
         self._put(parent, raw, node)
+        return None
 
     def _node(self, entry: Entry, data_offset: int) -> int:
         """A new inode for a file, symlink, device or fifo member."""

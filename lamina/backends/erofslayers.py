@@ -33,15 +33,20 @@ import hashlib
 import io
 import os
 import secrets
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, cast
 
-from lamina import errors
+from lamina import crashpoints, errors
+from lamina.archive import erofs
+from lamina.archive.digests import Digests
+from lamina.archive.erofsimage import ImageTree
 from lamina.archive.erofstar import index_tar
 from lamina.host import fsutil, mount
 from lamina.host.idmap import IdMapper
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 TAR, IMAGE = "layer.tar", "layer.erofs"
 CHUNK = 1 << 20
@@ -52,20 +57,22 @@ def is_erofs(layer_dir: Path) -> bool:
     return (layer_dir / IMAGE).is_file()
 
 
-def probe(where: Path) -> str | None:
-    """Why EROFS layers cannot be mounted here (None: they can): a tiny image of a
-    one-directory tar is written under ``where`` and mounted once."""
-    base = where / f".lamina-erofs-probe-{secrets.token_hex(4)}"
+def probe(staging: Path) -> str | None:
+    """Why EROFS layers cannot be mounted here (None: they can): a tiny image (one
+    directory, over a one-block device) is written in the store's ``staging``
+    directory, under a lock of its own (the next open sweeps it if a kill leaves
+    it there), and mounted once."""
+    name = f"erofs-probe-{secrets.token_hex(4)}"
+    base = staging / name
+    lock = fsutil.FileLock(staging / f"{name}.lock")
+    lock.acquire()
     try:
-        base.mkdir(parents=True)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-            info = tarfile.TarInfo("d")
-            info.type = tarfile.DIRTYPE
-            tf.addfile(info)
-        (base / TAR).write_bytes(buf.getvalue())
-        with open(base / TAR, "rb") as src, open(base / IMAGE, "wb") as out:
-            index_tar(src, out, lowers=[])
+        base.mkdir()
+        (base / TAR).write_bytes(bytes(erofs.BLOCK_SIZE))
+        tree = ImageTree()
+        tree.children(tree.root)[b"d"] = tree.new_dir(0o755, 0, 0, 0)
+        with open(base / IMAGE, "wb") as out:
+            tree.write(out, erofs.BLOCK_SIZE)
         (base / "mnt").mkdir()
         mount.mount_erofs(base / IMAGE, base / TAR, base / "mnt")
         try:
@@ -80,6 +87,9 @@ def probe(where: Path) -> str | None:
         with contextlib.suppress(OSError):
             mount.unmount_below(base)
             fsutil.remove_tree(base)
+        with contextlib.suppress(OSError):
+            os.unlink(lock.path)
+        lock.release()
     return None
 
 
@@ -108,24 +118,25 @@ class Replay:
 
 
 def store_indexed(staged: Path, diff: Path, tar: BinaryIO, *, layer: str,
-                  lowers: Sequence[str], ids: IdMapper,
-                  max_entries: int | None) -> Replay | None:
+                  lowers: Sequence[str], ids: IdMapper, max_entries: int | None,
+                  digests: Digests) -> Replay | int:
     """Keep ``tar`` as an EROFS layer in ``staged``: ``layer.tar`` and ``layer.erofs``
-    written in one pass, the image mounted at ``diff`` (None).  Where the tar cannot
-    be an image, or the image cannot be mounted, nothing of it is left but what the
-    directory applier must read instead (a :class:`Replay`, to be given to
-    :func:`drop_replayed` when read)."""
-    with open(staged / TAR, "wb") as stored, open(staged / IMAGE, "wb") as out:
-        try:
-            index_tar(tar, out, layer=layer, ids=ids, max_entries=max_entries,
-                      lowers=lowers, store=stored)
-            indexed = True
-        except errors.Unsupported:
-            indexed = False  # the directory applier takes it from what was read (below)
-    if indexed:
+    written in one pass, the image mounted at ``diff``; its regular files' bytes (as
+    the directory applier counts them), their CRC-32s added to ``digests`` for the
+    manifest.  Where the tar cannot be an image, or the image cannot be mounted,
+    nothing of it is left but what the directory applier must read instead (a
+    :class:`Replay`, to be given to :func:`drop_replayed` when read)."""
+    stats = None
+    # Unsupported: the directory applier takes it from what was read (below).
+    with open(staged / TAR, "wb") as stored, open(staged / IMAGE, "wb") as out, \
+            contextlib.suppress(errors.Unsupported):
+        stats = index_tar(tar, out, layer=layer, ids=ids, max_entries=max_entries,
+                          lowers=lowers, store=stored, checksums=True)
+    if stats is not None:
         try:
             mount.mount_erofs(staged / IMAGE, staged / TAR, diff)
-            return None
+            digests.update(stats.digests)
+            return stats.file_bytes
         except OSError:
             pass  # refused: the whole tar is stored, the directory applier takes it
     (staged / IMAGE).unlink(missing_ok=True)
@@ -146,9 +157,17 @@ def remount(layer_dir: Path, diff: Path) -> bool:
     return True
 
 
+class _StoredTar(io.FileIO):
+    """A layer's stored tar, read as its diff (a crash point each read of the file)."""
+
+    def readinto(self, buffer: WriteableBuffer, /) -> int | None:
+        crashpoints.reached("diff:chunk")
+        return super().readinto(buffer)
+
+
 def stream_tar(layer_dir: Path) -> BinaryIO:
     """The layer's stored tar (its diff against its own parent), to read."""
-    return open(layer_dir / TAR, "rb")
+    return cast(BinaryIO, io.BufferedReader(_StoredTar(layer_dir / TAR, "rb"), CHUNK))
 
 
 def verify(layer_dir: Path, diff: Path, diff_id: str | None) -> str | None:

@@ -13,12 +13,14 @@ no mount: its view is its ``diff/``.  Mounts are counted across processes by
 the store; ``redirect_dir``, ``metacopy`` and ``index`` are off, so that
 ``diff/`` always holds a layer's full changes and the native diff is exact.
 
-Read-only layers applied from a tar into a new layer are directories by default;
-with ``overlay.layers=erofs`` (where the kernel mounts lamina's images: probed on
-open, ``status`` says which and why) they are kept as their tar and an EROFS image
-over it, mounted read-only at the layer's ``diff/`` (:mod:`lamina.backends.erofslayers`):
-the same lower to everything that uses one, and ``diff`` against the layer's own
-parent is the tar itself.  A chain mixes both kinds.
+Read-only layers applied from a tar into a new layer are, wherever the kernel mounts
+lamina's images (probed on open; ``status`` says which and why), kept as their tar
+and an EROFS image over it, mounted read-only at the layer's ``diff/``
+(:mod:`lamina.backends.erofslayers`): the same lower to everything that uses one, and
+``diff`` against the layer's own parent is the tar itself.  ``overlay.layers=dir``
+keeps them as directories, as does a kernel that cannot mount the images (Linux
+< 6.4: no 512-byte blocks).  A chain mixes both kinds; a home's existing layers stay
+what they are when the option changes.
 
 Native diff: against its own parent a layer's changes are read from ``diff/``
 alone (cost proportional to the change, lower layers consulted only for the
@@ -122,8 +124,9 @@ class OverlayDriver(StoreDriver):
     known_options: ClassVar[dict[str, str]] = {
         **APPLY_OPTIONS,
         "overlay.mount_program": "not supported: lamina mounts kernel overlayfs itself",
-        "overlay.layers": "how read-only layers applied from a tar are kept: dir (the "
-                          "default: directories) or erofs (the tar and an EROFS image over it)",
+        "overlay.layers": "how read-only layers applied from a tar are kept: erofs (the "
+                          "default where the kernel mounts the images: the tar and an EROFS "
+                          "image over it) or dir (directories)",
         "overlay.size": "default size quota of writable layers (Docker's units: 50M, 1.5GB)",
     }
 
@@ -164,19 +167,20 @@ class OverlayDriver(StoreDriver):
         self.sweep_links()
 
     def _choose_layers(self) -> str | None:
-        """Why read-only layers are directories (None: they are EROFS): the option's
-        default, or a kernel that cannot mount the images (probed once, here)."""
-        choice = self.options.get("overlay.layers", "dir")
+        """Why read-only layers are directories (None: they are EROFS): the option, or
+        a kernel that cannot mount the images (probed once, here: a millisecond)."""
+        choice = self.options.get("overlay.layers", "erofs")
         if choice not in ("dir", "erofs"):
             raise errors.InvalidArgument(f"overlay.layers is {choice!r}, not erofs or dir",
                                          path="overlay.layers")
         if choice == "dir":
             return "overlay.layers=dir"
-        return erofslayers.probe(self.home)
+        return erofslayers.probe(self.store.staging_dir)
 
     def _remount_images(self) -> None:
         """Mount the EROFS layers whose mounts are gone (a reboot), each under its lock.
-        One that will not mount (a damaged image) is left to ``check`` to report."""
+        One that will not mount (a damaged image) is left to its readers and ``check``
+        to report (an error each), not said on every open."""
         for lid in self.store.ids():
             layer_dir = self.store.layer_dir(lid)
             if erofslayers.is_erofs(layer_dir) and not os.path.ismount(layer_dir / DIFF):
@@ -185,9 +189,9 @@ class OverlayDriver(StoreDriver):
                         continue
                     try:
                         erofslayers.remount(layer_dir, layer_dir / DIFF)
-                    except OSError as e:
-                        log.warning("lamina: layer %s: its EROFS image does not mount (see "
-                                    "lamina check): %s", lid, e)
+                    except OSError as e:  # its readers say so (Corrupt), as check does
+                        log.info("lamina: layer %s: its EROFS image does not mount (see "
+                                 "lamina check): %s", lid, e)
 
     def _mounts_to_mend(self, ids: Iterable[LayerId]) -> list[LayerId]:
         """The layers among ``ids`` mounted with no count, or counted with no mount."""
@@ -367,14 +371,31 @@ class OverlayDriver(StoreDriver):
             return self._apply(staged, id, parent, tar, digests), LayerFormat.DIR
         replay = erofslayers.store_indexed(
             staged, staged / DIFF, tar, layer=id, lowers=self._lowers(parent), ids=self.ids,
-            max_entries=self.apply_limits.get("max_entries"))
-        if replay is None:
-            return tree_totals(staged / DIFF).bytes, LayerFormat.EROFS
+            max_entries=self.apply_limits.get("max_entries"), digests=digests)
+        if not isinstance(replay, erofslayers.Replay):
+            return replay, LayerFormat.EROFS
         try:
             size = self._apply(staged, id, parent, cast(BinaryIO, replay), digests)
         finally:
             erofslayers.drop_replayed(staged, replay)
         return size, LayerFormat.DIR
+
+    def _require_content(self, lid: LayerId) -> None:
+        if self.store.meta(lid).format is not LayerFormat.EROFS:
+            super()._require_content(lid)
+            return
+        # An EROFS layer's content is its tar and its image, mounted at diff/ (again,
+        # after a reboot or an unmount behind lamina's back): an empty diff/ is no layer.
+        layer_dir = self.store.layer_dir(lid)
+        for name in (erofslayers.TAR, erofslayers.IMAGE):
+            if not (layer_dir / name).is_file():
+                raise errors.Corrupt(f"its {name} is missing (see lamina check)", layer=lid)
+        with self.store.mount_lock(lid):
+            try:
+                erofslayers.remount(layer_dir, layer_dir / DIFF)
+            except OSError as e:
+                raise errors.Corrupt(f"its {erofslayers.IMAGE} does not mount: {e} "
+                                     "(see lamina check)", layer=lid) from None
 
     def verify_layer(self, id: LayerId, meta: LayerMeta) -> str | None:
         if meta.format is not LayerFormat.EROFS:

@@ -410,7 +410,14 @@ def _raw(*members: bytes) -> bytes:
 HOSTILE = {
     "dotdot": _raw(tb.raw_member("../evil", b"x")),
     "inner dotdot": _raw(tb.raw_member("a/../../evil", b"x")),
-    "absolute": _raw(tb.raw_member("/etc/evil", b"x")),
+    "slash dotdot": _raw(tb.raw_member("/../evil", b"x")),
+    "path past PATH_MAX": _raw(tb.raw_pax({"path": "/".join(["x" * 250] * 20)}),
+                               tb.raw_member("f", b"x")),
+    "a symlink leads past PATH_MAX": _raw(
+        tb.raw_pax({"linkpath": "/".join(["y" * 200] * 19)}),
+        tb.raw_member("s", type=tarfile.SYMTYPE),
+        tb.raw_pax({"path": "s/" + "z" * 250 + "/" + "w" * 200 + "/f"}),
+        tb.raw_member("f", b"x")),
     "empty name": _raw(tb.raw_member("", b"x")),
     "NUL in a PAX path": _raw(tb.raw_pax({"path": "a\0b"}), tb.raw_member("ab", b"x")),
     "bare whiteout": _raw(tb.raw_member(".wh.", b"")),
@@ -437,6 +444,18 @@ def test_hostile_tars_are_refused(tmp_path: Path, case: str) -> None:
     tar.write_bytes(HOSTILE[case])
     with pytest.raises(errors.UnsafeArchive):
         index(tar, tmp_path / "meta.erofs")
+
+
+def test_absolute_names_are_the_layers_own(tmp_path: Path) -> None:
+    """``/x`` is the layer's ``x``, as the applier (and Docker) have it."""
+    tar = tmp_path / "layer.tar"
+    tar.write_bytes(_raw(tb.raw_member("/etc/evil", b"x"), tb.raw_member("//abs", b"y")))
+    image = tmp_path / "meta.erofs"
+    index(tar, image)
+    with mounted(image, tar, tmp_path / "mnt") as where:
+        got, _ = picture(where)
+        assert (where / "etc/evil").read_bytes() == b"x"
+    assert sorted(got) == ["/abs", "/etc", "/etc/evil"]
 
 
 def test_symlinks_in_parents_stay_inside_the_layer(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from tests.layers import apply, kind, mounted, names, read, tree
 from tests.snapshot import assert_same_tree
 
 pytestmark = pytest.mark.root
-EACH_FORMAT = True  # with overlay+erofs too (tests/conftest.py)
+EACH_FORMAT = True  # with overlay+dir too (tests/conftest.py)
 
 DEEP = "../" * 40
 """Enough ``..`` to climb from any layer directory to ``/``."""

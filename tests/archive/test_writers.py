@@ -37,7 +37,7 @@ from tests.layers import mounted
 from tests.snapshot import hardlink_groups
 
 pytestmark = pytest.mark.root
-EACH_FORMAT = True  # with overlay+erofs too (tests/conftest.py)
+EACH_FORMAT = True  # with overlay+dir too (tests/conftest.py)
 
 WRITERS = ("0", "2", "3")  # serial first: the reference
 _ids = itertools.count()

@@ -22,10 +22,13 @@ from pathlib import Path
 import pytest
 
 import lamina
-from lamina.backends import check
+from lamina.archive.digests import Digests
+from lamina.backends import check, erofslayers
 from lamina.backends.contract import backend_of
 from lamina.driver import LayerId
 from lamina.host import mount
+from lamina.host.idmap import IdMapper
+from lamina.store import manifest
 from lamina.store.meta import LayerFormat
 from tests import tarbuild as tb
 from tests.conftest import Stores, lacking, mounts_under
@@ -63,7 +66,8 @@ def image_mount(drv: lamina.Driver, id: str) -> Path:
 
 
 def test_status_says_the_format(stores: Stores, erofs: lamina.Driver) -> None:
-    plain = stores.open(stores.home.parent / "plain")
+    assert dict(stores.open(stores.home.parent / "default").status())["Layer Format"] == "erofs"
+    plain = stores.open(stores.home.parent / "plain", options=["overlay.layers=dir"])
     assert dict(plain.status())["Layer Format"] == "dir (overlay.layers=dir)"
     with pytest.raises(lamina.errors.InvalidArgument):
         stores.open(stores.home.parent / "bad", options=["overlay.layers=squashfs"])
@@ -98,7 +102,7 @@ def app_layers(corpus: Path) -> Iterator[bytes]:
 
 @pytest.mark.corpus
 def test_corpus_image_chain(stores: Stores, erofs: lamina.Driver, corpus_dir: Path) -> None:
-    plain = stores.open(stores.home.parent / "plain")
+    plain = stores.open(stores.home.parent / "plain", options=["overlay.layers=dir"])
     parent = None
     for i, data in enumerate(app_layers(corpus_dir)):
         for drv in (erofs, plain):
@@ -203,3 +207,37 @@ def test_an_image_that_will_not_mount_is_found_after_a_reboot(stores: Stores,
     check.check(again, repair=True)
     assert sorted(again.layers()) == []
     assert check.check(again).consistent
+
+
+def test_the_manifest_takes_the_indexers_checksums(erofs: lamina.Driver, tmp_path: Path) -> None:
+    """The CRC-32s taken while the tar streamed past name the files as the kernel shows
+    them (the nid is the inode number, the mtime exact): the manifest reads no file
+    again, and says what a manifest made by reading every file says."""
+    data = tb.build([
+        tb.directory("d"), tb.file("d/a", b"a" * 5000, mtime=1_700_000_000),
+        tb.file("d/empty", b""), tb.file("b", os.urandom(70_000)),
+        tb.hardlink("d/b-again", "b"), tb.file("c", b"old"), tb.file("c", b"new!"),
+    ])
+    digests: Digests = {}
+    staged = tmp_path / "staged"
+    (staged / "diff").mkdir(parents=True)
+    size = erofslayers.store_indexed(staged, staged / "diff", io.BytesIO(data), layer="l",
+                                     lowers=[], ids=IdMapper(), max_entries=None,
+                                     digests=digests)
+    try:
+        assert size == 5000 + 70_000 + 4
+        files = {p: os.stat(staged / "diff" / p) for p in ("d/a", "d/empty", "b", "c")}
+        assert {st.st_ino for st in files.values()} == set(digests)
+        for st in files.values():
+            assert digests[st.st_ino][:2] == (st.st_size, st.st_mtime_ns)
+        read = manifest.record(staged / "diff", tmp_path / "read.jsonl")
+        known = manifest.record(staged / "diff", tmp_path / "known.jsonl", digests=digests)
+        assert read == known
+        assert (tmp_path / "read.jsonl").read_bytes() == (tmp_path / "known.jsonl").read_bytes()
+    finally:
+        mount.unmount(str(staged / "diff"))
+    erofs.apply_diff("l", None, io.BytesIO(data))
+    assert fmt(erofs, "l") is LayerFormat.EROFS
+    layer_dir = backend_of(erofs).store.layer_dir(LayerId("l"))
+    assert (layer_dir / manifest.NAME).read_bytes().splitlines()[1:] == \
+        (tmp_path / "read.jsonl").read_bytes().splitlines()[1:]

@@ -18,6 +18,7 @@ from lamina import errors
 from lamina.backends.overlay import max_depth, why_unsupported
 from lamina.host import mount
 from tests import tarbuild as tb
+from tests.conftest import mounts_under
 
 pytestmark = pytest.mark.root
 
@@ -32,7 +33,8 @@ def home(tmp_path: Path) -> Path:
 
 
 def _mounts_under(path: Path) -> list[str]:
-    return mount.mounted_below(str(path))
+    """The union mounts below ``path`` (not the EROFS layers' own)."""
+    return mounts_under(path)
 
 
 def test_auto_picks_overlay_here(home: Path) -> None:

@@ -22,7 +22,7 @@ from tests.layers import links, tree
 from tests.snapshot import assert_same_tree, hardlink_groups, snapshot
 
 pytestmark = pytest.mark.root
-EACH_FORMAT = True  # with overlay+erofs too (tests/conftest.py)
+EACH_FORMAT = True  # with overlay+dir too (tests/conftest.py)
 
 T = 1_500_000_000
 TAR_CREATE = ["tar", "--numeric-owner"]

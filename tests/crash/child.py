@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 import lamina
 from lamina import crashpoints, errors, progress
+from tests.conftest import open_variant
 
 Op = Callable[[lamina.Driver, Path], None]
 FAILED = 3
@@ -113,7 +114,7 @@ def main(argv: list[str]) -> int:
             original(name)
 
         crashpoints.reached = counting  # every caller goes through the module attribute
-    drv = lamina.open_driver(home, backend=backend)
+    drv = open_variant(home, backend)
     opened = dict(reached)
     print("ready", flush=True)
     if "--wait" in argv[4:]:

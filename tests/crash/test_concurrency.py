@@ -35,7 +35,7 @@ from tests.crash.harness import REPO, child_env
 from tests.crash.worker import STABLE
 
 pytestmark = pytest.mark.root
-EACH_FORMAT = True  # with overlay+erofs too (tests/conftest.py)
+EACH_FORMAT = True  # with overlay+dir too (tests/conftest.py)
 
 PROCESSES, THREADS, OPS = 3, 3, 125  # 1,125 operations
 DEADLINE = 300.0

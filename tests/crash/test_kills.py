@@ -23,6 +23,9 @@ from tests.crash.harness import UNREACHED, Torture, all_points
 
 pytestmark = pytest.mark.root
 
+BACKENDS = ["overlay", "overlay+dir", "vfs"]
+"""overlay with its EROFS layers (its default here) and with directory layers."""
+
 RANDOM_KILLS = int(os.environ.get("LAMINA_TORTURE_RANDOM", "4"))
 """Random-instant kills per operation and backend."""
 

@@ -26,7 +26,7 @@ from tests.image import build
 from tests.image.build import APP, BASE
 
 pytestmark = pytest.mark.root
-EACH_FORMAT = True  # with overlay+erofs too (tests/conftest.py)
+EACH_FORMAT = True  # with overlay+dir too (tests/conftest.py)
 
 IMG = build.image(BASE, APP, tag="test/app:1")
 

@@ -22,7 +22,7 @@ from tests.image import build
 from tests.image.build import APP, BASE
 
 pytestmark = pytest.mark.root
-EACH_FORMAT = True  # with overlay+erofs too (tests/conftest.py)
+EACH_FORMAT = True  # with overlay+dir too (tests/conftest.py)
 
 
 def store_of(drv: lamina.Driver) -> ImageStore:

@@ -35,6 +35,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import unmount_layer_images
 from tests.image.tools import (
     DockerSave,
     ImageCli,
@@ -305,6 +306,7 @@ def test_formats_give_one_image(source: str, on: str, loaded: Loaded,
             assert_is_docker_export(root, corpus_dir)
     finally:
         cli.image("unmount", ref)
+    unmount_layer_images(cli.home.parent)
     shutil.rmtree(cli.home.parent)
 
 

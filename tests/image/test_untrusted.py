@@ -30,7 +30,7 @@ from tests.image.build import APP, BASE
 from tests.image.tools import ImageCli
 
 pytestmark = pytest.mark.root
-EACH_FORMAT = True  # with overlay+erofs too (tests/conftest.py)
+EACH_FORMAT = True  # with overlay+dir too (tests/conftest.py)
 
 
 def oci_named(img: build.Image, name: str) -> bytes:

@@ -288,7 +288,8 @@ def test_the_engine_leaves_no_fd_open(data: bytes, overlay: bool) -> None:
 # --- atheris ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target, runs", [("tar_reader", 20_000), ("apply_layer", 3_000)])
+@pytest.mark.parametrize("target, runs", [("tar_reader", 20_000), ("apply_layer", 3_000),
+                                          ("erofs_index", 5_000)])
 def test_atheris_target_runs_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    target: str, runs: int) -> None:
     """``fuzz/TARGET.py`` for a bounded number of inputs from its seed corpus: no finding."""

@@ -29,7 +29,7 @@ from lamina.archive import isolate
 from lamina.host import jail, libc
 from tests import tarbuild as tb
 from tests.archive.test_hostile import MALFORMED
-from tests.conftest import Stores
+from tests.conftest import DIR_LAYERS, Stores
 from tests.layers import apply, names, read
 
 pytestmark = pytest.mark.root
@@ -217,7 +217,7 @@ def test_the_fork_server_comes_back(stores: Stores) -> None:
 CALLER = """
 import sys, time, lamina
 from lamina.archive import isolate
-drv = lamina.open_driver(sys.argv[1], backend=sys.argv[2])
+drv = lamina.open_driver(sys.argv[1], backend=sys.argv[2], options=sys.argv[4:])
 tar = open(sys.argv[3], "rb").read()
 
 class Slow:
@@ -245,8 +245,8 @@ def test_a_killed_caller_takes_its_child_along(stores: Stores, backend: str, hom
     tb.write(tar, [tb.file(f"f{i}", os.urandom(50_000)) for i in range(20)])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(isolate.NOREEXEC, None)
-    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(home), backend, str(tar)],
-                              stdout=subprocess.PIPE, env=env)
+    caller = subprocess.Popen([sys.executable, "-c", CALLER, str(home), backend, str(tar),
+                               *DIR_LAYERS.get(backend, ())], stdout=subprocess.PIPE, env=env)
     assert caller.stdout is not None
     server = int(caller.stdout.readline())
     children = _children(server)
@@ -380,7 +380,8 @@ def test_overlay_lowers_reach_the_child(tmp_path: Path) -> None:
     if "overlay" not in drvs:
         pytest.skip("no overlay backend")
     try:
-        drv = lamina.open_driver(tmp_path / "home", backend="overlay")
+        drv = lamina.open_driver(tmp_path / "home", backend="overlay",
+                                 options=DIR_LAYERS["overlay"])
     except errors.Unsupported as e:
         pytest.skip(str(e))
     try:

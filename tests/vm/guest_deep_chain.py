@@ -38,4 +38,6 @@ def test_overlay_deepest_chain_mounts(tmp_path: Path) -> None:
             drv.put("ctr")
         assert [c.path for c in drv.changes("ctr")] == ["/top"]
         drv.cleanup()
-    assert mount.mounted_below(str(home)) == []
+    # l0's own EROFS image stays mounted while l0 exists (where the kernel mounts them).
+    assert [p for p in mount.mounted_below(str(home))
+            if not (Path(p).parent / "layer.erofs").is_file()] == []
