@@ -454,6 +454,21 @@ def test_symlinks_in_parents_stay_inside_the_layer(tmp_path: Path) -> None:
     assert sorted(got) == ["/etc", "/etc/a", "/etc/b", "/root", "/up"]
 
 
+def test_a_symlink_is_0777_whatever_its_member_says(tmp_path: Path) -> None:
+    # As symlink(2) makes it, and the directory applier; the image kept the member's
+    # bits once (found by fsck.erofs's extraction, compared with the mount).
+    tar = tmp_path / "layer.tar"
+    tar.write_bytes(_raw(tb.raw_member("s", type=tarfile.SYMTYPE, linkname="/", mode=0o644)))
+    index(tar, tmp_path / "meta.erofs")
+    applied = tmp_path / "applied"
+    applied.mkdir()
+    with open(tar, "rb") as f:
+        Applier(applied, overlay_whiteouts=True).apply(f)
+    with mounted(tmp_path / "meta.erofs", tar, tmp_path / "mnt") as where:
+        got, _ = picture(where)
+    assert got["/s"][0] == picture(applied)[0]["/s"][0] == "lrwxrwxrwx"
+
+
 def test_huge_directory(tmp_path: Path) -> None:
     count = 20_000
     tar = tmp_path / "layer.tar"
