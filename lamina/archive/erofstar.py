@@ -30,7 +30,8 @@ Semantics, as contract §2 has them for a layer:
 - ``trusted.overlay.*`` and ``user.overlay.*`` xattrs from the tar are dropped, as are
   names without a Linux namespace and ``user.*`` on what is neither a file nor a
   directory (Linux refuses those); an xattr EROFS cannot hold (a name past 255 bytes,
-  a value past 64 KiB) is ``Unsupported``; a symlink's target is 1 to 4095 bytes;
+  a value past 64 KiB) is ``Unsupported``; a symlink's target is 1 to 4095 bytes,
+  its mode 0777 whatever the member says (as ``symlink(2)`` makes it);
 - a hard link to an earlier member is the same inode (its link count counted).
 
 What cannot be an image over this tar is :class:`~lamina.errors.Unsupported`,
