@@ -21,7 +21,9 @@ test that needs it skips when it is missing (or the user is not root), except in
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -100,13 +102,38 @@ def run(argv: Sequence[str | os.PathLike[str]], *, binds: Iterable[str | os.Path
     command = [os.fspath(a) for a in argv]
     if cwd is not None:
         command = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *command]
-    return subprocess.run(
-        # --kill-child: the namespace's first process is killed when unshare dies (a
-        # timeout kills unshare), and with it the whole PID namespace.
-        ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
-         "--kill-child", "--", "/bin/sh", "-c", _ENTER, "lab", str(root), *paths, "--",
-         "/usr/bin/env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-         "HOME=/root", "LC_ALL=C.UTF-8", *(f"{k}={v}" for k, v in (env or {}).items()),
-         *command],
-        check=check, capture_output=True, text=True, timeout=timeout, input=input,
-        errors="replace")
+    args = [
+        # --kill-child: the namespace's first process is killed if unshare dies.
+        "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+        "--", "/bin/sh", "-c", _ENTER, "lab", str(root), *paths, "--",
+        "/usr/bin/env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME=/root", "LC_ALL=C.UTF-8", *(f"{k}={v}" for k, v in (env or {}).items()),
+        *command]
+    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except BaseException:
+            _end(proc)
+            raise
+    done = subprocess.CompletedProcess(args, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    """Kill the PID namespace under ``proc`` (unshare) and wait until it is empty.
+
+    The namespace's first process is killed: the kernel then kills every other one
+    and lets it die only when they are all gone; unshare, which waits for it, exits
+    after that, so once ``proc`` has exited nothing of the namespace is left."""
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            first = [int(pid) for pid in f.read().split()]
+    except OSError:
+        first = []
+    for pid in first or [proc.pid]:  # none yet: unshare has not forked, end it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate()
