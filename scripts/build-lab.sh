@@ -67,6 +67,12 @@ remove_tree() {
   rm -rf --one-file-system -- "$tree"
 }
 
+# Only a lab (or nothing) is ever replaced: a DIR without a stamp is someone's data.
+if [ -e "$DIR" ] && [ ! -f "$DIR/$STAMP" ] && [ -n "$(ls -A "$DIR" 2>/dev/null || echo x)" ]; then
+  say "$DIR exists and is not a lab (no $STAMP in it): not replacing it"
+  exit 2
+fi
+
 TMP=$DIR.tmp
 remove_tree "$TMP"
 remove_tree "$DIR.old"
