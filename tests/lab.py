@@ -1,0 +1,139 @@
+"""The engines' lab: commands run in a Debian sid userland (``scripts/build-lab.sh``).
+
+The lab holds the tools that Debian 12 has too old or not at all (erofs-utils 1.9, whose
+``fsck.erofs`` and ``mkfs.erofs`` judge lamina's EROFS writer; containerd 2.x, Docker,
+Go with containerd's sources).  :func:`run` runs one command in it:
+
+- in a fresh private mount namespace, so nothing it mounts is seen outside or outlives it;
+- in a fresh PID namespace whose first process is killed when the call returns (or times
+  out), which takes every process the command started with it: nothing survives a call;
+- with the lab's root bind-mounted onto itself (a mount point, as runc wants ``/``), a
+  fresh ``/proc`` (of the new PID namespace), the host's ``/sys`` and ``/dev`` (with
+  ``/dev/pts``, the loop devices), a tmpfs on ``/tmp``, and each of ``binds`` (host
+  paths) at the same path inside, so that paths the tests make mean the same in the lab;
+- as root (the lab is entered with ``chroot``), with a plain ``PATH`` and nothing else
+  of the caller's environment but what ``env`` adds.
+
+:func:`lab_root` is where the lab is (``$LAMINA_LAB``, else /var/tmp/lamina-lab); a
+test that needs it skips when it is missing (or the user is not root), except in CI
+(``make test`` builds it: ``make lab``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from tests.conftest import in_ci, lacking, require_root
+
+__all__ = ["in_ci", "lab_root", "location", "present", "run", "versions"]
+
+DEFAULT = Path("/var/tmp/lamina-lab")
+STAMP = ".lamina-lab-stamp"
+
+# Runs as the first process of the new PID namespace (in the new mount namespace):
+# mounts what the lab needs, then the command as its child (not exec'd: a command as
+# PID 1 would ignore the signals it has no handler for), and exits with its status.
+_ENTER = r"""
+set -eu
+root=$1; shift
+mount --bind "$root" "$root"
+mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
+mount --rbind /sys "$root/sys"
+mount --rbind /dev "$root/dev"
+mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/tmp"
+while [ "$1" != -- ]; do
+  if [ -d "$1" ]; then mkdir -p "$root$1"; else mkdir -p "$root${1%/*}"; : >>"$root$1"; fi
+  mount --rbind "$1" "$root$1"
+  shift
+done
+shift
+status=0
+chroot "$root" "$@" || status=$?
+exit "$status"
+"""
+
+
+def location() -> Path:
+    """Where the lab is, or would be (``$LAMINA_LAB``, else /var/tmp/lamina-lab)."""
+    return Path(os.environ.get("LAMINA_LAB") or DEFAULT)
+
+
+def present() -> bool:
+    """Whether a whole lab is there and can be entered (as root)."""
+    root = location()
+    return os.geteuid() == 0 and (root / STAMP).is_file() and (root / "VERSIONS").is_file()
+
+
+def lab_root() -> Path:
+    """The lab's root directory; lacking (a skip, a failure in CI) when it was not built
+    or cannot be entered (not root)."""
+    require_root()
+    root = location()
+    if not present():
+        lacking(f"no lab at {root} (build it with `make lab`: scripts/build-lab.sh)")
+    return root
+
+
+def versions(root: Path | None = None) -> dict[str, str]:
+    """The lab's key packages and their Debian versions (from its VERSIONS file)."""
+    text = ((root or location()) / "VERSIONS").read_text()
+    return dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+
+
+def run(argv: Sequence[str | os.PathLike[str]], *, binds: Iterable[str | os.PathLike[str]] = (),
+        check: bool = True, timeout: float = 300, input: str | None = None,
+        env: Mapping[str, str] | None = None, cwd: str | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in the lab (see the module's docstring) and return what it did, its
+    output as text.  ``binds`` are host paths (absolute; files or directories) mounted at
+    the same paths inside; ``cwd`` a directory inside to start in; ``check`` raises
+    ``CalledProcessError`` on a non-zero status.  When the call returns, every process
+    it started is gone: on ``timeout`` (``TimeoutExpired``) too."""
+    root = lab_root()
+    paths = sorted({os.path.abspath(os.fspath(b)) for b in binds},
+                   key=lambda p: (p.count("/"), p))
+    if "/" in paths:
+        raise ValueError("the host's / cannot be bound into the lab")
+    command = [os.fspath(a) for a in argv]
+    if cwd is not None:
+        command = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *command]
+    args = [
+        # --kill-child: the namespace's first process is killed if unshare dies.
+        "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+        "--", "/bin/sh", "-c", _ENTER, "lab", str(root), *paths, "--",
+        "/usr/bin/env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME=/root", "LC_ALL=C.UTF-8", *(f"{k}={v}" for k, v in (env or {}).items()),
+        *command]
+    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, errors="replace") as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except BaseException:
+            _end(proc)
+            raise
+    done = subprocess.CompletedProcess(args, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
+
+
+def _end(proc: subprocess.Popen[str]) -> None:
+    """Kill the PID namespace under ``proc`` (unshare) and wait until it is empty.
+
+    The namespace's first process is killed: the kernel then kills every other one
+    and lets it die only when they are all gone; unshare, which waits for it, exits
+    after that, so once ``proc`` has exited nothing of the namespace is left."""
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            first = [int(pid) for pid in f.read().split()]
+    except OSError:
+        first = []
+    for pid in first or [proc.pid]:  # none yet: unshare has not forked, end it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate()
