@@ -304,7 +304,8 @@ def cmd_snapshotter(drv: Driver, args: argparse.Namespace) -> Result:
 
     if not isinstance(drv, Backend):
         raise errors.Unsupported(f"backend {drv.name} cannot serve containerd snapshots")
-    status = server.serve(drv, args.socket or server.DEFAULT_SOCKET, verbose=args.verbose)
+    status = server.serve(drv, args.socket or server.DEFAULT_SOCKET, verbose=args.verbose,
+                          containerd_address=str(args.containerd_address))
     return Result({"snapshotter": "stopped"}, status=status)
 
 
@@ -440,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "serve containerd's snapshot API (a proxy plugin) on a unix socket")
     p.add_argument("--socket", metavar="PATH", type=Path, default=None,
                    help="the unix socket (default: /run/lamina/snapshotter.sock)")
+    p.add_argument("--containerd-address", metavar="PATH", type=Path,
+                   default=Path("/run/containerd/containerd.sock"),
+                   help="containerd's socket, whose content store the differ reads blobs "
+                        "from (default: /run/containerd/containerd.sock)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every call")
 
     image_cli.add_commands(sub, json_flag)
