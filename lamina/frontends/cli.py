@@ -226,6 +226,22 @@ def cmd_df(drv: Driver, args: argparse.Namespace) -> Result:
     return Result(data, lines)
 
 
+def _identity_fields(drv: Driver, layer: str) -> dict[str, Any]:
+    """What a lamina store records of a layer's content (for ``ls --json``): its format
+    and diff id, and ``sealed`` for a containerd snapshot written through its mounts (a
+    layer lamina applied, by any front end or its differ, has a diff id instead)."""
+    from lamina.backends.contract import Backend
+
+    if not isinstance(drv, Backend):
+        return {}
+    try:
+        meta = drv.record(layer)
+    except errors.LaminaError:
+        return {}  # removed since it was listed, or damaged: shown as ls shows it
+    return {"format": meta.format.value, "diff_id": meta.identity.diff_id,
+            "sealed": meta.sealed}
+
+
 def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
     """``ls``: every layer with its parent, size and mount count, and the containerd
     snapshots (keys and names) that use it."""
@@ -247,6 +263,7 @@ def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
             continue
         snaps = named.pop(layer, [])
         row: dict[str, Any] = {"id": layer, "parent": parent, "size": size, "mounts": mounts}
+        row.update(_identity_fields(drv, layer))
         if snaps:
             row["snapshots"] = [{"name": n, "kind": k} for n, k in snaps]
         rows.append(row)

@@ -10,12 +10,13 @@ gRPC with the mounts it got and the call's namespace in the metadata, ``Commit``
 the chain id.  Then, on vfs, overlay and overlay with EROFS layers: each answer's digest
 is the config's diff id; each committed layer's record carries that diff id, its chain
 id and its format (EROFS or a directory), was filled by lamina (not sealed from writes
-through mounts) and passes ``lamina check``; the differ counts one apply per layer; the
-top snapshot's view, mounted as containerd would, is the image's union (what
-``test_ctr.py``'s container reads: files, hard links, whiteouts, an opaque directory);
-the top layer's blob as zstd and uncompressed (docker's media type) gives the same diff
-id.  Mounts of containerd's own overlayfs snapshotter are
-``Unimplemented`` (containerd 2.x goes on to its walking differ), and so is ``Diff``.
+through mounts; ``lamina ls --json`` says so too) and passes ``lamina check``; the
+differ counts and logs one apply per layer; the top snapshot's view, mounted as
+containerd would, is the image's union (what ``test_ctr.py``'s container reads: files,
+hard links, whiteouts, an opaque directory); the top layer's blob as zstd and
+uncompressed (docker's media type) gives the same diff id.  Mounts of containerd's own
+overlayfs snapshotter are ``Unimplemented`` (containerd 2.x goes on to its walking
+differ), and so is ``Diff``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,12 +157,27 @@ def mounted(mounts: Any, where: Path) -> None:
     subprocess.run(["mount", *flags, "-o", ",".join(opts), m.source, str(where)], check=True)
 
 
+def lamina_ls(s: Served) -> dict[str, dict[str, Any]]:
+    """``lamina ls --json``'s layers by id, on the served home (another process)."""
+    opts = [a for o in s.options for a in ("--opt", o)]
+    out = subprocess.run([sys.executable, "-m", "lamina", "--home", str(s.home), "--backend",
+                          s.backend, *opts, "--json", "ls"], check=True, capture_output=True,
+                         text=True, timeout=120).stdout
+    return {row["id"]: row for row in json.loads(out)["layers"]}
+
+
 def test_unpack_through_the_differ(served: Served, tmp_path: Path,
+                                   caplog: pytest.LogCaptureFixture,
                                    daemon: tuple[Containerd, Image,
                                                  dict[str, tuple[str, int]]]) -> None:
     _, img, blobs = daemon
+    caplog.set_level(logging.INFO, logger="lamina.differ")
     unpack(served, img, blobs)
     assert served.differ.applied == len(img.layers)  # one apply per layer, by lamina
+    applies = [r.getMessage() for r in caplog.records if r.name == "lamina.differ"]
+    assert len(applies) == len(img.layers)
+    assert all(f"diff id {d}" in m for m, d in zip(applies, img.diff_ids, strict=True))
+    listed = lamina_ls(served)
     erofs = "overlay.layers=erofs" in served.options
     for diff_id, chain in zip(img.diff_ids, img.chains, strict=True):
         lid = served.sn.stat(chain).layer
@@ -168,6 +186,8 @@ def test_unpack_through_the_differ(served: Served, tmp_path: Path,
         assert (meta.identity.diff_id, meta.identity.chain_id) == (diff_id, chain)
         assert not meta.rw and not meta.sealed  # filled by lamina, not written through mounts
         assert meta.format is (LayerFormat.EROFS if erofs else LayerFormat.DIR)
+        assert (listed[lid]["diff_id"], listed[lid]["format"], listed[lid]["sealed"]) == (
+            diff_id, meta.format.value, False)
     report = check.check(served.drv)
     assert report.consistent, report.problems
     # the union, mounted as containerd mounts the top snapshot's view

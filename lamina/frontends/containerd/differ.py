@@ -32,9 +32,10 @@ lamina does not do, containerd's walking differ does.
   lamina's isolated applier into a directory, the path of ``apply_diff``).  Its record
   carries the diff id and format; containerd's ``Commit`` then seals it and it gets its
   chain id, so the image store and the remote-snapshotter protocol find it like any
-  layer lamina applied.  Each apply is logged (``lamina differ: applied …``), and a
-  layer lamina filled is told from one containerd wrote through the mounts by its
-  record: a diff id and not ``sealed``.
+  layer lamina applied.  Each apply is logged (``lamina differ: applied …``, on the
+  server's standard error even without ``-v``; :attr:`DiffServicer.applied` counts
+  them), and a layer lamina filled is told from one containerd wrote through the
+  mounts by its record (``lamina ls --json``): a diff id, not ``sealed``.
 - *The answer*: ``applied`` = the uncompressed tar (``application/vnd.oci.image.layer
   .v1.tar``, the diff id, its size).
 
@@ -78,7 +79,7 @@ from lamina.frontends.containerd.snapshotter import Snapshotter
 from lamina.image import spec
 from lamina.image.reference import check_digest
 
-log = logging.getLogger("lamina")
+log = logging.getLogger("lamina.differ")
 
 T = TypeVar("T")
 

@@ -297,6 +297,14 @@ def serve(driver: Backend, socket_path: str | Path = DEFAULT_SOCKET, *,
     reading blobs from containerd at ``containerd_address``; exit status."""
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    else:  # one line per layer the differ applies: what an operator (or a test) counts
+        applies = logging.getLogger("lamina.differ")
+        if not applies.handlers:
+            to_stderr = logging.StreamHandler()
+            to_stderr.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            applies.addHandler(to_stderr)
+            applies.setLevel(logging.INFO)
+            applies.propagate = False
     path = Path(socket_path).absolute()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
