@@ -16,7 +16,8 @@ containerd would, is the image's union (what ``test_ctr.py``'s container reads: 
 hard links, whiteouts, an opaque directory); the top layer's blob as zstd and
 uncompressed (docker's media type) gives the same diff id.  Mounts of containerd's own
 overlayfs snapshotter are ``Unimplemented`` (containerd 2.x goes on to its walking
-differ), and so is ``Diff``.
+differ), and so is ``Diff``.  Last, ``lamina snapshotter --containerd-address`` as a
+process: the differ on its socket, each apply in its log.
 """
 
 from __future__ import annotations
@@ -40,12 +41,12 @@ import zstandard
 from lamina.archive.diffid import chain_id
 from lamina.backends import check
 from lamina.frontends.containerd.api import descriptor_pb2 as dpb
-from lamina.frontends.containerd.api import diff_pb2, snapshots_pb2_grpc
+from lamina.frontends.containerd.api import diff_pb2, diff_pb2_grpc, snapshots_pb2_grpc
 from lamina.frontends.containerd.api import snapshots_pb2 as pb
 from lamina.image import spec
 from lamina.store.meta import LayerFormat
 from tests.conftest import lacking
-from tests.containerd.daemon import Containerd, containerd_missing
+from tests.containerd.daemon import Containerd, Snapshotter, containerd_missing
 from tests.integration.engine import unmount_below
 from tests.snapshotter.served import Served
 
@@ -236,3 +237,32 @@ def test_containerds_own_mounts_fall_through(
             theirs.Remove(pb.RemoveSnapshotRequest(snapshotter="overlayfs", key=key),
                           metadata=md)
     assert served.differ.applied == 0
+
+
+def test_lamina_snapshotter_serves_the_differ(
+        tmp_path: Path, daemon: tuple[Containerd, Image, dict[str, tuple[str, int]]]) -> None:
+    """``lamina snapshotter --containerd-address`` (the command containerd 2.x runs
+    beside it) serves the differ on its socket and logs each apply without ``-v``."""
+    ctd, img, blobs = daemon
+    sn = Snapshotter(tmp_path / "home", tmp_path / "snapshotter.log", backend="overlay",
+                     args=["--containerd-address", str(ctd.address)])
+    try:
+        sn.start()
+        with grpc.insecure_channel(f"unix:{sn.socket}") as channel:
+            snaps: Any = snapshots_pb2_grpc.SnapshotsStub(channel)  # type: ignore[no-untyped-call]
+            differ: Any = diff_pb2_grpc.DiffStub(channel)  # type: ignore[no-untyped-call]
+            key = f"{NS}/1/extract {img.chains[0]}"
+            mounts = snaps.Prepare(pb.PrepareSnapshotRequest(key=key)).mounts
+            req = diff_pb2.ApplyRequest(
+                diff=dpb.Descriptor(media_type=img.layers[0]["mediaType"], digest=blobs["0"][0],
+                                    size=blobs["0"][1]), mounts=mounts)
+            got = differ.Apply(req, metadata=[("containerd-namespace", NS)], timeout=600)
+            assert got.applied.digest == img.diff_ids[0]
+            snaps.Commit(pb.CommitSnapshotRequest(name=img.chains[0], key=key))
+        assert sn.stop() == 0
+        assert "lamina differ: applied" in sn.log.read_text()
+        rows = [r for r in sn.layers() if r.get("diff_id") == img.diff_ids[0]]
+        assert len(rows) == 1 and rows[0]["sealed"] is False
+    finally:
+        sn.close()
+        unmount_below(tmp_path)
