@@ -502,7 +502,6 @@ class StoreDriver(Backend, abc.ABC):
                     meta.size = size
                 self.store.write_meta(staged, meta)
                 fsutil.syncfs(staged)
-                crashpoints.reached("fill:before-swap")
                 self.store.swap(staged, id)
         return diff_id, digesting.size
 

@@ -92,10 +92,12 @@ class Snapshotter:
     """
 
     def __init__(self, home: Path, log: Path, *, backend: str = "auto",
-                 socket_path: Path | None = None, args: Sequence[str] = ()) -> None:
+                 socket_path: Path | None = None, args: Sequence[str] = (),
+                 options: Sequence[str] = ()) -> None:
         self.home = home
         self.log = log
         self.backend = backend
+        self.options = list(options)  # driver options (``--opt KEY=VALUE``)
         self.args = list(args)  # after ``snapshotter --socket S`` (--containerd-address)
         self._own_dir: Path | None = None
         if socket_path is None:
@@ -108,8 +110,9 @@ class Snapshotter:
 
     def argv(self, *args: str) -> list[str]:
         """The command line of ``lamina --home H --backend B ARGS…``."""
+        opts = [a for o in self.options for a in ("--opt", o)]
         return [*snapshotter_command(), "--home", str(self.home), "--backend", self.backend,
-                *args]
+                *opts, *args]
 
     def start(self, timeout: float = 60) -> None:
         """Start it and wait until its socket answers."""

@@ -21,18 +21,18 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from lamina.frontends.containerd.api import content_pb2, content_pb2_grpc, diff_pb2, mount_pb2
 from lamina.frontends.containerd.api import descriptor_pb2 as dpb
+from lamina.frontends.containerd.api import diff_pb2, mount_pb2
 from lamina.frontends.containerd.api import snapshots_pb2 as pb
 from lamina.image import spec
 from tests.integration.engine import unmount_below
+from tests.snapshotter.blobs import Blobs, serving
 from tests.snapshotter.served import Served
 
 pytestmark = pytest.mark.root
@@ -79,61 +79,11 @@ BIG_GZ = gzip.compress(BIG, compresslevel=1)
 BIG_DIFF_ID = "sha256:" + hashlib.sha256(BIG).hexdigest()
 
 
-class Blobs(content_pb2_grpc.ContentServicer):
-    """A content store that holds ``blobs`` and reads them back as :attr:`mode` says."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-        self.mode = "honest"
-        self.namespaces: list[str | None] = []
-
-    def put(self, data: bytes) -> str:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        self.blobs[digest] = data
-        return digest
-
-    def Info(self, request: Any, context: grpc.ServicerContext) -> Any:
-        data = self.blobs.get(request.digest)
-        if data is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"content digest {request.digest}: not found")
-        ns = dict(context.invocation_metadata()).get("containerd-namespace")
-        self.namespaces.append(ns if isinstance(ns, str) else None)
-        size = len(data) + (1 if self.mode == "info-lies" else 0)
-        return content_pb2.InfoResponse(info=content_pb2.Info(digest=request.digest, size=size))
-
-    def Read(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        data = self.blobs[request.digest]
-        mode = self.mode
-        if mode == "wrong":
-            mid = len(data) // 2
-            data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
-        elif mode == "more":
-            data += b"\0" * 100
-        elif mode == "less":
-            data = data[:-100]
-        for i, off in enumerate(range(0, len(data), CHUNK)):
-            if i == 2 and mode == "cut":
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the content store went away")
-            if i == 2 and mode == "stall":
-                while context.is_active():
-                    time.sleep(0.05)
-                return
-            shift = CHUNK if mode == "offsets" and i == 1 else 0
-            yield content_pb2.ReadContentResponse(offset=off + shift, data=data[off:off + CHUNK])
-
-
 @pytest.fixture(scope="module")
 def blobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Blobs, Path]]:
     sock = tmp_path_factory.mktemp("blobs") / "content.sock"
-    store = Blobs()
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    content_pb2_grpc.add_ContentServicer_to_server(store, srv)  # type: ignore[no-untyped-call]
-    srv.add_insecure_port(f"unix:{sock}")
-    srv.start()
-    try:
+    with serving(sock) as store:
         yield store, sock
-    finally:
-        srv.stop(1).wait()
 
 
 @pytest.fixture(params=BACKENDS, ids=["vfs", "overlay", "overlay+erofs"])
