@@ -50,6 +50,9 @@ class Blobs(content_pb2_grpc.ContentServicer):
             data += b"\0" * 100
         elif mode == "less":
             data = data[:-100]
+        elif mode == "huge":  # one message past the client's limit (8 MiB)
+            yield content_pb2.ReadContentResponse(offset=0, data=data + bytes(9 << 20))
+            return
         for i, off in enumerate(range(0, len(data), CHUNK)):
             if i == 2 and mode == "cut":
                 context.abort(grpc.StatusCode.UNAVAILABLE, "the content store went away")

@@ -2,13 +2,15 @@
 
 A real server on a unix socket and the generated client, as containerd 2.x's proxy differ
 calls it; the content store it reads is a small gRPC server of this test's
-(:class:`Blobs`), which can lie: a size that is not the descriptor's, wrong bytes, more
-or fewer bytes than it said, offsets out of order, a stream cut off, a stream that stalls
-past the caller's deadline.  Each is a clear status, and the snapshot's layer is left as
-it was (empty, no diff id), so that a later honest Apply onto it succeeds.  Malformed
-descriptors, media types lamina does not decode, foreign mounts and ``Diff`` itself get
-the statuses containerd falls through or stops on.  The real containerd's content store
-is ``tests/containerd/test_differ.py``'s.
+(:class:`~tests.snapshotter.blobs.Blobs`), which can lie: a size that is not the
+descriptor's, wrong bytes, more or fewer bytes than it said, offsets out of order, a
+message past the client's size limit, a stream cut off, a stream that stalls past the
+caller's deadline.  Each is a clear status, and the snapshot's layer is left as it was
+(empty, no diff id, nothing in staging), so that a later honest Apply onto it succeeds.
+Malformed descriptors, media types lamina does not decode, stream processor payloads, a
+request past the server's size limit, foreign mounts and ``Diff`` itself get the
+statuses containerd falls through or stops on.  The real containerd's content store is
+``tests/containerd/test_differ.py``'s.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
 
 from lamina.frontends.containerd.api import descriptor_pb2 as dpb
 from lamina.frontends.containerd.api import diff_pb2, mount_pb2
@@ -226,6 +229,13 @@ def test_bad_descriptors(served: Served, blobs: tuple[Blobs, Path]) -> None:
     for media, digest in unimplemented:
         assert code_of(apply, served, mounts, digest, len(GZ), media) \
             == grpc.StatusCode.UNIMPLEMENTED, (media, digest)
+    payload = any_pb2.Any(type_url="example.com/decryption-keys", value=b"k")
+    assert code_of(apply, served, mounts, GZ_DIGEST, len(GZ), payloads={"p": payload}) \
+        == grpc.StatusCode.UNIMPLEMENTED  # stream processors: walking's
+    # a request over the server's limit (4 MiB): refused before it runs
+    fat = [mount_pb2.Mount(type=m.type, source=m.source, options=[*m.options, "x" * (5 << 20)])
+           for m in mounts]
+    assert code_of(apply, served, fat, GZ_DIGEST, len(GZ)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     missing = "sha256:" + "0" * 64
     assert code_of(apply, served, mounts, missing, 10) == grpc.StatusCode.NOT_FOUND
     # a size other than the blob's, a gzip media type on an uncompressed blob
@@ -249,6 +259,7 @@ def test_bad_descriptors(served: Served, blobs: tuple[Blobs, Path]) -> None:
     ("offsets", grpc.StatusCode.DATA_LOSS),
     ("cut", grpc.StatusCode.UNAVAILABLE),
     ("stall", grpc.StatusCode.DEADLINE_EXCEEDED),
+    ("huge", grpc.StatusCode.RESOURCE_EXHAUSTED),
 ])
 def test_a_lying_content_store_leaves_nothing(served: Served, blobs: tuple[Blobs, Path],
                                               mode: str, code: grpc.StatusCode) -> None:
