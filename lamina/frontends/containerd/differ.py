@@ -37,7 +37,8 @@ lamina does not do, containerd's walking differ does.
   them), and a layer lamina filled is told from one containerd wrote through the
   mounts by its record (``lamina ls --json``): a diff id, not ``sealed``.
 - *The answer*: ``applied`` = the uncompressed tar (``application/vnd.oci.image.layer
-  .v1.tar``, the diff id, its size).
+  .v1.tar``, the diff id, its size).  ``sync_fs`` changes nothing: every layer lamina
+  writes is made durable (one ``syncfs``) before it is swapped in.
 
 Statuses: not lamina's mounts, a media type lamina does not decode (an encrypted layer:
 containerd's stream processors are walking's), stream processor payloads, a digest of
