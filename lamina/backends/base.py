@@ -482,9 +482,12 @@ class StoreDriver(Backend, abc.ABC):
                 raise errors.Busy("layer is not writable (committed already)", layer=id)
             if meta.quota is not None:
                 raise errors.Unsupported("cannot fill a layer with a size quota", layer=id)
-            if meta.identity.diff_id is not None or not self._untouched(id):
-                raise errors.Busy("layer has content already: only an empty snapshot is "
-                                  "filled", layer=id)
+            if meta.identity.diff_id is not None:
+                raise errors.Busy("layer was filled already", layer=id)
+            if not self._untouched(id):
+                # Written through its mounts: whoever wrote there applies onto it.
+                raise errors.Unsupported("layer has changes of its own: only an untouched "
+                                         "snapshot is filled", layer=id)
             if self.store.count(id) > 0:
                 raise errors.Busy("cannot fill a mounted layer", layer=id)
             pid = meta.parent
@@ -506,9 +509,9 @@ class StoreDriver(Backend, abc.ABC):
         return diff_id, digesting.size
 
     def _untouched(self, id: LayerId) -> bool:
-        """Whether writable layer ``id`` holds nothing of its own yet (by default: not
-        known, so assumed; a backend that can tell says)."""
-        return True
+        """Whether writable layer ``id`` has no changes of its own over its parent (by
+        default its changes, as ``changes`` finds them, are none)."""
+        return not self._find_changes(id, None)
 
     def seal(self, id: LayerId, chain_id: str | None = None) -> None:
         """No copy and no walk of its content: made durable, then ``rw`` false in its

@@ -266,7 +266,9 @@ class Backend(Driver, abc.ABC):
         containerd commits next): the layer's new content is built beside it, in the
         format a read-only layer applied from a tar gets (overlay's EROFS), and swapped
         in whole.  ``verify`` is called once the tar is read, before the swap: what it
-        raises leaves the layer as it was.  The tar's diff id and its size in bytes."""
+        raises leaves the layer as it was.  The tar's diff id and its size in bytes.
+        ``Busy`` for a layer filled already, ``Unsupported`` for one with changes of its
+        own (written through its mounts) or a size quota."""
 
     def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
         """The mounts that show layer ``id``'s union view (containerd mounts them): the

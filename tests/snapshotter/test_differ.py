@@ -320,3 +320,24 @@ def test_commit_while_applying_is_refused(served: Served, blobs: tuple[Blobs, Pa
     # applied once: a second Apply onto the same snapshot is refused
     assert code_of(apply, served, mounts, digest, len(BIG_GZ)) \
         == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_snapshot_written_through_its_mounts_falls_through(
+        served: Served, blobs: tuple[Blobs, Path]) -> None:
+    """Changes of its own (containerd wrote there): the next differ applies onto them."""
+    digest = blobs[0].put(GZ)
+    served.stub.Prepare(pb.PrepareSnapshotRequest(key="base"))
+    assert apply(served, served.stub.Mounts(pb.MountsRequest(key="base")).mounts, digest,
+                 len(GZ)).applied.digest == DIFF_ID
+    served.stub.Commit(pb.CommitSnapshotRequest(name="b", key="base"))
+    for parent in ("", "b"):
+        key = f"written-{parent}"
+        mounts = served.stub.Prepare(pb.PrepareSnapshotRequest(key=key, parent=parent)).mounts
+        (m,) = mounts
+        upper = m.source if m.type == "bind" else next(
+            o.split("=", 1)[1] for o in m.options if o.startswith("upperdir="))
+        Path(upper, "written").write_text("by containerd\n")
+        assert code_of(apply, served, mounts, digest, len(GZ)) == grpc.StatusCode.UNIMPLEMENTED
+        assert Path(upper, "written").read_text() == "by containerd\n"
+        lid = served.sn.stat(key).layer
+        assert lid is not None and served.drv.record(lid).identity.diff_id is None

@@ -42,14 +42,15 @@ lamina does not do, containerd's walking differ does.
 
 Statuses: not lamina's mounts, a media type lamina does not decode (an encrypted layer:
 containerd's stream processors are walking's), stream processor payloads, a digest of
-another algorithm than sha256, a snapshot with a size quota: ``Unimplemented`` (the next
-differ does it).  A malformed descriptor (digest syntax, negative size, no media type)
+another algorithm than sha256, a snapshot with a size quota or with changes of its own
+(written through its mounts: the next differ applies onto them): ``Unimplemented`` (the
+next differ does it).  A malformed descriptor (digest syntax, negative size, no media type)
 or a blob that is not a tar of its media type: ``InvalidArgument``.  A blob of another
 size or digest than its descriptor's, or a content store that sends other offsets or
 more bytes: ``DataLoss``.  A blob containerd does not hold: ``NotFound``.  The content
 store unreachable, the call's deadline passed, the caller gone: containerd's status
 (``Unavailable``, ``DeadlineExceeded``, ``Cancelled``).  A snapshot being committed or
-already written: ``FailedPrecondition``.  In every failure the snapshot's layer is left
+filled already: ``FailedPrecondition``.  In every failure the snapshot's layer is left
 as it was (empty): its new content was only ever in a staging directory.
 
 ``Diff(left, right)``: ``Unimplemented``, by choice.  Computing a layer's diff is
