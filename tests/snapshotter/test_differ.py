@@ -341,3 +341,16 @@ def test_a_snapshot_written_through_its_mounts_falls_through(
         assert Path(upper, "written").read_text() == "by containerd\n"
         lid = served.sn.stat(key).layer
         assert lid is not None and served.drv.record(lid).identity.diff_id is None
+
+
+def test_a_filled_snapshot_removed_goes_whole(served: Served, blobs: tuple[Blobs, Path]) -> None:
+    """containerd removes the snapshot of an unpack that failed after the Apply: the
+    filled layer goes, its image unmounted."""
+    digest = blobs[0].put(GZ)
+    mounts = served.stub.Prepare(pb.PrepareSnapshotRequest(key="k")).mounts
+    assert apply(served, mounts, digest, len(GZ)).applied.digest == DIFF_ID
+    lid = served.sn.stat("k").layer
+    served.stub.Remove(pb.RemoveSnapshotRequest(key="k"))
+    assert lid is not None and not served.drv.exists(lid)
+    points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    assert not [p for p in points if p.startswith(str(served.home))]
