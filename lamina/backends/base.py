@@ -21,7 +21,6 @@ from typing import Any, BinaryIO
 from lamina import crashpoints, errors
 from lamina.archive import codecs
 from lamina.archive.diffid import DigestingReader, chain_id
-from lamina.archive.diffid import chain_id as chain_id_of
 from lamina.archive.digests import Digests
 from lamina.backends.contract import Backend, SnapshotMount
 from lamina.backends.quotas import LayerQuotas
@@ -441,10 +440,14 @@ class StoreDriver(Backend, abc.ABC):
         and its chain id when its parent's is known (none for a writable layer)."""
         if meta.rw:
             return Identity()
-        diff = tar.diff_id()
+        return self._identified(meta.parent, tar.diff_id())
+
+    def _identified(self, parent: LayerId | None, diff: str) -> Identity:
+        """The identity of a layer of diff id ``diff`` on ``parent``: with its chain id
+        when its parent's is known."""
         parent_chain = None
-        if meta.parent is not None:
-            parent_chain = self.store.meta(meta.parent).identity.chain_id
+        if parent is not None:
+            parent_chain = self.store.meta(parent).identity.chain_id
             if parent_chain is None:
                 return Identity(diff)  # a parent of unknown content: no chain id
         return Identity(diff, chain_id(parent_chain, diff))
@@ -522,13 +525,11 @@ class StoreDriver(Backend, abc.ABC):
             meta = self.store.meta(id)
             if not meta.rw:
                 return
-            diff_id = meta.identity.diff_id
-            if diff_id is not None:
-                parent_chain = (self.store.meta(meta.parent).identity.chain_id
-                                if meta.parent is not None else None)
-                own = (None if meta.parent is not None and parent_chain is None
-                       else chain_id_of(parent_chain, diff_id))
-                meta.identity = Identity(diff_id, own or chain_id)
+            if meta.identity.diff_id is not None:
+                # Its own chain id, from its content (containerd's name says the same of
+                # an image's layer); containerd's where the parent's is not known.
+                own = self._identified(meta.parent, meta.identity.diff_id)
+                meta.identity = Identity(own.diff_id, own.chain_id or chain_id)
             else:
                 if chain_id is not None:
                     meta.identity = Identity(None, chain_id)
