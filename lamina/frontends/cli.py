@@ -321,6 +321,16 @@ def cmd_snapshotter(drv: Driver, args: argparse.Namespace) -> Result:
 
     if not isinstance(drv, Backend):
         raise errors.Unsupported(f"backend {drv.name} cannot serve containerd snapshots")
+    socket = str((args.socket or Path(server.DEFAULT_SOCKET)).absolute())
+    if args.print_containerd_config:
+        from lamina.frontends.containerd import config
+
+        major = config.containerd_major()
+        text = config.config_text(major or 2, socket, str(drv.home), config.host_platform())
+        head = (f"# for containerd {major}.x (containerd --version)" if major else
+                "# for containerd 2.x (no containerd found on PATH)")
+        return Result({"containerd_major": major or 2, "config": text},
+                      [head, *text.splitlines()])
     status = server.serve(drv, args.socket or server.DEFAULT_SOCKET, verbose=args.verbose,
                           containerd_address=str(args.containerd_address))
     return Result({"snapshotter": "stopped"}, status=status)
@@ -462,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=Path("/run/containerd/containerd.sock"),
                    help="containerd's socket, whose content store the differ reads blobs "
                         "from (default: /run/containerd/containerd.sock)")
+    p.add_argument("--print-containerd-config", action="store_true",
+                   help="print the config.toml lines the containerd on PATH needs, and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log every call")
 
     image_cli.add_commands(sub, json_flag)
