@@ -30,7 +30,8 @@ from pathlib import Path
 
 from tests.conftest import in_ci, lacking, require_root
 
-__all__ = ["in_ci", "lab_root", "location", "present", "run", "versions"]
+__all__ = ["command", "in_ci", "lab_root", "location", "present", "run", "spawn", "stop",
+           "versions"]
 
 DEFAULT = Path("/var/tmp/lamina-lab")
 STAMP = ".lamina-lab-stamp"
@@ -85,6 +86,27 @@ def versions(root: Path | None = None) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
 
 
+def command(argv: Sequence[str | os.PathLike[str]], *,
+            binds: Iterable[str | os.PathLike[str]] = (),
+            env: Mapping[str, str] | None = None, cwd: str | None = None) -> list[str]:
+    """The host's command line that runs ``argv`` in the lab (see :func:`run`)."""
+    root = lab_root()
+    paths = sorted({os.path.abspath(os.fspath(b)) for b in binds},
+                   key=lambda p: (p.count("/"), p))
+    if "/" in paths:
+        raise ValueError("the host's / cannot be bound into the lab")
+    inner = [os.fspath(a) for a in argv]
+    if cwd is not None:
+        inner = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *inner]
+    return [
+        # --kill-child: the namespace's first process is killed if unshare dies.
+        "unshare", "--mount", "--propagation", "slave", "--pid", "--fork", "--kill-child",
+        "--", "/bin/sh", "-c", _ENTER, "lab", str(root), *paths, "--",
+        "/usr/bin/env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME=/root", "LC_ALL=C.UTF-8", *(f"{k}={v}" for k, v in (env or {}).items()),
+        *inner]
+
+
 def run(argv: Sequence[str | os.PathLike[str]], *, binds: Iterable[str | os.PathLike[str]] = (),
         check: bool = True, timeout: float = 300, input: str | None = None,
         env: Mapping[str, str] | None = None, cwd: str | None = None,
@@ -94,32 +116,33 @@ def run(argv: Sequence[str | os.PathLike[str]], *, binds: Iterable[str | os.Path
     the same paths inside; ``cwd`` a directory inside to start in; ``check`` raises
     ``CalledProcessError`` on a non-zero status.  When the call returns, every process
     it started is gone: on ``timeout`` (``TimeoutExpired``) too."""
-    root = lab_root()
-    paths = sorted({os.path.abspath(os.fspath(b)) for b in binds},
-                   key=lambda p: (p.count("/"), p))
-    if "/" in paths:
-        raise ValueError("the host's / cannot be bound into the lab")
-    command = [os.fspath(a) for a in argv]
-    if cwd is not None:
-        command = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *command]
-    args = [
-        # --kill-child: the namespace's first process is killed if unshare dies.
-        "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
-        "--", "/bin/sh", "-c", _ENTER, "lab", str(root), *paths, "--",
-        "/usr/bin/env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME=/root", "LC_ALL=C.UTF-8", *(f"{k}={v}" for k, v in (env or {}).items()),
-        *command]
+    args = command(argv, binds=binds, env=env, cwd=cwd)
     with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, errors="replace") as proc:
         try:
             out, err = proc.communicate(input, timeout=timeout)
         except BaseException:
-            _end(proc)
+            stop(proc)
             raise
     done = subprocess.CompletedProcess(args, proc.returncode, out, err)
     if check:
         done.check_returncode()
     return done
+
+
+def spawn(argv: Sequence[str | os.PathLike[str]], *, log: Path,
+          binds: Iterable[str | os.PathLike[str]] = (),
+          env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``argv`` in the lab (a daemon: containerd, dockerd), its output appended to
+    ``log``; :func:`stop` ends it with every process it started."""
+    with open(log, "a") as out:
+        return subprocess.Popen(command(argv, binds=binds, env=env), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """End what :func:`spawn` started (see :func:`_end`)."""
+    _end(proc)
 
 
 def _end(proc: subprocess.Popen[str]) -> None:

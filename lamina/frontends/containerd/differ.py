@@ -170,6 +170,18 @@ class _Decoding:
         self._stream.close()
 
 
+NO_DEADLINE = 1e6
+"""Seconds past which a call's time remaining is no deadline at all: a caller that sets
+none (containerd's unpacker) gets gRPC's infinite future, whose remaining time, passed on
+as a timeout, would overflow into a deadline already past."""
+
+
+def remaining(context: grpc.ServicerContext) -> float | None:
+    """The call's time remaining, None where it has no deadline."""
+    left = context.time_remaining()
+    return None if left is None or left > NO_DEADLINE else left
+
+
 def _answered(fn: Callable[..., T]) -> Callable[..., T]:
     """A servicer method whose lamina errors become the statuses of :func:`status_of`."""
 
@@ -218,7 +230,7 @@ class DiffServicer(diff_pb2_grpc.DiffServicer):
             raise errors.Unsupported("stream processor payloads are the walking differ's")
         started = time.monotonic()
         blob = self.content.open(digest, size, namespace=namespace_of(context),
-                                 timeout=context.time_remaining(),
+                                 timeout=remaining(context),
                                  on_cancel=context.add_callback)
         with blob:
             plain = _Decoding(codecs.decoded(blob.as_stream(), kind), f"blob {digest}")

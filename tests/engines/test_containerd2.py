@@ -1,0 +1,137 @@
+"""containerd 2.x (the lab's, Debian sid's) on ``lamina snapshotter``: snapshotter and differ.
+
+One ``lamina snapshotter --containerd-address …`` on the host (the project's venv) per
+layer format, and one containerd 2.x in the lab whose config is what lamina prints for
+it (``--print-containerd-config``): ``lamina`` the snapshotter, ``lamina-diff`` first in
+the diff service and the transfer service's differ.  With the corpus's
+``app-docker-save.tar``: ``ctr image import --snapshotter lamina`` (the transfer
+service) unpacks every layer through lamina's differ — one apply a layer in lamina's log,
+each layer lamina's own format (EROFS on overlay, where the kernel mounts it), none
+applied by containerd's walking differ; ``ctr run`` sees the image's union; a
+container's writes show in ``snapshots usage``; lamina restarted loses nothing;
+``ctr images rm --sync`` leaves no snapshot and no layer; ``lamina check`` passes.
+
+The tests share the daemons and run in file order; the last ones remove everything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import lab
+from tests.conftest import LAYER_FORMATS, mounts_under, unmount_layer_images
+from tests.containerd.daemon import Snapshotter, short_dir
+from tests.containerd.test_ctr import EXPECTED_READ, READ
+from tests.engines.daemons import LabContainerd, shared_dir
+from tests.integration.engine import unmount_below
+
+pytestmark = [pytest.mark.root, pytest.mark.corpus, pytest.mark.slow]
+
+BACKENDS = ["overlay", "overlay+dir", "vfs"]
+IMAGE = "docker.io/corpus/app:1"
+NS = "default"
+PLUGIN = "lamina"
+APPLY_LINE = re.compile(r"lamina differ: applied \S+ .*?: diff id (sha256:[0-9a-f]{64})")
+
+
+@dataclass
+class Lab:
+    containerd: LabContainerd
+    snapshotter: Snapshotter
+    tar: Path
+    variant: str
+
+    def ctr(self, *args: str, check: bool = True) -> str:
+        return self.containerd.ctr("-n", NS, *args, check=check,
+                                   binds=[self.tar.parent]).stdout
+
+    def snapshots(self) -> dict[str, str]:
+        """``ctr snapshots ls``: key to kind."""
+        rows = self.ctr("snapshots", "--snapshotter", PLUGIN, "ls").splitlines()[1:]
+        return {row.split()[0]: row.split()[-1] for row in rows if row.strip()}
+
+    def applies(self) -> list[str]:
+        """The diff ids lamina's differ applied, from its log (a line each)."""
+        return APPLY_LINE.findall(self.snapshotter.log.read_text(errors="replace"))
+
+
+@pytest.fixture(scope="module")
+def stack(backend: str, corpus_dir: Path) -> Iterator[Lab]:
+    lab.lab_root()
+    name, _, kind = backend.partition("+")
+    work = short_dir("lab2-")
+    shared_dir(work)
+    sn = Snapshotter(work / "home", work / "snapshotter.log", backend=name,
+                     socket_path=work / "lamina.sock",
+                     options=LAYER_FORMATS[name][kind] if kind else (),
+                     args=["--containerd-address", str(work / "containerd.sock")])
+    ctd = LabContainerd(work, sn)
+    try:
+        sn.start()
+        ctd.start()
+        print(f"lab: {ctd.version()}; {lab.versions().get('runc', '')}")
+        yield Lab(ctd, sn, corpus_dir / "app-docker-save.tar", backend)
+    finally:
+        ctd.close()
+        sn.close()
+        unmount_layer_images(work)
+        unmount_below(work)  # the work directory's own (shared) bind mount last
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_import_goes_through_laminas_differ(stack: Lab) -> None:
+    stack.ctr("image", "import", "--snapshotter", PLUGIN, str(stack.tar))
+    snapshots = stack.snapshots()
+    assert len(snapshots) == 3 and set(snapshots.values()) == {"Committed"}, snapshots
+    # One apply a layer, by lamina: containerd's walking differ applied none (it would
+    # have written through the mounts, and lamina would have no diff id to log).
+    assert len(stack.applies()) == 3, stack.snapshotter.log.read_text()[-3000:]
+    layers = stack.snapshotter.layers()
+    assert len(layers) == 3
+    formats = {str(layer.get("format")) for layer in layers}
+    want = "erofs" if stack.variant == "overlay" else "dir"
+    assert formats == {want}, layers
+    assert sorted(str(layer.get("diff_id")) for layer in layers) == sorted(stack.applies())
+
+
+def test_run_sees_the_image(stack: Lab) -> None:
+    out = stack.ctr("run", "--rm", "--snapshotter", PLUGIN, IMAGE, "reader",
+                    "python3", "-c", READ)
+    assert json.loads(out) == EXPECTED_READ
+
+
+def test_a_container_writes_and_lamina_restarts(stack: Lab) -> None:
+    stack.ctr("run", "--snapshotter", PLUGIN, IMAGE, "writer", "sh", "-c",
+              "head -c 1048576 /dev/zero > /big && echo written > /new")
+    usage = stack.ctr("snapshots", "--snapshotter", PLUGIN, "usage", "writer")
+    assert "1.0 MiB" in usage or "1.004 MiB" in usage or "MiB" in usage, usage
+    before = stack.snapshots()
+    assert stack.snapshotter.stop() == 0
+    stack.snapshotter.start()
+    for _ in range(50):  # containerd redials a proxy plugin with a backoff
+        if stack.ctr("snapshots", "--snapshotter", PLUGIN, "ls", check=False):
+            break
+    assert stack.snapshots() == before
+    assert len(stack.applies()) == 3  # nothing applied again
+
+
+def test_remove_and_gc(stack: Lab) -> None:
+    stack.ctr("containers", "rm", "writer")
+    stack.ctr("images", "rm", "--sync", IMAGE)
+    assert stack.snapshots() == {}
+    assert stack.snapshotter.layers() == [], "containerd's collection left layers in lamina"
+
+
+def test_check(stack: Lab) -> None:
+    assert stack.snapshotter.stop() == 0
+    proc = stack.snapshotter.lamina("check", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert mounts_under(stack.snapshotter.home) == []
+    stack.snapshotter.start()
