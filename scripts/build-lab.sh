@@ -90,6 +90,9 @@ path-exclude=/usr/share/info/*
 path-exclude=/usr/share/locale/*
 path-include=/usr/share/locale/locale.alias
 EOF
+# No fsync per unpacked file (tens of thousands of Go sources): the lab is synced once,
+# as a whole, before its stamp is written (below).
+echo force-unsafe-io >"$TMP/etc/dpkg/dpkg.cfg.d/lamina-lab-unsafe-io"
 debootstrap --variant=minbase sid "$TMP" "$MIRROR" >"$TMP.debootstrap.log" 2>&1 || {
   tail -n 30 "$TMP.debootstrap.log" >&2
   say "debootstrap failed (the whole log: $TMP.debootstrap.log)"
@@ -131,7 +134,12 @@ rm -rf "$TMP/var/lib/apt/lists/"*
 
 dpkg-query --admindir="$TMP/var/lib/dpkg" -W -f '${Package} ${Version}\n' \
   "${KEY_PACKAGES[@]}" >"$TMP/VERSIONS"
+# The whole tree on disk before the stamp says it is whole (dpkg did not fsync), the
+# stamp on disk before the rename publishes it: after a power cut DIR is a whole lab
+# or none, and DIR.tmp is thrown away by the next build.
+sync -f "$TMP"
 echo "$want" >"$TMP/$STAMP"
+sync -f "$TMP/$STAMP"
 
 # The whole lab replaces the old one at once (an old lab is set aside, then removed).
 if [ -e "$DIR" ]; then

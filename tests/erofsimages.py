@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 from lamina.archive.erofstar import index_tar
 from lamina.host import mount
 from tests import lab
-from tests.conftest import lacking
+from tests.conftest import in_ci, lacking
 
 OPQ = ".wh..wh..opq"  # the opaque marker, as a tar spells it
 
@@ -141,7 +141,7 @@ def fsck_at_end(where: Path) -> Iterator[Kept]:
     extracts otherwise than the kernel mounts it, fails the test.  Where the lab is
     missing, outside CI, nothing is kept or checked."""
     global _kept
-    if not lab.present() and not lab.in_ci():
+    if not lab.present() and not in_ci():
         yield Kept(where)
         return
     lab.lab_root()
@@ -159,7 +159,9 @@ EXTRACTED_UP_TO = 32 << 20
 (a larger one is only checked: extracting the corpus's 200 MB takes seconds)."""
 
 # ``--extract``: every inode's data is read too (through the chunk indexes into the
-# tar), not only the metadata; to a directory, the tree written there.
+# tar), not only the metadata; to a directory, the tree written there.  fsck.erofs
+# 1.9.4 reads zeros past the end of a short device instead of failing: whether the
+# data is the tar's right bytes is for the comparisons of the mounted tree to say.
 _FSCK = r"""
 limit=$1; shift
 for case in "$@"; do

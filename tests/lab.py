@@ -4,9 +4,12 @@ The lab holds the tools that Debian 12 has too old or not at all (erofs-utils 1.
 ``fsck.erofs`` and ``mkfs.erofs`` judge lamina's EROFS writer; containerd 2.x, Docker,
 Go with containerd's sources).  :func:`run` runs one command in it:
 
-- in a fresh private mount namespace, so nothing it mounts is seen outside or outlives it;
-- in a fresh PID namespace whose first process is killed when the call returns (or times
-  out), which takes every process the command started with it: nothing survives a call;
+- in a fresh mount namespace, a slave of the host's: nothing it mounts is seen outside
+  or outlives it, and what the host mounts later below a *shared* mount (see
+  :func:`tests.engines.daemons.shared_dir`: lamina's EROFS layers) shows inside;
+- in a fresh PID namespace, whose first process's end (when the command has ended, or
+  the call is interrupted or times out: then it is killed) takes every process the
+  command started with it: nothing survives a call;
 - with the lab's root bind-mounted onto itself (a mount point, as runc wants ``/``), a
   fresh ``/proc`` (of the new PID namespace), the host's ``/sys`` and ``/dev`` (with
   ``/dev/pts``, the loop devices), a tmpfs on ``/tmp``, and each of ``binds`` (host
@@ -28,10 +31,9 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from tests.conftest import in_ci, lacking, require_root
+from tests.conftest import lacking, require_root
 
-__all__ = ["command", "in_ci", "lab_root", "location", "present", "run", "spawn", "stop",
-           "versions"]
+__all__ = ["command", "lab_root", "location", "present", "run", "spawn", "stop", "versions"]
 
 DEFAULT = Path("/var/tmp/lamina-lab")
 STAMP = ".lamina-lab-stamp"
@@ -93,8 +95,8 @@ def command(argv: Sequence[str | os.PathLike[str]], *,
     root = lab_root()
     paths = sorted({os.path.abspath(os.fspath(b)) for b in binds},
                    key=lambda p: (p.count("/"), p))
-    if "/" in paths:
-        raise ValueError("the host's / cannot be bound into the lab")
+    for path in paths:
+        _check_bind(root, path)
     inner = [os.fspath(a) for a in argv]
     if cwd is not None:
         inner = ["/bin/sh", "-c", 'cd "$1" && shift && exec "$@"', "sh", cwd, *inner]
@@ -143,6 +145,21 @@ def spawn(argv: Sequence[str | os.PathLike[str]], *, log: Path,
 def stop(proc: subprocess.Popen[str]) -> None:
     """End what :func:`spawn` started (see :func:`_end`)."""
     _end(proc)
+
+
+def _check_bind(root: Path, path: str) -> None:
+    """Refuse to bind ``path`` where the lab's own tree would lead it astray: the host's
+    ``/``, or a path through a symlink of the lab (``/var/run -> /run``: the mount
+    point would be made through it, on the host)."""
+    if path == "/":
+        raise ValueError("the host's / cannot be bound into the lab")
+    at = root
+    for part in Path(path).parts[1:]:
+        at = at / part
+        if at.is_symlink():
+            raise ValueError(f"{path} goes through the lab's symlink {at}: bind its target")
+        if not at.exists():
+            return
 
 
 def _end(proc: subprocess.Popen[str]) -> None:

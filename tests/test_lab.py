@@ -72,6 +72,15 @@ def test_every_process_is_gone_when_it_returns() -> None:
     assert _processes_with(f"sleep\0{marker}") == []
 
 
+def test_binds_through_the_labs_symlinks_are_refused() -> None:
+    root = lab.lab_root()
+    assert (root / "var/run").is_symlink()  # Debian's /var/run -> /run
+    with pytest.raises(ValueError):
+        lab.run(["true"], binds=["/var/run/lamina-test"])
+    with pytest.raises(ValueError):
+        lab.run(["true"], binds=["/"])
+
+
 def test_a_failing_command_is_an_error() -> None:
     with pytest.raises(subprocess.CalledProcessError):
         lab.run(["false"])
