@@ -29,6 +29,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -56,6 +57,29 @@ const (
 )
 
 var started int64
+
+// spawns carries commands to the one goroutine that starts them all (see spawner).
+var spawns = make(chan spawnRequest)
+
+type spawnRequest struct {
+	cmd  *exec.Cmd
+	done chan<- error
+}
+
+// spawner starts every server from one OS thread that lives as long as the suite.
+// Pdeathsig is sent when the thread that forked the child ends, not the process: Go
+// ends a thread whose goroutine exits while locked to it (containerd's mount code
+// locks threads), and a server forked from such a thread was killed in mid-subtest.
+func spawner() {
+	runtime.LockOSThread() // never unlocked: the thread is this goroutine's for good
+	for req := range spawns {
+		req.done <- req.cmd.Start()
+	}
+}
+
+func init() {
+	go spawner()
+}
 
 // snapshotterCommand is the command line that starts lamina, before its options.
 func snapshotterCommand() ([]string, error) {
@@ -189,7 +213,9 @@ func start(ctx context.Context, root, sock string, done func()) (*server, error)
 	cmd.Dir = os.Getenv("LAMINA_SNAPSHOTTER_CWD")
 	// Its own process group, so that a Ctrl-C of the suite does not reach it first.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	result := make(chan error, 1)
+	spawns <- spawnRequest{cmd, result}
+	if err := <-result; err != nil {
 		logFile.Close()
 		return nil, fmt.Errorf("starting %v: %w", argv, err)
 	}
