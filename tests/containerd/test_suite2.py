@@ -33,7 +33,7 @@ import pytest
 from tests import lab
 from tests.conftest import LAYER_FORMATS
 from tests.containerd.daemon import short_dir, snapshotter_command
-from tests.containerd.test_suite import TOP, Subtest, parse, summary
+from tests.containerd.test_suite import TOP, Subtest, parse
 from tests.integration.engine import REPO, unmount_below
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -108,6 +108,16 @@ def run_suite(binary: Path, backend: str, options: tuple[str, ...],
     return proc.stdout
 
 
+def summary(subs: dict[str, Subtest]) -> str:
+    """One line a subtest, and the counts (an excused failure is ``XFAIL``)."""
+    lines = [f"{t.status:5} {name:32} {t.seconds:7.2f}s" for name, t in sorted(subs.items())]
+    counts = {s: sum(t.status == s for t in subs.values())
+              for s in ("PASS", "XFAIL", "FAIL", "SKIP", "NONE")}
+    lines.append(", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)
+                 + f" of {len(subs)} subtests")
+    return "\n".join(lines)
+
+
 def failure(name: str, test: Subtest) -> str:
     """What a subtest that did not pass said, and the end of its servers' logs."""
     detail = "\n".join(test.output[-40:])
@@ -150,7 +160,7 @@ def test_containerd2_snapshotter_suite(suite2_binary: Path, backend: str,
 
     for name in excused:
         subs[name].status = "XFAIL"  # shown as such; counted apart
-    report = summary(tests)
+    report = summary(subs)
     if excused:
         # The rest of Rename, under the name containerd's suite exempts from the rename.
         again = parse(run_suite(suite2_binary, backend, backend_options, tmp_path / "as-overlayfs",

@@ -271,8 +271,12 @@ func TestLaminaSnapshotter(t *testing.T) {
 		t.Skip("containerd's snapshotter suite mounts: it needs root")
 	}
 	// test_suite2.py reads this line for the log.
-	t.Logf("containerd snapshotter testsuite %s (%s), as %q, backend %s",
-		version.Version, version.Package, suiteName, backend())
+	argv, err := snapshotterCommand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("containerd snapshotter testsuite %s (%s), as %q, backend %s, lamina: %s",
+		version.Version, version.Package, suiteName, backend(), strings.Join(argv, " "))
 	testsuite.SnapshotterSuite(t, suiteName, newSnapshotter)
 }
 
