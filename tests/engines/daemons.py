@@ -11,6 +11,10 @@ The work directory is bound into the lab at the same path, and made a shared mou
 first: lamina mounts each new EROFS layer's image on the host while containerd runs,
 and containerd, in the lab's (slave) mount namespace, must see it there to mount the
 layer as a lower.
+
+``LabContainerd(…, pivot=True)`` enters the lab with ``pivot_root`` instead of
+``chroot`` (:func:`spawn_pivoted`): ``runc exec`` (the CRI's ``ExecSync``, ``ctr task
+exec``) lands in the host's root under a chroot, see :data:`_PIVOT`.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ from tests.registry.harness import DistRegistry
 
 pytestmark = [pytest.mark.root, pytest.mark.corpus, pytest.mark.slow]
 
-BACKENDS = ["overlay", "vfs"]
+BACKENDS = ["overlay", "overlay+dir", "vfs"]
 APPLY_LINE = re.compile(r"lamina differ: applied \S+ .*?: diff id (sha256:[0-9a-f]{64})")
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static (bootstrap installs it)
 CALL_TIMEOUT = 300.0
@@ -280,7 +280,7 @@ def test_pull_goes_through_the_transfer_service_and_laminas_differ(stack: Stack)
     assert len(layers) == 4, layers
     assert len(stack.applies()) == 4, stack.snapshotter.log.read_text()[-3000:]
     assert sorted(str(layer.get("diff_id")) for layer in layers) == sorted(stack.applies())
-    want = "erofs" if stack.variant == "overlay" else "dir"
+    want = "erofs" if stack.variant == "overlay" else "dir"  # overlay+dir, vfs
     assert {str(layer.get("format")) for layer in layers} == {want}, layers
 
 
