@@ -56,7 +56,7 @@ import pytest
 
 from lamina.frontends.containerd.api import snapshots_pb2, snapshots_pb2_grpc
 from tests import lab
-from tests.conftest import LAYER_FORMATS, mounts_under, unmount_layer_images
+from tests.conftest import LAYER_FORMATS, lacking, mounts_under, unmount_layer_images
 from tests.containerd.daemon import Snapshotter, short_dir
 from tests.engines.cri import api_pb2 as cri
 from tests.engines.cri import api_pb2_grpc as cri_grpc
@@ -209,7 +209,7 @@ class Stack:
 def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
     lab.lab_root()
     if not BUSYBOX.is_file():
-        pytest.fail(f"no {BUSYBOX} (Debian's busybox-static) for the pause image")
+        lacking(f"no {BUSYBOX} (Debian's busybox-static) for the pause image")
     name, _, kind = backend.partition("+")
     local_pull = kind == LOCAL_PULL
     if local_pull:
