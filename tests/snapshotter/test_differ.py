@@ -169,6 +169,28 @@ def test_apply_then_commit(served: Served, blobs: tuple[Blobs, Path]) -> None:
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
+def test_decryption_payloads_on_a_plain_layer_are_passed_by(
+        served: Served, blobs: tuple[Blobs, Path]) -> None:
+    # containerd 2.1's CRI, pulling with its own unpacker (use_local_image_pull), sends the
+    # ocicrypt decoders' payloads with every layer (image_decryption.key_model "node"):
+    # they concern only +encrypted media types, which the walking differ decrypts.
+    store, _ = blobs
+    store.put(GZ)
+    payload = any_pb2.Any(type_url="github.com/containerd/imgcrypt/Payload", value=b"{}")
+    payloads = {"io.containerd.ocicrypt.decoder.v1.tar": payload,
+                "io.containerd.ocicrypt.decoder.v1.tar.gzip": payload}
+    mounts = served.stub.Prepare(pb.PrepareSnapshotRequest(key="crypt")).mounts
+    assert apply(served, mounts, GZ_DIGEST, len(GZ), payloads=payloads).applied.digest \
+        == DIFF_ID
+    assert served.differ.applied == 1
+    other = served.stub.Prepare(pb.PrepareSnapshotRequest(key="crypt2")).mounts
+    assert code_of(apply, served, other, GZ_DIGEST, len(GZ), payloads={
+        **payloads, "example.com/processor": payload}) == grpc.StatusCode.UNIMPLEMENTED
+    assert code_of(apply, served, other, GZ_DIGEST, len(GZ),
+                   "application/vnd.oci.image.layer.v1.tar+gzip+encrypted",
+                   payloads=payloads) == grpc.StatusCode.UNIMPLEMENTED
+
+
 def test_uncompressed_and_zstd(served: Served, blobs: tuple[Blobs, Path]) -> None:
     import zstandard
 

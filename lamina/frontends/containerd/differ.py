@@ -41,7 +41,8 @@ lamina does not do, containerd's walking differ does.
   writes is made durable (one ``syncfs``) before it is swapped in.
 
 Statuses: not lamina's mounts, a media type lamina does not decode (an encrypted layer:
-containerd's stream processors are walking's), stream processor payloads, a digest of
+containerd's stream processors are walking's), stream processor payloads (but
+the decryption processors' on a layer that is not encrypted: :data:`OCICRYPT_PAYLOADS`), a digest of
 another algorithm than sha256, a snapshot with a size quota or with changes of its own
 (written through its mounts: the next differ applies onto them): ``Unimplemented`` (the
 next differ does it).  A malformed descriptor (digest syntax, negative size, no media type)
@@ -101,6 +102,16 @@ _PASSED = frozenset({grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLE
                      grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT})
 """The content store's statuses passed on as they came (others are ``Unavailable``: an
 ``Unimplemented`` from the content store must not send containerd to the next differ)."""
+
+
+OCICRYPT_PAYLOADS = frozenset({"io.containerd.ocicrypt.decoder.v1.tar",
+                               "io.containerd.ocicrypt.decoder.v1.tar.gzip"})
+"""The payloads of containerd's decryption stream processors (imgcrypt's
+``PayloadToolIDs``), which a differ may pass by.  Those processors take only
+``…+encrypted`` media types, which lamina does not decode (``Unimplemented`` anyway), and
+containerd's CRI sends these payloads with every layer it unpacks itself
+(``image_decryption.key_model = "node"``, the default, on its local pull path), encrypted
+or not: refusing them would leave every such layer to the walking differ."""
 
 
 def status_of(e: errors.LaminaError) -> grpc.StatusCode:
@@ -226,7 +237,7 @@ class DiffServicer(diff_pb2_grpc.DiffServicer):
             raise errors.Unsupported("the mounts are not an active snapshot of lamina's "
                                      "(the next differ applies them)")
         digest, size, kind = check_descriptor(request.diff)
-        if request.payloads:
+        if set(request.payloads) - OCICRYPT_PAYLOADS:
             raise errors.Unsupported("stream processor payloads are the walking differ's")
         started = time.monotonic()
         blob = self.content.open(digest, size, namespace=namespace_of(context),
