@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from lamina.archive import erofs
+from lamina.archive.digests import MAX_DIGESTS
 
 IMPLICIT = -(1 << 63)
 """The mtime of a directory no member named (a missing parent): the image's epoch."""
@@ -44,7 +45,8 @@ class ImageStats:
     digests: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     """The files whose CRC-32 the tree was given (:attr:`ImageTree.crc`), by the inode
     number the kernel reports for them (the nid): ``(size, mtime_ns, crc)``, as
-    :data:`lamina.archive.digests.Digests` has them for a store's manifest."""
+    :data:`lamina.archive.digests.Digests` has them for a store's manifest; at most
+    :data:`~lamina.archive.digests.MAX_DIGESTS` of them (the manifest reads the others)."""
 
 
 class ImageTree:
@@ -60,8 +62,8 @@ class ImageTree:
         self.xattrs: dict[int, dict[str, bytes]] = {}
         self.dirs: list[dict[bytes, int]] = []
         self.targets: list[bytes] = []
-        self.crc: dict[int, int] = {}
-        """CRC-32s of regular files' data, where the caller had them (see ImageStats)."""
+        self.crc = array("q")
+        """Per inode, its data's CRC-32 where the caller had it (see ImageStats), else -1."""
         self.root = self.new_dir(0o755, 0, 0, IMPLICIT)
 
     # -- building ---------------------------------------------------------------
@@ -73,6 +75,7 @@ class ImageTree:
         self.mtime.append(mtime)
         self.size.append(size)
         self.ref.append(ref)
+        self.crc.append(-1)
         return len(self.mode) - 1
 
     def new_dir(self, perm: int, uid: int, gid: int, mtime: int) -> int:
@@ -125,13 +128,13 @@ class ImageTree:
                                 blocks=size // erofs.BLOCK_SIZE, devices=1)
         os.pwrite(fd, head + erofs.device_slot(tar_blocks), erofs.SUPER_OFFSET)
         file_bytes = 0
-        digests = {}
+        digests: dict[int, tuple[int, int, int]] = {}
         mode, sizes, crcs = self.mode, self.size, self.crc
         for node in order:
             if mode[node] & 0o170000 == stat.S_IFREG:
                 file_bytes += sizes[node]
-                crc = crcs.get(node)
-                if crc is not None:
+                crc = crcs[node]
+                if crc >= 0 and len(digests) < MAX_DIGESTS:  # (their memory bounded)
                     digests[layout.nid[node]] = (sizes[node], layout.mtime_of(node), crc)
         return ImageStats(len(order), size, tar_size, file_bytes, digests)
 

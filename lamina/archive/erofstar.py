@@ -60,6 +60,7 @@ from isal import isal_zlib
 from lamina import crashpoints, progress
 from lamina.archive import erofs
 from lamina.archive.apply import xattr_allowed
+from lamina.archive.digests import MAX_DIGESTS
 from lamina.archive.entry import BLK, BLOCK, CHR, DIR, FIFO, LINK, REG, SYMLINK, Entry
 from lamina.archive.erofsimage import IMPLICIT, ImageStats, ImageTree
 from lamina.archive.reader import TarReader
@@ -112,13 +113,14 @@ def index_tar(stream: BinaryIO, out: BinaryIO, *, layer: str | None = None,
     builder = _Builder(layer, ids or IdMapper(), lowers)
     crcs = builder.tree.crc
     report = progress.current()
-    seen = 0
+    seen = summed = 0
     for count, entry in enumerate(reader, 1):
         if max_entries is not None and count > max_entries:
             raise UnsafeArchive(f"more than {max_entries} entries", layer=layer)
         crashpoints.reached("index:entry")
         node = builder.add(entry, reader.consumed)
-        if checksums and node is not None:
+        if checksums and node is not None and summed < MAX_DIGESTS:
+            summed += 1
             # The data passes by anyway (to ``store``): its CRC-32 now spares the
             # manifest a second read of every file through the mount.
             crc = 0

@@ -132,6 +132,10 @@ def _walk(
                 os.close(sub)
 
 
+_HEADER_WIDTH = 160
+"""The first line's width: the header of any totals fits it (four 20-digit numbers)."""
+
+
 def record(
     root: str | os.PathLike[str], into: Path, *, only: Sequence[str] | None = None,
     digests: Digests | None = None,
@@ -140,16 +144,23 @@ def record(
 
     ``digests``: the apply's CRC-32s (:data:`Digests`), so that the files it has just
     written are not read again."""
-    body: list[str] = []
     tally = Tally()
-    for row, st in rows(root, only, digests):
-        body.append(_ENCODE(row))
-        tally.add(st)
-    totals = tally.totals()
-    total, disk, inodes = totals.bytes, totals.disk, totals.inodes
-    header = {"format": FORMAT, "bytes": total, "disk": disk, "inodes": inodes}
-    # No fsync: the layer's syncfs (or the caller's) makes it durable with the content.
-    into.write_text("\n".join([json.dumps(header), *body]) + "\n")
+    # The rows go to the file as they come (a million-file layer's would be some 100 MB
+    # in memory), after a blank first line that the header, known last, overwrites: it
+    # is JSON padded with spaces to the line's width.  No fsync: the layer's syncfs (or
+    # the caller's) makes it durable with the content.
+    with open(into, "w", encoding="utf-8") as f:
+        f.write(" " * _HEADER_WIDTH + "\n")
+        for row, st in rows(root, only, digests):
+            f.write(_ENCODE(row))
+            f.write("\n")
+            tally.add(st)
+        totals = tally.totals()
+        header = json.dumps({"format": FORMAT, "bytes": totals.bytes, "disk": totals.disk,
+                             "inodes": totals.inodes})
+        assert len(header) <= _HEADER_WIDTH
+        f.seek(0)
+        f.write(header.ljust(_HEADER_WIDTH))
     return totals
 
 

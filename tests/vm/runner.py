@@ -70,6 +70,9 @@ MODULES = [
     "crc32c_intel", "crc32c_generic", "crc32_pclmul",
     "virtio_pci", "virtio_blk", "9pnet_virtio", "9p",
     "loop", "quota_tree", "quota_v2", "overlay", "xfs", "ext4",
+    # overlay's EROFS layers (its default where the kernel mounts them: 512-byte blocks
+    # since 6.4, file-backed mounts since 6.12; status says what each kernel does)
+    "erofs",
 ]
 
 PQUOTA_STATUS = "project quotas"
