@@ -256,7 +256,9 @@ def rss_run(work: Path, fmt: str, entries: int, n: int) -> dict[str, object]:
     doc = json.loads(out.splitlines()[-1])
     procs = {pid: (name, kb) for pid, (name, kb) in sampler.peaks.items() if pid != app.pid}
     caller = max(doc["caller"], sampler.peaks.get(app.pid, ("", 0))[1])
-    every = caller + sum(kb for _, kb in procs.values())
+    # ru_maxrss of the waited-for children: the largest one's peak, in case a short-lived
+    # one came and went between two samples
+    every = caller + max(sum(kb for _, kb in procs.values()), doc["children"])
     return {"format": doc["format"], "seconds": doc["seconds"], "caller_mb": caller // 1024,
             "others_mb": {f"{name}[{pid}]": kb // 1024 for pid, (name, kb) in procs.items()},
             "children_maxrss_mb": doc["children"] // 1024,
@@ -298,7 +300,8 @@ def main() -> None:
             if (home / "lamina.json").exists():
                 with lamina.open_driver(home) as drv:
                     drv.cleanup()
-        subprocess.run(f"grep -o '{work}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+        subprocess.run(f"awk '{{print $2}}' /proc/mounts | grep '^{work}/' | sort -ru | "
+                       "xargs -r -n1 umount -l",
                        shell=True, check=False)
         shutil.rmtree(work, ignore_errors=True)
 

@@ -404,7 +404,8 @@ def main() -> None:
                     drv.cleanup()
         # cleanup leaves EROFS layers mounted at their diff/ (they are the layers'
         # content, mounted again at every open): detach them before the tree goes.
-        subprocess.run(f"grep -o '{work}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+        subprocess.run(f"awk '{{print $2}}' /proc/mounts | grep '^{work}/' | sort -ru | "
+                       "xargs -r -n1 umount -l",
                        shell=True, check=False)
         if args.keep:
             print(f"work directory left in {work}", flush=True)
