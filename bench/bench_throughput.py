@@ -65,7 +65,12 @@ def median_times(runs: int, setup: Callable[[], None],
             body()
             if i:
                 times[k].append(time.perf_counter() - t0)
+    RAW[:] = times
     return [statistics.median(t) for t in times]
+
+
+RAW: list[list[float]] = []
+"""Every timed run of the last :func:`median_times`, by body (printed beside medians)."""
 
 
 def sh(cmd: str) -> None:
@@ -142,6 +147,8 @@ class Bench:
         if self.serial:
             bodies.append(lambda: self.apply(path, writers="0", fmt=self.formats[0]))
         times = median_times(self.runs, self.fresh, bodies)
+        print(f"{'':<44} runs (s): " + "; ".join(
+            " ".join(f"{t:.3f}" for t in body) for body in RAW), flush=True)
         n = len(self.formats)
         ours, (theirs, synced) = times[:n], times[n:n + 2]
         for fmt, mine in zip(self.formats, ours, strict=True):
