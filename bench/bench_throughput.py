@@ -154,8 +154,12 @@ class Bench:
         for fmt, mine in zip(self.formats, ours, strict=True):
             label = f"{name} [{fmt}]" if fmt else name
             self.row(label, mine, theirs, "GNU")
+            mine_runs = RAW[self.formats.index(fmt)]
+            paired = statistics.median(
+                a / b for a, b in zip(mine_runs, RAW[n], strict=True))  # RAW[n]: GNU tar's
             print(f"{'':<44} {size / mine / 1e6:7.0f} MB/s, {entries / mine:8.0f} files/s; "
-                  f"vs GNU tar + sync -f: ratio {mine / synced:5.2f}", flush=True)
+                  f"vs GNU tar + sync -f: ratio {mine / synced:5.2f}; median of the rounds' "
+                  f"own ratios to GNU tar {paired:5.2f}", flush=True)
         if n > 1:
             print(f"{'':<44} {self.formats[0]}/{self.formats[1]}: {ours[0] / ours[1]:5.2f}",
                   flush=True)
