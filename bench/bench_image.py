@@ -1,6 +1,7 @@
 """``lamina image load``/``save`` against ``docker load``/``save`` and skopeo + umoci (issue 16).
 
     sudo .venv/bin/python bench/bench_image.py [--runs N] [--work DIR]
+        [--formats erofs,dir] [--skip-skopeo]
 
 The corpus image (``app-docker-save.tar``: ``corpus/app:1``, 3 layers, 355 MB), each
 tool timed from the outside (the command's wall time), each run into new directories
@@ -11,6 +12,10 @@ on the same disk (``--work``, default /var/tmp) after a ``sync``, the tools taki
   vs ``skopeo copy docker-archive:… oci:…`` then ``umoci unpack`` (what people use to
   get an image's tree without an engine);
 - save: ``lamina image save -o FILE`` vs ``docker save -o FILE``, from what each loaded.
+
+``--formats erofs,dir``: one lamina column per overlay read-only layer format
+(``--opt overlay.layers=FORMAT``), in the same rounds (without it, the driver's
+default); ``--skip-skopeo`` leaves skopeo + umoci out.
 
 One untimed round first warms the page cache; then ``--runs`` timed rounds, medians.
 Digests are verified: each load's image id is the config's sha256, each saved file's
@@ -66,10 +71,17 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def lamina(home: Path, *args: str | Path) -> str:
-    """``python -m lamina --home HOME --backend overlay ARGS…``."""
-    return sh(sys.executable, "-m", "lamina", "--home", home, "--backend", "overlay", *args,
-              cwd=REPO)
+def lamina(home: Path, *args: str | Path, fmt: str = "") -> str:
+    """``python -m lamina --home HOME --backend overlay [--opt overlay.layers=FMT] ARGS…``."""
+    opts = ["--opt", f"overlay.layers={fmt}"] if fmt else []
+    return sh(sys.executable, "-m", "lamina", "--home", home, "--backend", "overlay", *opts,
+              *args, cwd=REPO)
+
+
+def labels(fmt: str) -> tuple[str, str]:
+    """The load and save step names of lamina with layer format ``fmt`` ("": default)."""
+    tail = f" [{fmt}]" if fmt else ""
+    return f"lamina image load{tail}", f"lamina image save{tail}"
 
 
 def layer_digests(saved: Path) -> list[str]:
@@ -98,18 +110,20 @@ class Round:
         self.want_id = want_id
         self.want_layers = want_layers
 
-    def lamina(self) -> dict[str, float]:
-        home = self.dir / "lamina-home"
-        out = self.dir / "lamina-save.tar"
+    def lamina(self, fmt: str = "") -> dict[str, float]:
+        home = self.dir / f"lamina-home{fmt}"
+        out = self.dir / f"lamina-save{fmt}.tar"
         doc: dict[str, object] = {}
+        load_step, save_step = labels(fmt)
 
         def load() -> None:
-            doc.update(json.loads(lamina(home, "--json", "image", "load", self.tar)))
+            doc.update(json.loads(lamina(home, "--json", "image", "load", self.tar, fmt=fmt)))
 
-        took = {"lamina image load": timed(load)}
+        took = {load_step: timed(load)}
         images = doc["images"]
         assert isinstance(images, list) and images[0]["id"] == self.want_id, doc
-        took["lamina image save"] = timed(lambda: lamina(home, "image", "save", "-o", out, IMAGE))
+        took[save_step] = timed(lambda: lamina(home, "image", "save", "-o", out, IMAGE,
+                                               fmt=fmt))
         assert layer_digests(out) == self.want_layers
         return took
 
@@ -183,6 +197,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed rounds (default 3)")
     parser.add_argument("--work", type=Path, default=Path("/var/tmp"),
                         help="where every tool writes (default /var/tmp)")
+    parser.add_argument("--formats", default="",
+                        help="overlay.layers formats, one lamina column each (e.g. erofs,dir)")
+    parser.add_argument("--skip-skopeo", action="store_true", help="no skopeo + umoci")
     args = parser.parse_args()
     reason = missing()
     if reason:
@@ -196,19 +213,24 @@ def main() -> int:
     want_id, want_layers = original(tar)
     work = Path(tempfile.mkdtemp(prefix="lamina-bench-image-", dir=args.work))
     print(f"machine: {machine(work)}")
-    times: dict[str, list[float]] = {s: [] for s in LOADS + SAVES}
-    tools = ("lamina", "docker", "skopeo_umoci")
+    formats = [f for f in args.formats.split(",") if f] or [""]
+    ours = [labels(fmt) for fmt in formats]
+    loads = [load for load, _ in ours] + list(LOADS[1:2 if args.skip_skopeo else 3])
+    saves = [save for _, save in ours] + [SAVES[1]]
+    times: dict[str, list[float]] = {s: [] for s in loads + saves}
+    tools: list[tuple[str, tuple[str, ...]]] = [("lamina", (fmt,)) for fmt in formats]
+    tools += [("docker", ())] + ([] if args.skip_skopeo else [("skopeo_umoci", ())])
     try:
         for i in range(args.runs + 1):
             rnd = Round(work, tar, want_id, want_layers)
             # Take turns, starting with another tool each round, so that drift on a
             # shared machine hits each alike.
-            order = tools[i % 3:] + tools[:i % 3]
+            k = i % len(tools)
             took: dict[str, float] = {}
-            for tool in order:
-                took.update(getattr(rnd, tool)())
+            for tool, targs in tools[k:] + tools[:k]:
+                took.update(getattr(rnd, tool)(*targs))
             label = "warm-up (untimed)" if i == 0 else f"run {i}/{args.runs}"
-            print(f"{label}: " + ", ".join(f"{s} {took[s]:.2f} s" for s in LOADS + SAVES),
+            print(f"{label}: " + ", ".join(f"{s} {took[s]:.2f} s" for s in loads + saves),
                   flush=True)
             if i:
                 for step, seconds in took.items():
@@ -217,17 +239,26 @@ def main() -> int:
         unmount_below(work)
         shutil.rmtree(work, ignore_errors=True)
     med = {s: statistics.median(v) for s, v in times.items()}
-    print()
-    print(f"| step | lamina | docker (overlay2) | skopeo + umoci | lamina/docker |"
-          f"   ({args.runs} runs; medians)")
+    dload, dsave = med["docker load"], med["docker save"]
+    sk = None if args.skip_skopeo else med[LOADS[2]]
+    print(f"\n({args.runs} runs; medians)")
+    print("| step | lamina | docker (overlay2) | skopeo + umoci | lamina/docker |")
     print("|---|---|---|---|---|")
-    load, dload, sk = med["lamina image load"], med["docker load"], med[LOADS[2]]
-    save, dsave = med["lamina image save"], med["docker save"]
-    print(f"| load | {load:.2f} s | {dload:.2f} s | {sk:.2f} s | {load / dload:.2f}x |")
-    print(f"| save | {save:.2f} s | {dsave:.2f} s | - | {save / dsave:.2f}x |")
-    print(f"\nload: lamina/docker {load / dload:.2f}x (goal <= 0.3x), "
-          f"lamina/(skopeo + umoci) {load / sk:.2f}x; "
-          f"save: lamina/docker {save / dsave:.2f}x (goal <= 1.0x)")
+    for fmt, (load_step, save_step) in zip(formats, ours, strict=True):
+        load, save = med[load_step], med[save_step]
+        tag = f" [{fmt}]" if fmt else ""
+        print(f"| load{tag} | {load:.2f} s | {dload:.2f} s | "
+              f"{f'{sk:.2f} s' if sk else '-'} | {load / dload:.2f}x |")
+        print(f"| save{tag} | {save:.2f} s | {dsave:.2f} s | - | {save / dsave:.2f}x |")
+    for fmt, (load_step, save_step) in zip(formats, ours, strict=True):
+        load, save = med[load_step], med[save_step]
+        print(f"\n{fmt or 'default'}: load: lamina/docker {load / dload:.2f}x (goal <= 0.3x)"
+              + (f", lamina/(skopeo + umoci) {load / sk:.2f}x" if sk else "")
+              + f"; save: lamina/docker {save / dsave:.2f}x (goal <= 1.0x)")
+    if len(formats) > 1:
+        a, b = formats[:2]
+        print(f"load {a}/{b}: {med[labels(a)[0]] / med[labels(b)[0]]:.2f}x; "
+              f"save {a}/{b}: {med[labels(a)[1]] / med[labels(b)[1]]:.2f}x")
     return 0
 
 

@@ -1,6 +1,7 @@
 """``lamina image pull``/``push`` against Docker, skopeo + umoci and containerd (issue 17).
 
     sudo .venv/bin/python bench/bench_registry.py [--runs N] [--rate MBPS] [--work DIR]
+        [--formats erofs,dir] [--skip skopeo,ctr,push,overlap]
 
 The corpus image (``app-docker-save.tar``, 3 layers, 355 MB as tars) is pushed once by
 ``skopeo`` into a local ``docker-registry`` (distribution 2.8, on 127.0.0.1, storage
@@ -15,6 +16,10 @@ from the outside:
 - push, each into a fresh registry of its own (so nothing can be mounted):
   ``lamina image push`` of what it pulled vs ``skopeo copy oci:… docker://…`` of what
   skopeo pulled (the same gzip layer blobs, sent as they are).
+
+``--formats erofs,dir``: one ``lamina image pull`` per overlay read-only layer format
+(``--opt overlay.layers=FORMAT``) in each round, each into its own home (pushes and
+the overlap use the first); ``--skip`` leaves out the named tools or parts.
 
 One untimed round first warms the page cache; then ``--runs`` timed rounds; medians
 and the ratios (goals: pull <= 0.5x docker, push <= 1.0x skopeo).  Digests are checked:
@@ -72,9 +77,15 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def lamina(home: Path, *args: str | Path) -> str:
-    return sh(sys.executable, "-m", "lamina", "--home", home, "--backend", "overlay", *args,
-              cwd=REPO)
+def lamina(home: Path, *args: str | Path, fmt: str = "") -> str:
+    opts = ["--opt", f"overlay.layers={fmt}"] if fmt else []
+    return sh(sys.executable, "-m", "lamina", "--home", home, "--backend", "overlay", *opts,
+              *args, cwd=REPO)
+
+
+def pull_label(fmt: str) -> str:
+    """The step name of lamina's pull with layer format ``fmt`` ("": the default)."""
+    return f"lamina image pull [{fmt}]" if fmt else "lamina image pull"
 
 
 class Round:
@@ -82,23 +93,26 @@ class Round:
     later tool's time)."""
 
     def __init__(self, work: Path, source: str, digest: str, layers: list[str],
-                 n: int) -> None:
+                 n: int, fmt: str = "") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="round-", dir=work))
         self.source = source  # host:port/corpus/app:1
         self.digest = digest
         self.layers = layers
         self.oci_digest = ""
         self.n = n
-        self.home = self.dir / "lamina-home"
+        self.fmt = fmt  # the format of the home that pushes
+        self.home = self.dir / f"lamina-home{fmt}"
         self.layout = self.dir / "oci"
 
-    def lamina_pull(self) -> dict[str, float]:
+    def lamina_pull(self, fmt: str = "") -> dict[str, float]:
         doc: dict[str, object] = {}
+        home = self.dir / f"lamina-home{fmt}"
 
         def pull() -> None:
-            doc.update(json.loads(lamina(self.home, "--json", "image", "pull", self.source)))
+            doc.update(json.loads(lamina(home, "--json", "image", "pull", self.source,
+                                         fmt=fmt)))
 
-        took = {"lamina image pull": timed(pull)}
+        took = {pull_label(fmt): timed(pull)}
         assert doc["digest"] == self.digest, doc
         return took
 
@@ -166,7 +180,7 @@ class Round:
 
         def push() -> None:
             doc.update(json.loads(lamina(self.home, "--json", "image", "push", self.source,
-                                         mine)))
+                                         mine, fmt=self.fmt)))
 
         took = {}
         steps = [("lamina image push", push),
@@ -230,7 +244,13 @@ def main() -> int:
                         help="where every tool writes (default /var/tmp)")
     parser.add_argument("--overlap-only", action="store_true",
                         help="only the bandwidth-limited runs")
+    parser.add_argument("--formats", default="",
+                        help="overlay.layers formats, one lamina pull each (e.g. erofs,dir)")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to leave out: skopeo, ctr, push, overlap")
     args = parser.parse_args()
+    args.formats = [f for f in args.formats.split(",") if f] or [""]
+    args.skip = set(filter(None, args.skip.split(",")))
     reason = missing()
     if reason:
         print(f"bench_registry: {reason}", file=sys.stderr)
@@ -249,7 +269,8 @@ def main() -> int:
         digest, layers = info["Digest"], info["Layers"]
         if not args.overlap_only:
             transfers(args, work, source, digest, layers)
-        overlap(args, work, registry, source, layers)
+        if "overlap" not in args.skip:
+            overlap(args, work, registry, source, layers)
     finally:
         registry.stop()
         unmount_below(work)
@@ -260,27 +281,41 @@ def main() -> int:
 def transfers(args: argparse.Namespace, work: Path, source: str, digest: str,
               layers: list[str]) -> None:
     """The pull and push rounds, and their table."""
-    times: dict[str, list[float]] = {s: [] for s in PULLS + PUSHES}
-    tools = ("lamina_pull", "docker_pull", "skopeo_umoci", "ctr_pull")
+    ours = [pull_label(fmt) for fmt in args.formats]
+    pulls = ours + [p for p, part in zip(PULLS[1:], ("", "skopeo", "ctr"), strict=True)
+                    if part not in args.skip]
+    pushes = list(PUSHES) if {"push", "skopeo"}.isdisjoint(args.skip) else []
+    times: dict[str, list[float]] = {s: [] for s in pulls + pushes}
+    tools: list[tuple[str, tuple[str, ...]]] = [("lamina_pull", (f,)) for f in args.formats]
+    tools += [(t, ()) for t, part in (("docker_pull", ""), ("skopeo_umoci", "skopeo"),
+                                       ("ctr_pull", "ctr")) if part not in args.skip]
     for i in range(args.runs + 1):
-        rnd = Round(work, source, digest, layers, i)
-        order = tools[i % 4:] + tools[:i % 4]
+        rnd = Round(work, source, digest, layers, i, args.formats[0])
+        k = i % len(tools)
         took: dict[str, float] = {}
-        for tool in order:
-            took.update(getattr(rnd, tool)())
-        took.update(rnd.pushes())
+        for tool, targs in tools[k:] + tools[:k]:
+            took.update(getattr(rnd, tool)(*targs))
+        if pushes:
+            took.update(rnd.pushes())
         label = "warm-up (untimed)" if i == 0 else f"run {i}/{args.runs}"
-        print(f"{label}: " + ", ".join(f"{s} {took[s]:.2f} s" for s in PULLS + PUSHES),
+        print(f"{label}: " + ", ".join(f"{s} {took[s]:.2f} s" for s in pulls + pushes),
               flush=True)
         if i:
             for step, seconds in took.items():
                 times[step].append(seconds)
-    med = table(f"pull and push ({args.runs} runs; medians)", PULLS + PUSHES, times)
-    pull, dpull = med["lamina image pull"], med["docker pull"]
-    push, spush = med["lamina image push"], med["skopeo copy (push)"]
-    print(f"\npull: lamina/docker {pull / dpull:.2f}x (goal <= 0.5x), lamina/(skopeo + "
-          f"umoci) {pull / med[PULLS[2]]:.2f}x, lamina/ctr {pull / med[PULLS[3]]:.2f}x; "
-          f"push: lamina/skopeo {push / spush:.2f}x (goal <= 1.0x)")
+    med = table(f"pull and push ({args.runs} runs; medians)", tuple(pulls + pushes), times)
+    dpull = med["docker pull"]
+    for name in ours:
+        pull = med[name]
+        extra = "".join(f", lamina/{ref} {pull / med[step]:.2f}x"
+                        for ref, step in (("(skopeo + umoci)", PULLS[2]), ("ctr", PULLS[3]))
+                        if step in med)
+        print(f"\n{name}: lamina/docker {pull / dpull:.2f}x (goal <= 0.4x){extra}")
+    if len(ours) > 1:
+        print(f"{ours[0]} / {ours[1]}: {med[ours[0]] / med[ours[1]]:.2f}x")
+    if pushes:
+        push, spush = med["lamina image push"], med["skopeo copy (push)"]
+        print(f"push: lamina/skopeo {push / spush:.2f}x (goal <= 1.0x)")
 
 
 def overlap(args: argparse.Namespace, work: Path, registry: DistRegistry, source: str,

@@ -2,6 +2,7 @@
 
     sudo .venv/bin/python bench/bench_throughput.py [--runs 3] [--work /var/tmp]
         [--skip-docker] [--only plain,gz,zst,small,export,docker,rss]
+        [--formats erofs,dir] [--no-serial]
 
 Each line is a median over ``--runs`` runs (after one warm-up round; lamina's and the
 reference's runs take turns), on the same disk, with the same options (numeric
@@ -18,7 +19,10 @@ owners, xattrs, modes), each run into a new directory after a ``sync``:
 lamina's apply is durable when it returns (one syncfs); GNU tar's is not, so each
 apply line also shows GNU tar followed by ``sync -f`` of the same filesystem, and
 lamina's serial applier (``LAMINA_APPLY_WRITERS=0``, no writer threads) in the same
-rounds.
+rounds (``--no-serial`` leaves it out).  ``--formats erofs,dir`` applies with each of
+overlay's read-only layer formats (``overlay.layers=erofs``: the tar kept with an EROFS
+image over it; ``dir``: a directory) in the same rounds, one lamina column each;
+without it, the driver's default.
 Needs root and the corpus ($LAMINA_CORPUS, default /var/tmp/lamina-corpus).
 """
 
@@ -61,7 +65,12 @@ def median_times(runs: int, setup: Callable[[], None],
             body()
             if i:
                 times[k].append(time.perf_counter() - t0)
+    RAW[:] = times
     return [statistics.median(t) for t in times]
+
+
+RAW: list[list[float]] = []
+"""Every timed run of the last :func:`median_times`, by body (printed beside medians)."""
 
 
 def sh(cmd: str) -> None:
@@ -79,10 +88,13 @@ class Bench:
     depends on where the allocator lands — noise larger than any difference measured.
     """
 
-    def __init__(self, work: Path, runs: int, backend: str) -> None:
+    def __init__(self, work: Path, runs: int, backend: str,
+                 formats: list[str] | None = None, serial: bool = True) -> None:
         self.work = work
         self.runs = runs
         self.backend = backend
+        self.formats: list[str | None] = list(formats) if formats else [None]
+        self.serial = serial
         self.count = 0
         self.home = work / "home0"
         self.out = work / "gnu0"
@@ -97,20 +109,23 @@ class Bench:
         sh(f"sync -f {self.work}")
 
     def apply(self, path: Path, id: str = "l", parent: str | None = None,
-              writers: str | None = None) -> None:
+              writers: str | None = None, fmt: str | None = None) -> None:
         saved = os.environ.get(WRITERS)
         if writers is not None:
             os.environ[WRITERS] = writers
         try:
-            self._apply(path, id, parent)
+            self._apply(path, id, parent, fmt)
         finally:
             if writers is not None and saved is None:
                 del os.environ[WRITERS]
             elif writers is not None and saved is not None:
                 os.environ[WRITERS] = saved
 
-    def _apply(self, path: Path, id: str = "l", parent: str | None = None) -> None:
-        with lamina.open_driver(self.home, backend=self.backend) as drv, open(path, "rb") as f:
+    def _apply(self, path: Path, id: str = "l", parent: str | None = None,
+               fmt: str | None = None) -> None:
+        options = [f"overlay.layers={fmt}"] if fmt else []
+        with lamina.open_driver(self.home, backend=self.backend, options=options) as drv, \
+                open(path, "rb") as f:
             drv.apply_diff(id, parent, f)
 
     def row(self, name: str, ours: float, theirs: float, ref: str) -> None:
@@ -119,18 +134,40 @@ class Bench:
               f"ratio {ours / theirs:5.2f}", flush=True)
 
     def apply_vs(self, name: str, path: Path, gnu: str, size: int, entries: int) -> None:
-        """``gnu``: the reference command, with ``{out}`` for the directory it extracts to."""
-        ours, theirs, synced, serial = median_times(self.runs, self.fresh, [
-            lambda: self.apply(path),
-            lambda: sh(gnu.format(out=self.out)),
-            lambda: sh(gnu.format(out=self.out) + f" && sync -f {self.out}"),
-            lambda: self.apply(path, writers="0"),
-        ])
-        self.row(name, ours, theirs, "GNU")
-        print(f"{'':<44} {size / ours / 1e6:7.0f} MB/s, {entries / ours:8.0f} files/s; "
-              f"vs GNU tar + sync -f: ratio {ours / synced:5.2f}; serial lamina "
-              f"{serial:7.3f} s (ratio {serial / theirs:5.2f}, writers gain "
-              f"{serial / ours:4.2f}x)", flush=True)
+        """``gnu``: the reference command, with ``{out}`` for the directory it extracts to.
+
+        One lamina body per layer format, then GNU tar, GNU tar + ``sync -f`` and (unless
+        ``--no-serial``) the serial applier, all taking turns in the same rounds."""
+        def ours_in(fmt: str | None) -> Callable[[], None]:
+            return lambda: self.apply(path, fmt=fmt)
+
+        bodies = [ours_in(fmt) for fmt in self.formats]
+        bodies += [lambda: sh(gnu.format(out=self.out)),
+                   lambda: sh(gnu.format(out=self.out) + f" && sync -f {self.out}")]
+        if self.serial:
+            bodies.append(lambda: self.apply(path, writers="0", fmt=self.formats[0]))
+        times = median_times(self.runs, self.fresh, bodies)
+        print(f"{'':<44} runs (s): " + "; ".join(
+            " ".join(f"{t:.3f}" for t in body) for body in RAW), flush=True)
+        n = len(self.formats)
+        ours, (theirs, synced) = times[:n], times[n:n + 2]
+        for fmt, mine in zip(self.formats, ours, strict=True):
+            label = f"{name} [{fmt}]" if fmt else name
+            self.row(label, mine, theirs, "GNU")
+            mine_runs = RAW[self.formats.index(fmt)]
+            paired = statistics.median(
+                a / b for a, b in zip(mine_runs, RAW[n], strict=True))  # RAW[n]: GNU tar's
+            print(f"{'':<44} {size / mine / 1e6:7.0f} MB/s, {entries / mine:8.0f} files/s; "
+                  f"vs GNU tar + sync -f: ratio {mine / synced:5.2f}; median of the rounds' "
+                  f"own ratios to GNU tar {paired:5.2f}", flush=True)
+        if n > 1:
+            print(f"{'':<44} {self.formats[0]}/{self.formats[1]}: {ours[0] / ours[1]:5.2f}",
+                  flush=True)
+        if self.serial:
+            serial = times[-1]
+            print(f"{'':<44} serial lamina [{self.formats[0] or 'default'}] {serial:7.3f} s "
+                  f"(ratio {serial / theirs:5.2f}, writers gain {serial / ours[0]:4.2f}x)",
+                  flush=True)
 
     def export(self, rootfs: Path, size: int, entries: int) -> None:
         """diff of the base layer to /dev/null, against ``tar -c`` of the same tree."""
@@ -324,6 +361,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true",
                         help="leave the work directory (its layers unmounted) for a later "
                         "run to find the disk undisturbed by its deletion (see Bench)")
+    parser.add_argument("--formats", default="",
+                        help="overlay.layers formats to apply with, side by side, e.g. "
+                        "erofs,dir (default: the driver's default only)")
+    parser.add_argument("--no-serial", action="store_true",
+                        help="leave out the serial applier's column")
     parser.add_argument("--only", default=",".join(ROWS),
                         help=f"comma-separated rows to run, of: {','.join(ROWS)}")
     args = parser.parse_args()
@@ -333,9 +375,11 @@ def main() -> None:
     cache = Path(args.work) / "lamina-bench-data"
     cache.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lamina-bench-", dir=args.work))
-    b = Bench(work, args.runs, args.backend)
+    formats = [f for f in args.formats.split(",") if f]
+    b = Bench(work, args.runs, args.backend, formats, serial=not args.no_serial)
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cpus, kernel "
           f"{platform.release()}, python {platform.python_version()}, backend {args.backend}, "
+          f"formats {','.join(formats) or 'default'}, "
           f"{'isolated child' if os.environ.get('LAMINA_NOREEXEC') != '1' else 'inline'}")
     try:
         rootfs = CORPUS / "rootfs.tar"
@@ -369,6 +413,11 @@ def main() -> None:
             if home.is_dir() and (home / "lamina.json").exists():
                 with lamina.open_driver(home) as drv:
                     drv.cleanup()
+        # cleanup leaves EROFS layers mounted at their diff/ (they are the layers'
+        # content, mounted again at every open): detach them before the tree goes.
+        subprocess.run(f"awk '{{print $2}}' /proc/mounts | grep '^{work}/' | sort -ru | "
+                       "xargs -r -n1 umount -l",
+                       shell=True, check=False)
         if args.keep:
             print(f"work directory left in {work}", flush=True)
         else:

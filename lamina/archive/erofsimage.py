@@ -134,7 +134,8 @@ class ImageTree:
             if mode[node] & 0o170000 == stat.S_IFREG:
                 file_bytes += sizes[node]
                 crc = crcs[node]
-                if crc >= 0 and len(digests) < MAX_DIGESTS:  # (their memory bounded)
+                # (their memory bounded; an empty file's the manifest knows unread)
+                if crc >= 0 and sizes[node] and len(digests) < MAX_DIGESTS:
                     digests[layout.nid[node]] = (sizes[node], layout.mtime_of(node), crc)
         return ImageStats(len(order), size, tar_size, file_bytes, digests)
 

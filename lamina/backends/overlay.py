@@ -58,7 +58,7 @@ from lamina.backends.reading import TreeGetter
 from lamina.driver import Change, DiffGetter, LayerId
 from lamina.host import fsutil, mount
 from lamina.host import quota as quotas
-from lamina.host.usage import tree_totals
+from lamina.host.usage import Totals, tree_totals
 from lamina.options import APPLY_OPTIONS
 from lamina.store.holds import Holder
 from lamina.store.meta import LayerFormat, LayerMeta
@@ -338,6 +338,16 @@ class OverlayDriver(StoreDriver):
 
     def content_of(self, layer_dir: Path) -> Path:
         return layer_dir / DIFF
+
+    def record_manifest(self, layer_dir: Path, digests: Digests | None = None) -> Totals:
+        totals = super().record_manifest(layer_dir, digests)
+        if not erofslayers.is_erofs(layer_dir):
+            return totals
+        # What an EROFS layer takes on the host is its tar and its image, two inodes,
+        # whatever the image holds (df's disk and inodes; its bytes are its files').
+        disk = sum(os.stat(layer_dir / name).st_blocks * 512
+                   for name in (erofslayers.TAR, erofslayers.IMAGE))
+        return Totals(totals.bytes, disk, 2)
 
     def _writable_dirs(self, id: LayerId) -> list[Path]:
         return [self._diff(id)]

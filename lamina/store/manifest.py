@@ -109,6 +109,8 @@ def _walk(
             known = digests.get(st.st_ino)
             if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
                 detail, xattrs = f"{known[2]:08x}", _xattrs(f"/proc/self/fd/{fd}/{name}")
+            elif st.st_size == 0:  # nothing to read: the CRC-32 of no data
+                detail, xattrs = "00000000", _xattrs(f"/proc/self/fd/{fd}/{name}")
             else:
                 detail, xattrs = _file(fd, name)
         elif kind == "d":

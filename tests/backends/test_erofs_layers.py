@@ -234,7 +234,7 @@ def test_the_manifest_takes_the_indexers_checksums(erofs: lamina.Driver, tmp_pat
                                      digests=digests)
     try:
         assert size == 5000 + 70_000 + 4
-        files = {p: os.stat(staged / "diff" / p) for p in ("d/a", "d/empty", "b", "c")}
+        files = {p: os.stat(staged / "diff" / p) for p in ("d/a", "b", "c")}
         assert {st.st_ino for st in files.values()} == set(digests)
         for st in files.values():
             assert digests[st.st_ino][:2] == (st.st_size, st.st_mtime_ns)
@@ -249,3 +249,16 @@ def test_the_manifest_takes_the_indexers_checksums(erofs: lamina.Driver, tmp_pat
     layer_dir = backend_of(erofs).store.layer_dir(LayerId("l"))
     assert (layer_dir / manifest.NAME).read_bytes().splitlines()[1:] == \
         (tmp_path / "read.jsonl").read_bytes().splitlines()[1:]
+
+
+def test_df_counts_the_tar_and_the_image(erofs: lamina.Driver) -> None:
+    """What an EROFS layer takes on the host: its tar and its image (two inodes), not
+    what the image shows; its bytes are still its files'."""
+    from lamina.backends.df import df
+
+    data = tb.build([tb.file(f"d/{i}", b"x" * 1000) for i in range(300)])
+    erofs.apply_diff("l", None, io.BytesIO(data))
+    layer_dir = backend_of(erofs).store.layer_dir(LayerId("l"))
+    (row,) = [r for r in df(erofs)[0] if r.id == "l"]
+    on_disk = sum(os.stat(layer_dir / n).st_blocks * 512 for n in ("layer.tar", "layer.erofs"))
+    assert (row.bytes, row.disk, row.inodes) == (300_000, on_disk, 2)
