@@ -212,10 +212,20 @@ def open_with(home: Path, *, backend: str, extra: tuple[str, ...],
 
 
 @pytest.fixture
-def open_store(backend: str, backend_options: tuple[str, ...]) -> Opener:
+def open_store(backend: str, backend_options: tuple[str, ...],
+               request: pytest.FixtureRequest) -> Opener:
     """How the suites open a store: ``lamina.open_driver`` with ``backend`` (and its
     layer format's options).  A module that runs the contract suite against another
-    driver overrides this fixture (see :mod:`tests.contract`)."""
+    driver overrides this fixture (see :mod:`tests.contract`).  Where the stores keep
+    EROFS layers (overlay's default), every image they write is read by ``fsck.erofs``
+    at the test's end (the ``erofs_fsck`` fixture)."""
+    if backend == "overlay" and "overlay.layers=dir" not in backend_options:
+        from lamina.backends import erofslayers
+        from tests.erofsimages import keeping
+
+        request.getfixturevalue("erofs_fsck")
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setattr(erofslayers, "index_tar", keeping(erofslayers.index_tar))
     return functools.partial(open_with, backend=backend, extra=backend_options)
 
 
