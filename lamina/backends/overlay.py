@@ -18,9 +18,9 @@ lamina's images (probed on open; ``status`` says which and why), kept as their t
 and an EROFS image over it, mounted read-only at the layer's ``diff/``
 (:mod:`lamina.backends.erofslayers`): the same lower to everything that uses one, and
 ``diff`` against the layer's own parent is the tar itself.  ``overlay.layers=dir``
-keeps them as directories, as does a kernel that cannot mount the images (Linux
-< 6.4: no 512-byte blocks).  A chain mixes both kinds; a home's existing layers stay
-what they are when the option changes.
+keeps them as directories, as does a kernel that cannot mount the images (no EROFS
+with 512-byte blocks: Linux 6.4, and Debian's 6.1.192 by a backport).  A chain mixes
+both kinds; a home's existing layers stay what they are when the option changes.
 
 Native diff: against its own parent a layer's changes are read from ``diff/``
 alone (cost proportional to the change, lower layers consulted only for the
