@@ -210,9 +210,13 @@ class LabDockerd:
                        env={"DOCKER_CONFIG": str(self.cli_config), "DOCKER_CLI_HINTS": "false",
                             "BUILDX_NO_DEFAULT_ATTESTATIONS": "1"})
         if check and proc.returncode != 0:
-            raise AssertionError(f"docker {shlex.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}\n"
-                                 f"--- dockerd log ---\n{_tail(self.log)}")
+            gone = self.proc is not None and self.proc.poll() is not None
+            raise AssertionError(
+                f"docker {shlex.join(args)} failed ({proc.returncode}):\n"
+                f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}\n"
+                + (f"dockerd exited ({self.proc.returncode})\n" if gone and self.proc else "")
+                + f"--- dockerd log ---\n{_tail(self.log)}\n"
+                f"--- containerd log ---\n{_tail(self.containerd.log)}")
         return proc
 
     def version(self) -> str:

@@ -313,6 +313,8 @@ def test_check_and_nothing_mounted(stack: Stack) -> None:
         inside = [line.split()[4] for line in f]
     below = [p for p in inside if p.startswith(str(stack.work) + "/")]
     assert below == [], below
+    # Every layer applied in the module (load, commit, BuildKit's) was lamina's differ's.
+    assert WALKING_APPLY not in stack.containerd.log.read_text(errors="replace")
     assert stack.snapshotter.stop() == 0
     proc = stack.snapshotter.lamina("check", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
