@@ -231,6 +231,25 @@ def test_foreign_mounts_and_diff_are_unimplemented(served: Served, tmp_path: Pat
     assert served.differ.applied == 0
 
 
+def test_mounts_buildkit_passes_on_are_laminas(served: Served,
+                                               blobs: tuple[Blobs, Path]) -> None:
+    # BuildKit's snapshotter wrapper (setRedirectDir) drops overlay's redirect_dir=
+    # option, or moves it last, before Docker 28's builds apply a layer onto the mounts.
+    blobs[0].put(GZ)
+    served.stub.Prepare(pb.PrepareSnapshotRequest(key="a"))
+    served.stub.Commit(pb.CommitSnapshotRequest(name="c", key="a"))
+    for key, moved in (("dropped", False), ("moved", True)):
+        given = served.stub.Prepare(pb.PrepareSnapshotRequest(key=key, parent="c")).mounts
+        mounts = []
+        for m in given:
+            options = [o for o in m.options if not o.startswith("redirect_dir=")]
+            if moved and len(options) != len(m.options):
+                options.append("redirect_dir=off")
+            mounts.append(mount_pb2.Mount(type=m.type, source=m.source, options=options))
+        assert apply(served, mounts, GZ_DIGEST, len(GZ)).applied.digest == DIFF_ID
+    assert served.differ.applied == 2
+
+
 def test_bad_descriptors(served: Served, blobs: tuple[Blobs, Path]) -> None:
     store, _ = blobs
     store.put(GZ)

@@ -18,7 +18,8 @@ lamina does not do, containerd's walking differ does.
   active snapshots are lamina's: the backend names the layer they write into (a bind's
   source, an overlay's ``upperdir``, below the home's ``layers/``), a record says which
   active snapshot uses that layer, and the backend's mounts of it must equal the ones
-  given, type, source and every option in order
+  given, type, source and every option in order, overlay's ``redirect_dir=`` aside
+  (BuildKit drops or moves it; it names no directory)
   (:meth:`~lamina.frontends.containerd.snapshotter.Snapshotter.active_for`).  Nothing
   is parsed beyond that.  Other mounts: ``Unimplemented`` (walking applies them).
 - *The blob* is read from containerd's content store over containerd's socket

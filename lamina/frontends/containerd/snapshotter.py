@@ -225,7 +225,7 @@ class Snapshotter:
             ours = self.drv.snapshot_mounts(lid, writable=True)
         except (errors.LaminaError, OSError):
             return None  # removed meanwhile
-        return found[0].name if list(ours) == list(mounts) else None
+        return found[0].name if _identity(ours) == _identity(mounts) else None
 
     def fill(self, key: str, tar: BinaryIO, verify: Callable[[], None]) -> tuple[str, int]:
         """Apply the uncompressed tar ``tar`` into active snapshot ``key``'s empty layer
@@ -422,3 +422,15 @@ class Snapshotter:
                     doomed += [d for d in [self._unused(lid)] if d]
         for lid in doomed:
             self._let_go(lid)
+
+
+def _identity(mounts: Sequence[SnapshotMount]) -> list[SnapshotMount]:
+    """``mounts`` as the differ compares them: without overlay's ``redirect_dir=``
+    options.  BuildKit (its snapshotter wrapper's ``setRedirectDir``) drops that option
+    from, or re-appends it at the end of, the mounts it is given before passing them on
+    to the differ (Docker 28's builds do: their final stage's layers are applied onto
+    them).  It says how overlayfs records renames, not which directories the mount
+    reads and writes, which is what names the snapshot; lamina's differ writes the layer
+    itself, never through the mounts.  Every other option must still match, in order."""
+    return [m._replace(options=tuple(o for o in m.options if not o.startswith("redirect_dir=")))
+            if m.type == "overlay" else m for m in mounts]
