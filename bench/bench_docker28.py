@@ -17,12 +17,13 @@ skopeo (gzip) into a local ``docker-registry`` on 127.0.0.1.
 
 Each round, the three daemons taking turns (the first one changes each round), timed
 from the outside with the host's docker CLI (28.2): ``docker pull -q
-127.0.0.1:PORT/corpus/app:1`` then ``docker run --rm --network none IMAGE true`` (5 times, their median); then,
-untimed, ``docker rmi`` and ``docker builder prune -af``, and the bench waits until the
-daemon's namespace has no image, no content and no snapshot left (``ctr content ls``,
-``ctr snapshots ls``), and checks that none of the image's blobs is in containerd's
-content store on disk: every pull fetches every blob from the registry and unpacks it
-again (the registry's access log is checked: each pull GETs the 3 layer blobs).
+127.0.0.1:PORT/corpus/app:1`` then ``docker run --rm --network none IMAGE true`` (5
+times, their median); then, untimed, ``docker rmi`` and ``docker builder prune -af``, and
+the bench waits until the daemon's namespace has no image, no content and no snapshot
+left (``ctr content ls``, ``ctr snapshots ls``), and checks that none of the image's
+blobs is in containerd's content store on disk: every pull fetches every blob from the
+registry and unpacks it again (the registry's access log is checked: each pull GETs
+the 3 layer blobs).
 One untimed round first (warm-up); medians and ratios of the rounds' own ratios.
 Goals: pull on lamina <= 0.70x overlayfs and <= 1.0x erofs; run <= 1.0x overlayfs.
 """
@@ -229,7 +230,7 @@ def main() -> int:
         def ratio(a: str, b: str) -> str:
             if a not in times or b not in times:
                 return "n/a"
-            rs = [x / y for x, y in zip(times[a], times[b])]
+            rs = [x / y for x, y in zip(times[a], times[b], strict=True)]
             return (f"{statistics.median(rs):.2f}x (rounds {min(rs):.2f}-{max(rs):.2f}; "
                     f"of medians {med[a] / med[b]:.2f}x)")
 
