@@ -160,6 +160,8 @@ def main() -> int:
                         help="comma-separated snapshotters (default all three)")
     parser.add_argument("--run-repeats", type=int, default=5,
                         help="docker runs per daemon and round, their median (default 5)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="lamina snapshotter -v: every call in its log (for profiling)")
     parser.add_argument("--logs", type=Path, help="copy the daemons' logs here at the end")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n]
@@ -172,7 +174,8 @@ def main() -> int:
     reg = DistRegistry(work / "registry")
     sn = Snapshotter(work / "home", work / "snapshotter.log", backend="overlay",
                      socket_path=work / "lamina.sock",
-                     args=["--containerd-address", str(work / "containerd.sock")])
+                     args=["--containerd-address", str(work / "containerd.sock"),
+                           *(["-v"] if args.verbose else [])])
     ctd = BenchContainerd(work, sn)
     daemons = {n: NamedDockerd(ctd, n) for n in names}
     try:
