@@ -5,7 +5,7 @@ and containerd's erofs snapshotters (issues 24 and 25).
 
 One ``lamina snapshotter`` on the host (backend overlay, EROFS layers, its differ
 serving ``--containerd-address``), one containerd 2.1 of the engines' lab (pivoted, as
-:class:`tests.engines.docker.PivotedLabContainerd`) whose config is lamina's printed one
+:class:`tests.engines.daemons.LabContainerd`) whose config is lamina's printed one
 plus containerd's own ``erofs`` snapshotter and ``erofs`` differ (mkfs.erofs is the
 lab's) with the diff service's order ``lamina-diff, erofs, walking`` (each differ answers
 NotImplemented for mounts not its own), and the metadata store's
@@ -47,8 +47,8 @@ from bench.bench_docker import machine
 from tests import lab
 from tests.conftest import unmount_layer_images
 from tests.containerd.daemon import Snapshotter
-from tests.engines.daemons import shared_dir
-from tests.engines.docker import LabDockerd, PivotedLabContainerd
+from tests.engines.daemons import LabContainerd, shared_dir
+from tests.engines.docker import LabDockerd
 from tests.integration.engine import unmount_below
 from tests.registry.harness import DistRegistry
 
@@ -65,7 +65,7 @@ EXTRA_CONFIG = """
 """
 
 
-class BenchContainerd(PivotedLabContainerd):
+class BenchContainerd(LabContainerd):
     """lamina's printed config, plus containerd's erofs snapshotter and differ."""
 
     def config_text(self) -> str:
@@ -80,7 +80,7 @@ class BenchContainerd(PivotedLabContainerd):
 class NamedDockerd(LabDockerd):
     """A LabDockerd of its own name: its files, socket and containerd namespace."""
 
-    def __init__(self, containerd: PivotedLabContainerd, snapshotter: str) -> None:
+    def __init__(self, containerd: LabContainerd, snapshotter: str) -> None:
         super().__init__(containerd, snapshotter)
         self.namespace = f"moby-{snapshotter}"
         self.root = containerd.work / f"docker-{snapshotter}"
@@ -123,12 +123,12 @@ def timed(action: object) -> float:
     return time.perf_counter() - t0
 
 
-def blobs_on_disk(ctd: PivotedLabContainerd) -> set[str]:
+def blobs_on_disk(ctd: LabContainerd) -> set[str]:
     d = ctd.root / "root" / "io.containerd.content.v1.content" / "blobs" / "sha256"
     return {f"sha256:{p.name}" for p in d.iterdir()} if d.is_dir() else set()
 
 
-def clean(ctd: PivotedLabContainerd, d: NamedDockerd, image: str, layers: list[str],
+def clean(ctd: LabContainerd, d: NamedDockerd, image: str, layers: list[str],
           timeout: float = 120) -> None:
     """rmi, builder prune; wait until the namespace holds nothing and no layer blob is
     on disk."""

@@ -41,7 +41,7 @@ STAMP = ".lamina-lab-stamp"
 # Runs as the first process of the new PID namespace (in the new mount namespace):
 # mounts what the lab needs, then the command as its child (not exec'd: a command as
 # PID 1 would ignore the signals it has no handler for), and exits with its status.
-_ENTER = r"""
+_MOUNTS = r"""
 set -eu
 root=$1; shift
 mount --bind "$root" "$root"
@@ -55,8 +55,25 @@ while [ "$1" != -- ]; do
   shift
 done
 shift
+"""
+_ENTER = _MOUNTS + r"""
 status=0
 chroot "$root" "$@" || status=$?
+exit "$status"
+"""
+# A daemon's lab (containerd's: its containers) is entered with pivot_root, so that the
+# lab's root is its mount namespace's root: `runc exec` (docker exec, the CRI's
+# ExecSync, BuildKit's RUN) joins a container's mount namespace with setns, which puts
+# the process at that namespace's root mount, and under a chroot that is the host's /.
+# `pivot_root . .` stacks the old root on the new one; the lazy unmount takes it (and
+# every host mount under it) away from this namespace only (a slave: nothing goes back).
+_ENTER_PIVOTED = _MOUNTS + r"""
+cd "$root"
+pivot_root . .
+umount -l .
+cd /
+status=0
+"$@" || status=$?
 exit "$status"
 """
 
@@ -90,8 +107,10 @@ def versions(root: Path | None = None) -> dict[str, str]:
 
 def command(argv: Sequence[str | os.PathLike[str]], *,
             binds: Iterable[str | os.PathLike[str]] = (),
-            env: Mapping[str, str] | None = None, cwd: str | None = None) -> list[str]:
-    """The host's command line that runs ``argv`` in the lab (see :func:`run`)."""
+            env: Mapping[str, str] | None = None, cwd: str | None = None,
+            pivot: bool = False) -> list[str]:
+    """The host's command line that runs ``argv`` in the lab (see :func:`run`); with
+    ``pivot``, the lab's root made its mount namespace's root (see :func:`spawn`)."""
     root = lab_root()
     paths = sorted({os.path.abspath(os.fspath(b)) for b in binds},
                    key=lambda p: (p.count("/"), p))
@@ -103,7 +122,8 @@ def command(argv: Sequence[str | os.PathLike[str]], *,
     return [
         # --kill-child: the namespace's first process is killed if unshare dies.
         "unshare", "--mount", "--propagation", "slave", "--pid", "--fork", "--kill-child",
-        "--", "/bin/sh", "-c", _ENTER, "lab", str(root), *paths, "--",
+        "--", "/bin/sh", "-c", _ENTER_PIVOTED if pivot else _ENTER, "lab", str(root),
+        *paths, "--",
         "/usr/bin/env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME=/root", "LC_ALL=C.UTF-8", *(f"{k}={v}" for k, v in (env or {}).items()),
         *inner]
@@ -136,10 +156,13 @@ def spawn(argv: Sequence[str | os.PathLike[str]], *, log: Path,
           binds: Iterable[str | os.PathLike[str]] = (),
           env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
     """Start ``argv`` in the lab (a daemon: containerd, dockerd), its output appended to
-    ``log``; :func:`stop` ends it with every process it started."""
+    ``log``; :func:`stop` ends it with every process it started.  The lab is entered
+    with ``pivot_root``, not ``chroot``: a container's ``runc exec`` must not land in the
+    host's root (:data:`_ENTER_PIVOTED`)."""
     with open(log, "a") as out:
-        return subprocess.Popen(command(argv, binds=binds, env=env), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(command(argv, binds=binds, env=env, pivot=True),
+                                stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

@@ -10,11 +10,8 @@ unpack configuration, CRI's images snapshotter) with its own root, state and soc
 The work directory is bound into the lab at the same path, and made a shared mount
 first: lamina mounts each new EROFS layer's image on the host while containerd runs,
 and containerd, in the lab's (slave) mount namespace, must see it there to mount the
-layer as a lower.
-
-``LabContainerd(…, pivot=True)`` enters the lab with ``pivot_root`` instead of
-``chroot`` (:func:`spawn_pivoted`): ``runc exec`` (the CRI's ``ExecSync``, ``ctr task
-exec``) lands in the host's root under a chroot, see :data:`_PIVOT`.
+layer as a lower.  containerd's lab is entered with ``pivot_root``
+(:func:`tests.lab.spawn`), so that ``runc exec`` lands in its containers.
 """
 
 from __future__ import annotations
@@ -31,47 +28,7 @@ from lamina.host import mount
 from tests import lab
 from tests.containerd.daemon import Snapshotter, _listening, _tail
 
-__all__ = ["LabContainerd", "pivoted_command", "shared_dir", "spawn_pivoted"]
-
-
-# The lab's entry (tests/lab.py) with pivot_root in place of chroot, so that the lab's
-# root is its mount namespace's root. runc needs that for `runc exec` (the CRI's ExecSync,
-# `ctr task exec`): it joins a container's mount namespace with setns, which puts the
-# process at the namespace's root mount, and under a chroot that is the host's / (runc
-# pivot_root'ed the container's rootfs in place of the chroot's, not of the host's /), so
-# the exec'd process would see the host's filesystem.  The old root goes under the lab's
-# /tmp (its own tmpfs) and is detached; the status is the command's, as lab.run's is.
-_PIVOT = """
-status=0
-mkdir "$root/tmp/.host"
-cd "$root"
-pivot_root . tmp/.host
-cd /
-umount -l /tmp/.host && rmdir /tmp/.host
-"$@" || status=$?
-exit "$status"
-"""
-
-
-def pivoted_command(argv: Sequence[str | os.PathLike[str]], *,
-                    binds: Sequence[str | os.PathLike[str]] = ()) -> list[str]:
-    """:func:`tests.lab.command` with the lab entered by ``pivot_root``, not ``chroot``."""
-    args = lab.command(argv, binds=binds)
-    at = args.index("-c") + 1  # the entry script: mounts, then `chroot "$root" "$@"`
-    script, sep, _ = args[at].rpartition("status=0\n")
-    if not sep or 'chroot "$root" "$@"' not in args[at]:
-        raise RuntimeError("tests/lab.py's entry script changed: update pivoted_command")
-    args[at] = script + _PIVOT
-    return args
-
-
-def spawn_pivoted(argv: Sequence[str | os.PathLike[str]], *, log: Path,
-                  binds: Sequence[str | os.PathLike[str]] = ()) -> subprocess.Popen[str]:
-    """:func:`tests.lab.spawn` with the lab entered by ``pivot_root``; :func:`tests.lab.stop`
-    ends it."""
-    with open(log, "a") as out:
-        return subprocess.Popen(pivoted_command(argv, binds=binds), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+__all__ = ["LabContainerd", "shared_dir"]
 
 
 def shared_dir(path: Path) -> None:
@@ -87,11 +44,8 @@ class LabContainerd:
     with ``snapshotter`` as its snapshotter and differ plugins."""
 
     def __init__(self, work: Path, snapshotter: Snapshotter,
-                 binds: Sequence[Path] = (), *, pivot: bool = False) -> None:
+                 binds: Sequence[Path] = ()) -> None:
         self.work = work
-        self.pivot = pivot
-        """Run containerd in a lab entered by pivot_root (:func:`spawn_pivoted`): needed
-        for ``runc exec``."""
         self.snapshotter = snapshotter
         self.binds = [work, snapshotter.socket.parent, *binds]
         self.root = work / "containerd"
@@ -133,9 +87,8 @@ class LabContainerd:
             raise RuntimeError("containerd is already running")
         self.root.mkdir(parents=True, exist_ok=True)
         self.config.write_text(self.config_text())
-        spawn = spawn_pivoted if self.pivot else lab.spawn
-        self.proc = spawn(["containerd", "--config", str(self.config)], log=self.log,
-                          binds=self.binds)
+        self.proc = lab.spawn(["containerd", "--config", str(self.config)], log=self.log,
+                              binds=self.binds)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

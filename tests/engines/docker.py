@@ -18,12 +18,10 @@ path, which must show that mount.  Each lab namespace is a slave of the host's, 
 mount made in one never reaches another; in containerd's they are one.  Stopping
 containerd (its PID namespace) ends dockerd too: stop dockerd first.
 
-containerd runs under :class:`PivotedLabContainerd`: in the lab as :func:`tests.lab.spawn`
-puts it there, but with the lab's root made the root of its mount namespace
-(``pivot_root``) rather than ``chroot``-ed into.  runc's containers get mount namespaces
-copied from containerd's, and ``runc exec`` (``docker exec``, BuildKit's) joins one with
-``setns``, which sets the process's root to the namespace's root: under a chroot that is
-the host's ``/``, and ``docker exec`` would run there, on the host's files.
+containerd's lab is entered with ``pivot_root`` (:func:`tests.lab.spawn`), not
+``chroot``: runc's containers get mount namespaces copied from containerd's, and ``runc
+exec`` (``docker exec``, BuildKit's) joins one with ``setns``, which sets the process's
+root to the namespace's root: under a chroot that would be the host's ``/``.
 
 ``docker`` is the lab's CLI (with its buildx plugin), one lab call a command.
 """
@@ -44,76 +42,9 @@ from tests import lab
 from tests.containerd.daemon import _listening, _tail
 from tests.engines.daemons import LabContainerd
 
-__all__ = ["LabDockerd", "PivotedLabContainerd", "spawn_pivoted"]
+__all__ = ["LabDockerd"]
 
 LAB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-# tests.lab's way in, with pivot_root where it chroots: the lab's root becomes the mount
-# namespace's root.  `pivot_root . .` stacks the old root on the new one; the lazy
-# unmount takes it (and every host mount under it) away from this namespace only (the
-# namespace is a slave: nothing propagates back to the host).
-_ENTER_PIVOTED = r"""
-set -eu
-root=$1; shift
-mount --bind "$root" "$root"
-mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
-mount --rbind /sys "$root/sys"
-mount --rbind /dev "$root/dev"
-mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$root/tmp"
-while [ "$1" != -- ]; do
-  if [ -d "$1" ]; then mkdir -p "$root$1"; else mkdir -p "$root${1%/*}"; : >>"$root$1"; fi
-  mount --rbind "$1" "$root$1"
-  shift
-done
-shift
-cd "$root"
-pivot_root . .
-umount -l .
-cd /
-status=0
-"$@" || status=$?
-exit "$status"
-"""
-
-
-def spawn_pivoted(argv: Sequence[str], *, log: Path,
-                  binds: Sequence[Path] = ()) -> subprocess.Popen[str]:
-    """:func:`tests.lab.spawn` with the lab's root pivoted to, not chrooted into (see
-    the module's docstring); :func:`tests.lab.stop` ends it."""
-    command = lab.command(argv, binds=binds)
-    # lab.command's argv: unshare … -- /bin/sh -c SCRIPT lab ROOT BINDS… -- COMMAND…
-    at = command.index("-c", command.index("/bin/sh")) + 1
-    command[at] = _ENTER_PIVOTED
-    with open(log, "a") as out:
-        return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
-
-
-class PivotedLabContainerd(LabContainerd):
-    """:class:`LabContainerd` whose containerd has the lab's root as its mount
-    namespace's root (:func:`spawn_pivoted`), so that ``runc exec`` enters containers."""
-
-    def start(self, timeout: float = 90) -> None:
-        """Write the config, start containerd in the (pivoted) lab, wait until ``ctr
-        version`` answers."""
-        if self.proc is not None:
-            raise RuntimeError("containerd is already running")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(self.config_text())
-        self.proc = spawn_pivoted(["containerd", "--config", str(self.config)], log=self.log,
-                                  binds=self.binds)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code, self.proc = self.proc.returncode, None
-                raise RuntimeError(f"containerd exited with {code}:\n" + _tail(self.log))
-            if (_listening(self.address)
-                    and self.ctr("version", check=False, timeout=30).returncode == 0):
-                return
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("containerd did not answer in time:\n" + _tail(self.log))
-
 
 def _children(pid: int) -> list[int]:
     found = []

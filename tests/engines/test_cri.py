@@ -124,7 +124,7 @@ class CriContainerd(LabContainerd):
 
     def __init__(self, work: Path, snapshotter: Snapshotter, *, sandbox: str,
                  hosts: Path, local_pull: bool = False) -> None:
-        super().__init__(work, snapshotter, pivot=True)  # ExecSync: runc exec
+        super().__init__(work, snapshotter)
         self.sandbox = sandbox
         self.hosts = hosts
         self.local_pull = local_pull

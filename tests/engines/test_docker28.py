@@ -45,7 +45,7 @@ from tests.conftest import LAYER_FORMATS, mounts_under, unmount_layer_images
 from tests.containerd.daemon import Snapshotter, _tail, short_dir
 from tests.containerd.test_ctr import EXPECTED_READ, READ
 from tests.engines.daemons import LabContainerd, shared_dir
-from tests.engines.docker import LabDockerd, PivotedLabContainerd, _descendant
+from tests.engines.docker import LabDockerd, _descendant
 from tests.integration.engine import unmount_below
 from tests.integration.test_docker import CHANGE, original_layers, save_layer_digests
 from tests.snapshot import assert_same_tree, snapshot_tar
@@ -117,7 +117,7 @@ def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
                      socket_path=work / "lamina.sock",
                      options=LAYER_FORMATS[name][kind] if kind else (),
                      args=["--containerd-address", str(work / "containerd.sock")])
-    ctd = PivotedLabContainerd(work, sn)
+    ctd = LabContainerd(work, sn)
     dockerd = LabDockerd(ctd)
     try:
         sn.start()
