@@ -9,6 +9,8 @@
   after the test, which then checks that nothing is left mounted under the home.
 - ``stores``: for tests that open, close and reopen stores themselves.
 - ``corpus_dir``: the corpus of real image layers (``$LAMINA_CORPUS``).
+- ``erofs_fsck``: ``fsck.erofs`` (erofs-utils 1.9, in the engines' lab: :mod:`tests.lab`)
+  checks every EROFS image the test wrote, at its end.
 
 A test marked ``root`` (most are: layers are chowned) skips when not run as root, and a
 missing corpus skips its tests, except in CI (``CI=true``), where both are failures: a
@@ -210,10 +212,20 @@ def open_with(home: Path, *, backend: str, extra: tuple[str, ...],
 
 
 @pytest.fixture
-def open_store(backend: str, backend_options: tuple[str, ...]) -> Opener:
+def open_store(backend: str, backend_options: tuple[str, ...],
+               request: pytest.FixtureRequest) -> Opener:
     """How the suites open a store: ``lamina.open_driver`` with ``backend`` (and its
     layer format's options).  A module that runs the contract suite against another
-    driver overrides this fixture (see :mod:`tests.contract`)."""
+    driver overrides this fixture (see :mod:`tests.contract`).  Where the stores keep
+    EROFS layers (overlay's default), every image they write is read by ``fsck.erofs``
+    at the test's end (the ``erofs_fsck`` fixture)."""
+    if backend == "overlay" and "overlay.layers=dir" not in backend_options:
+        from lamina.backends import erofslayers
+        from tests.erofsimages import keeping
+
+        request.getfixturevalue("erofs_fsck")
+        monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setattr(erofslayers, "index_tar", keeping(erofslayers.index_tar))
     return functools.partial(open_with, backend=backend, extra=backend_options)
 
 
@@ -231,6 +243,25 @@ def stores(backend: str, home: Path, open_store: Opener) -> Iterator[Stores]:
 def driver(stores: Stores) -> lamina.Driver:
     """A store in a fresh home, with ``backend``."""
     return stores.open()
+
+
+@pytest.fixture
+def erofs_fsck(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """``fsck.erofs`` (in the lab) reads every EROFS image the test writes through
+    :mod:`tests.erofsimages`, at its end (see :func:`tests.erofsimages.fsck_at_end`)."""
+    from tests import erofsimages
+
+    with erofsimages.fsck_at_end(tmp_path_factory.mktemp("erofs-kept")):
+        yield
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from tests import lab
+
+    if not lab.present():
+        return [f"lab: none at {lab.location()} (tests that need it skip, or fail in CI)"]
+    found = lab.versions()
+    return [f"lab: {lab.location()}: " + ", ".join(f"{k} {v}" for k, v in found.items())]
 
 
 @pytest.fixture(scope="session")

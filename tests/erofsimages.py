@@ -7,24 +7,35 @@ targets, devices, mtimes, link counts, hard-link groups); :func:`check_tar` inde
 tar, mounts it and compares it with what ``tar --xattrs --xattrs-include='*'
 --numeric-owner -xpf`` extracts, whiteouts and opaque markers as overlayfs has them
 (:func:`as_overlay_lower`).
+
+The oracles, erofs-utils 1.9 in the lab (:mod:`tests.lab`): every image a test writes
+through :func:`index` or :func:`check_tar` (or hands to :func:`keep`, or that a store
+writes through :func:`keeping`) is kept while the test runs, and at its end (the
+``erofs_fsck`` fixture, :func:`fsck_at_end`) ``fsck.erofs --extract`` reads each, with
+its tar as the extra device, all in one call to the lab; :func:`mkfs_image` is what
+``mkfs.erofs --tar=f --aufs`` makes of the same tar, to compare with lamina's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
+import shutil
 import stat
 import subprocess
+import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from lamina.archive.erofstar import index_tar
 from lamina.host import mount
-from tests.conftest import lacking
+from tests import lab
+from tests.conftest import in_ci, lacking
 
 OPQ = ".wh..wh..opq"  # the opaque marker, as a tar spells it
 
@@ -64,9 +75,142 @@ def mounted(image: Path, tar: Path, where: Path, *, loops: bool = False) -> Iter
 
 
 def index(tar: Path, image: Path, lowers: list[str] | None = None) -> None:
-    """The EROFS image of ``tar`` (over ``lowers``, if known) into ``image``."""
+    """The EROFS image of ``tar`` (over ``lowers``, if known) into ``image``, kept for
+    ``fsck.erofs`` (:func:`keep`)."""
     with open(tar, "rb") as src, open(image, "wb") as out:
         index_tar(src, out, lowers=lowers)
+    keep(image, tar)
+
+
+# -- the oracles: erofs-utils in the lab --------------------------------------------------
+
+
+class Kept:
+    """The images written during one test, each with its tar, for ``fsck.erofs`` at its
+    end: the image copied (a test may damage it after), the tar hard-linked (it is the
+    image's device; only its bytes of file data could change, which fsck cannot judge)."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+        self.cases: list[Path] = []
+
+    def add(self, image: Path, tar: Path) -> None:
+        """Keep ``image`` (whole: its writer is done) and its device ``tar``."""
+        case = self.where / f"{len(self.cases):05d}"
+        case.mkdir()
+        shutil.copyfile(image, case / "meta.erofs")
+        try:
+            os.link(tar, case / "layer.tar")
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            shutil.copyfile(tar, case / "layer.tar")
+        self.cases.append(case)
+
+
+_kept: Kept | None = None
+
+
+def keep(image: Path, tar: Path) -> None:
+    """Have ``fsck.erofs`` check ``image`` (with ``tar`` as its device) at the end of the
+    test, if the test checks its images (the ``erofs_fsck`` fixture)."""
+    if _kept is not None:
+        _kept.add(image, tar)
+
+
+def keeping(index: Callable[..., Any]) -> Callable[..., Any]:
+    """``index_tar`` that keeps what it wrote (:func:`keep`): for a store's images, in
+    place of the one :mod:`lamina.backends.erofslayers` calls."""
+
+    @functools.wraps(index)
+    def kept(src: BinaryIO, out: BinaryIO, **kw: Any) -> Any:
+        stats = index(src, out, **kw)
+        tar: BinaryIO = kw.get("store") or src
+        out.flush()
+        tar.flush()
+        keep(Path(out.name), Path(tar.name))
+        return stats
+
+    return kept
+
+
+@contextlib.contextmanager
+def fsck_at_end(where: Path) -> Iterator[Kept]:
+    """Keep the images written inside (in ``where``), then check them all with
+    ``fsck.erofs`` in one call to the lab (:func:`fsck`); an image it refuses, or
+    extracts otherwise than the kernel mounts it, fails the test.  Where the lab is
+    missing, outside CI, nothing is kept or checked."""
+    global _kept
+    if not lab.present() and not in_ci():
+        yield Kept(where)
+        return
+    lab.lab_root()
+    _kept = kept = Kept(where)
+    try:
+        yield kept
+    finally:
+        _kept = None
+    failed = fsck(kept.cases)
+    assert not failed, "fsck.erofs refused images lamina wrote:\n" + "\n".join(failed)
+
+
+EXTRACTED_UP_TO = 32 << 20
+"""The largest tar whose image :func:`fsck` has extracted, to compare with the mount
+(a larger one is only checked: extracting the corpus's 200 MB takes seconds)."""
+
+# ``--extract``: every inode's data is read too (through the chunk indexes into the
+# tar), not only the metadata; to a directory, the tree written there.  fsck.erofs
+# 1.9.4 reads zeros past the end of a short device instead of failing: whether the
+# data is the tar's right bytes is for the comparisons of the mounted tree to say.
+_FSCK = r"""
+limit=$1; shift
+for case in "$@"; do
+  if [ "$(stat -c %s "$case/layer.tar")" -le "$limit" ]; then
+    extract="--extract=$case/extracted"
+  else
+    extract=--extract
+  fi
+  if ! out=$(fsck.erofs "$extract" --xattrs --device="$case/layer.tar" "$case/meta.erofs" 2>&1)
+  then
+    printf '%s: %s\n' "$case" "$(printf '%s' "$out" | tr '\n' ' ')"
+  fi
+done
+"""
+
+
+def fsck(cases: list[Path]) -> list[str]:
+    """``fsck.erofs --extract`` on each case directory (``meta.erofs`` with
+    ``layer.tar`` as its device), in one call to the lab, and what it extracted
+    compared with what the kernel mounts: a line for each image refused or extracted
+    otherwise.  fsck.erofs 1.9.4 extracts no ``security.capability`` and no xattr whose
+    value is empty (from its own mkfs.erofs's images neither): those are not compared."""
+    if not cases:
+        return []
+    binds = sorted({case.parent for case in cases})
+    done = lab.run(["/bin/sh", "-c", _FSCK, "fsck", str(EXTRACTED_UP_TO), *map(str, cases)],
+                   binds=binds, timeout=60 + 5 * len(cases))
+    failed = done.stdout.splitlines()
+    for case in cases:
+        if not (case / "extracted").is_dir() or any(line.startswith(f"{case}:")
+                                                     for line in failed):
+            continue
+        with mounted(case / "meta.erofs", case / "layer.tar", case / "mnt") as where:
+            got = picture(where)
+        want = picture(case / "extracted")
+        for path, node in got[0].items():
+            got[0][path] = (*node[:7], tuple(x for x in node[7] if x[1] and
+                                             x[0] != "security.capability"), *node[8:])
+        if got != want:
+            failed.append(f"{case}: fsck.erofs extracts another tree than the kernel mounts: "
+                          + "; ".join(differences(got[0], want[0], limit=5)))
+    return failed
+
+
+def mkfs_image(tar: Path, image: Path) -> None:
+    """What erofs-utils makes of ``tar``: ``mkfs.erofs --tar=f --aufs`` (whiteouts and
+    opaque markers as overlayfs has them, as lamina's) into ``image``, data included."""
+    lab.run(["mkfs.erofs", "--quiet", "--tar=f", "--aufs", str(image), str(tar)],
+            binds=[tar.parent, image.parent], timeout=600)
 
 
 # -- pictures of trees --------------------------------------------------------------------
@@ -84,11 +228,23 @@ def node_of(path: str) -> Node:
         link = os.readlink(path)
     elif kind in (stat.S_IFCHR, stat.S_IFBLK):
         rdev = (os.major(st_.st_rdev), os.minor(st_.st_rdev))
-    xattrs = tuple(sorted((key, os.getxattr(path, key, follow_symlinks=False))
+    xattrs = tuple(sorted((key, _xattr(path, key))
                           for key in os.listxattr(path, follow_symlinks=False)))
     return (stat.filemode(st_.st_mode), st_.st_uid, st_.st_gid,
             st_.st_size if kind != stat.S_IFDIR else None, digest, link, rdev, xattrs,
             st_.st_mtime_ns, None if kind == stat.S_IFDIR else st_.st_nlink)
+
+
+def _xattr(path: str, key: str) -> bytes | None:
+    """The value of xattr ``key``; None for one listed that cannot be read (the kernel
+    lists a ``user.`` xattr of a special file, as an image of mkfs.erofs may hold, but
+    refuses to read it)."""
+    try:
+        return os.getxattr(path, key, follow_symlinks=False)
+    except OSError as e:
+        if e.errno != errno.ENODATA:
+            raise
+        return None
 
 
 def picture(root: Path) -> tuple[dict[str, Node], set[frozenset[str]]]:
@@ -167,3 +323,76 @@ def check_tar(tar: Path, work: Path) -> tuple[dict[str, Node], float]:
     assert not differences(got, want), "\n".join(differences(got, want))
     assert got_links == {g for g in want_links if all(p in want for p in g)}
     return got, took
+
+
+@contextlib.contextmanager
+def mounted_whole(image: Path, where: Path) -> Iterator[Path]:
+    """An image that holds its data (mkfs.erofs's) mounted read-only at ``where``."""
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "erofs", "-o", "ro", str(image), str(where)], check=True,
+                   capture_output=True)
+    try:
+        yield where
+    finally:
+        mount.unmount(str(where), lazy=False)
+
+
+def named_dirs(tar: Path) -> set[str]:
+    """The directories that members of ``tar`` name, as pictures name paths ("/a/b")."""
+    with tarfile.open(tar) as tf:
+        return {"/" + os.path.normpath(m.name.lstrip("/")) for m in tf if m.isdir()}
+
+
+MKFS_ORIGIN = ("trusted.overlay.origin", b"")
+"""What mkfs.erofs --aufs sets on each directory in which a tar has a whiteout (so that
+overlayfs filters the whiteouts out of a directory that only one layer has); lamina
+does not (a store's layers only keep whiteouts that hide something below them, whose
+directories overlayfs merges)."""
+
+
+def as_mkfs_compares(nodes: dict[str, Node], named: set[str]) -> dict[str, Node]:
+    """A picture without what lamina and mkfs.erofs do differently on purpose:
+
+    - a directory no member names (a missing parent): lamina makes it 0755 with the
+      image's epoch as mtime, mkfs.erofs 0777 with the time it ran;
+    - an xattr listed but unreadable: mkfs.erofs keeps a ``user.`` xattr of a special
+      file, which the kernel lists but does not read; lamina drops it (no file system
+      can hold it, GNU tar cannot set it);
+    - a symlink's permission bits: mkfs.erofs keeps its member's, lamina makes it 0777
+      as symlink(2) does (real tars say 0777 anyway);
+    - :data:`MKFS_ORIGIN`;
+    - an xattr twice: mkfs.erofs 1.9.4 writes one again when a directory member
+      repeats it (a directory named twice, two opaque markers), and ``listxattr``
+      names it twice; lamina writes it once (the GNU tar comparison and fsck.erofs's
+      extraction would see lamina write one twice)."""
+    out = {}
+    for path, node in nodes.items():
+        xattrs = tuple(sorted({x for x in node[7] if x[1] is not None and x != MKFS_ORIGIN}))
+        if node[0].startswith("l"):
+            out[path] = ("l", *node[1:7], xattrs, *node[8:])
+        elif node[0].startswith("d") and path not in named:
+            out[path] = (None, *node[1:7], xattrs, None, *node[9:])
+        else:
+            out[path] = (*node[:7], xattrs, *node[8:])
+    return out
+
+
+def compare_with_mkfs(tar: Path, work: Path) -> dict[str, Node]:
+    """Lamina's image of ``tar`` and mkfs.erofs's (``--tar=f --aufs``), both mounted
+    by the kernel, show the same tree (but for :func:`as_mkfs_compares`'s differences):
+    names, types, modes, owners, sizes, contents, xattrs, link targets, devices,
+    mtimes, link counts and hard-link groups; lamina's tree.  ``tar`` must not white
+    out its own members: mkfs.erofs lets a whiteout replace an earlier member of the
+    same name, lamina (as the OCI spec says) hides only what lower layers have."""
+    index(tar, work / "meta.erofs")
+    mkfs_image(tar, work / "mkfs.erofs")
+    named = named_dirs(tar)
+    with mounted(work / "meta.erofs", tar, work / "mnt") as where:
+        got, got_links = picture(where)
+    with mounted_whole(work / "mkfs.erofs", work / "mkfs-mnt") as where:
+        want, want_links = picture(where)
+    got, want = as_mkfs_compares(got, named), as_mkfs_compares(want, named)
+    assert not differences(got, want), "lamina's, then mkfs.erofs's:\n" + "\n".join(
+        differences(got, want))
+    assert got_links == want_links
+    return got

@@ -7,6 +7,7 @@ runs as root) they fail instead, so a misconfigured CI cannot pass by skipping.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -375,8 +376,13 @@ def test_ls(image: Lamina) -> None:
         "parent": None,
         "size": rows["base"]["size"],
         "mounts": 0,
+        "format": rows["base"]["format"],
+        "diff_id": "sha256:" + hashlib.sha256(BASE_TAR).hexdigest(),
+        "sealed": False,
     }
     assert isinstance(rows["base"]["size"], int) and rows["base"]["size"] >= 30
+    assert rows["base"]["format"] in ("dir", "erofs")
+    assert rows["ctr"]["diff_id"] is None  # writable: no single tar's
     assert rows["app"]["parent"] == "base" and rows["ctr"]["parent"] == "app"
     assert rows["ctr"]["mounts"] == 1
 

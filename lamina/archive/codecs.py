@@ -153,16 +153,27 @@ def decompressed(stream: BinaryIO) -> tuple[BinaryIO, str]:
     """A stream of the uncompressed tar, and the compression that was found."""
     head = _read_head(stream)
     kind = compression_of(head)
-    raw = io.BufferedReader(_Sniffed(head, stream), BUFFER)
+    return _decoder(io.BufferedReader(_Sniffed(head, stream), BUFFER), kind), kind
+
+
+def decoded(stream: BinaryIO, kind: str) -> BinaryIO:
+    """``stream`` decompressed as ``kind`` says (``gzip``, ``zstd``, ``xz``, ``bzip2``,
+    '' for none), not sniffed: what a media type names (a tar whose first member's name
+    starts as a compressed stream's magic is still a tar)."""
+    return _decoder(io.BufferedReader(_Sniffed(b"", stream), BUFFER), kind)
+
+
+def _decoder(raw: io.BufferedReader, kind: str) -> BinaryIO:
     if kind == "gzip":
-        gz = igzip.IGzipFile(fileobj=raw, mode="rb")  # type: ignore[no-untyped-call]
-        return cast(BinaryIO, gz), kind
+        return cast(BinaryIO, igzip.IGzipFile(fileobj=raw, mode="rb"))  # type: ignore[no-untyped-call]
     if kind == "zstd":
-        tap = io.BufferedReader(_ZstdFrames(raw), BUFFER)
+        tap = io.BufferedReader(_ZstdFrames(cast(BinaryIO, raw)), BUFFER)
         reader = zstandard.ZstdDecompressor().stream_reader(tap, read_across_frames=True)
-        return cast(BinaryIO, io.BufferedReader(reader, BUFFER)), kind
+        return cast(BinaryIO, io.BufferedReader(reader, BUFFER))
     if kind == "xz":
-        return cast(BinaryIO, lzma.LZMAFile(raw)), kind
+        return cast(BinaryIO, lzma.LZMAFile(raw))
     if kind == "bzip2":
-        return cast(BinaryIO, bz2.BZ2File(raw)), kind
-    return cast(BinaryIO, raw), kind
+        return cast(BinaryIO, bz2.BZ2File(raw))
+    if kind:
+        raise ValueError(f"no decoder for {kind!r}")
+    return cast(BinaryIO, raw)

@@ -32,7 +32,8 @@ Semantics, as contract §2 has them for a layer:
 - ``trusted.overlay.*`` and ``user.overlay.*`` xattrs from the tar are dropped, as are
   names without a Linux namespace and ``user.*`` on what is neither a file nor a
   directory (Linux refuses those); an xattr EROFS cannot hold (a name past 255 bytes,
-  a value past 64 KiB) is ``Unsupported``; a symlink's target is 1 to 4095 bytes;
+  a value past 64 KiB) is ``Unsupported``; a symlink's target is 1 to 4095 bytes,
+  its mode 0777 whatever the member says (as ``symlink(2)`` makes it);
 - a hard link to an earlier member is the same inode (its link count counted).
 
 What cannot be an image over this tar is :class:`~lamina.errors.Unsupported`,
@@ -361,7 +362,9 @@ class _Builder:
             target = os.fsencode(entry.linkname)
             if not 0 < len(target) < _PATH_MAX:
                 raise self._unsafe(f"symlink target of {len(target)} bytes", name)
-            return tree.new_symlink(perm, uid, gid, entry.mtime, target)
+            # 0777 whatever the member says: symlink(2) makes every symlink so (the
+            # directory applier's too), and the image must show what a directory layer does.
+            return tree.new_symlink(0o777, uid, gid, entry.mtime, target)
         major, minor = entry.devmajor, entry.devminor
         if entry.type == CHR and major == minor == 0:
             raise self._unsupported("a 0/0 character device is overlayfs' whiteout", name)

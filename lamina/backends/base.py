@@ -13,7 +13,7 @@ import abc
 import collections
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,7 +22,7 @@ from lamina import crashpoints, errors
 from lamina.archive import codecs
 from lamina.archive.diffid import DigestingReader, chain_id
 from lamina.archive.digests import Digests
-from lamina.backends.contract import Backend
+from lamina.backends.contract import Backend, SnapshotMount
 from lamina.backends.quotas import LayerQuotas
 from lamina.backends.reading import LeasedGetter, leased_stream, release
 from lamina.driver import Change, DiffGetter, IdMap, LayerId, check_id
@@ -440,26 +440,100 @@ class StoreDriver(Backend, abc.ABC):
         and its chain id when its parent's is known (none for a writable layer)."""
         if meta.rw:
             return Identity()
-        diff = tar.diff_id()
+        return self._identified(meta.parent, tar.diff_id())
+
+    def _identified(self, parent: LayerId | None, diff: str) -> Identity:
+        """The identity of a layer of diff id ``diff`` on ``parent``: with its chain id
+        when its parent's is known."""
         parent_chain = None
-        if meta.parent is not None:
-            parent_chain = self.store.meta(meta.parent).identity.chain_id
+        if parent is not None:
+            parent_chain = self.store.meta(parent).identity.chain_id
             if parent_chain is None:
                 return Identity(diff)  # a parent of unknown content: no chain id
         return Identity(diff, chain_id(parent_chain, diff))
 
+    def layer_of_mounts(self, mounts: Sequence[SnapshotMount]) -> LayerId | None:
+        if len(mounts) != 1:
+            return None
+        m = mounts[0]
+        if m.type == "bind":
+            path = m.source
+        elif m.type == "overlay":
+            uppers = [o[len("upperdir="):] for o in m.options if o.startswith("upperdir=")]
+            if len(uppers) != 1:
+                return None
+            path = uppers[0]
+        else:
+            return None
+        try:
+            parts = Path(path).relative_to(self.store.layers_dir).parts
+            lid = check_id(parts[0]) if parts else None
+        except (ValueError, errors.LaminaError):
+            return None  # not below layers/, or not a layer id there
+        return lid if lid is not None and self.store.exists(lid) else None
+
+    def fill(self, id: LayerId, tar: BinaryIO,
+             verify: Callable[[], None]) -> tuple[str, int]:
+        """As :meth:`_apply_into`, for a writable layer: staged, applied, verified,
+        recorded (diff id, format, manifest), synced, then swapped in (the commit point).
+        A failure or a kill before the swap leaves the layer as it was (empty) and a
+        staging directory that is deleted (or swept on the next open)."""
+        digesting = DigestingReader(tar)
+        with self.store.layer_lock(id):
+            meta = self.store.meta(id)
+            if not meta.rw:
+                raise errors.Busy("layer is not writable (committed already)", layer=id)
+            if meta.quota is not None:
+                raise errors.Unsupported("cannot fill a layer with a size quota", layer=id)
+            if meta.identity.diff_id is not None:
+                raise errors.Busy("layer was filled already", layer=id)
+            if not self._untouched(id):
+                # Written through its mounts: whoever wrote there applies onto it.
+                raise errors.Unsupported("layer has changes of its own: only an untouched "
+                                         "snapshot is filled", layer=id)
+            if self.store.count(id) > 0:
+                raise errors.Busy("cannot fill a mounted layer", layer=id)
+            pid = meta.parent
+            with self._parent_held(pid), self.store.staging(id) as staged:
+                digests: Digests = {}
+                with fsutil.writeback(staged):
+                    fields = self._restage(staged, id)
+                    size, meta.format = self._apply_new(staged, id, pid,
+                                                        digesting.as_stream(), digests)
+                    diff_id = digesting.diff_id()
+                    verify()  # the blob's digest: nothing is published before it holds
+                    meta.backend.update(fields)
+                    meta.identity = Identity(diff_id)  # the chain id comes with the seal
+                    meta.totals = self.record_manifest(staged, digests)
+                    meta.size = size
+                self.store.write_meta(staged, meta)
+                fsutil.syncfs(staged)
+                self.store.swap(staged, id)
+        return diff_id, digesting.size
+
+    def _untouched(self, id: LayerId) -> bool:
+        """Whether writable layer ``id`` has no changes of its own over its parent (by
+        default its changes, as ``changes`` finds them, are none)."""
+        return not self._find_changes(id, None)
+
     def seal(self, id: LayerId, chain_id: str | None = None) -> None:
-        """No copy and no walk of its content: made durable, then ``rw`` false and
-        ``sealed`` in its metadata.  Its content was written by containerd through the
-        mounts, so it has no manifest to check it against; its usage is counted when it
-        is asked for."""
+        """No copy and no walk of its content: made durable, then ``rw`` false in its
+        metadata.  Content containerd wrote through the mounts has no manifest to check
+        it against (``sealed``; its usage is counted when it is asked for); a layer that
+        :meth:`fill` wrote keeps its diff id and manifest, and gets its chain id."""
         with self.store.layer_lock(id):
             meta = self.store.meta(id)
             if not meta.rw:
                 return
-            if chain_id is not None:
-                meta.identity = Identity(None, chain_id)
-            meta.sealed = True
+            if meta.identity.diff_id is not None:
+                # Its own chain id, from its content (containerd's name says the same of
+                # an image's layer); containerd's where the parent's is not known.
+                own = self._identified(meta.parent, meta.identity.diff_id)
+                meta.identity = Identity(own.diff_id, own.chain_id or chain_id)
+            else:
+                if chain_id is not None:
+                    meta.identity = Identity(None, chain_id)
+                meta.sealed = True
             fsutil.syncfs(self.store.layer_dir(id))  # the content, before the flag
             meta.rw = False
             self.store.rewrite_meta(meta)  # the commit point

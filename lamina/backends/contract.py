@@ -36,7 +36,7 @@ layer from being deleted (:class:`lamina.store.holds.Holder`).
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, NamedTuple
 
@@ -251,6 +251,24 @@ class Backend(Driver, abc.ABC):
     def seal(self, id: LayerId, chain_id: str | None = None) -> None:
         """Turn writable layer ``id`` read-only in place (a snapshot's Commit), naming it
         by ``chain_id`` when containerd gave one."""
+
+    @abc.abstractmethod
+    def layer_of_mounts(self, mounts: Sequence[SnapshotMount]) -> LayerId | None:
+        """The layer of this store that ``mounts`` write into (a writable bind's source,
+        an overlay's ``upperdir``), if they name one; None for any others.  Only a
+        candidate: the caller compares ``mounts`` with :meth:`snapshot_mounts` of it."""
+
+    @abc.abstractmethod
+    def fill(self, id: LayerId, tar: BinaryIO,
+             verify: Callable[[], None]) -> tuple[str, int]:
+        """Apply the uncompressed tar ``tar`` into writable layer ``id``, which nothing
+        has written yet (containerd's ``Diff.Apply`` onto a snapshot lamina made, which
+        containerd commits next): the layer's new content is built beside it, in the
+        format a read-only layer applied from a tar gets (overlay's EROFS), and swapped
+        in whole.  ``verify`` is called once the tar is read, before the swap: what it
+        raises leaves the layer as it was.  The tar's diff id and its size in bytes.
+        ``Busy`` for a layer filled already, ``Unsupported`` for one with changes of its
+        own (written through its mounts) or a size quota."""
 
     def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
         """The mounts that show layer ``id``'s union view (containerd mounts them): the

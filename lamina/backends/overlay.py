@@ -407,6 +407,11 @@ class OverlayDriver(StoreDriver):
                 raise errors.Corrupt(f"its {erofslayers.IMAGE} does not mount: {e} "
                                      "(see lamina check)", layer=lid) from None
 
+    def _untouched(self, id: LayerId) -> bool:
+        """A writable layer's ``diff/`` is its own content: empty until written."""
+        with os.scandir(self._diff(id)) as entries:
+            return next(entries, None) is None
+
     def verify_layer(self, id: LayerId, meta: LayerMeta) -> str | None:
         if meta.format is not LayerFormat.EROFS:
             return None

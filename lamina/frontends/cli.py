@@ -226,6 +226,22 @@ def cmd_df(drv: Driver, args: argparse.Namespace) -> Result:
     return Result(data, lines)
 
 
+def _identity_fields(drv: Driver, layer: str) -> dict[str, Any]:
+    """What a lamina store records of a layer's content (for ``ls --json``): its format
+    and diff id, and ``sealed`` for a containerd snapshot written through its mounts (a
+    layer lamina applied, by any front end or its differ, has a diff id instead)."""
+    from lamina.backends.contract import Backend
+
+    if not isinstance(drv, Backend):
+        return {}
+    try:
+        meta = drv.record(layer)
+    except errors.LaminaError:
+        return {}  # removed since it was listed, or damaged: shown as ls shows it
+    return {"format": meta.format.value, "diff_id": meta.identity.diff_id,
+            "sealed": meta.sealed}
+
+
 def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
     """``ls``: every layer with its parent, size and mount count, and the containerd
     snapshots (keys and names) that use it."""
@@ -247,6 +263,7 @@ def cmd_ls(drv: Driver, args: argparse.Namespace) -> Result:
             continue
         snaps = named.pop(layer, [])
         row: dict[str, Any] = {"id": layer, "parent": parent, "size": size, "mounts": mounts}
+        row.update(_identity_fields(drv, layer))
         if snaps:
             row["snapshots"] = [{"name": n, "kind": k} for n, k in snaps]
         rows.append(row)
@@ -304,7 +321,18 @@ def cmd_snapshotter(drv: Driver, args: argparse.Namespace) -> Result:
 
     if not isinstance(drv, Backend):
         raise errors.Unsupported(f"backend {drv.name} cannot serve containerd snapshots")
-    status = server.serve(drv, args.socket or server.DEFAULT_SOCKET, verbose=args.verbose)
+    socket = str((args.socket or Path(server.DEFAULT_SOCKET)).absolute())
+    if args.print_containerd_config:
+        from lamina.frontends.containerd import config
+
+        major = config.containerd_major()
+        text = config.config_text(major or 2, socket, str(drv.home), config.host_platform())
+        head = (f"# for containerd {major}.x (containerd --version)" if major else
+                "# for containerd 2.x (no containerd found on PATH)")
+        return Result({"containerd_major": major or 2, "config": text},
+                      [head, *text.splitlines()])
+    status = server.serve(drv, args.socket or server.DEFAULT_SOCKET, verbose=args.verbose,
+                          containerd_address=str(args.containerd_address))
     return Result({"snapshotter": "stopped"}, status=status)
 
 
@@ -440,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "serve containerd's snapshot API (a proxy plugin) on a unix socket")
     p.add_argument("--socket", metavar="PATH", type=Path, default=None,
                    help="the unix socket (default: /run/lamina/snapshotter.sock)")
+    p.add_argument("--containerd-address", metavar="PATH", type=Path,
+                   default=Path("/run/containerd/containerd.sock"),
+                   help="containerd's socket, whose content store the differ reads blobs "
+                        "from (default: /run/containerd/containerd.sock)")
+    p.add_argument("--print-containerd-config", action="store_true",
+                   help="print the config.toml lines the containerd on PATH needs, and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="log every call")
 
     image_cli.add_commands(sub, json_flag)

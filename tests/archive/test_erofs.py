@@ -9,7 +9,8 @@ names, types, modes, owners, sizes, contents, every xattr, link targets, devices
 hard-link groups and mtimes to the nanosecond (directories' aside).  Whiteouts and
 opaque markers, which GNU tar extracts as plain files, are compared as overlayfs
 expects them in a lower layer: a 0/0 character device, ``trusted.overlay.opaque``.
-The mounting and the pictures are :mod:`tests.erofsimages`'s.
+The mounting and the pictures are :mod:`tests.erofsimages`'s; so is the second opinion:
+every image a test writes is read by erofs-utils' ``fsck.erofs`` at its end.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from lamina.archive.apply import Applier
 from lamina.archive.erofstar import index_tar
 from lamina.host.idmap import IdMapper
 from tests import tarbuild as tb
-from tests.erofsimages import OPQ, check_tar, differences, index, mounted, picture
+from tests.erofsimages import OPQ, check_tar, differences, index, keep, mounted, picture
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("erofs_fsck")]
 
 
 def test_a_damaged_image_does_not_mount(tmp_path: Path) -> None:
@@ -112,6 +113,7 @@ def test_the_tar_stored_while_it_is_indexed(tmp_path: Path) -> None:
     tar, image = tmp_path / "stored.tar", tmp_path / "meta.erofs"
     with open(tar, "wb") as store, open(image, "wb") as out:
         index_tar(io.BytesIO(data + bytes(512 * 20)), out, store=store)
+    keep(image, tar)
     assert tar.read_bytes() == data + bytes(512 * 20)
     with mounted(image, tar, tmp_path / "mnt") as where:
         assert (where / "etc/big").read_bytes() == ENTRIES[4].data
@@ -125,6 +127,7 @@ def test_owners_through_id_maps(tmp_path: Path) -> None:
     ids = IdMapper([(0, 100_000, 65536)], [(0, 200_000, 65536)])
     with open(tar, "rb") as src, open(image, "wb") as out:
         index_tar(src, out, ids=ids)
+    keep(image, tar)
     with mounted(image, tar, tmp_path / "mnt") as where:
         got, _ = picture(where)
     assert {path: node[1:3] for path, node in got.items()} == {
@@ -471,6 +474,21 @@ def test_symlinks_in_parents_stay_inside_the_layer(tmp_path: Path) -> None:
     with mounted(image, tar, tmp_path / "mnt") as where:
         got, _ = picture(where)
     assert sorted(got) == ["/etc", "/etc/a", "/etc/b", "/root", "/up"]
+
+
+def test_a_symlink_is_0777_whatever_its_member_says(tmp_path: Path) -> None:
+    # As symlink(2) makes it, and the directory applier; the image kept the member's
+    # bits once (found by fsck.erofs's extraction, compared with the mount).
+    tar = tmp_path / "layer.tar"
+    tar.write_bytes(_raw(tb.raw_member("s", type=tarfile.SYMTYPE, linkname="/", mode=0o644)))
+    index(tar, tmp_path / "meta.erofs")
+    applied = tmp_path / "applied"
+    applied.mkdir()
+    with open(tar, "rb") as f:
+        Applier(applied, overlay_whiteouts=True).apply(f)
+    with mounted(tmp_path / "meta.erofs", tar, tmp_path / "mnt") as where:
+        got, _ = picture(where)
+    assert got["/s"][0] == picture(applied)[0]["/s"][0] == "lrwxrwxrwx"
 
 
 def test_huge_directory(tmp_path: Path) -> None:

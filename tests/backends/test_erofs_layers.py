@@ -6,7 +6,8 @@ byte for byte; the 3-layer corpus image applied as EROFS layers has the union th
 ``docker export`` wrote, and the changes a store of directory layers finds.  Then
 what is particular to the format: the fallback to a directory for a tar the image
 cannot hold (a sparse member), the mounts' life (removal unmounts; a store opened
-after its mounts went, as after a reboot, mounts them again), and ``check``.
+after its mounts went, as after a reboot, mounts them again), and ``check``.  Every
+image a store writes is read by erofs-utils' ``fsck.erofs`` at the test's end.
 """
 
 from __future__ import annotations
@@ -32,14 +33,21 @@ from lamina.store import manifest
 from lamina.store.meta import LayerFormat
 from tests import tarbuild as tb
 from tests.conftest import Stores, lacking, mounts_under
+from tests.erofsimages import keeping
 from tests.layers import apply, mounted, read, tree
 from tests.snapshot import assert_same_tree, snapshot_tar
 from tests.test_corpus import assert_is_docker_export, tar_data_size
 
-pytestmark = [pytest.mark.root]
+pytestmark = [pytest.mark.root, pytest.mark.usefixtures("erofs_fsck")]
 BACKENDS = ["overlay"]
 EACH_FORMAT = False  # the format is this module's to pick
 EROFS = ["overlay.layers=erofs"]
+
+
+@pytest.fixture(autouse=True)
+def _images_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's images kept for ``fsck.erofs`` (the ``erofs_fsck`` fixture)."""
+    monkeypatch.setattr(erofslayers, "index_tar", keeping(erofslayers.index_tar))
 
 
 @pytest.fixture

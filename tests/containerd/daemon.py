@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.integration.engine import REPO, _processes_naming, _stop, _tail, unmount_below
@@ -92,10 +92,13 @@ class Snapshotter:
     """
 
     def __init__(self, home: Path, log: Path, *, backend: str = "auto",
-                 socket_path: Path | None = None) -> None:
+                 socket_path: Path | None = None, args: Sequence[str] = (),
+                 options: Sequence[str] = ()) -> None:
         self.home = home
         self.log = log
         self.backend = backend
+        self.options = list(options)  # driver options (``--opt KEY=VALUE``)
+        self.args = list(args)  # after ``snapshotter --socket S`` (--containerd-address)
         self._own_dir: Path | None = None
         if socket_path is None:
             self._own_dir = short_dir("lsn-")
@@ -107,15 +110,16 @@ class Snapshotter:
 
     def argv(self, *args: str) -> list[str]:
         """The command line of ``lamina --home H --backend B ARGS…``."""
+        opts = [a for o in self.options for a in ("--opt", o)]
         return [*snapshotter_command(), "--home", str(self.home), "--backend", self.backend,
-                *args]
+                *opts, *args]
 
     def start(self, timeout: float = 60) -> None:
         """Start it and wait until its socket answers."""
         if self.proc is not None:
             raise RuntimeError("the snapshotter is already running")
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        argv = self.argv("snapshotter", "--socket", str(self.socket))
+        argv = self.argv("snapshotter", "--socket", str(self.socket), *self.args)
         with open(self.log, "ab") as log:
             log.write(f"# {shlex.join(argv)}\n".encode())
             log.flush()

@@ -7,7 +7,8 @@
   for it with ``pytestmark = pytest.mark.usefixtures("isolation")``.  It checks afterwards
   that the mode it names is the one that ran: with ``"child"`` every apply went through
   the child, with ``"inline"`` none did, with ``"index"`` the stores make EROFS layers
-  (what the indexer finds Unsupported, a sparse member, still goes to the applier).
+  (what the indexer finds Unsupported, a sparse member, still goes to the applier),
+  each of which ``fsck.erofs`` (erofs-utils 1.9, in the lab) reads at the test's end.
   Outside ``"index"``, the suites' overlay stores keep directory layers
   (``overlay.layers=dir``), so that the applier is what they test.
 - ``outside`` and ``guard`` (a base layer, then a :class:`~tests.archive.test_hostile.Guard`
@@ -25,8 +26,10 @@ import pytest
 
 import lamina
 from lamina.archive import isolate
+from lamina.backends import erofslayers
 from tests.archive.test_hostile import guard, outside
 from tests.conftest import DIR_LAYERS, Opener, open_with
+from tests.erofsimages import keeping
 
 __all__ = ["guard", "isolation", "open_store", "outside"]
 
@@ -57,6 +60,10 @@ def open_store(backend: str, backend_options: tuple[str, ...],
     opener: Opener = functools.partial(open_with, backend=backend, extra=extra)
     if not index:
         return opener
+    # Every image the test's stores write is read by fsck.erofs at its end (in the lab).
+    request.getfixturevalue("erofs_fsck")
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setattr(erofslayers, "index_tar", keeping(erofslayers.index_tar))
 
     def open_checked(*args: Any, **kw: Any) -> lamina.Driver:
         drv = opener(*args, **kw)

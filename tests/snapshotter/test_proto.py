@@ -42,3 +42,29 @@ def test_wire_names_are_containerds() -> None:
         "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage",
         "Cleanup"]
     assert service.methods_by_name["List"].server_streaming
+
+
+def test_diff_and_content_wire_names_are_containerds() -> None:
+    from lamina.frontends.containerd.api import content_pb2, descriptor_pb2, diff_pb2
+
+    assert descriptor_pb2.Descriptor.DESCRIPTOR.full_name == "containerd.types.Descriptor"
+    assert {f.name: f.number for f in descriptor_pb2.Descriptor.DESCRIPTOR.fields} == {
+        "media_type": 1, "digest": 2, "size": 3, "annotations": 5}
+    service = diff_pb2.DESCRIPTOR.services_by_name["Diff"]
+    assert service.full_name == "containerd.services.diff.v1.Diff"
+    assert [m.name for m in service.methods] == ["Apply", "Diff"]
+    assert {f.name: f.number for f in diff_pb2.ApplyRequest.DESCRIPTOR.fields} == {
+        "diff": 1, "mounts": 2, "payloads": 3, "sync_fs": 4}
+    assert {f.name: f.number for f in diff_pb2.DiffRequest.DESCRIPTOR.fields} == {
+        "left": 1, "right": 2, "media_type": 3, "ref": 4, "labels": 5,
+        "source_date_epoch": 6}
+    assert diff_pb2.DiffResponse.DESCRIPTOR.fields_by_name["diff"].number == 3
+    content = content_pb2.DESCRIPTOR.services_by_name["Content"]
+    assert content.full_name == "containerd.services.content.v1.Content"
+    assert content.methods_by_name["Read"].server_streaming
+    assert {f.name: f.number for f in content_pb2.ReadContentRequest.DESCRIPTOR.fields} == {
+        "digest": 1, "offset": 2, "size": 3}
+    assert {f.name: f.number for f in content_pb2.ReadContentResponse.DESCRIPTOR.fields} == {
+        "offset": 1, "data": 2}
+    assert {f.name: f.number for f in content_pb2.Info.DESCRIPTOR.fields} == {
+        "digest": 1, "size": 2, "created_at": 3, "updated_at": 4, "labels": 5}

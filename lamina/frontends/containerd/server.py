@@ -7,7 +7,11 @@ containerd loads it with::
       address = "/run/lamina/snapshotter.sock"
 
 and every call of ``containerd.services.snapshots.v1.Snapshots`` becomes one call of
-:class:`~lamina.frontends.containerd.snapshotter.Snapshotter`.  Errors go back as the
+:class:`~lamina.frontends.containerd.snapshotter.Snapshotter`.  The same socket serves
+containerd's differ, ``containerd.services.diff.v1.Diff``
+(:mod:`~lamina.frontends.containerd.differ`; ``[proxy_plugins.lamina-diff] type =
+"diff"``, containerd >= 2.0), which reads blobs from containerd's content store at
+``--containerd-address``.  Errors go back as the
 gRPC status codes containerd's ``errdefs`` maps to its own: ``NotFound``,
 ``AlreadyExists``, ``InvalidArgument``, ``FailedPrecondition`` (lamina's ``Busy``),
 ``Unimplemented`` (``Unsupported``); anything else is ``Unknown`` with the message.
@@ -46,7 +50,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lamina import errors
 from lamina.backends.contract import Backend, SnapshotMount
-from lamina.frontends.containerd.api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
+from lamina.frontends.containerd.api import (
+    diff_pb2_grpc,
+    mount_pb2,
+    snapshots_pb2,
+    snapshots_pb2_grpc,
+)
+from lamina.frontends.containerd.content import DEFAULT_ADDRESS, ContentStore
+from lamina.frontends.containerd.differ import DiffServicer
 from lamina.frontends.containerd.records import ACTIVE, COMMITTED, VIEW, Record
 from lamina.frontends.containerd.snapshotter import Snapshotter
 
@@ -253,9 +264,11 @@ def _claim_socket(path: Path) -> None:
 
 def start(sn: Snapshotter, socket_path: Path, *, verbose: bool = False,
           workers: int = WORKERS, max_concurrent: int = MAX_CONCURRENT,
-          max_receive: int = MAX_RECEIVE, max_send: int = MAX_SEND) -> grpc.Server:
+          max_receive: int = MAX_RECEIVE, max_send: int = MAX_SEND,
+          differ: DiffServicer | None = None) -> grpc.Server:
     """A started gRPC server of ``sn`` on ``socket_path`` (for tests and :func:`serve`),
-    with the limits given (the module's text)."""
+    with the limits given (the module's text), serving ``differ`` too (by default one
+    reading containerd's content store at its default address)."""
     _claim_socket(socket_path)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshotter"),
@@ -268,6 +281,9 @@ def start(sn: Snapshotter, socket_path: Path, *, verbose: bool = False,
     batch_bytes = min(LIST_BATCH_BYTES, max_send // 2)
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
         Servicer(sn, verbose=verbose, batch_bytes=batch_bytes), server)
+    if differ is None:
+        differ = DiffServicer(sn, ContentStore(DEFAULT_ADDRESS), verbose=verbose)
+    diff_pb2_grpc.add_DiffServicer_to_server(differ, server)  # type: ignore[no-untyped-call]
     if server.add_insecure_port(f"unix:{socket_path}") == 0:
         raise errors.InvalidArgument("cannot listen on the socket", path=str(socket_path))
     os.chmod(socket_path, 0o660)
@@ -276,17 +292,28 @@ def start(sn: Snapshotter, socket_path: Path, *, verbose: bool = False,
 
 
 def serve(driver: Backend, socket_path: str | Path = DEFAULT_SOCKET, *,
-          verbose: bool = False) -> int:
-    """Serve ``driver``'s store on ``socket_path`` until SIGTERM or SIGINT; exit status."""
+          verbose: bool = False, containerd_address: str = DEFAULT_ADDRESS) -> int:
+    """Serve ``driver``'s store on ``socket_path`` until SIGTERM or SIGINT, the differ
+    reading blobs from containerd at ``containerd_address``; exit status."""
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    else:  # one line per layer the differ applies: what an operator (or a test) counts
+        applies = logging.getLogger("lamina.differ")
+        if not applies.handlers:
+            to_stderr = logging.StreamHandler()
+            to_stderr.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            applies.addHandler(to_stderr)
+            applies.setLevel(logging.INFO)
+            applies.propagate = False
     path = Path(socket_path).absolute()
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     sn = Snapshotter(driver)
+    content = ContentStore(containerd_address)
     try:
-        server = start(sn, path, verbose=verbose)
+        server = start(sn, path, verbose=verbose,
+                       differ=DiffServicer(sn, content, verbose=verbose))
         log.info("lamina snapshotter: serving %s (%s) on %s", driver.home, driver.name, path)
         try:
             while not stop.wait(3600):
@@ -296,6 +323,7 @@ def serve(driver: Backend, socket_path: str | Path = DEFAULT_SOCKET, *,
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
     finally:
+        content.close()
         sn.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -18,6 +18,11 @@ Vocabulary (containerd's): an *active* snapshot (a key) is writable; a *committe
   names (``NS/N/CHAIN``) carry the chain id, so a ``Commit`` of a layer the store holds
   already adopts that layer and drops the copy containerd just extracted: one layer on
   disk, though containerd did the extraction.
+- The differ (:mod:`lamina.frontends.containerd.differ`): mounts are recognised as an
+  active snapshot's when the backend names the layer they write into and they are
+  exactly the mounts lamina gives for that snapshot (:meth:`Snapshotter.active_for`);
+  :meth:`Snapshotter.fill` writes a tar into that layer, the snapshot marked busy
+  meanwhile (a Commit or Remove of it is ``Busy`` until the fill is done).
 - Several snapshots may use one layer (namespaces importing the same image); a layer
   goes with its last snapshot, unless another front end still holds it
   (:mod:`lamina.store.holds`).
@@ -37,8 +42,9 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import BinaryIO
 
 from lamina import errors
 from lamina.backends.contract import Backend, SnapshotMount
@@ -201,6 +207,39 @@ class Snapshotter:
         now = time.time_ns()
         self.records.put(Record(target, COMMITTED, parent, lid, dict(labels), now, now))
         raise errors.AlreadyExists(f"target snapshot {target!r} already exists")
+
+    # -- the differ's ------------------------------------------------------------------
+
+    def active_for(self, mounts: Sequence[SnapshotMount]) -> str | None:
+        """The key of the active snapshot whose mounts are exactly ``mounts`` (None: they
+        are not an active snapshot of lamina's)."""
+        lid = self.drv.layer_of_mounts(mounts)
+        if lid is None:
+            return None
+        with self._lock:
+            found = [r for r in (self.records.get(n) for n in self.records.users.get(lid, ()))
+                     if r is not None and r.kind == ACTIVE]
+        if len(found) != 1:
+            return None
+        try:
+            ours = self.drv.snapshot_mounts(lid, writable=True)
+        except (errors.LaminaError, OSError):
+            return None  # removed meanwhile
+        return found[0].name if _identity(ours) == _identity(mounts) else None
+
+    def fill(self, key: str, tar: BinaryIO, verify: Callable[[], None]) -> tuple[str, int]:
+        """Apply the uncompressed tar ``tar`` into active snapshot ``key``'s empty layer
+        (:meth:`lamina.backends.contract.Backend.fill`); its diff id and size."""
+        with self._lock:
+            rec = self._get(key)
+            if rec.kind != ACTIVE or rec.layer is None or key in self._busy:
+                raise errors.Busy(f"snapshot {key!r} is not active (or busy)")
+            self._busy.add(key)
+        try:
+            return self.drv.fill(rec.layer, tar, verify)
+        finally:
+            with self._lock:
+                self._busy.discard(key)
 
     # -- committing and removing ------------------------------------------------------
 
@@ -383,3 +422,15 @@ class Snapshotter:
                     doomed += [d for d in [self._unused(lid)] if d]
         for lid in doomed:
             self._let_go(lid)
+
+
+def _identity(mounts: Sequence[SnapshotMount]) -> list[SnapshotMount]:
+    """``mounts`` as the differ compares them: without overlay's ``redirect_dir=``
+    options.  BuildKit (its snapshotter wrapper's ``setRedirectDir``) drops that option
+    from, or re-appends it at the end of, the mounts it is given before passing them on
+    to the differ (Docker 28's builds do: their final stage's layers are applied onto
+    them).  It says how overlayfs records renames, not which directories the mount
+    reads and writes, which is what names the snapshot; lamina's differ writes the layer
+    itself, never through the mounts.  Every other option must still match, in order."""
+    return [m._replace(options=tuple(o for o in m.options if not o.startswith("redirect_dir=")))
+            if m.type == "overlay" else m for m in mounts]

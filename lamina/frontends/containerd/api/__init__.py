@@ -1,10 +1,14 @@
-"""containerd's snapshot API: the ``.proto`` files and the Python grpcio-tools makes of them.
+"""containerd's snapshot, diff and content APIs: the ``.proto`` files and the Python
+grpcio-tools makes of them.
 
-``mount.proto`` and ``snapshots.proto`` are containerd's ``api/types/mount.proto`` and
-``api/services/snapshots/v1/snapshots.proto`` as published (package names, messages,
-field numbers and ``Kind`` values: what goes on the wire), written for lamina.
+``mount.proto``, ``descriptor.proto``, ``snapshots.proto`` and ``diff.proto`` are
+containerd's ``api/types/mount.proto``, ``api/types/descriptor.proto``,
+``api/services/snapshots/v1/snapshots.proto`` and ``api/services/diff/v1/diff.proto`` as
+published (package names, messages, field numbers and ``Kind`` values: what goes on the
+wire), written for lamina; ``content.proto`` is the part of
+``api/services/content/v1/content.proto`` lamina calls as a client (``Info``, ``Read``).
 
-The generated modules (``*_pb2.py``, their ``.pyi`` types, ``snapshots_pb2_grpc.py``)
+The generated modules (``*_pb2.py``, their ``.pyi`` types, ``*_pb2_grpc.py``)
 are checked in, made by ``scripts/gen-proto.sh`` with the pinned grpcio-tools, and not
 edited by hand.  Checked in rather than generated at install time because:
 

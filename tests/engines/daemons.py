@@ -1,0 +1,130 @@
+"""Today's engines, run in the lab (:mod:`tests.lab`) against ``lamina snapshotter`` on the host.
+
+:class:`LabContainerd` is a containerd 2.x of the lab's (Debian sid's) under a work
+directory of the host's: its config is what ``lamina snapshotter
+--print-containerd-config`` prints for it (the snapshotter ``lamina`` and the differ
+``lamina-diff`` as proxy plugins, the diff service's order, the transfer service's
+unpack configuration, CRI's images snapshotter) with its own root, state and sockets;
+``ctr`` is the lab's too, one lab call a command.
+
+The work directory is bound into the lab at the same path, and made a shared mount
+first: lamina mounts each new EROFS layer's image on the host while containerd runs,
+and containerd, in the lab's (slave) mount namespace, must see it there to mount the
+layer as a lower.  containerd's lab is entered with ``pivot_root``
+(:func:`tests.lab.spawn`), so that ``runc exec`` lands in its containers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lamina.host import mount
+from tests import lab
+from tests.containerd.daemon import Snapshotter, _listening, _tail
+
+__all__ = ["LabContainerd", "shared_dir"]
+
+
+def shared_dir(path: Path) -> None:
+    """Make ``path`` a mount point of its own whose mounts propagate (shared): what is
+    mounted below it on the host shows in the lab's namespaces too."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    subprocess.run(["mount", "--make-rshared", str(path)], check=True)
+
+
+class LabContainerd:
+    """containerd 2.x from the lab, under ``work`` (which the lab sees at the same path),
+    with ``snapshotter`` as its snapshotter and differ plugins."""
+
+    def __init__(self, work: Path, snapshotter: Snapshotter,
+                 binds: Sequence[Path] = ()) -> None:
+        self.work = work
+        self.snapshotter = snapshotter
+        self.binds = [work, snapshotter.socket.parent, *binds]
+        self.root = work / "containerd"
+        self.address = work / "containerd.sock"
+        self.config = work / "containerd.toml"
+        self.log = work / "containerd.log"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def config_text(self) -> str:
+        """lamina's printed config for the lab's containerd, with this one's paths."""
+        printed = subprocess.run(
+            [*self.snapshotter.argv("snapshotter", "--socket", str(self.snapshotter.socket),
+                                    "--print-containerd-config")],
+            check=True, capture_output=True, text=True,
+            env={**os.environ, "PATH": f"{lab.location()}/usr/bin:{os.environ['PATH']}"},
+        ).stdout
+        q = json.dumps  # a TOML basic string is a JSON string, for these paths
+        own = [
+            f"root = {q(str(self.root / 'root'))}",
+            f"state = {q(str(self.root / 'state'))}",
+            "",
+            "[grpc]",
+            f"  address = {q(str(self.address))}",
+            "[ttrpc]",
+            f"  address = {q(str(self.address) + '.ttrpc')}",
+            "[debug]",
+            '  level = "debug"',
+            "[metrics]",
+            '  address = ""',
+            "",
+        ]
+        head, _, rest = printed.partition("\n\n")  # "# …" and "version = 3" first
+        return f"{head}\n{chr(10).join(own)}\n{rest}"
+
+    def start(self, timeout: float = 90) -> None:
+        """Write the config, start containerd in the lab, wait until ``ctr version``
+        answers."""
+        if self.proc is not None:
+            raise RuntimeError("containerd is already running")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(self.config_text())
+        self.proc = lab.spawn(["containerd", "--config", str(self.config)], log=self.log,
+                              binds=self.binds)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code, self.proc = self.proc.returncode, None
+                raise RuntimeError(f"containerd exited with {code}:\n" + _tail(self.log))
+            if (_listening(self.address)
+                    and self.ctr("version", check=False, timeout=30).returncode == 0):
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("containerd did not answer in time:\n" + _tail(self.log))
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 600,
+            binds: Sequence[Path] = ()) -> subprocess.CompletedProcess[str]:
+        """The lab's ``ctr --address SOCK ARGS…``; fails on error if ``check``."""
+        proc = lab.run(["ctr", "--address", str(self.address), *args], check=False,
+                       timeout=timeout, binds=[*self.binds, *binds])
+        if check and proc.returncode != 0:
+            raise AssertionError(f"ctr {shlex.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout}{proc.stderr}\n"
+                                 f"--- containerd log ---\n{_tail(self.log)}")
+        return proc
+
+    def version(self) -> str:
+        """containerd's own version line."""
+        return lab.run(["containerd", "--version"]).stdout.strip()
+
+    def stop(self) -> None:
+        """End containerd and everything it started (its shims, their containers): the
+        lab's PID namespace goes; what it mounted went with its mount namespace."""
+        if self.proc is not None:
+            lab.stop(self.proc)
+            self.proc = None
+
+    def close(self) -> None:
+        """Stop it; nothing of it is left mounted on the host."""
+        self.stop()
+        for point in reversed(mount.mounted_below(str(self.root))):
+            mount.unmount(point)
