@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Sequence
@@ -26,9 +27,42 @@ from pathlib import Path
 
 from lamina.host import mount
 from tests import lab
+from tests.conftest import LAYER_FORMATS, unmount_layer_images
 from tests.containerd.daemon import Snapshotter, _listening, _tail
+from tests.integration.engine import unmount_below
+from tests.registry.harness import DistRegistry
 
-__all__ = ["LabContainerd", "shared_dir"]
+__all__ = ["LabContainerd", "host_snapshotter", "push_corpus", "remove_work", "shared_dir"]
+
+
+def host_snapshotter(work: Path, variant: str) -> Snapshotter:
+    """``lamina snapshotter`` on the host for the engines of ``work`` (not started): its
+    home, socket and log in ``work``, for ``variant`` (a backend, or ``BACKEND+FORMAT``:
+    :data:`tests.conftest.LAYER_FORMATS`), its differ reading the content store of the
+    containerd at ``work/containerd.sock`` (:class:`LabContainerd`'s)."""
+    name, _, kind = variant.partition("+")
+    return Snapshotter(work / "home", work / "snapshotter.log", backend=name,
+                       socket_path=work / "lamina.sock",
+                       options=LAYER_FORMATS[name][kind] if kind else (),
+                       args=["--containerd-address", str(work / "containerd.sock")])
+
+
+def push_corpus(registry: DistRegistry, tar: Path) -> str:
+    """The corpus image ``tar`` (a ``docker save``) pushed to ``registry``, its layers
+    gzip-compressed by skopeo; its name there."""
+    name = f"{registry.address}/corpus/app:1"
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                    "--dest-compress-format", "gzip", f"docker-archive:{tar}",
+                    f"docker://{name}"], check=True)
+    return name
+
+
+def remove_work(work: Path) -> None:
+    """What the engines left in ``work`` (stopped first): the EROFS layers' mounts, the
+    work directory's own shared bind mount (last), then the files."""
+    unmount_layer_images(work)
+    unmount_below(work)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def shared_dir(path: Path) -> None:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +28,16 @@ from pathlib import Path
 import pytest
 
 from tests import lab
-from tests.conftest import LAYER_FORMATS, mounts_under, unmount_layer_images
+from tests.conftest import mounts_under
 from tests.containerd.daemon import Snapshotter, short_dir
 from tests.containerd.test_ctr import EXPECTED_READ, READ
-from tests.engines.daemons import LabContainerd, shared_dir
-from tests.integration.engine import unmount_below
+from tests.engines.daemons import (
+    LabContainerd,
+    host_snapshotter,
+    push_corpus,
+    remove_work,
+    shared_dir,
+)
 from tests.registry.harness import DistRegistry
 
 pytestmark = [pytest.mark.root, pytest.mark.corpus, pytest.mark.slow]
@@ -77,21 +80,15 @@ class Lab:
 @pytest.fixture(scope="module")
 def stack(backend: str, corpus_dir: Path) -> Iterator[Lab]:
     lab.lab_root()
-    name, _, kind = backend.partition("+")
     work = short_dir("lab2-")
     shared_dir(work)
-    sn = Snapshotter(work / "home", work / "snapshotter.log", backend=name,
-                     socket_path=work / "lamina.sock",
-                     options=LAYER_FORMATS[name][kind] if kind else (),
-                     args=["--containerd-address", str(work / "containerd.sock")])
+    sn = host_snapshotter(work, backend)
     ctd = LabContainerd(work, sn)
     registry = DistRegistry(work / "registry")
     tar = corpus_dir / "app-docker-save.tar"
     try:
         registry.start()
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-                        "--dest-compress-format", "gzip", f"docker-archive:{tar}",
-                        f"docker://{registry.address}/corpus/app:1"], check=True)
+        push_corpus(registry, tar)
         sn.start()
         ctd.start()
         print(f"lab: {ctd.version()}; runc {lab.versions().get('runc', '')}")
@@ -100,9 +97,7 @@ def stack(backend: str, corpus_dir: Path) -> Iterator[Lab]:
         ctd.close()
         sn.close()
         registry.stop()
-        unmount_layer_images(work)
-        unmount_below(work)  # the work directory's own (shared) bind mount last
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
 
 
 def test_pull_goes_through_laminas_differ(stack: Lab) -> None:

@@ -42,7 +42,6 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import subprocess
 import tarfile
 import time
@@ -56,12 +55,17 @@ import pytest
 
 from lamina.frontends.containerd.api import snapshots_pb2, snapshots_pb2_grpc
 from tests import lab
-from tests.conftest import LAYER_FORMATS, lacking, mounts_under, unmount_layer_images
+from tests.conftest import lacking, mounts_under
 from tests.containerd.daemon import Snapshotter, short_dir
 from tests.engines.cri import api_pb2 as cri
 from tests.engines.cri import api_pb2_grpc as cri_grpc
-from tests.engines.daemons import LabContainerd, shared_dir
-from tests.integration.engine import unmount_below
+from tests.engines.daemons import (
+    LabContainerd,
+    host_snapshotter,
+    push_corpus,
+    remove_work,
+    shared_dir,
+)
 from tests.registry.harness import DistRegistry
 
 pytestmark = [pytest.mark.root, pytest.mark.corpus, pytest.mark.slow]
@@ -210,16 +214,10 @@ def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
     lab.lab_root()
     if not BUSYBOX.is_file():
         lacking(f"no {BUSYBOX} (Debian's busybox-static) for the pause image")
-    name, _, kind = backend.partition("+")
-    local_pull = kind == LOCAL_PULL
-    if local_pull:
-        kind = ""
+    local_pull = backend.endswith("+" + LOCAL_PULL)
     work = short_dir("labcri-")
     shared_dir(work)
-    sn = Snapshotter(work / "home", work / "snapshotter.log", backend=name,
-                     socket_path=work / "lamina.sock",
-                     options=LAYER_FORMATS[name][kind] if kind else (),
-                     args=["--containerd-address", str(work / "containerd.sock")])
+    sn = host_snapshotter(work, backend.removesuffix("+" + LOCAL_PULL))
     registry = DistRegistry(work / "registry")
     hosts = work / "certs.d"
     ctd = CriContainerd(work, sn, sandbox=f"{registry.address}/pause:1", hosts=hosts,
@@ -228,9 +226,7 @@ def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
     try:
         registry.start()
         skopeo = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false"]
-        subprocess.run([*skopeo, "--dest-compress-format", "gzip",
-                        f"docker-archive:{corpus_dir / 'app-docker-save.tar'}",
-                        f"docker://{registry.address}/corpus/app:1"], check=True)
+        push_corpus(registry, corpus_dir / "app-docker-save.tar")
         pause_layout(work / "pause-oci")
         subprocess.run([*skopeo, f"oci:{work / 'pause-oci'}:1",
                         f"docker://{registry.address}/pause:1"], check=True)
@@ -251,9 +247,7 @@ def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
         ctd.close()
         sn.close()
         registry.stop()
-        unmount_layer_images(work)
-        unmount_below(work)  # the work directory's own (shared) bind mount last
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:

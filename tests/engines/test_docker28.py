@@ -31,7 +31,6 @@ import gzip
 import hashlib
 import json
 import re
-import shutil
 import tarfile
 import time
 from collections.abc import Iterator
@@ -41,12 +40,16 @@ from pathlib import Path
 import pytest
 
 from tests import lab
-from tests.conftest import LAYER_FORMATS, mounts_under, unmount_layer_images
+from tests.conftest import mounts_under
 from tests.containerd.daemon import Snapshotter, _tail, short_dir
 from tests.containerd.test_ctr import EXPECTED_READ, READ
-from tests.engines.daemons import LabContainerd, shared_dir
+from tests.engines.daemons import (
+    LabContainerd,
+    host_snapshotter,
+    remove_work,
+    shared_dir,
+)
 from tests.engines.docker import LabDockerd, _descendant
-from tests.integration.engine import unmount_below
 from tests.integration.test_docker import CHANGE, original_layers, save_layer_digests
 from tests.snapshot import assert_same_tree, snapshot_tar
 from tests.test_corpus import NOT_IN_IMAGE
@@ -110,13 +113,9 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
     lab.lab_root()
-    name, _, kind = backend.partition("+")
     work = short_dir("d28-")
     shared_dir(work)
-    sn = Snapshotter(work / "home", work / "snapshotter.log", backend=name,
-                     socket_path=work / "lamina.sock",
-                     options=LAYER_FORMATS[name][kind] if kind else (),
-                     args=["--containerd-address", str(work / "containerd.sock")])
+    sn = host_snapshotter(work, backend)
     ctd = LabContainerd(work, sn)
     dockerd = LabDockerd(ctd)
     try:
@@ -131,9 +130,7 @@ def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
         dockerd.stop()
         ctd.close()
         sn.close()
-        unmount_layer_images(work)
-        unmount_below(work)  # the work directory's own (shared) bind mount last
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
 
 
 def test_load_goes_through_laminas_differ(stack: Stack) -> None:
