@@ -31,6 +31,7 @@ import gzip
 import hashlib
 import json
 import re
+import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
@@ -50,7 +51,9 @@ from tests.engines.daemons import (
     shared_dir,
 )
 from tests.engines.docker import LabDockerd, _descendant
+from tests.engines.test_cri import pause_layout
 from tests.integration.test_docker import CHANGE, original_layers, save_layer_digests
+from tests.registry.harness import DistRegistry
 from tests.snapshot import assert_same_tree, snapshot_tar
 from tests.test_corpus import NOT_IN_IMAGE
 
@@ -83,6 +86,8 @@ class Stack:
     corpus: Path
     work: Path
     variant: str
+    pulled: str
+    """A small image (one layer) in a local registry, for ``docker pull``."""
 
     def docker(self, *args: str, check: bool = True) -> str:
         return self.dockerd.docker(*args, check=check, binds=[self.corpus]).stdout
@@ -118,18 +123,25 @@ def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
     sn = host_snapshotter(work, backend)
     ctd = LabContainerd(work, sn)
     dockerd = LabDockerd(ctd)
+    registry = DistRegistry(work / "registry")
     try:
+        registry.start()
+        pause_layout(work / "small-oci")
+        pulled = f"{registry.address}/small:1"
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                        f"oci:{work / 'small-oci'}:1", f"docker://{pulled}"], check=True)
         sn.start()
         ctd.start()
         dockerd.start()
         buildx = dockerd.docker("buildx", "version").stdout.strip()
         print(f"lab: {dockerd.version()}; {buildx}; {ctd.version()}; "
               f"runc {lab.versions().get('runc', '')}")
-        yield Stack(dockerd, ctd, sn, corpus_dir, work, backend)
+        yield Stack(dockerd, ctd, sn, corpus_dir, work, backend, pulled)
     finally:
         dockerd.stop()
         ctd.close()
         sn.close()
+        registry.stop()
         remove_work(work)
 
 
@@ -185,6 +197,18 @@ def test_commit_makes_a_layer_lamina_holds(stack: Stack, changed: str) -> None:
     out = stack.docker("run", "--rm", "--network", "none", COMMITTED, "sh", "-c",
                        "tail -1 /etc/debian_version; ls /newdir; ls /usr/share/zoneinfo || :")
     assert out.splitlines() == ["changed", "f"]
+
+
+def test_pull_goes_through_laminas_differ(stack: Stack) -> None:
+    # From a local registry (127.0.0.0/8 is insecure to Docker by default): the pulled
+    # layer is unpacked by lamina's differ, none by containerd's walking differ.
+    applied = len(stack.applies())
+    stack.docker("pull", stack.pulled)
+    assert stack.applies()[applied:] == stack.diff_ids(stack.pulled)
+    assert stack.walking_applies() == 0
+    stack.docker("run", "--rm", "--network", "none", "--entrypoint", "/bin/busybox",
+                 stack.pulled, "true")
+    stack.docker("rmi", stack.pulled)
 
 
 def test_save_gives_the_loaded_layers_back(stack: Stack) -> None:
