@@ -371,8 +371,10 @@ def test_stop_and_remove(stack: Stack) -> None:
     listed = stack.call(stack.runtime.ListContainers, cri.ListContainersRequest())
     assert list(listed.containers) == []
     # Only the images' layers are left (the writable ones went with their containers).
+    # (containerd collects them in the background; a vfs layer is a whole tree to delete,
+    # which takes minutes on a loaded machine)
     wait_for("the writable layers to go",
-             lambda: len(stack.snapshotter.layers()) == 4 or None)
+             lambda: len(stack.snapshotter.layers()) == 4 or None, timeout=300)
 
 
 def test_remove_images_leaves_no_layer(stack: Stack) -> None:
