@@ -161,7 +161,7 @@ class StoreDriver(Backend, abc.ABC):
                     # The whole layer is durable before it becomes visible: one syncfs,
                     # or for an empty layer (a few small files) an fsync of each.
                     if tar is not None or quota is not None or not (
-                            fsutil.sync_small_tree(staged) and self._sync_outside(staged)):
+                            fsutil.sync_small_tree(staged, self._dirs_outside(staged))):
                         fsutil.syncfs(staged)
                     self.store.publish(staged, lid, pid)
                 except BaseException:

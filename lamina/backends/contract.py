@@ -129,10 +129,10 @@ class Backend(Driver, abc.ABC):
     def _check_depth(self, id: LayerId, parent: LayerId | None, rw: bool) -> None:
         """Refuse a layer deeper than the backend can serve (before anything is written)."""
 
-    def _sync_outside(self, staged: Path) -> bool:
-        """Make durable what a new layer's build wrote outside its staging dir, for a
-        layer synced file by file; False: only a syncfs will do."""
-        return True
+    def _dirs_outside(self, staged: Path) -> list[Path]:
+        """The directories outside its staging dir that a new layer's build wrote
+        into: synced with the layer's files, for a layer synced file by file."""
+        return []
 
     def _abandon(self, staged: Path, id: LayerId) -> None:
         """Undo what a build that failed made outside its staging dir (nothing, here)."""

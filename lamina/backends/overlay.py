@@ -249,9 +249,8 @@ class OverlayDriver(StoreDriver):
                 swept.append(name)
         return swept
 
-    def _sync_outside(self, staged: Path) -> bool:
-        fsutil.sync_dir(self.home / "l")  # the layer's short link
-        return True
+    def _dirs_outside(self, staged: Path) -> list[Path]:
+        return [self.home / "l"]  # the layer's short link
 
     def _abandon(self, staged: Path, id: LayerId) -> None:
         # A build that failed takes its l/ link with it (made before publishing).

@@ -27,6 +27,7 @@ import shutil
 import stat
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -89,15 +90,51 @@ def syncfs(path: str | os.PathLike[str]) -> None:
 
 SMALL_TREE = 64
 """Entries up to which :func:`sync_small_tree` fsyncs one by one."""
+SYNC_THREADS = 8
+"""Threads :func:`sync_small_tree` fsyncs on at once."""
+
+_sync_pool: ThreadPoolExecutor | None = None
+_sync_pool_lock = threading.Lock()
 
 
-def sync_small_tree(path: str | os.PathLike[str]) -> bool:
-    """fsync every directory and regular file below ``path`` (and ``path``), if there are
-    at most :data:`SMALL_TREE` of them; False (nothing synced) for a larger tree.
+def _fsync_path(name: str) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_all(names: Sequence[str]) -> None:
+    """fsync each of ``names`` (directories, regular files), several at once.
+
+    Concurrent fsyncs share the filesystem's journal commits (ext4's and xfs's group
+    commit): nine of them cost about what two in a row do, where one after the other
+    each waits for a commit of its own.  Each name is still fsynced: nothing here
+    relies on one fsync making another inode durable."""
+    global _sync_pool
+    if len(names) < 2:
+        for name in names:
+            _fsync_path(name)
+        return
+    with _sync_pool_lock:
+        if _sync_pool is None:
+            _sync_pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="lamina-fsync")
+        pool = _sync_pool
+    for done in [pool.submit(_fsync_path, name) for name in names]:
+        done.result()  # every one waited for; the first error raised
+
+
+def sync_small_tree(path: str | os.PathLike[str],
+                    also: Sequence[str | os.PathLike[str]] = ()) -> bool:
+    """fsync every directory and regular file below ``path`` (and ``path``), and the
+    directories ``also``, if there are at most :data:`SMALL_TREE` of them; False
+    (nothing synced) for a larger tree.
 
     For a layer of a few metadata files, a handful of fsyncs make only those durable,
     where a syncfs would wait for every dirty page of the filesystem (other writers'
-    too: 10 ms and more on a busy disk, against ~0.3 ms an fsync here)."""
+    too: 10 ms and more on a busy disk, against ~0.3 ms an fsync here); they run side
+    by side (:func:`_fsync_all`)."""
     found: list[str] = []
     for dirpath, dirs, files in os.walk(path):
         found.append(dirpath)
@@ -108,12 +145,7 @@ def sync_small_tree(path: str | os.PathLike[str]) -> bool:
         if len(found) > SMALL_TREE:
             return False
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(dirpath, d))]
-    for name in found:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _fsync_all(found + [os.fspath(d) for d in also])
     return True
 
 
