@@ -7,6 +7,11 @@ directory of the host's: its config is what ``lamina snapshotter
 unpack configuration, CRI's images snapshotter) with its own root, state and sockets;
 ``ctr`` is the lab's too, one lab call a command.
 
+containerd runs under a small supervisor, the first process of the lab's PID namespace
+but one: :meth:`LabContainerd.restart` ends containerd alone (SIGTERM) and the supervisor
+starts it again in the same namespaces, so that the shims (their containers) it left
+running are still there for the new one to find, as under systemd.
+
 The work directory is bound into the lab at the same path, and made a shared mount
 first: lamina mounts each new EROFS layer's image on the host while containerd runs,
 and containerd, in the lab's (slave) mount namespace, must see it there to mount the
@@ -20,6 +25,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -65,6 +71,40 @@ def remove_work(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
+# containerd's supervisor: runs it again when it ended on restart()'s request (the
+# flag file, $1), else exits with its status.
+_SUPERVISE = r"""
+flag=$1; shift
+while :; do
+  status=0
+  "$@" || status=$?
+  [ -e "$flag" ] || exit "$status"
+  rm -f "$flag"
+done
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid``'s processes below it, nearest first."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        at = todo.pop(0)
+        try:
+            tasks = os.listdir(f"/proc/{at}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{at}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
 def shared_dir(path: Path) -> None:
     """Make ``path`` a mount point of its own whose mounts propagate (shared): what is
     mounted below it on the host shows in the lab's namespaces too."""
@@ -86,6 +126,7 @@ class LabContainerd:
         self.address = work / "containerd.sock"
         self.config = work / "containerd.toml"
         self.log = work / "containerd.log"
+        self.restart_flag = work / "containerd.restart"
         self.proc: subprocess.Popen[str] | None = None
 
     def config_text(self) -> str:
@@ -121,8 +162,41 @@ class LabContainerd:
             raise RuntimeError("containerd is already running")
         self.root.mkdir(parents=True, exist_ok=True)
         self.config.write_text(self.config_text())
-        self.proc = lab.spawn(["containerd", "--config", str(self.config)], log=self.log,
+        self.restart_flag.unlink(missing_ok=True)
+        self.proc = lab.spawn(["/bin/sh", "-c", _SUPERVISE, "supervise", str(self.restart_flag),
+                               "containerd", "--config", str(self.config)], log=self.log,
                               binds=self.binds)
+        self._wait(timeout)
+
+    def pid(self) -> int | None:
+        """containerd's process id (the host's), if it is running."""
+        if self.proc is None:
+            return None
+        for pid in _descendants(self.proc.pid):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() == "containerd":
+                        return pid
+            except OSError:
+                continue
+        return None
+
+    def restart(self, timeout: float = 90) -> None:
+        """containerd alone stopped (SIGTERM, as ``systemctl restart`` does) and started
+        again in the same namespaces; its shims and their containers keep running."""
+        pid = self.pid()
+        if pid is None:
+            raise RuntimeError("containerd is not running")
+        self.restart_flag.touch()
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._wait(max(1.0, deadline - time.monotonic()))
+
+    def _wait(self, timeout: float) -> None:
+        """Until ``ctr version`` answers; containerd's log in the error if it ended."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -11,8 +11,10 @@ overlay, where the kernel mounts it), none applied by containerd's walking diffe
 ``ctr image import`` of ``app-docker-save.tar`` into a second namespace fetches and
 applies nothing (the remote-snapshotter path: lamina holds each layer already);
 ``ctr run`` sees the image's union; a container's writes show in ``snapshots usage``;
-lamina restarted loses nothing; ``ctr images rm --sync`` in both namespaces leaves no
-snapshot and no layer; ``lamina check`` passes.
+lamina restarted loses nothing; under a running container (``ctr run -d``) lamina and then
+containerd restart (containerd alone: :meth:`LabContainerd.restart`), and the container
+goes on running, its writes kept, its snapshot the same; ``ctr images rm --sync`` in
+both namespaces leaves no snapshot and no layer; ``lamina check`` passes.
 
 The tests share the daemons and run in file order; the last ones remove everything.
 """
@@ -144,6 +146,48 @@ def test_a_container_writes_and_lamina_restarts(stack: Lab) -> None:
         if stack.ctr("snapshots", "--snapshotter", PLUGIN, "ls", check=False):
             break
     assert stack.snapshots() == before
+    assert len(stack.applies()) == 3  # nothing applied again
+
+
+def test_restarts_under_a_running_container(stack: Lab) -> None:
+    stack.ctr("run", "-d", "--null-io", "--snapshotter", PLUGIN, IMAGE, "sleeper",
+              "sleep", "3600")
+    runs = 0
+
+    def in_it(script: str) -> str:
+        nonlocal runs
+        runs += 1
+        return stack.ctr("task", "exec", "--exec-id", f"e{runs}", "sleeper",
+                         "sh", "-c", script)
+
+    def running() -> None:
+        tasks = {row.split()[0]: row.split()[-1]
+                 for row in stack.ctr("task", "ls").splitlines()[1:] if row.strip()}
+        assert tasks.get("sleeper") == "RUNNING", tasks
+
+    try:
+        in_it("echo before > /mark")
+        before = stack.snapshots()
+        assert before.get("sleeper") == "Active", before
+        pid = stack.containerd.pid()
+        assert stack.snapshotter.stop() == 0
+        stack.snapshotter.start()
+        for _ in range(50):  # containerd redials a proxy plugin with a backoff
+            if stack.ctr("snapshots", "--snapshotter", PLUGIN, "ls", check=False):
+                break
+        running()
+        assert in_it("cat /mark") == "before\n"
+        stack.containerd.restart()
+        assert stack.containerd.pid() not in (None, pid)
+        running()  # the shim kept it, the new containerd found it
+        assert in_it("echo after >> /mark && cat /mark") == "before\nafter\n"
+        assert stack.snapshots() == before
+        usage = stack.ctr("snapshots", "--snapshotter", PLUGIN, "usage", "sleeper")
+        assert "sleeper" in usage, usage
+    finally:
+        stack.ctr("task", "rm", "-f", "sleeper", check=False)
+        stack.ctr("containers", "rm", "sleeper", check=False)
+    assert "sleeper" not in stack.snapshots()
     assert len(stack.applies()) == 3  # nothing applied again
 
 
