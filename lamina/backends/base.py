@@ -159,10 +159,11 @@ class StoreDriver(Backend, abc.ABC):
                             meta.size = size
                     self.store.write_meta(staged, meta)
                     # The whole layer is durable before it becomes visible: one syncfs,
-                    # or for an empty layer (a few small files) an fsync of each.
-                    if tar is not None or quota is not None or not (
-                            fsutil.sync_small_tree(staged, self._dirs_outside(staged))):
+                    # or for an empty layer (a few small files) maybe an fsync of each.
+                    if tar is not None or quota is not None:
                         fsutil.syncfs(staged)
+                    else:
+                        fsutil.sync_tree(staged, self._dirs_outside(staged))
                     self.store.publish(staged, lid, pid)
                 except BaseException:
                     self._abandon(staged, lid)
@@ -534,7 +535,7 @@ class StoreDriver(Backend, abc.ABC):
                 if chain_id is not None:
                     meta.identity = Identity(None, chain_id)
                 meta.sealed = True
-            fsutil.syncfs(self.store.layer_dir(id))  # the content, before the flag
+            fsutil.sync_tree(self.store.layer_dir(id))  # the content, before the flag
             meta.rw = False
             self.store.rewrite_meta(meta)  # the commit point
 
