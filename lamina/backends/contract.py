@@ -270,10 +270,19 @@ class Backend(Driver, abc.ABC):
         ``Busy`` for a layer filled already, ``Unsupported`` for one with changes of its
         own (written through its mounts) or a size quota."""
 
-    def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
+    def snapshot_mounts(self, id: LayerId, *, writable: bool,
+                        idmapped: bool = False) -> list[SnapshotMount]:
         """The mounts that show layer ``id``'s union view (containerd mounts them): the
-        layer itself writable, or (``writable`` false) its view read-only."""
+        layer itself writable, or (``writable`` false) its view read-only.  With
+        ``idmapped``, mounts that containerd can idmap (it is given ``uidmap=`` and
+        ``gidmap=`` options besides: :mod:`lamina.frontends.containerd.idmap`), or
+        ``Unsupported`` where it cannot."""
         raise errors.Unsupported(f"backend {self.name} serves no snapshots", layer=id)
+
+    def snapshot_own(self, id: LayerId, uid: int, gid: int) -> None:
+        """Give writable layer ``id``'s top directory, which nothing has written yet, to
+        host ids ``uid``/``gid`` (an id-mapped container's root owns its upper)."""
+        raise errors.Unsupported(f"backend {self.name} maps no ids", layer=id)
 
     @abc.abstractmethod
     def snapshot_usage(self, id: LayerId) -> Totals:

@@ -553,10 +553,12 @@ class OverlayDriver(StoreDriver):
 
     # -- snapshotter hooks (lamina.frontends.containerd) --------------------------------
 
-    def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
+    def snapshot_mounts(self, id: LayerId, *, writable: bool,
+                        idmapped: bool = False) -> list[SnapshotMount]:
         """A base layer is a bind of its ``diff/``; a layer with parents an overlay whose
         lowers are the ``l/`` short links (nearest first: 128 of them fit the page of
-        options containerd's mount takes, which strips their common directory)."""
+        options containerd's mount takes, which strips their common directory).
+        ``idmapped``: see :meth:`_idmapped_lowers`."""
         layer_dir = self.store.layer_dir(id)
         lower_file = layer_dir / LOWER
         lowers = lower_file.read_text().split(":") if lower_file.exists() else []
@@ -569,8 +571,55 @@ class OverlayDriver(StoreDriver):
             options += [f"workdir={layer_dir / WORK}", f"upperdir={self._diff(id)}"]
         else:
             options.append("ro")
-        options.append("lowerdir=" + ":".join(f"{self.home}/{low}" for low in lowers))
+        if idmapped:
+            paths = self._idmapped_lowers(id, writable, options)
+        else:
+            paths = [f"{self.home}/{low}" for low in lowers]
+        options.append("lowerdir=" + ":".join(paths))
         return [SnapshotMount("overlay", "overlay", tuple(options))]
+
+    def snapshot_own(self, id: LayerId, uid: int, gid: int) -> None:
+        """Its ``diff/`` (the upper) to ``uid``/``gid``, synced before the snapshot is
+        recorded: a power cut loses the snapshot or keeps it owned."""
+        upper = self._diff(id)
+        os.lchown(upper, uid, gid)
+        fsutil.sync_dir(upper)
+
+    def _idmapped_lowers(self, id: LayerId, writable: bool, options: list[str]) -> list[str]:
+        """The lowers of ``id``'s overlay as containerd 2.1 can idmap them: their real
+        paths, each a directory of the home's own filesystem.
+
+        containerd (``core/mount/mount_linux.go``, ``doPrepareIDMappedOverlay``) makes
+        *one* idmapped clone of the lowers' common parent directory (``layers/``), not
+        recursive, and points overlay at the lowers through it.  So an ``l/`` link
+        (relative: through the clone it would lead out of it) will not do, nor a lower
+        that is a mount of its own (an EROFS layer's image, a capped layer's loop
+        image): through the clone it is the empty directory under it.  Such a chain is
+        ``Unsupported``, as is one whose lowers, stripped of their common directory as
+        containerd strips them, do not fit its page of mount options."""
+        parent = self.store.parent(id)
+        chain = ([] if writable else [id]) + ([parent, *self.store.chain(parent)]
+                                             if parent is not None else [])
+        home_dev = os.stat(self.store.layers_dir).st_dev
+        paths = []
+        for lid in chain:
+            path = self.lower(lid)
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) or st.st_dev != home_dev:
+                kind = self.store.meta(lid).format.value
+                raise errors.Unsupported(
+                    f"cannot serve an id-mapped snapshot on this {kind} layer: containerd "
+                    "idmaps the lowers' common directory without the mounts below it, and "
+                    "this layer's content is a mount of its own (use overlay.layers=dir "
+                    "for user-namespaced containers)", layer=lid, path=str(path))
+            paths.append(str(path))
+        rel = len(str(self.store.layers_dir)) + 1
+        data = ",".join([*options, "lowerdir=" + ":".join(p[rel:] for p in paths)])
+        if len(data) >= mount.PAGE:
+            raise errors.Unsupported(
+                f"{len(paths)} lower layers do not fit the page of options of an id-mapped "
+                "overlay mount (containerd cannot shorten their paths further)", layer=id)
+        return paths
 
 
 register_backend("overlay", OverlayDriver)

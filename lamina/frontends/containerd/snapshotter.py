@@ -23,6 +23,14 @@ Vocabulary (containerd's): an *active* snapshot (a key) is writable; a *committe
   exactly the mounts lamina gives for that snapshot (:meth:`Snapshotter.active_for`);
   :meth:`Snapshotter.fill` writes a tar into that layer, the snapshot marked busy
   meanwhile (a Commit or Remove of it is ``Busy`` until the fill is done).
+- User namespaces (containerd's ``remap-ids``): a ``Prepare`` or ``View`` labelled
+  with an id mapping (:mod:`lamina.frontends.containerd.idmap`) gets the mounts
+  containerd's overlayfs gives then: the backend's mounts made for idmapping
+  (``snapshot_mounts(idmapped=True)``), ``uidmap=``/``gidmap=`` first in their options,
+  and a new active snapshot's upper owned by the mapped root; containerd idmaps the
+  lowers (nothing is chowned, the read-only layers are shared by every mapping).  A
+  backend that cannot serve the mapping refuses it (``Unsupported``) rather than
+  ignore it.
 - Several snapshots may use one layer (namespaces importing the same image); a layer
   goes with its last snapshot, unless another front end still holds it
   (:mod:`lamina.store.holds`).
@@ -50,6 +58,7 @@ from lamina import errors
 from lamina.backends.contract import Backend, SnapshotMount
 from lamina.driver import LayerId
 from lamina.frontends.containerd import filters, records
+from lamina.frontends.containerd.idmap import IdMapping, mapping_of
 from lamina.frontends.containerd.labels import check_labels
 from lamina.frontends.containerd.records import ACTIVE, COMMITTED, VIEW, Record
 from lamina.host.usage import Totals
@@ -136,6 +145,7 @@ class Snapshotter:
         """A new active snapshot ``key`` on committed ``parent`` ("" for none)."""
         with self._lock:
             labels = check_labels(labels)
+            mapping = mapping_of(labels, key)
             self._reserve(key, parent)
             try:
                 prec = self._parent(parent)
@@ -145,17 +155,19 @@ class Snapshotter:
             except BaseException:
                 del self._pending[key]
                 raise
-        return self._make(key, ACTIVE, parent, prec.layer if prec else None, labels)
+        return self._make(key, ACTIVE, parent, prec.layer if prec else None, labels, mapping)
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[SnapshotMount]:
         """A new read-only view ``key`` of committed ``parent`` ("" for an empty one)."""
         with self._lock:
             labels = check_labels(labels)
+            mapping = mapping_of(labels, key)
             self._reserve(key, parent)
             try:
                 prec = self._parent(parent)
                 layer = prec.layer if prec is not None else None
                 if layer is not None:
+                    mounts = self._mounts(layer, False, mapping)  # before it is recorded
                     now = time.time_ns()
                     self.records.put(Record(key, VIEW, parent, None, labels, now, now))
             except BaseException:
@@ -164,18 +176,29 @@ class Snapshotter:
             if layer is not None:
                 del self._pending[key]
         if layer is not None:
-            return self.drv.snapshot_mounts(layer, writable=False)
-        return self._make(key, VIEW, parent, None, labels)
+            return mounts
+        return self._make(key, VIEW, parent, None, labels, mapping)
+
+    def _mounts(self, layer: LayerId, writable: bool,
+                mapping: IdMapping | None) -> list[SnapshotMount]:
+        """The mounts of ``layer`` for a snapshot with ``mapping`` (None: none)."""
+        if mapping is None:
+            return self.drv.snapshot_mounts(layer, writable=writable)
+        mounts = self.drv.snapshot_mounts(layer, writable=writable, idmapped=True)
+        # First, as containerd's overlayfs puts them (its mount code takes them out).
+        return [m._replace(options=(*mapping.options(), *m.options)) for m in mounts]
 
     def _make(self, key: str, kind: str, parent: str, player: LayerId | None,
-              labels: dict[str, str]) -> list[SnapshotMount]:
+              labels: dict[str, str], mapping: IdMapping | None) -> list[SnapshotMount]:
         """Make snapshot ``key``'s layer (outside the lock), then its record."""
         lid = LayerId(LAYER_PREFIX + secrets.token_hex(16))
         with self._lock:
             self._making.add(lid)
         try:
             self.drv.make(lid, player, writable=kind == ACTIVE, holder=SNAPSHOTS)
-            mounts = self.drv.snapshot_mounts(lid, writable=kind == ACTIVE)
+            mounts = self._mounts(lid, kind == ACTIVE, mapping)  # Unsupported: none made
+            if mapping is not None and kind == ACTIVE:
+                self.drv.snapshot_own(lid, *mapping.root())
             with self._lock:
                 now = time.time_ns()
                 self.records.put(Record(key, kind, parent, lid, labels, now, now))
@@ -222,7 +245,7 @@ class Snapshotter:
         if len(found) != 1:
             return None
         try:
-            ours = self.drv.snapshot_mounts(lid, writable=True)
+            ours = self._mounts(lid, True, mapping_of(found[0].labels, found[0].name))
         except (errors.LaminaError, OSError):
             return None  # removed meanwhile
         return found[0].name if _identity(ours) == _identity(mounts) else None
@@ -337,7 +360,7 @@ class Snapshotter:
                 if prec.layer is None:
                     raise errors.Corrupt(f"snapshot {rec.parent!r} has no layer")
                 layer, writable = prec.layer, False
-        return self.drv.snapshot_mounts(layer, writable=writable)
+        return self._mounts(layer, writable, mapping_of(rec.labels, key))
 
     def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Record:
         """Change snapshot ``name``'s labels (``paths``: ``labels`` or ``labels.KEY``; none:
