@@ -1,0 +1,256 @@
+"""User-namespaced containers on lamina: containerd 2.1's ``remap-ids`` (the lab's).
+
+The stack is test_cri's (``lamina snapshotter`` on the host, the lab's containerd 2.1
+configured from ``--print-containerd-config``, which declares ``capabilities =
+["remap-ids"]``, the corpus image and a pause image in a local registry), so that ``ctr``
+and the CRI run on one containerd.  With the capability, containerd passes the id
+mappings as labels on the container's ``Prepare`` and lamina answers as containerd's
+overlayfs does: the upper owned by the mapped root, ``uidmap=``/``gidmap=`` options that
+containerd turns into idmapped mounts of the lowers.  Checked:
+
+- ``ctr run --uidmap 0:100000:65536 --gidmap 0:100000:65536``: inside, the image's files
+  are root's and a file written is root's; on the host that file, in the container's
+  upper, is uid 100000, the lowers' files are still uid 0 (nothing chowned), and there
+  is no ``-remap`` snapshot (containerd's chowned copy of the image) nor any committed
+  snapshot beyond the image's layers;
+- a second container with ``0:200000:65536`` shares the same read-only layers (same
+  committed snapshots, no layer more than its own writable one);
+- a CRI pod with a user namespace (``userns_options``, mode POD, mappings) runs a
+  container whose file lands in the mapped range on the host.
+
+``overlay+dir`` (directory layers) serves all of it.  ``overlay`` (EROFS layers, the
+default) cannot: containerd 2.1 idmaps the lowers' common directory without the mounts
+below it, and each EROFS layer is a mount of its own; lamina says so on the
+``Prepare`` and ``ctr run`` fails with that message (``test_erofs_layers_refuse``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests import lab
+from tests.conftest import lacking
+from tests.containerd.daemon import Snapshotter, short_dir
+from tests.engines.cri import api_pb2 as cri
+from tests.engines.cri import api_pb2_grpc as cri_grpc
+from tests.engines.daemons import host_snapshotter, push_corpus, remove_work, shared_dir
+from tests.engines.test_cri import BUSYBOX, CriContainerd, pause_layout
+from tests.registry.harness import DistRegistry
+
+pytestmark = [pytest.mark.root, pytest.mark.corpus, pytest.mark.slow]
+
+BACKENDS = ["overlay+dir", "overlay"]
+PLUGIN = "lamina"
+NS = "default"
+MAP1 = "0:100000:65536"
+MAP2 = "0:200000:65536"
+CALL_TIMEOUT = 300.0
+WRITE = "stat -c %u:%g /etc/passwd /app/a.txt; echo hi > /written; stat -c %u:%g /written"
+
+
+@dataclass
+class Stack:
+    containerd: CriContainerd
+    snapshotter: Snapshotter
+    registry: DistRegistry
+    variant: str
+    runtime: cri_grpc.RuntimeServiceStub
+    images: cri_grpc.ImageServiceStub
+
+    @property
+    def image(self) -> str:
+        return f"{self.registry.address}/corpus/app:1"
+
+    @property
+    def erofs(self) -> bool:
+        return self.variant == "overlay"
+
+    def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.containerd.ctr("-n", NS, *args, check=check)
+
+    def ctr_pivoted(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``ctr ARGS…`` in the lab entered with ``pivot_root``: ctr mounts an idmapped
+        rootfs itself (to read the image's ``/etc/passwd``), and the kernel refuses a
+        new user namespace to a chrooted process (``clone(2)``: EPERM)."""
+        argv = lab.command(["ctr", "--address", str(self.containerd.address), "-n", NS,
+                            *args], binds=self.containerd.binds, pivot=True)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
+
+    def snapshots(self) -> dict[str, str]:
+        """``ctr snapshots ls``: key to kind."""
+        rows = self.ctr("snapshots", "--snapshotter", PLUGIN, "ls").stdout.splitlines()[1:]
+        return {row.split()[0]: row.split()[-1] for row in rows if row.strip()}
+
+    def committed(self) -> set[str]:
+        return {k for k, kind in self.snapshots().items() if kind == "Committed"}
+
+    def mount_dirs(self, key: str) -> tuple[Path, list[Path]]:
+        """The host paths of snapshot ``key``'s upper and lowers (``ctr snapshots
+        mounts`` prints the mount command containerd would run)."""
+        out = self.ctr("snapshots", "--snapshotter", PLUGIN, "mounts", "/mnt", key).stdout
+        upper = re.search(r"upperdir=([^,\s]+)", out)
+        lower = re.search(r"lowerdir=([^,\s]+)", out)
+        assert upper and lower, out
+        assert f"uidmap={MAP1}" in out or f"uidmap={MAP2}" in out, out
+        return Path(upper.group(1)), [Path(p) for p in lower.group(1).split(":")]
+
+    def run(self, name: str, mapping: str, script: str) -> subprocess.CompletedProcess[str]:
+        # --remap-labels: the mappings as labels (without it ctr 2.1 makes containerd's
+        # chowned copy of the image whatever the snapshotter can do).
+        return self.ctr_pivoted("run", "--snapshotter", PLUGIN, "--remap-labels", "--uidmap",
+                                mapping, "--gidmap", mapping, self.image, name, "sh", "-c",
+                                script)
+
+
+@pytest.fixture(scope="module")
+def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
+    lab.lab_root()
+    if not BUSYBOX.is_file():
+        lacking(f"no {BUSYBOX} (Debian's busybox-static) for the pause image")
+    work = short_dir("labuserns-")
+    # runc, as the container's root (a mapped uid), goes through it to the rootfs.
+    work.chmod(0o711)
+    shared_dir(work)
+    sn = host_snapshotter(work, backend)
+    registry = DistRegistry(work / "registry")
+    hosts = work / "certs.d"
+    ctd = CriContainerd(work, sn, sandbox=f"{registry.address}/pause:1", hosts=hosts)
+    channel: grpc.Channel | None = None
+    try:
+        registry.start()
+        push_corpus(registry, corpus_dir / "app-docker-save.tar")
+        pause_layout(work / "pause-oci")
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                        f"oci:{work / 'pause-oci'}:1",
+                        f"docker://{registry.address}/pause:1"], check=True)
+        (hosts / registry.address).mkdir(parents=True)
+        (hosts / registry.address / "hosts.toml").write_text(
+            f'server = "http://{registry.address}"\n\n'
+            f'[host."http://{registry.address}"]\n'
+            '  capabilities = ["pull", "resolve"]\n')
+        sn.start()
+        ctd.start()
+        assert 'capabilities = ["remap-ids"]' in ctd.config.read_text()
+        channel = grpc.insecure_channel(f"unix://{ctd.address}")
+        stack = Stack(ctd, sn, registry, backend, cri_grpc.RuntimeServiceStub(channel),
+                      cri_grpc.ImageServiceStub(channel))
+        stack.ctr("image", "pull", "--plain-http", "--snapshotter", PLUGIN, stack.image)
+        yield stack
+    finally:
+        if channel is not None:
+            channel.close()
+        ctd.close()
+        sn.close()
+        registry.stop()
+        remove_work(work)
+
+
+def test_erofs_layers_refuse(stack: Stack) -> None:
+    if not stack.erofs:
+        pytest.skip("directory layers serve id-mapped snapshots (the tests below)")
+    before = stack.snapshots()
+    done = stack.run("c1", MAP1, WRITE)
+    assert done.returncode != 0, done.stdout
+    assert "id-mapped snapshot on this erofs layer" in done.stderr, done.stderr
+    assert stack.snapshots() == before  # nothing made, no -remap copy either
+    stack.ctr("containers", "rm", "c1", check=False)
+
+
+def test_ctr_run_with_a_uidmap(stack: Stack) -> None:
+    if stack.erofs:
+        pytest.skip("EROFS layers refuse (test_erofs_layers_refuse)")
+    image_layers = stack.committed()
+    layers = len(stack.snapshotter.layers())
+    done = stack.run("c1", MAP1, WRITE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Inside: the image's files and the file written are root's.
+    assert done.stdout.split() == ["0:0", "0:0", "0:0"], done.stdout
+    upper, lowers = stack.mount_dirs("c1")
+    # On the host: the write is the mapped root's; the layers' files are as applied.
+    assert (os.stat(upper / "written").st_uid, os.stat(upper / "written").st_gid) == (
+        100000, 100000)
+    assert (os.stat(upper).st_uid, os.stat(upper).st_gid) == (100000, 100000)
+    owners = {(st.st_uid, st.st_gid) for low in lowers
+              for st in [os.stat(p) for p in (low / "etc/passwd", low / "app/a.txt")
+                         if p.exists()]}
+    assert owners == {(0, 0)}, owners
+    snapshots = stack.snapshots()
+    assert not [k for k in snapshots if "remap" in k], snapshots
+    assert stack.committed() == image_layers  # no chowned copy of the image
+    assert len(stack.snapshotter.layers()) == layers + 1  # the container's own alone
+
+
+def test_a_second_mapping_shares_the_layers(stack: Stack) -> None:
+    if stack.erofs:
+        pytest.skip("EROFS layers refuse (test_erofs_layers_refuse)")
+    image_layers = stack.committed()
+    layers = len(stack.snapshotter.layers())
+    done = stack.run("c2", MAP2, WRITE)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split() == ["0:0", "0:0", "0:0"], done.stdout
+    upper, lowers = stack.mount_dirs("c2")
+    assert os.stat(upper / "written").st_uid == 200000
+    assert stack.committed() == image_layers
+    assert len(stack.snapshotter.layers()) == layers + 1
+    assert lowers == stack.mount_dirs("c1")[1]  # the very same directories
+    for name in ("c1", "c2"):
+        stack.ctr("containers", "rm", name)
+    assert len(stack.snapshotter.layers()) == layers - 1
+
+
+def _pod_config(mapping: cri.IDMapping) -> cri.PodSandboxConfig:
+    userns = cri.UserNamespace(mode=cri.NamespaceMode.POD, uids=[mapping], gids=[mapping])
+    return cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="userns", uid="lamina-userns", namespace="default"),
+        linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
+            namespace_options=cri.NamespaceOption(network=cri.NamespaceMode.NODE,
+                                                  userns_options=userns))))
+
+
+def test_a_cri_pod_with_a_user_namespace(stack: Stack) -> None:
+    if stack.erofs:
+        pytest.skip("EROFS layers refuse (test_erofs_layers_refuse)")
+    mapping = cri.IDMapping(container_id=0, host_id=300000, length=65536)
+    config = _pod_config(mapping)
+    rt = stack.runtime
+    for ref in (stack.image, f"{stack.registry.address}/pause:1"):
+        stack.images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=ref)),
+                               timeout=CALL_TIMEOUT)
+    pod = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config),
+                           timeout=CALL_TIMEOUT).pod_sandbox_id
+    try:
+        cid = rt.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod, sandbox_config=config,
+            config=cri.ContainerConfig(metadata=cri.ContainerMetadata(name="app"),
+                                       image=cri.ImageSpec(image=stack.image),
+                                       command=["sleep", "3600"])),
+            timeout=CALL_TIMEOUT).container_id
+        rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=CALL_TIMEOUT)
+        done = rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", WRITE],
+                                               timeout=60), timeout=CALL_TIMEOUT)
+        assert done.exit_code == 0, done
+        assert done.stdout.split() == [b"0:0", b"0:0", b"0:0"], done
+        keys = [k for k in stack.containerd.ctr("-n", "k8s.io", "snapshots", "--snapshotter",
+                                                PLUGIN, "ls").stdout.split() if k == cid]
+        assert keys == [cid]
+        out = stack.containerd.ctr("-n", "k8s.io", "snapshots", "--snapshotter", PLUGIN,
+                                   "mounts", "/mnt", cid).stdout
+        upper = re.search(r"upperdir=([^,\s]+)", out)
+        assert upper and "uidmap=0:300000:65536" in out, out
+        written = os.stat(Path(upper.group(1)) / "written")
+        assert (written.st_uid, written.st_gid) == (300000, 300000)
+        rt.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=0),
+                         timeout=CALL_TIMEOUT)
+        rt.RemoveContainer(cri.RemoveContainerRequest(container_id=cid), timeout=CALL_TIMEOUT)
+    finally:
+        rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=CALL_TIMEOUT)
+        rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod),
+                            timeout=CALL_TIMEOUT)
