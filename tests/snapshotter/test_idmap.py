@@ -119,20 +119,53 @@ def test_view_and_bind_with_a_mapping(served: Served) -> None:
     assert os.stat(b.source).st_uid == 100000
 
 
-def test_erofs_lowers_refuse(served: Served) -> None:
+def test_erofs_lowers_are_idmapped_by_lamina(served: Served) -> None:
     if served.backend != "overlay" or dict(served.drv.status()).get("Layer Format") != "erofs":
         pytest.skip("EROFS layers only")
-    served.drv.apply_diff("img", None, io.BytesIO(_tar("f")))
-    chain = served.drv.record("img").identity.chain_id
-    assert chain is not None
-    with pytest.raises(grpc.RpcError):  # AlreadyExists: committed from the layer held
-        prepare(served, "extract", "", **{"containerd.io/snapshot.ref": chain})
-    with pytest.raises(grpc.RpcError) as e:
-        prepare(served, "ctr", chain, **MAP)
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
-    assert "id-mapped snapshot on this erofs layer" in str(e.value)
-    assert served.sn.records.get("ctr") is None
-    served.drv.remove("img")
+    for name, parent in (("img1", None), ("img2", "img1")):
+        served.drv.apply_diff(name, parent, io.BytesIO(_tar(name)))
+    chains = [served.drv.record(n).identity.chain_id for n in ("img1", "img2")]
+    for key, chain, parent in (("x1", chains[0], ""), ("x2", chains[1], chains[0])):
+        assert chain is not None
+        with pytest.raises(grpc.RpcError):  # AlreadyExists: committed from the layer held
+            prepare(served, key, parent or "", **{"containerd.io/snapshot.ref": chain})
+    top = str(chains[1])
+    (m,) = prepare(served, "ctr", top, **MAP)
+    # containerd's clone of the lowers' common directory would not show the images
+    # (mounts of their own): lamina gives idmapped clones of them, and no map.
+    assert not any(o.startswith(("uidmap=", "gidmap=")) for o in m.options)
+    opts = _options(m)
+    lowers = [Path(p) for p in opts["lowerdir"].split(":")]
+    assert [p.parent.parent for p in lowers] == [served.home / "idmapped"] * 2
+    assert all(os.path.ismount(p) for p in lowers)
+    assert [os.stat(p / f"img{2 - i}").st_uid for i, p in enumerate(lowers)] == [100000] * 2
+    assert os.stat(served.drv.lower("img1") / "img1").st_uid == 0  # the layer as applied
+    assert os.stat(opts["upperdir"]).st_uid == 100000
+    # A second snapshot of the same map shares them; another map has its own.
+    (m2,) = prepare(served, "ctr2", top, **MAP)
+    assert _options(m2)["lowerdir"] == opts["lowerdir"]
+    other = {UID_LABEL: "0:200000:65536", GID_LABEL: "0:200000:65536"}
+    (m3,) = prepare(served, "ctr3", top, **other)
+    assert os.stat(Path(_options(m3)["lowerdir"].split(":")[0]) / "img2").st_uid == 200000
+    served.stub.Remove(pb.RemoveSnapshotRequest(key="ctr"))
+    assert all(os.path.ismount(p) for p in lowers)  # ctr2 still needs them
+    served.stub.Remove(pb.RemoveSnapshotRequest(key="ctr2"))
+    assert not any(p.exists() for p in lowers)
+    # A restart detaches the rest; Mounts makes them again.
+    served.restart()
+    assert not [p for p in mount_points() if "/idmapped/" in p and p.startswith(str(served.home))]
+    (again,) = served.stub.Mounts(pb.MountsRequest(key="ctr3")).mounts
+    assert os.stat(Path(_options(again)["lowerdir"].split(":")[0]) / "img2").st_uid == 200000
+    for key in ("ctr3", top, str(chains[0])):
+        served.stub.Remove(pb.RemoveSnapshotRequest(key=key))
+    assert not (served.home / "idmapped").exists() or not os.listdir(served.home / "idmapped")
+    for name in ("img2", "img1"):
+        served.drv.remove(name)
+
+
+def mount_points() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f]
 
 
 HOSTILE = {

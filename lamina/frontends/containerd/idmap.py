@@ -25,9 +25,11 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from lamina import errors
+from lamina.host.idmapped import IdMapping, IdRange
+
+__all__ = ["GID_LABEL", "UID_LABEL", "IdMapping", "mapping_of"]
 
 UID_LABEL = "containerd.io/snapshot/uidmapping"
 GID_LABEL = "containerd.io/snapshot/gidmapping"
@@ -36,33 +38,6 @@ MAX_RANGES = 340
 NO_ID = (1 << 32) - 1
 """``(uid_t) -1``: no id, and the bound every mapped id stays below."""
 _RANGE = re.compile(r"([0-9]{1,10}):([0-9]{1,10}):([0-9]{1,10})")
-
-IdRange = tuple[int, int, int]
-"""One range of a map: container id, host id, size."""
-
-
-@dataclass(frozen=True)
-class IdMapping:
-    """A snapshot's uid and gid maps, as containerd labelled it."""
-
-    uid_text: str
-    gid_text: str
-    uids: tuple[IdRange, ...]
-    gids: tuple[IdRange, ...]
-
-    def root(self) -> tuple[int, int]:
-        """The host uid and gid of the container's root (who owns the upper)."""
-        return _to_host(0, self.uids), _to_host(0, self.gids)
-
-    def options(self) -> tuple[str, str]:
-        """The mount options containerd turns into idmapped mounts (its overlayfs puts
-        the labels' text there as it came)."""
-        return f"uidmap={self.uid_text}", f"gidmap={self.gid_text}"
-
-
-def _to_host(cid: int, ranges: tuple[IdRange, ...]) -> int:
-    return next(h + cid - c for c, h, n in ranges if c <= cid < c + n)
-
 
 def mapping_of(labels: Mapping[str, str], key: str) -> IdMapping | None:
     """The id mapping snapshot ``key``'s ``labels`` ask for (None: none), once judged

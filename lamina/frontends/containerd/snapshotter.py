@@ -26,11 +26,12 @@ Vocabulary (containerd's): an *active* snapshot (a key) is writable; a *committe
 - User namespaces (containerd's ``remap-ids``): a ``Prepare`` or ``View`` labelled
   with an id mapping (:mod:`lamina.frontends.containerd.idmap`) gets the mounts
   containerd's overlayfs gives then: the backend's mounts made for idmapping
-  (``snapshot_mounts(idmapped=True)``), ``uidmap=``/``gidmap=`` first in their options,
-  and a new active snapshot's upper owned by the mapped root; containerd idmaps the
-  lowers (nothing is chowned, the read-only layers are shared by every mapping).  A
-  backend that cannot serve the mapping refuses it (``Unsupported``) rather than
-  ignore it.
+  (``snapshot_mounts(idmap=…)``: ``uidmap=``/``gidmap=`` first in their options, or
+  lowers the backend idmapped itself where containerd's way cannot see them), and a
+  new active snapshot's upper owned by the mapped root; nothing is chowned, the
+  read-only layers are shared by every mapping.  What the backend made for a mapping
+  is swept with the last snapshot that needs it (and on open and close).  A backend
+  that cannot serve the mapping refuses it (``Unsupported``) rather than ignore it.
 - Several snapshots may use one layer (namespaces importing the same image); a layer
   goes with its last snapshot, unless another front end still holds it
   (:mod:`lamina.store.holds`).
@@ -96,7 +97,10 @@ class Snapshotter:
         self.recover()
 
     def close(self) -> None:
-        """Release the home's snapshots for another process."""
+        """Release the home's snapshots for another process, detaching what the backend
+        made for mapped snapshots (made again by their next ``Mounts``)."""
+        with self._lock:
+            self.drv.snapshot_sweep([])
         self.records.close()
 
     # -- lookups (under the lock) ---------------------------------------------------
@@ -181,12 +185,27 @@ class Snapshotter:
 
     def _mounts(self, layer: LayerId, writable: bool,
                 mapping: IdMapping | None) -> list[SnapshotMount]:
-        """The mounts of ``layer`` for a snapshot with ``mapping`` (None: none)."""
+        """The mounts of ``layer`` for a snapshot with ``mapping`` (None: none); with
+        one, under the lock (what the backend makes for it is swept under it)."""
         if mapping is None:
             return self.drv.snapshot_mounts(layer, writable=writable)
-        mounts = self.drv.snapshot_mounts(layer, writable=writable, idmapped=True)
-        # First, as containerd's overlayfs puts them (its mount code takes them out).
-        return [m._replace(options=(*mapping.options(), *m.options)) for m in mounts]
+        return self.drv.snapshot_mounts(layer, writable=writable, idmap=mapping)
+
+    def _sweep(self) -> None:
+        """Let the backend drop what no mapped snapshot needs (under the lock)."""
+        in_use = []
+        for rec in self.records:
+            try:
+                mapping = mapping_of(rec.labels, rec.name)
+            except errors.InvalidArgument:
+                continue  # labels changed by Update: its Mounts says so
+            if mapping is None:
+                continue
+            if rec.layer is not None:
+                in_use.append((rec.layer, rec.kind == ACTIVE, mapping))
+            elif (prec := self.records.get(rec.parent)) is not None and prec.layer is not None:
+                in_use.append((prec.layer, False, mapping))
+        self.drv.snapshot_sweep(in_use)
 
     def _make(self, key: str, kind: str, parent: str, player: LayerId | None,
               labels: dict[str, str], mapping: IdMapping | None) -> list[SnapshotMount]:
@@ -196,10 +215,10 @@ class Snapshotter:
             self._making.add(lid)
         try:
             self.drv.make(lid, player, writable=kind == ACTIVE, holder=SNAPSHOTS)
-            mounts = self._mounts(lid, kind == ACTIVE, mapping)  # Unsupported: none made
-            if mapping is not None and kind == ACTIVE:
-                self.drv.snapshot_own(lid, *mapping.root())
             with self._lock:
+                mounts = self._mounts(lid, kind == ACTIVE, mapping)  # Unsupported: none made
+                if mapping is not None and kind == ACTIVE:
+                    self.drv.snapshot_own(lid, *mapping.root())  # a chown and a sync
                 now = time.time_ns()
                 self.records.put(Record(key, kind, parent, lid, labels, now, now))
         except BaseException:
@@ -245,7 +264,8 @@ class Snapshotter:
         if len(found) != 1:
             return None
         try:
-            ours = self._mounts(lid, True, mapping_of(found[0].labels, found[0].name))
+            with self._lock:
+                ours = self._mounts(lid, True, mapping_of(found[0].labels, found[0].name))
         except (errors.LaminaError, OSError):
             return None  # removed meanwhile
         return found[0].name if _identity(ours) == _identity(mounts) else None
@@ -320,6 +340,8 @@ class Snapshotter:
                 raise errors.Busy(f"snapshot {key!r} has children ({kids}): "
                                   "remove them first")
             self.records.delete(key)  # the commit point
+            if mapping_of_quietly(rec.labels) is not None:
+                self._sweep()  # before its layers may go: their idmapped clones first
             doomed = self._unused(rec.layer)
         if doomed is not None:
             self._let_go(doomed)
@@ -360,7 +382,10 @@ class Snapshotter:
                 if prec.layer is None:
                     raise errors.Corrupt(f"snapshot {rec.parent!r} has no layer")
                 layer, writable = prec.layer, False
-        return self._mounts(layer, writable, mapping_of(rec.labels, key))
+            mapping = mapping_of(rec.labels, key)
+            if mapping is not None:
+                return self._mounts(layer, writable, mapping)
+        return self._mounts(layer, writable, None)
 
     def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Record:
         """Change snapshot ``name``'s labels (``paths``: ``labels`` or ``labels.KEY``; none:
@@ -443,8 +468,18 @@ class Snapshotter:
             for lid in self.drv.held_by(SNAPSHOTS):
                 if lid not in self._making and lid not in self._dying:
                     doomed += [d for d in [self._unused(lid)] if d]
+            if not self._pending:
+                self._sweep()  # what a process that died left mounted
         for lid in doomed:
             self._let_go(lid)
+
+
+def mapping_of_quietly(labels: Mapping[str, str]) -> IdMapping | None:
+    """The mapping ``labels`` ask for; None for none, or for labels that do not parse."""
+    try:
+        return mapping_of(labels, "")
+    except errors.InvalidArgument:
+        return None
 
 
 def _identity(mounts: Sequence[SnapshotMount]) -> list[SnapshotMount]:
