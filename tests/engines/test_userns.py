@@ -56,9 +56,43 @@ CALL_TIMEOUT = 300.0
 WRITE = "stat -c %u:%g /etc/passwd /app/a.txt; echo hi > /written; stat -c %u:%g /written"
 
 
+FAKE_CNI = """#!/bin/sh
+# A CNI plugin that configures nothing and answers an address: the CRI wants a pod
+# network namespace for a user-namespaced pod (it pins the user namespace through it)
+# and an address on eth0 for the pod; nothing here uses the network.
+read -r _ || true
+case "$CNI_COMMAND" in
+ADD)
+  if [ "$CNI_IFNAME" = lo ]; then ip=127.0.0.1/8; else ip=10.99.0.2/24; fi
+  printf '{"cniVersion":"1.0.0","interfaces":[{"name":"%s","sandbox":"%s"}],'\\
+'"ips":[{"address":"%s","interface":0}]}' "$CNI_IFNAME" "$CNI_NETNS" "$ip" ;;
+VERSION) printf '{"cniVersion":"1.0.0","supportedVersions":["0.4.0","1.0.0"]}' ;;
+esac
+exit 0
+"""
+
+
+class UsernsContainerd(CriContainerd):
+    """test_cri's containerd, with a CNI plugin that configures nothing (:data:`FAKE_CNI`)."""
+
+    def config_text(self) -> str:
+        cni = self.work / "cni"
+        (cni / "bin").mkdir(parents=True, exist_ok=True)
+        (cni / "conf").mkdir(exist_ok=True)
+        for name in ("loopback", "lamina-fake"):
+            (cni / "bin" / name).write_text(FAKE_CNI)
+            (cni / "bin" / name).chmod(0o755)
+        (cni / "conf" / "10-fake.conflist").write_text(
+            '{"cniVersion": "1.0.0", "name": "fake", "plugins": [{"type": "lamina-fake"}]}')
+        return super().config_text() + "\n".join([
+            '[plugins."io.containerd.cri.v1.runtime".cni]',
+            f'  bin_dirs = ["{cni / "bin"}"]',
+            f'  conf_dir = "{cni / "conf"}"', ""])
+
+
 @dataclass
 class Stack:
-    containerd: CriContainerd
+    containerd: UsernsContainerd
     snapshotter: Snapshotter
     registry: DistRegistry
     variant: str
@@ -134,7 +168,7 @@ def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
     sn = host_snapshotter(work, backend)
     registry = DistRegistry(work / "registry")
     hosts = work / "certs.d"
-    ctd = CriContainerd(work, sn, sandbox=f"{registry.address}/pause:1", hosts=hosts)
+    ctd = UsernsContainerd(work, sn, sandbox=f"{registry.address}/pause:1", hosts=hosts)
     channel: grpc.Channel | None = None
     try:
         registry.start()
@@ -207,7 +241,7 @@ def _pod_config(mapping: cri.IDMapping) -> cri.PodSandboxConfig:
     return cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name="userns", uid="lamina-userns", namespace="default"),
         linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
-            namespace_options=cri.NamespaceOption(network=cri.NamespaceMode.NODE,
+            namespace_options=cri.NamespaceOption(network=cri.NamespaceMode.POD,
                                                   userns_options=userns))))
 
 
@@ -223,9 +257,11 @@ def test_a_cri_pod_with_a_user_namespace(stack: Stack) -> None:
     try:
         cid = rt.CreateContainer(cri.CreateContainerRequest(
             pod_sandbox_id=pod, sandbox_config=config,
-            config=cri.ContainerConfig(metadata=cri.ContainerMetadata(name="app"),
-                                       image=cri.ImageSpec(image=stack.image),
-                                       command=["sleep", "3600"])),
+            config=cri.ContainerConfig(
+                metadata=cri.ContainerMetadata(name="app"),
+                image=cri.ImageSpec(image=stack.image), command=["sleep", "3600"],
+                linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
+                    namespace_options=config.linux.security_context.namespace_options)))),
             timeout=CALL_TIMEOUT).container_id
         rt.StartContainer(cri.StartContainerRequest(container_id=cid), timeout=CALL_TIMEOUT)
         done = rt.ExecSync(cri.ExecSyncRequest(container_id=cid, cmd=["sh", "-c", WRITE],
@@ -238,7 +274,8 @@ def test_a_cri_pod_with_a_user_namespace(stack: Stack) -> None:
         out = stack.containerd.ctr("-n", "k8s.io", "snapshots", "--snapshotter", PLUGIN,
                                    "mounts", "/mnt", cid).stdout
         upper = re.search(r"upperdir=([^,\s]+)", out)
-        assert upper and "uidmap=0:300000:65536" in out, out
+        mapped = "/idmapped/" if stack.erofs else "uidmap=0:300000:65536"
+        assert upper and mapped in out, out
         written = os.stat(Path(upper.group(1)) / "written")
         assert (written.st_uid, written.st_gid) == (300000, 300000)
         rt.StopContainer(cri.StopContainerRequest(container_id=cid, timeout=0),
