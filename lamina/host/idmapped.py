@@ -35,6 +35,7 @@ SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, 0o2000000
 AT_EMPTY_PATH = 0x1000
 MOUNT_ATTR_IDMAP = 0x00100000
+MS_PRIVATE = 1 << 18
 
 IdRange = tuple[int, int, int]
 """One range of a map: container id, host id, size."""
@@ -105,7 +106,11 @@ def idmap_bind(source: str, target: str, ns_fd: int) -> None:
                                     ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)),
                       f"open_tree {source}")
     try:
-        attr = _MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY, 0, 0, ns_fd)
+        # Private before it is attached: a clone keeps its source's peer group, and a
+        # clone of a shared mount (a home under one, as the engines' work directories
+        # are, or an EROFS layer's mount there) would then take mounts and give them
+        # back through it: the idmapped clone showed up on the layer's own diff/.
+        attr = _MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY, 0, MS_PRIVATE, ns_fd)
         libc.check(_libc.syscall(SYS_MOUNT_SETATTR, ctypes.c_int(tree), ctypes.c_char_p(b""),
                                  ctypes.c_uint(AT_EMPTY_PATH), ctypes.byref(attr),
                                  ctypes.c_size_t(ctypes.sizeof(attr))),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 from lamina import errors
 from lamina.frontends.containerd.api import snapshots_pb2 as pb
 from lamina.frontends.containerd.idmap import GID_LABEL, UID_LABEL, mapping_of
+from tests.conftest import unmount_layer_images
 from tests.snapshotter.served import Served
 
 pytestmark = pytest.mark.root
@@ -213,3 +215,62 @@ def test_the_mapping_as_read() -> None:
     assert mapping_of({UID_LABEL: ranges, GID_LABEL: ranges}, "k") is not None
     with pytest.raises(errors.InvalidArgument, match="'k'"):
         mapping_of({UID_LABEL: "0:4294967294:2", GID_LABEL: "0:1:1"}, "k")
+
+
+def test_idmapped_lowers_under_a_shared_mount(tmp_path: Path) -> None:
+    # A home under a shared mount (systemd makes / one; the engines' work directories
+    # are): the clones must not keep their sources' peer groups, or mounts travel
+    # between them (the idmapped clone of a directory layer appeared on its diff/).
+    base = tmp_path / "shared"
+    base.mkdir()
+    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
+    try:
+        subprocess.run(["mount", "--make-rshared", str(base)], check=True)
+        s = Served(base / "home", tmp_path / "s.sock", "overlay")
+        try:
+            s.drv.apply_diff("img", None, io.BytesIO(_tar("f")))
+            chain = str(s.drv.record("img").identity.chain_id)
+            with pytest.raises(grpc.RpcError):
+                prepare(s, "x", "", **{"containerd.io/snapshot.ref": chain})
+            (m,) = prepare(s, "k", chain)
+            Path(_options(m)["upperdir"], "g").write_text("g")
+            s.stub.Commit(pb.CommitSnapshotRequest(name="top", key="k"))
+            (m,) = prepare(s, "ctr", "top", **MAP)
+            lowers = [Path(p) for p in _options(m)["lowerdir"].split(":")]
+            assert [os.stat(p / n).st_uid for p, n in zip(lowers, "gf", strict=True)] == [
+                100000, 100000]
+            layers = str(s.drv.store.layers_dir) + "/"
+            assert not [p for p in idmapped_points() if p.startswith(layers)]
+            # Each clone in a peer group of its own, not the home's (nor an image's).
+            groups = peer_groups()
+            assert all(groups[str(p)] != groups[str(base)] for p in lowers), groups
+            top = s.sn.records.get("top")
+            assert top is not None and top.layer is not None
+            assert [os.stat(s.drv.lower(lid) / n).st_uid
+                    for lid, n in ((top.layer, "g"), ("img", "f"))] == [0, 0]
+            s.stub.Remove(pb.RemoveSnapshotRequest(key="ctr"))
+            assert not idmapped_points()
+            for key in ("top", chain):
+                s.stub.Remove(pb.RemoveSnapshotRequest(key=key))
+            s.drv.remove("img")
+        finally:
+            s.stop()
+    finally:
+        unmount_layer_images(base)
+        subprocess.run(["umount", "-R", str(base)], check=True)
+
+
+def idmapped_points() -> list[str]:
+    """Mount points of idmapped mounts (in this mount namespace)."""
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if "idmapped" in line.split(" - ")[0].split()[5]]
+
+
+def peer_groups() -> dict[str, str]:
+    """Mount point to its ``shared:N`` peer group ("" for none), from mountinfo."""
+    out = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            head = line.split(" - ")[0].split()
+            out[head[4]] = next((t for t in head[6:] if t.startswith("shared:")), "")
+    return out
