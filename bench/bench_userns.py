@@ -131,7 +131,7 @@ def main() -> int:
                 ctd.ctr("snapshots", "--snapshotter", NOCAP, "rm", key)
             label = "warm-up" if r == 0 else f"round {r}"
             print(f"{label}: " + ", ".join(f"{s} {t:.3f} s" for s, t in got.items())
-                  + f"; chowned copies made by containerd: {len(copies)}")
+                  + f"; containerd's chowned copies left to remove: {len(copies)}")
             if r:
                 for s, t in got.items():
                     times[s].append(t)
