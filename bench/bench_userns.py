@@ -50,17 +50,23 @@ NOCAP = "lamina-nocap"
 
 
 class BenchContainerd(LabContainerd):
-    """lamina's printed config, plus ``lamina-nocap``: the same socket, no capability."""
+    """lamina's printed config, plus ``lamina-nocap``: another lamina snapshotter (a
+    home of its own), declared without the capability."""
+
+    def __init__(self, work: Path, snapshotter: Snapshotter, nocap: Snapshotter,
+                 binds: list[Path]) -> None:
+        super().__init__(work, snapshotter, binds=[nocap.socket.parent, *binds])
+        self.nocap = nocap
 
     def config_text(self) -> str:
         text = super().config_text()
         assert 'capabilities = ["remap-ids"]' in text, text
         return text + "\n".join([
             "", f"[proxy_plugins.{NOCAP}]", '  type = "snapshot"',
-            f'  address = "{self.snapshotter.socket}"',
+            f'  address = "{self.nocap.socket}"',
             '[[plugins."io.containerd.transfer.v1.local".unpack_config]]',
             f'  platform = "{host_platform()}"', f'  snapshotter = "{NOCAP}"',
-            '  differ = "lamina-diff"', ""])
+            '  differ = "walking"', ""])
 
     def ctr_pivoted(self, *args: str) -> str:
         """The lab's ctr, entered with pivot_root (a chrooted process gets no user
@@ -110,9 +116,16 @@ def main() -> int:
                      socket_path=work / "lamina.sock",
                      options=("overlay.layers=dir",) if args.layers == "dir" else (),
                      args=["--containerd-address", str(work / "containerd.sock")])
-    ctd = BenchContainerd(work, sn, binds=[tar.parent])
+    # Not the same home: after a remap-ids run on directory layers, containerd's chowned
+    # copy over those very layers failed (lchown: EPERM) in the next round, a copy made
+    # by ctr over lamina's mounts whose cause is not found yet (see docs/BENCHMARKS.md).
+    nocap = Snapshotter(work / "home-nocap", work / "nocap.log", backend="overlay",
+                        socket_path=work / "nocap.sock",
+                        options=("overlay.layers=dir",) if args.layers == "dir" else ())
+    ctd = BenchContainerd(work, sn, nocap, binds=[tar.parent])
     try:
         sn.start()
+        nocap.start()
         ctd.start()
         print(f"machine: {machine(work)}")
         print(f"lab: {ctd.version()}; runc {lab.versions().get('runc', '')}; "
@@ -127,8 +140,8 @@ def main() -> int:
             got = {s: start_run(ctd, s, 100000, f"c{r}-{s}") for s in order}
             got[NOCAP] = start_run(ctd, NOCAP, 200000 + r * 65536, f"c{r}-nocap")
             copies = [k for k in snapshots(ctd, NOCAP) if k not in image_snaps]
-            for key in copies:  # the chowned copy (and its -remap key, if left)
-                ctd.ctr("snapshots", "--snapshotter", NOCAP, "rm", key)
+            for key in copies:  # the chowned copy, unless containerd collected it first
+                ctd.ctr("snapshots", "--snapshotter", NOCAP, "rm", key, check=False)  # or GC
             label = "warm-up" if r == 0 else f"round {r}"
             print(f"{label}: " + ", ".join(f"{s} {t:.3f} s" for s, t in got.items())
                   + f"; containerd's chowned copies left to remove: {len(copies)}")
@@ -147,6 +160,7 @@ def main() -> int:
     finally:
         ctd.close()
         sn.close()
+        nocap.close()
         remove_work(work)
 
 
