@@ -27,10 +27,15 @@ alone (cost proportional to the change, lower layers consulted only for the
 paths that changed); against any other parent both union views are mounted and
 compared naively.
 
+containerd's id-mapped snapshots (user namespaces, ``remap-ids``) on EROFS layers get
+lowers lamina idmaps itself, ``HOME/idmapped/MAP/LAYER`` (:meth:`snapshot_mounts`).
+
 Crash model: as :mod:`lamina.store.layers` for building and removal.  Mounts do not
 survive a reboot and may outlive a process that died; on open, a mount with no
 count is unmounted, a count with no mount is reset, and an EROFS layer whose image
-is not mounted is mounted again.
+is not mounted is mounted again.  Idmapped lowers are the snapshotter's to sweep (on
+its open and close, and with their last snapshot); a lost one is made again by the
+next ``Mounts``.
 """
 
 from __future__ import annotations
