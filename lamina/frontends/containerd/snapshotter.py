@@ -59,7 +59,7 @@ from lamina import errors
 from lamina.backends.contract import Backend, SnapshotMount
 from lamina.driver import LayerId
 from lamina.frontends.containerd import filters, records
-from lamina.frontends.containerd.idmap import IdMapping, mapping_of
+from lamina.frontends.containerd.idmap import GID_LABEL, UID_LABEL, IdMapping, mapping_of
 from lamina.frontends.containerd.labels import check_labels
 from lamina.frontends.containerd.records import ACTIVE, COMMITTED, VIEW, Record
 from lamina.host.usage import Totals
@@ -340,7 +340,7 @@ class Snapshotter:
                 raise errors.Busy(f"snapshot {key!r} has children ({kids}): "
                                   "remove them first")
             self.records.delete(key)  # the commit point
-            if mapping_of_quietly(rec.labels) is not None:
+            if UID_LABEL in rec.labels or GID_LABEL in rec.labels:
                 self._sweep()  # before its layers may go: their idmapped clones first
             doomed = self._unused(rec.layer)
         if doomed is not None:
@@ -472,14 +472,6 @@ class Snapshotter:
                 self._sweep()  # what a process that died left mounted
         for lid in doomed:
             self._let_go(lid)
-
-
-def mapping_of_quietly(labels: Mapping[str, str]) -> IdMapping | None:
-    """The mapping ``labels`` ask for; None for none, or for labels that do not parse."""
-    try:
-        return mapping_of(labels, "")
-    except errors.InvalidArgument:
-        return None
 
 
 def _identity(mounts: Sequence[SnapshotMount]) -> list[SnapshotMount]:
