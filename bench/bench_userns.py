@@ -6,10 +6,11 @@ against the chowned copy containerd makes without ``remap-ids`` (issue 26).
 One ``lamina snapshotter`` on the host (backend overlay, EROFS layers unless ``--layers
 dir``), one containerd 2.1 of the engines' lab (pivoted, as
 :class:`tests.engines.daemons.LabContainerd`) configured from lamina's printed config
-(``capabilities = ["remap-ids"]``) plus a second proxy plugin ``lamina-nocap`` on the
-same socket declared without the capability (what a snapshotter that cannot map ids
-gets: containerd's fallback).  The corpus image (``app-docker-save.tar``: 3 layers, 355
-MB) imported once into each of ``lamina``, ``overlayfs`` and ``lamina-nocap``.
+(``capabilities = ["remap-ids"]``) plus a second proxy plugin ``lamina-nocap``, another
+``lamina snapshotter`` (a home of its own) declared without the capability (what a
+snapshotter that cannot map ids gets: containerd's fallback).  The corpus image
+(``app-docker-save.tar``: 3 layers, 355 MB) imported once into each of ``lamina``,
+``overlayfs`` and ``lamina-nocap``.
 
 Each round, timed from the outside (the lab's ``ctr``, entered pivoted, as a user
 namespace needs; the same entry cost on each side): ``ctr run --rm --remap-labels
@@ -116,9 +117,9 @@ def main() -> int:
                      socket_path=work / "lamina.sock",
                      options=("overlay.layers=dir",) if args.layers == "dir" else (),
                      args=["--containerd-address", str(work / "containerd.sock")])
-    # Not the same home: after a remap-ids run on directory layers, containerd's chowned
-    # copy over those very layers failed (lchown: EPERM) in the next round, a copy made
-    # by ctr over lamina's mounts whose cause is not found yet (see docs/BENCHMARKS.md).
+    # A server of its own: two proxy plugins on one socket are one store to containerd's
+    # garbage collector twice over: the collection of "lamina" removed "lamina-nocap"'s
+    # snapshots (its -remap copy half-chowned: lchown ENOENT/EPERM in ctr).
     nocap = Snapshotter(work / "home-nocap", work / "nocap.log", backend="overlay",
                         socket_path=work / "nocap.sock",
                         options=("overlay.layers=dir",) if args.layers == "dir" else ())
