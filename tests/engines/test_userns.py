@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import grpc
 import pytest
 
 from tests import lab
-from tests.conftest import lacking
+from tests.conftest import lacking, mounts_under
 from tests.containerd.daemon import Snapshotter, short_dir
 from tests.engines.cri import api_pb2 as cri
 from tests.engines.cri import api_pb2_grpc as cri_grpc
@@ -233,6 +234,10 @@ def test_a_second_mapping_shares_the_layers(stack: Stack) -> None:
     assert stack.layer_owners() == {(0, 0)}
     for name in ("c1", "c2"):
         stack.ctr("containers", "rm", name)
+    # containerd's collection removes the snapshots from lamina, in the background.
+    deadline = time.monotonic() + 120
+    while len(stack.snapshotter.layers()) != layers - 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert len(stack.snapshotter.layers()) == layers - 1
 
 
@@ -285,3 +290,19 @@ def test_a_cri_pod_with_a_user_namespace(stack: Stack) -> None:
         rt.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=CALL_TIMEOUT)
         rt.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod),
                             timeout=CALL_TIMEOUT)
+
+
+def test_check(stack: Stack) -> None:
+    # Every mapped snapshot gone (the pod's go with containerd's collection, in the
+    # background): nothing idmapped is left, and lamina check passes.
+    idmapped = stack.snapshotter.home / "idmapped"
+    deadline = time.monotonic() + 120
+    while idmapped.exists() and list(idmapped.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not idmapped.exists() or not list(idmapped.iterdir()), (
+        list(idmapped.iterdir()), stack.snapshots())
+    assert stack.snapshotter.stop() == 0
+    proc = stack.snapshotter.lamina("check", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert mounts_under(stack.snapshotter.home) == []
+    stack.snapshotter.start()
