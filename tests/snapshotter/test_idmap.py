@@ -149,6 +149,10 @@ def test_erofs_lowers_are_idmapped_by_lamina(served: Served) -> None:
     other = {UID_LABEL: "0:200000:65536", GID_LABEL: "0:200000:65536"}
     (m3,) = prepare(served, "ctr3", top, **other)
     assert os.stat(Path(_options(m3)["lowerdir"].split(":")[0]) / "img2").st_uid == 200000
+    # A view of the chain: both images as lowers, idmapped, read-only.
+    (v,) = served.stub.View(pb.ViewSnapshotRequest(key="v", parent=top, labels=MAP)).mounts
+    assert "ro" in v.options and _options(v)["lowerdir"] == opts["lowerdir"]
+    served.stub.Remove(pb.RemoveSnapshotRequest(key="v"))
     served.stub.Remove(pb.RemoveSnapshotRequest(key="ctr"))
     assert all(os.path.ismount(p) for p in lowers)  # ctr2 still needs them
     served.stub.Remove(pb.RemoveSnapshotRequest(key="ctr2"))
