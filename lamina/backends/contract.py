@@ -43,6 +43,7 @@ from typing import Any, BinaryIO, ClassVar, NamedTuple
 from lamina import errors
 from lamina.archive.digests import Digests
 from lamina.driver import Change, DiffGetter, Driver, IdMap, LayerId
+from lamina.host.idmapped import IdMapping
 from lamina.host.usage import Totals
 from lamina.store.holds import Holder
 from lamina.store.layers import Store
@@ -270,10 +271,23 @@ class Backend(Driver, abc.ABC):
         ``Busy`` for a layer filled already, ``Unsupported`` for one with changes of its
         own (written through its mounts) or a size quota."""
 
-    def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
+    def snapshot_mounts(self, id: LayerId, *, writable: bool,
+                        idmap: IdMapping | None = None) -> list[SnapshotMount]:
         """The mounts that show layer ``id``'s union view (containerd mounts them): the
-        layer itself writable, or (``writable`` false) its view read-only."""
+        layer itself writable, or (``writable`` false) its view read-only.  With
+        ``idmap``, shifted by that map as containerd's overlayfs shifts them (``uidmap=``
+        and ``gidmap=`` options containerd turns into idmapped mounts, or lowers idmapped
+        already), or ``Unsupported`` where the backend cannot."""
         raise errors.Unsupported(f"backend {self.name} serves no snapshots", layer=id)
+
+    def snapshot_own(self, id: LayerId, uid: int, gid: int) -> None:
+        """Give writable layer ``id``'s top directory, which nothing has written yet, to
+        host ids ``uid``/``gid`` (an id-mapped container's root owns its upper)."""
+        raise errors.Unsupported(f"backend {self.name} maps no ids", layer=id)
+
+    def snapshot_sweep(self, in_use: Sequence[tuple[LayerId, bool, IdMapping]]) -> None:
+        """Drop what :meth:`snapshot_mounts` made for id maps (idmapped lowers) that no
+        snapshot of ``in_use`` (layer, writable, map) needs any more (none made here)."""
 
     @abc.abstractmethod
     def snapshot_usage(self, id: LayerId) -> Totals:

@@ -27,21 +27,28 @@ alone (cost proportional to the change, lower layers consulted only for the
 paths that changed); against any other parent both union views are mounted and
 compared naively.
 
+containerd's id-mapped snapshots (user namespaces, ``remap-ids``) on EROFS layers get
+lowers lamina idmaps itself, ``HOME/idmapped/MAP/LAYER`` (:meth:`snapshot_mounts`).
+
 Crash model: as :mod:`lamina.store.layers` for building and removal.  Mounts do not
 survive a reboot and may outlive a process that died; on open, a mount with no
 count is unmounted, a count with no mount is reset, and an EROFS layer whose image
-is not mounted is mounted again.
+is not mounted is mounted again.  Idmapped lowers are the snapshotter's to sweep (on
+its open and close, and with their last snapshot); a lost one is made again by the
+next ``Mounts``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import secrets
 import stat
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar, cast
 
@@ -56,8 +63,9 @@ from lamina.backends.base import StoreDriver
 from lamina.backends.contract import SnapshotMount, bind, register_backend
 from lamina.backends.reading import TreeGetter
 from lamina.driver import Change, DiffGetter, LayerId
-from lamina.host import fsutil, mount
+from lamina.host import fsutil, idmapped, mount
 from lamina.host import quota as quotas
+from lamina.host.idmapped import IdMapping
 from lamina.host.usage import Totals, tree_totals
 from lamina.options import APPLY_OPTIONS
 from lamina.store.holds import Holder
@@ -140,6 +148,8 @@ class OverlayDriver(StoreDriver):
         reason = why_unsupported(home)
         if reason is not None:
             raise errors.Unsupported(reason, path=str(home))
+        self._idmap_lock = threading.Lock()
+        """Making and sweeping the idmapped lowers (:meth:`snapshot_mounts`)."""
         super().__init__(*args, **kwargs)
 
     def _recover(self) -> None:
@@ -552,24 +562,131 @@ class OverlayDriver(StoreDriver):
 
     # -- snapshotter hooks (lamina.frontends.containerd) --------------------------------
 
-    def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
+    def snapshot_mounts(self, id: LayerId, *, writable: bool,
+                        idmap: IdMapping | None = None) -> list[SnapshotMount]:
         """A base layer is a bind of its ``diff/``; a layer with parents an overlay whose
         lowers are the ``l/`` short links (nearest first: 128 of them fit the page of
-        options containerd's mount takes, which strips their common directory)."""
+        options containerd's mount takes, which strips their common directory).
+
+        With ``idmap``, as containerd's overlayfs answers: ``uidmap=``/``gidmap=`` first
+        (containerd idmaps a bind's target, and an overlay's lowers), the lowers as their
+        real directories.  containerd (``core/mount/mount_linux.go``,
+        ``doPrepareIDMappedOverlay``) makes *one* idmapped clone of the lowers' common
+        parent directory, not recursive, and points overlay at the lowers through it: an
+        ``l/`` link (relative) would lead out of the clone, and a lower that is a mount
+        of its own (an EROFS layer's image, a capped layer's loop image) would be the
+        empty directory under it.  A chain with such a lower is idmapped here instead
+        (:meth:`_idmapped_lowers`), and containerd is given no map to apply again."""
         layer_dir = self.store.layer_dir(id)
         lower_file = layer_dir / LOWER
         lowers = lower_file.read_text().split(":") if lower_file.exists() else []
         if not writable:
             lowers = [f"l/{self._short(id)}", *lowers]
+        mapped = idmap.options() if idmap is not None else ()
         if len(lowers) <= (0 if writable else 1):
-            return [bind(self._diff(id) if writable else self.lower(id), writable=writable)]
+            b = bind(self._diff(id) if writable else self.lower(id), writable=writable)
+            return [b._replace(options=(*mapped, *b.options))]
         options = [*mount.MOUNT_OPTIONS]
         if writable:
             options += [f"workdir={layer_dir / WORK}", f"upperdir={self._diff(id)}"]
         else:
             options.append("ro")
-        options.append("lowerdir=" + ":".join(f"{self.home}/{low}" for low in lowers))
+        if idmap is None:
+            paths = [f"{self.home}/{low}" for low in lowers]
+        else:
+            parent = self.store.parent(id)
+            chain = ([] if writable else [id]) + ([parent, *self.store.chain(parent)]
+                                                 if parent is not None else [])
+            if all(self._plain_lower(lid) for lid in chain):
+                paths = [str(self.lower(lid)) for lid in chain]
+                options = [*mapped, *options]
+            else:
+                paths = self._idmapped_lowers(chain, idmap)
+            _check_page(id, options, paths)
+        options.append("lowerdir=" + ":".join(paths))
         return [SnapshotMount("overlay", "overlay", tuple(options))]
+
+    def _plain_lower(self, lid: LayerId) -> bool:
+        """Whether read-only layer ``lid``'s lower is a plain directory of the home's
+        filesystem (not a link, not a mount of its own)."""
+        st = os.lstat(self.lower(lid))
+        return stat.S_ISDIR(st.st_mode) and st.st_dev == os.stat(self.store.layers_dir).st_dev
+
+    def _idmapped_lowers(self, chain: list[LayerId], idmap: IdMapping) -> list[str]:
+        """Idmapped read-only clones of ``chain``'s lowers, one per layer and map, at
+        ``HOME/idmapped/TAG/ID`` (made once, shared by every snapshot with that map;
+        :meth:`snapshot_sweep` drops them)."""
+        tag_dir = self.home / IDMAPPED / _tag(idmap)
+        paths, ns_fd = [], -1
+        with self._idmap_lock:
+            try:
+                for lid in chain:
+                    target = tag_dir / lid
+                    paths.append(str(target))
+                    if os.path.ismount(target):
+                        continue
+                    self._require_content(lid)  # an EROFS image mounted (after a reboot)
+                    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    if ns_fd < 0:
+                        ns_fd = idmapped.userns_fd(idmap)
+                    idmapped.idmap_bind(str(self.lower(lid)), str(target), ns_fd)
+            except OSError as e:
+                raise errors.Unsupported(f"cannot make an idmapped mount of a lower: {e}",
+                                         layer=chain[len(paths) - 1]) from e
+            finally:
+                if ns_fd >= 0:
+                    os.close(ns_fd)
+        return paths
+
+    def snapshot_sweep(self, in_use: Sequence[tuple[LayerId, bool, IdMapping]]) -> None:
+        root = self.home / IDMAPPED
+        if not root.is_dir():
+            return
+        needed: set[tuple[str, str]] = set()
+        for lid, writable, idmap in in_use:
+            parent = self.store.parent(lid) if self.store.exists(lid) else None
+            chain = ([] if writable else [lid]) + ([parent, *self.store.chain(parent)]
+                                                  if parent is not None else [])
+            needed.update((_tag(idmap), c) for c in chain)
+        with self._idmap_lock:
+            for tag in os.listdir(root):
+                for name in os.listdir(root / tag):
+                    if (tag, name) not in needed:
+                        mount.unmount(str(root / tag / name))  # detached if in use
+                        (root / tag / name).rmdir()
+                with contextlib.suppress(OSError):
+                    (root / tag).rmdir()  # when empty
+
+    def snapshot_own(self, id: LayerId, uid: int, gid: int) -> None:
+        """Its ``diff/`` (the upper) to ``uid``/``gid``, synced before the snapshot is
+        recorded: a power cut loses the snapshot or keeps it owned."""
+        upper = self._diff(id)
+        os.lchown(upper, uid, gid)
+        fsutil.sync_dir(upper)
+
+
+IDMAPPED = "idmapped"
+"""The home's directory of idmapped lowers (``TAG/LAYER``: a mount point each)."""
+
+
+def _tag(idmap: IdMapping) -> str:
+    """A short name of a map (a directory of :data:`IDMAPPED`)."""
+    return hashlib.sha256(f"{idmap.uid_text}\n{idmap.gid_text}".encode()).hexdigest()[:16]
+
+
+def _check_page(id: LayerId, options: list[str], paths: list[str]) -> None:
+    """``Unsupported`` unless the lowers, stripped of their common directory as
+    containerd's mount strips them, fit its page of mount options with the rest."""
+    if len(paths) < 2:
+        return
+    # By characters, then up to a directory: as containerd finds the common directory.
+    common = os.path.dirname(os.path.commonprefix(paths))  # noqa: RUF071
+    data = ",".join([*(o for o in options if not o.startswith(("uidmap=", "gidmap="))),
+                     "lowerdir=" + ":".join(p[len(common) + 1:] for p in paths)])
+    if len(data) >= mount.PAGE:
+        raise errors.Unsupported(
+            f"{len(paths)} lower layers do not fit the page of options of an id-mapped "
+            "overlay mount (containerd cannot shorten their paths further)", layer=id)
 
 
 register_backend("overlay", OverlayDriver)

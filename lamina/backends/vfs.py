@@ -28,6 +28,7 @@ from lamina.backends.reading import TreeGetter
 from lamina.driver import Change, ChangeKind, DiffGetter, LayerId
 from lamina.host import fsutil
 from lamina.host import quota as quotas
+from lamina.host.idmapped import IdMapping
 from lamina.host.usage import Tally, Totals, tree_totals
 from lamina.options import APPLY_OPTIONS
 
@@ -171,8 +172,18 @@ class VfsDriver(StoreDriver):
 
     # -- snapshotter hooks (lamina.frontends.containerd) --------------------------------
 
-    def snapshot_mounts(self, id: LayerId, *, writable: bool) -> list[SnapshotMount]:
-        """A bind of the layer's tree: a vfs layer holds its whole union view."""
+    def snapshot_mounts(self, id: LayerId, *, writable: bool,
+                        idmap: IdMapping | None = None) -> list[SnapshotMount]:
+        """A bind of the layer's tree: a vfs layer holds its whole union view.  Not
+        idmapped: containerd 2.1 idmaps a writable bind's target but leaves a read-only
+        one as it is (``core/mount/mount_linux.go`` returns after the read-only
+        remount), and a vfs container's writes would land in the layer as container ids
+        where overlay's land in the mapped range; rather than serve mappings by halves,
+        vfs refuses them."""
+        if idmap is not None:
+            raise errors.Unsupported(
+                "vfs cannot serve an id-mapped snapshot (its mounts are binds of whole "
+                "trees): use the overlay backend for user-namespaced containers", layer=id)
         return [bind(self._tree(id), writable=writable)]
 
     def snapshot_usage(self, id: LayerId) -> Totals:

@@ -22,6 +22,7 @@ def test_for_containerd_2() -> None:
     doc = tomllib.loads(config.config_text(2, SOCK, HOME, "linux/arm64"))
     assert doc["version"] == 3
     assert doc["proxy_plugins"]["lamina"] == {"type": "snapshot", "address": SOCK,
+                                              "capabilities": ["remap-ids"],
                                               "exports": {"root": HOME}}
     assert doc["proxy_plugins"]["lamina-diff"] == {"type": "diff", "address": SOCK}
     plugins = doc["plugins"]
@@ -57,3 +58,5 @@ def test_the_cli_prints_it_for_the_containerd_here(tmp_path: Path) -> None:
                            "dump"], check=True, capture_output=True, text=True, timeout=60)
     assert "[proxy_plugins.lamina]" in dump.stdout
     assert f'address = "{SOCK}"' in dump.stdout
+    if doc["containerd_major"] < 2:  # 1.x's proxy plugins have no capabilities: none said
+        assert "capabilities" not in doc["config"]

@@ -6,7 +6,11 @@
 - containerd 1.x (``version = 2``): the snapshotter as the proxy plugin ``lamina``, and
   CRI's snapshotter; 1.x has no proxy differ.
 - containerd 2.x (``version = 3``): the proxy plugins ``lamina`` (with ``exports.root``,
-  the home, where CRI reads the image filesystem's usage) and ``lamina-diff`` on the same
+  the home, where CRI reads the image filesystem's usage, and the capability
+  ``remap-ids``: containerd passes user-namespaced containers' id mappings as labels
+  instead of making a chowned copy of every layer,
+  :mod:`lamina.frontends.containerd.idmap`; 1.x's proxy plugins have no
+  ``capabilities``) and ``lamina-diff`` on the same
   socket; the diff service trying ``lamina-diff`` before ``walking`` (lamina answers
   ``Unimplemented`` for mounts that are not its own); the transfer service's
   ``unpack_config`` unpacking into ``lamina`` with ``lamina-diff`` and keeping
@@ -56,6 +60,7 @@ def config_text(major: int, socket: str, home: str, plat: str) -> str:
     return "\n".join([
         "version = 3", "",
         "[proxy_plugins.lamina]", '  type = "snapshot"', f"  address = {q(socket)}",
+        '  capabilities = ["remap-ids"]',
         "  [proxy_plugins.lamina.exports]", f"    root = {q(home)}", "",
         '[proxy_plugins.lamina-diff]', '  type = "diff"', f"  address = {q(socket)}", "",
         '[plugins."io.containerd.service.v1.diff-service"]',

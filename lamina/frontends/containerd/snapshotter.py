@@ -23,6 +23,15 @@ Vocabulary (containerd's): an *active* snapshot (a key) is writable; a *committe
   exactly the mounts lamina gives for that snapshot (:meth:`Snapshotter.active_for`);
   :meth:`Snapshotter.fill` writes a tar into that layer, the snapshot marked busy
   meanwhile (a Commit or Remove of it is ``Busy`` until the fill is done).
+- User namespaces (containerd's ``remap-ids``): a ``Prepare`` or ``View`` labelled
+  with an id mapping (:mod:`lamina.frontends.containerd.idmap`) gets the mounts
+  containerd's overlayfs gives then: the backend's mounts made for idmapping
+  (``snapshot_mounts(idmap=…)``: ``uidmap=``/``gidmap=`` first in their options, or
+  lowers the backend idmapped itself where containerd's way cannot see them), and a
+  new active snapshot's upper owned by the mapped root; nothing is chowned, the
+  read-only layers are shared by every mapping.  What the backend made for a mapping
+  is swept with the last snapshot that needs it (and on open and close).  A backend
+  that cannot serve the mapping refuses it (``Unsupported``) rather than ignore it.
 - Several snapshots may use one layer (namespaces importing the same image); a layer
   goes with its last snapshot, unless another front end still holds it
   (:mod:`lamina.store.holds`).
@@ -50,6 +59,7 @@ from lamina import errors
 from lamina.backends.contract import Backend, SnapshotMount
 from lamina.driver import LayerId
 from lamina.frontends.containerd import filters, records
+from lamina.frontends.containerd.idmap import GID_LABEL, UID_LABEL, IdMapping, mapping_of
 from lamina.frontends.containerd.labels import check_labels
 from lamina.frontends.containerd.records import ACTIVE, COMMITTED, VIEW, Record
 from lamina.host.usage import Totals
@@ -87,7 +97,10 @@ class Snapshotter:
         self.recover()
 
     def close(self) -> None:
-        """Release the home's snapshots for another process."""
+        """Release the home's snapshots for another process, detaching what the backend
+        made for mapped snapshots (made again by their next ``Mounts``)."""
+        with self._lock:
+            self.drv.snapshot_sweep([])
         self.records.close()
 
     # -- lookups (under the lock) ---------------------------------------------------
@@ -136,6 +149,7 @@ class Snapshotter:
         """A new active snapshot ``key`` on committed ``parent`` ("" for none)."""
         with self._lock:
             labels = check_labels(labels)
+            mapping = mapping_of(labels, key)
             self._reserve(key, parent)
             try:
                 prec = self._parent(parent)
@@ -145,17 +159,19 @@ class Snapshotter:
             except BaseException:
                 del self._pending[key]
                 raise
-        return self._make(key, ACTIVE, parent, prec.layer if prec else None, labels)
+        return self._make(key, ACTIVE, parent, prec.layer if prec else None, labels, mapping)
 
     def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[SnapshotMount]:
         """A new read-only view ``key`` of committed ``parent`` ("" for an empty one)."""
         with self._lock:
             labels = check_labels(labels)
+            mapping = mapping_of(labels, key)
             self._reserve(key, parent)
             try:
                 prec = self._parent(parent)
                 layer = prec.layer if prec is not None else None
                 if layer is not None:
+                    mounts = self._mounts(layer, False, mapping)  # before it is recorded
                     now = time.time_ns()
                     self.records.put(Record(key, VIEW, parent, None, labels, now, now))
             except BaseException:
@@ -164,19 +180,45 @@ class Snapshotter:
             if layer is not None:
                 del self._pending[key]
         if layer is not None:
-            return self.drv.snapshot_mounts(layer, writable=False)
-        return self._make(key, VIEW, parent, None, labels)
+            return mounts
+        return self._make(key, VIEW, parent, None, labels, mapping)
+
+    def _mounts(self, layer: LayerId, writable: bool,
+                mapping: IdMapping | None) -> list[SnapshotMount]:
+        """The mounts of ``layer`` for a snapshot with ``mapping`` (None: none); with
+        one, under the lock (what the backend makes for it is swept under it)."""
+        if mapping is None:
+            return self.drv.snapshot_mounts(layer, writable=writable)
+        return self.drv.snapshot_mounts(layer, writable=writable, idmap=mapping)
+
+    def _sweep(self) -> None:
+        """Let the backend drop what no mapped snapshot needs (under the lock)."""
+        in_use = []
+        for rec in self.records:
+            try:
+                mapping = mapping_of(rec.labels, rec.name)
+            except errors.InvalidArgument:
+                continue  # labels changed by Update: its Mounts says so
+            if mapping is None:
+                continue
+            if rec.layer is not None:
+                in_use.append((rec.layer, rec.kind == ACTIVE, mapping))
+            elif (prec := self.records.get(rec.parent)) is not None and prec.layer is not None:
+                in_use.append((prec.layer, False, mapping))
+        self.drv.snapshot_sweep(in_use)
 
     def _make(self, key: str, kind: str, parent: str, player: LayerId | None,
-              labels: dict[str, str]) -> list[SnapshotMount]:
+              labels: dict[str, str], mapping: IdMapping | None) -> list[SnapshotMount]:
         """Make snapshot ``key``'s layer (outside the lock), then its record."""
         lid = LayerId(LAYER_PREFIX + secrets.token_hex(16))
         with self._lock:
             self._making.add(lid)
         try:
             self.drv.make(lid, player, writable=kind == ACTIVE, holder=SNAPSHOTS)
-            mounts = self.drv.snapshot_mounts(lid, writable=kind == ACTIVE)
             with self._lock:
+                mounts = self._mounts(lid, kind == ACTIVE, mapping)  # Unsupported: none made
+                if mapping is not None and kind == ACTIVE:
+                    self.drv.snapshot_own(lid, *mapping.root())  # a chown and a sync
                 now = time.time_ns()
                 self.records.put(Record(key, kind, parent, lid, labels, now, now))
         except BaseException:
@@ -222,7 +264,8 @@ class Snapshotter:
         if len(found) != 1:
             return None
         try:
-            ours = self.drv.snapshot_mounts(lid, writable=True)
+            with self._lock:
+                ours = self._mounts(lid, True, mapping_of(found[0].labels, found[0].name))
         except (errors.LaminaError, OSError):
             return None  # removed meanwhile
         return found[0].name if _identity(ours) == _identity(mounts) else None
@@ -297,6 +340,8 @@ class Snapshotter:
                 raise errors.Busy(f"snapshot {key!r} has children ({kids}): "
                                   "remove them first")
             self.records.delete(key)  # the commit point
+            if UID_LABEL in rec.labels or GID_LABEL in rec.labels:
+                self._sweep()  # before its layers may go: their idmapped clones first
             doomed = self._unused(rec.layer)
         if doomed is not None:
             self._let_go(doomed)
@@ -337,7 +382,10 @@ class Snapshotter:
                 if prec.layer is None:
                     raise errors.Corrupt(f"snapshot {rec.parent!r} has no layer")
                 layer, writable = prec.layer, False
-        return self.drv.snapshot_mounts(layer, writable=writable)
+            mapping = mapping_of(rec.labels, key)
+            if mapping is not None:
+                return self._mounts(layer, writable, mapping)
+        return self._mounts(layer, writable, None)
 
     def update(self, name: str, labels: Mapping[str, str], paths: Sequence[str]) -> Record:
         """Change snapshot ``name``'s labels (``paths``: ``labels`` or ``labels.KEY``; none:
@@ -420,6 +468,8 @@ class Snapshotter:
             for lid in self.drv.held_by(SNAPSHOTS):
                 if lid not in self._making and lid not in self._dying:
                     doomed += [d for d in [self._unused(lid)] if d]
+            if not self._pending:
+                self._sweep()  # what a process that died left mounted
         for lid in doomed:
             self._let_go(lid)
 
