@@ -301,6 +301,63 @@ def call_bench(targets: Sequence[Target]) -> None:
                 raise AssertionError(f"{t.name}: List gave {n} snapshots, not {LIST_TOTAL}")
 
 
+def floor_server(socket_path: str) -> None:
+    """Serve a Snapshots service whose ``Stat`` answers at once with a fixed snapshot,
+    on a gRPC server made as lamina's is (:func:`lamina.frontends.containerd.server.start`:
+    the same thread pool, limits and options), until killed: what any call to a Python
+    grpcio server costs, lamina's work aside."""
+    from lamina.frontends.containerd import server as lamina_server
+
+    answer = snapshots_pb2.StatSnapshotResponse(info=snapshots_pb2.Info(
+        name=BASE, kind=snapshots_pb2.COMMITTED, labels=GC_ROOT))
+    answer.info.created_at.GetCurrentTime()
+    answer.info.updated_at.GetCurrentTime()
+
+    class Floor(snapshots_pb2_grpc.SnapshotsServicer):  # type: ignore[misc]
+        def Stat(self, request: Any, context: Any) -> Any:
+            return answer
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=lamina_server.WORKERS),
+        maximum_concurrent_rpcs=lamina_server.MAX_CONCURRENT,
+        options=[("grpc.max_receive_message_length", lamina_server.MAX_RECEIVE),
+                 ("grpc.max_send_message_length", lamina_server.MAX_SEND),
+                 ("grpc.server_handshake_timeout_ms", lamina_server.HANDSHAKE_TIMEOUT_MS)])
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
+        Floor(), server)
+    server.add_insecure_port(f"unix:{socket_path}")
+    server.start()
+    server.wait_for_termination()
+
+
+def floor_bench(work: Path, lamina: Target) -> Target:
+    """``Stat`` on :func:`floor_server` (a process of its own) and on lamina, in turn."""
+    sock_dir = short_dir("lbf-")
+    sock = sock_dir / "floor.sock"
+    proc = subprocess.Popen([sys.executable, __file__, "--floor-server", str(sock)])
+    channel: grpc.Channel | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        channel, stub = stub_on(sock)
+        floor = Target("grpcio floor", stub)
+        for _ in range(WARMUP):
+            floor.stat(BASE)
+
+        def stat(t: Target, i: int) -> None:
+            t.record("Stat (floor run)", timed(lambda: t.stat(BASE)))
+
+        in_turn([floor, lamina], stat)
+        return floor
+    finally:
+        if channel is not None:
+            channel.close()
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
 def service_bench(work: Path) -> dict[str, dict[str, list[float]]]:
     """Fresh lamina (direct), containerd's overlayfs and lamina through containerd."""
     work.mkdir(parents=True, exist_ok=True)
@@ -321,7 +378,8 @@ def service_bench(work: Path) -> dict[str, dict[str, list[float]]]:
                    Target("lamina via containerd", ctd_stub, "lamina", ns)]
         sync()
         call_bench(targets)
-        return {t.name: t.lat for t in targets}
+        floor = floor_bench(work, targets[0])
+        return {t.name: t.lat for t in [*targets, floor]}
     finally:
         for ch in channels:
             ch.close()
@@ -531,6 +589,12 @@ def rows_of(image: dict[str, dict[str, list[float]]] | None,
                 rows.append(Row(f"{what} p{p}", pct(cl[what], p) * MS,
                                 pct(cr[what], p) * MS, "ms", goal, met,
                                 pct(cv[what], p) * MS))
+        if "grpcio floor" in calls:  # Stat on an empty grpcio server, lamina's in turn
+            floor, mine = calls["grpcio floor"]["Stat (floor run)"], cl["Stat (floor run)"]
+            rows.append(Row("Stat p50, an empty grpcio server (the floor)", pct(floor, 50) * MS,
+                            pct(cr["Stat"], 50) * MS, "ms", "-", None))
+            rows.append(Row("Stat p50, lamina, in turn with the floor", pct(mine, 50) * MS,
+                            pct(cr["Stat"], 50) * MS, "ms", "-", None))
         l_list = statistics.median(cl["List"])
         v_list = statistics.median(cv["List"])
         if LAB:  # the walk through containerd is the goal: one Stat per snapshot
@@ -579,9 +643,13 @@ def main() -> int:
                         help="the profiling pass even when every goal is met")
     parser.add_argument("--containerd", choices=("debian", "lab"), default="debian",
                         help="Debian's containerd 1.6, or the engines' lab's 2.x (issue 25)")
+    parser.add_argument("--floor-server", metavar="SOCKET", help=argparse.SUPPRESS)
     parser.add_argument("--profile-only", action="store_true",
                         help="only the profiling pass (what the full run starts in a child)")
     args = parser.parse_args()
+    if args.floor_server:
+        floor_server(args.floor_server)
+        return 0
     if os.geteuid() != 0:
         print("bench_snapshotter: needs root", file=sys.stderr)
         return 2
