@@ -112,7 +112,10 @@ SUITES: dict[str, Suite] = {
         # on 6.1 (no lowerdir+; --legacy-mount forces it on 6.12).  Applies run
         # in-process (LAMINA_NOREEXEC=1): a Python started over 9p under TCG costs
         # seconds, and the isolated child's own tests run on the host.
+        # With them, containerd's remap-ids on the snapshotter (tests/snapshotter/
+        # test_idmap.py: idmapped EROFS and directory lowers, made by lamina there).
         Suite("overlay", ("tests/backends/test_overlay.py", "tests/vm/guest_deep_chain.py",
+                          "tests/snapshotter/test_idmap.py",
                           *(f"tests/contract/test_{m}.py"
                             for m in ("apply", "changes", "diff", "lifecycle")),
                           "-k", "overlay and (not test_apply.py or whiteout or opaque)",
