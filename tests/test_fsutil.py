@@ -70,3 +70,4 @@ def test_sync_tree_takes_the_cheaper_way(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_dirty_bytes_reads_the_machine(tmp_path: Path) -> None:
     assert 0 <= fsutil._dirty_bytes() < 1 << 62
+

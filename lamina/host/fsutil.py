@@ -97,6 +97,16 @@ _sync_pool: ThreadPoolExecutor | None = None
 _sync_pool_lock = threading.Lock()
 
 
+def _forget_sync_pool() -> None:
+    """In a forked child: the parent's pool threads are not there, so the child makes
+    a pool of its own rather than rely on how the executor copes with dead threads."""
+    global _sync_pool, _sync_pool_lock
+    _sync_pool, _sync_pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_sync_pool)
+
+
 def _fsync_path(name: str) -> None:
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
