@@ -25,7 +25,7 @@ import pytest
 
 import lamina
 from lamina import ChangeKind, errors
-from tests.conftest import lacking
+from tests.conftest import lacking, unmount_layer_images
 from tests.layers import links, mounted, tree
 from tests.snapshot import (
     Node,
@@ -90,6 +90,7 @@ def corpus(
     finally:
         drv.cleanup()
         drv.close()
+        unmount_layer_images(home)  # the EROFS layers' own mounts stay with their layers
         shutil.rmtree(home.parent, ignore_errors=True)
 
 
