@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from lamina import errors
 from lamina.backends.contract import BackendFactory, register_backend
 from lamina.backends.contract import registered as _backends
+from lamina.host import userns
 from lamina.store.layers import recorded_backend
 
 if TYPE_CHECKING:
@@ -58,9 +59,14 @@ def open_driver(
     uid_map: IdMap | None = None,
     gid_map: IdMap | None = None,
 ) -> Driver:
-    """Open (creating if needed) the store at ``home`` with ``backend``; recovers it."""
+    """Open (creating if needed) the store at ``home`` with ``backend``; recovers it.
+    ``Unsupported`` before anything is read or written where this process can keep no
+    layers (an ordinary user outside a user namespace: :mod:`lamina.host.userns`)."""
     _load_builtin_backends()
     home = Path(home)
+    problem = userns.why_not_privileged()
+    if problem is not None:
+        raise errors.Unsupported(problem, path=str(home))
     recorded = recorded_backend(home)
     if recorded is None:
         # A home without its record but with layers: never guess over them (a wrong

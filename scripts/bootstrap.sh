@@ -19,7 +19,8 @@ say() { printf 'bootstrap: %s\n' "$*" >&2; }
 # umoci for the image tests and docker-registry (distribution) for the registry's.
 DEB_PACKAGES=(e2fsprogs xfsprogs attr zstd pigz tar docker.io skopeo debootstrap
               containerd runc golang-go golang-github-containerd-containerd-dev
-              qemu-system-x86 busybox-static cpio libcap2-bin umoci docker-registry)
+              qemu-system-x86 busybox-static cpio libcap2-bin umoci docker-registry
+              uidmap rootlesskit)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed'; }
 

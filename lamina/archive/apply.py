@@ -47,7 +47,7 @@ from lamina.archive.union import (
 )
 from lamina.archive.writers import Name, Writers
 from lamina.errors import LaminaError, QuotaExceeded, UnsafeArchive, Unsupported
-from lamina.host import fsutil
+from lamina.host import fsutil, userns
 from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.idmap import IdMapper
 
@@ -203,7 +203,7 @@ class Applier(LayerPaths):
             except LaminaError:
                 raise
             except OSError as e:
-                raise _os_error(e, self.layer, entry.name) from e
+                raise _os_error(e, self.layer, entry) from e
             finally:
                 if self._retired:
                     self._close_retired()
@@ -316,7 +316,7 @@ class Applier(LayerPaths):
             try:
                 fd = os.open(name[1], _FILE_FLAGS, perm, dir_fd=pfd)
             except OSError as e:
-                raise _os_error(e, self.layer, entry.name) from e
+                raise _os_error(e, self.layer, entry) from e
             finally:
                 self._creating.discard(name)
         try:
@@ -327,7 +327,7 @@ class Applier(LayerPaths):
                     done += os.write(fd, data[done:])
             self._file_metadata(fd, entry, crc, perm)
         except OSError as e:
-            raise _os_error(e, self.layer, entry.name) from e
+            raise _os_error(e, self.layer, entry) from e
         finally:
             os.close(fd)
 
@@ -372,6 +372,8 @@ class Applier(LayerPaths):
 
     def _device(self, pfd: int, base: str, entry: Entry) -> None:
         kind = _DEVICE_TYPES[entry.type]
+        if kind != stat.S_IFIFO and userns.IN_USER_NAMESPACE:
+            return  # the kernel makes no device in a user namespace: left out, as containerd does
         zero = entry.devmajor == entry.devminor == 0
         if self.overlay_whiteouts and kind == stat.S_IFCHR and zero:
             # overlayfs reads a 0/0 character device as a whiteout: storing one would
@@ -601,7 +603,12 @@ def _setxattr(target: int | str, key: str, value: bytes, *, follow: bool = True)
             raise
 
 
-def _os_error(e: OSError, layer: str | None, name: str) -> LaminaError:
+def _os_error(e: OSError, layer: str | None, entry: Entry) -> LaminaError:
+    name = entry.name
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return QuotaExceeded(f"no space left: {e.strerror}", layer=layer, path=name)
+    if e.errno == errno.EINVAL and not userns.mapped(entry.uid, entry.gid):
+        return Unsupported(f"owner {entry.uid}:{entry.gid} is not mapped in this user namespace "
+                           f"({userns.mapped_ids()}): give the user more subordinate ids "
+                           "(/etc/subuid, /etc/subgid)", layer=layer, path=name)
     return UnsafeArchive(f"cannot apply entry: {e.strerror or e}", layer=layer, path=name)

@@ -67,7 +67,6 @@ from lamina.archive.reader import TarReader
 from lamina.archive.resolve import MAX_DEPTH, MAX_SYMLINKS
 from lamina.archive.union import (
     OPAQUE_MARKER,
-    OVERLAY_OPAQUE_XATTR,
     WHITEOUT_PREFIX,
     lower_lookup,
 )
@@ -77,6 +76,9 @@ from lamina.host.idmap import IdMapper
 __all__ = ["ImageStats", "index_tar"]
 
 _CACHE_MAX = 512
+IMAGE_OPAQUE_XATTR = "trusted.overlay.opaque"
+"""An image's opaque directories: real root's overlayfs mounts the images (a user
+namespace cannot mount EROFS, so no image is ever read with ``userxattr``)."""
 _ICOUNT_MAX = 0xFFFF  # i_xattr_icount, 16 bits
 _PATH_MAX = 4096  # symlink(2) takes no target of this length or more, nor an empty one
 _Place = tuple[int, tuple[bytes, ...], bool]
@@ -262,7 +264,7 @@ class _Builder:
         return stack[-1], tuple(path), any(map(self._opaque, stack[1:]))
 
     def _opaque(self, node: int) -> bool:
-        return self.tree.xattrs.get(node, {}).get(OVERLAY_OPAQUE_XATTR) == b"y"
+        return self.tree.xattrs.get(node, {}).get(IMAGE_OPAQUE_XATTR) == b"y"
 
     def _in_lowers(self, stack: list[int], path: list[bytes],
                    part: bytes) -> tuple[str, os.stat_result] | None:
@@ -452,7 +454,7 @@ class _Builder:
         if len(parts) > 1:
             place = self._dir(parts[:-1], name)
             assert place is not None
-            self.tree.xattrs.setdefault(place[0], {})[OVERLAY_OPAQUE_XATTR] = b"y"
+            self.tree.xattrs.setdefault(place[0], {})[IMAGE_OPAQUE_XATTR] = b"y"
             self._cache.clear()  # the lowers are hidden below it now
         elif self.lowers is None:
             raise self._unsupported("an opaque marker at the layer root, the lowers unknown",

@@ -2,9 +2,9 @@
 
 A layer is written over its parent's lowers (overlay diff dirs, nearest first).  A
 whiteout (a 0/0 character device, spelled ``.wh.NAME`` in a tar) hides a lower's
-name; an opaque directory (the ``trusted.overlay.opaque`` xattr, ``.wh..wh..opq`` in
-a tar) hides everything the lowers have below it.  :func:`lower_lookup` answers what
-the union shows at a path.
+name; an opaque directory (the ``trusted.overlay.opaque`` xattr, ``user.overlay.opaque``
+in a user namespace, ``.wh..wh..opq`` in a tar) hides everything the lowers have below
+it.  :func:`lower_lookup` answers what the union shows at a path.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ import os
 import stat
 from collections.abc import Sequence
 
+from lamina.host.userns import OVERLAY_XATTR_PREFIX
+
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
-OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
+OVERLAY_OPAQUE_XATTR = OVERLAY_XATTR_PREFIX + "opaque"
+"""The opaque xattr of the layers this process writes: ``trusted.overlay.opaque``, or
+``user.overlay.opaque`` in a user namespace (overlayfs' ``userxattr``)."""
 
 
 def is_whiteout(st: os.stat_result) -> bool:

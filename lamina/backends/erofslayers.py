@@ -42,7 +42,7 @@ from lamina.archive import erofs
 from lamina.archive.digests import Digests
 from lamina.archive.erofsimage import ImageTree
 from lamina.archive.erofstar import index_tar
-from lamina.host import fsutil, mount
+from lamina.host import fsutil, mount, userns
 from lamina.host.idmap import IdMapper
 
 if TYPE_CHECKING:
@@ -62,6 +62,9 @@ def probe(staging: Path) -> str | None:
     directory, over a one-block device) is written in the store's ``staging``
     directory, under a lock of its own (the next open sweeps it if a kill leaves
     it there), and mounted once."""
+    if userns.IN_USER_NAMESPACE:
+        return ("EROFS images are mounted by root of the initial user namespace only (this "
+                "is a user namespace): read-only layers are directories")
     name = f"erofs-probe-{secrets.token_hex(4)}"
     base = staging / name
     lock = fsutil.FileLock(staging / f"{name}.lock")

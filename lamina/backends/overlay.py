@@ -1,7 +1,8 @@
 """The ``overlay`` backend: kernel overlayfs union mounts, laid out like Docker's overlay2.
 
 Per layer, in ``layers/ID/``: ``diff/`` (the layer's own changes, with overlay
-whiteouts: 0/0 character devices and the ``trusted.overlay.opaque`` xattr),
+whiteouts: 0/0 character devices and the ``trusted.overlay.opaque`` xattr, or
+``user.overlay.opaque`` in a user namespace, where the unions mount with ``userxattr``),
 ``work/`` (overlayfs' work dir), ``merged/`` (the mount point), ``lower`` (the
 chain as ``l/SHORT`` names, nearest first) and ``link`` (this layer's short
 name; ``HOME/l/SHORT`` is a symlink to its ``diff/``, so that mount options stay
@@ -87,7 +88,7 @@ def max_depth() -> int:
 def why_unsupported(home: Path) -> str | None:
     """Why overlay cannot work with ``home``, or None when it can."""
     if os.geteuid() != 0:
-        return "overlay needs root"
+        return "overlay needs root, or root of a user namespace"
     try:
         with open("/proc/filesystems", encoding="ascii") as f:
             if not any(line.split()[-1] == "overlay" for line in f if line.strip()):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lamina import errors
 from lamina.driver import LayerId
-from lamina.host import fsutil, loop, mount, quota
+from lamina.host import fsutil, loop, mount, quota, userns
 from lamina.store.layers import Store
 from lamina.store.meta import Quota
 
@@ -44,8 +44,8 @@ class LayerQuotas:
 
     def _support(self) -> tuple[str | None, str]:
         # The mechanism this home can use, and what status() says of it.
-        if os.geteuid() != 0:
-            return None, "they need root"
+        if os.geteuid() != 0 or userns.IN_USER_NAMESPACE:
+            return None, "they need root of the initial user namespace"
         reason = quota.project_quota_reason(self.home)
         if reason is None:
             return quota.PROJECT, f"project quotas ({fsutil.fs_type(self.home)})"

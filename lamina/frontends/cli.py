@@ -39,6 +39,7 @@ from lamina.frontends.output import (
     human_size,
     progress_bar,
 )
+from lamina.host import userns
 
 USAGE_EXIT = 2
 
@@ -512,6 +513,9 @@ QUIET = frozenset({"exists", "unmount", "rm", "cleanup", "serve", "snapshotter"}
 def _refusal(args: argparse.Namespace) -> errors.LaminaError | None:
     """Why the command cannot run here (an argument or a closed standard stream), before
     anything is read or written; a ``lamina: …`` line, exit 1."""
+    problem = userns.why_not_privileged()  # every command keeps or reads a store
+    if problem is not None:
+        return errors.Unsupported(problem)
     if args.home is not None and not str(args.home).strip():
         return errors.InvalidArgument("--home: an empty path names no store (give a "
                                       "directory, or leave --home out for the default)")

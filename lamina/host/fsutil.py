@@ -454,7 +454,8 @@ def copy_xattrs(
 ) -> None:
     """Copy every extended attribute (trusted.* and security.* included) from src to dst.
 
-    ``overlay=False`` leaves out overlayfs' own ``trusted.overlay.*`` attributes.
+    ``overlay=False`` leaves out overlayfs' own attributes (``trusted.overlay.*``, and
+    ``user.overlay.*`` as overlayfs reads them in a user namespace).
     """
     if isinstance(src, int) or isinstance(dst, int):
         follow = True  # an fd names its inode; there is no link to follow
@@ -465,7 +466,7 @@ def copy_xattrs(
             return
         raise
     for name in names:
-        if not overlay and name.startswith("trusted.overlay."):
+        if not overlay and name.startswith(("trusted.overlay.", "user.overlay.")):
             continue
         try:
             os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=follow),

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lamina.host import libc, loop
+from lamina.host.userns import IN_USER_NAMESPACE, OVERLAY_MOUNT_OPTIONS
 
 _libc = libc.load()
 # syscall(2) typed once for fsconfig's shape (int, uint, str, str, int): a mount of
@@ -41,9 +42,13 @@ AT_FDCWD = -100
 MS_RDONLY = 1
 MNT_DETACH = 2
 PAGE = os.sysconf("SC_PAGE_SIZE")
-MOUNT_OPTIONS = ("index=off", "redirect_dir=off", "metacopy=off")
+MOUNT_OPTIONS = ("index=off", "redirect_dir=nofollow" if IN_USER_NAMESPACE else "redirect_dir=off",
+                 "metacopy=off", *OVERLAY_MOUNT_OPTIONS)
 """The overlayfs features lamina's unions keep off, so that an upper directory always
-holds a layer's full changes (and its native diff is exact)."""
+holds a layer's full changes (and its native diff is exact); and in a user namespace
+``userxattr`` (overlayfs' own attributes as ``user.overlay.*``), with which the kernel
+takes ``redirect_dir=nofollow`` only (``off`` means follow, where redirects are
+followed by default)."""
 
 
 def mount_error(err: int, what: str, detail: str = "") -> OSError:

@@ -2,7 +2,8 @@
 
 Layout (every backend keeps its layer content inside the layer's directory)::
 
-    HOME/lamina.json          the backend the home was made with
+    HOME/lamina.json          the backend the home was made with (and whether in a
+                              user namespace: :mod:`lamina.host.userns`)
     HOME/.lock                the store lock: held briefly to publish, swap, retire
     HOME/layers/ID/           one complete layer: layer.json, layerchain.json,
                               layerID (the seed driver's id redirect file), content
@@ -50,7 +51,7 @@ from pathlib import Path
 
 from lamina import crashpoints, errors
 from lamina.driver import REMOVING_SUFFIX, LayerId, check_id
-from lamina.host import fsutil, mount
+from lamina.host import fsutil, mount, userns
 from lamina.store import meta as meta_file
 from lamina.store.chains import ChainIndex
 from lamina.store.holds import Holds
@@ -61,8 +62,8 @@ log = logging.getLogger("lamina")
 FORMAT = 1
 
 
-def recorded_backend(home: Path) -> str | None:
-    """The backend recorded in ``home``, if it is a lamina home already."""
+def _record(home: Path) -> dict[str, object] | None:
+    """``lamina.json``, if ``home`` is a lamina home already."""
     try:
         data = json.loads((home / "lamina.json").read_text())
     except FileNotFoundError:
@@ -72,10 +73,33 @@ def recorded_backend(home: Path) -> str | None:
     if not isinstance(data, dict):
         raise errors.Corrupt(f"bad lamina.json: {type(data).__name__}, not an object",
                              path=str(home))
+    return data
+
+
+def recorded_backend(home: Path) -> str | None:
+    """The backend recorded in ``home``, if it is a lamina home already."""
+    data = _record(home)
+    if data is None:
+        return None
     backend = data.get("backend")
     if not isinstance(backend, str):
         raise errors.Corrupt(f"lamina.json names no backend ({backend!r})", path=str(home))
     return backend
+
+
+def _namespace_problem(home: Path, data: dict[str, object] | None) -> str | None:
+    """Why this process may not open ``home`` (None: it may).  A home made in a user
+    namespace (``"userns": true``) holds that namespace's owners and overlayfs'
+    ``user.overlay.*`` xattrs; one made outside holds the host's and ``trusted.*``: each
+    is opened only where it was made, or its whiteouts and owners would be misread."""
+    made_inside = bool(data and data.get("userns") is True)
+    if data is None or made_inside == userns.IN_USER_NAMESPACE:
+        return None
+    if made_inside:
+        return ("this home was made in a user namespace (its owners and overlay xattrs are "
+                "that namespace's): open it from one, as its user (rootlesskit, unshare)")
+    return ("this home was made outside a user namespace (its owners and overlay xattrs "
+            "are the host's): open it as root of the initial namespace")
 
 
 class Store:
@@ -89,6 +113,13 @@ class Store:
         self.mounts_dir = home / "mounts"
         self.locks_dir = home / "locks"
         self.mount_locks_dir = home / "mountlocks"
+        # Refused before anything is written: who may keep layers, and where this home
+        # was made (:mod:`lamina.host.userns`).
+        problem = userns.why_not_privileged()
+        record = _record(home) if problem is None else None
+        problem = problem or _namespace_problem(home, record)
+        if problem is not None:
+            raise errors.Unsupported(problem, path=str(home))
         try:
             home.mkdir(mode=0o710 if shared_root else 0o700, parents=True, exist_ok=True)
             for sub in (self.layers_dir, self.staging_dir, self.mounts_dir, self.locks_dir,
@@ -99,11 +130,11 @@ class Store:
         except OSError as e:
             raise errors.InvalidArgument(f"cannot create home: {e.strerror}", path=str(home)) from e
         self.holds.migrate(home / "snapshots" / "holds")
-        if recorded_backend(home) is None:
-            fsutil.atomic_write(
-                home / "lamina.json",
-                json.dumps({"backend": backend, "format": FORMAT}).encode() + b"\n",
-            )
+        if record is None:
+            made: dict[str, object] = {"backend": backend, "format": FORMAT}
+            if userns.IN_USER_NAMESPACE:
+                made["userns"] = True
+            fsutil.atomic_write(home / "lamina.json", json.dumps(made).encode() + b"\n")
         self._store_lock = home / ".lock"
 
     # -- locks ----------------------------------------------------------------

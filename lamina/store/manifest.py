@@ -4,7 +4,8 @@ A manifest is written into the layer's directory (beside its metadata, outside
 its content) when the layer is built, before the syncfs that makes it durable.
 It lists every path of the layer's own content with its type, mode, owner,
 size, device number, link target or the CRC-32 of its data, and the
-``security.capability`` and ``trusted.overlay.opaque`` xattrs.  A sparse file's
+``security.capability`` and overlayfs' opaque xattr (``trusted.``, or ``user.`` in a
+user namespace).  A sparse file's
 holes count as the zeros they read as but are never read (:mod:`lamina.archive.crc`):
 the digest is the one reading them gives, so the manifests of older homes check as
 they are, and a file of a terabyte of holes costs only its data.  ``lamina check``
@@ -27,12 +28,13 @@ from pathlib import Path
 
 from lamina.archive.crc import file_crc32
 from lamina.archive.digests import Digests
+from lamina.archive.union import OVERLAY_OPAQUE_XATTR
 from lamina.host.fsutil import DIR_FLAGS
 from lamina.host.usage import Tally, Totals
 
 NAME = "manifest.jsonl"
 FORMAT = 1
-_XATTRS = ("security.capability", "trusted.overlay.opaque")
+_XATTRS = ("security.capability", OVERLAY_OPAQUE_XATTR)
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps's, built once
 
 Row = list[object]
