@@ -59,12 +59,10 @@ def mapped(uid: int, gid: int) -> bool:
 
 @functools.cache
 def mapped_ids() -> str:
-    """The ids this namespace maps, for messages: ``0-65536`` (uids; gids when they
-    differ)."""
+    """The ids this namespace maps, for messages: ``uids 0-65536, gids 0-65536``."""
     def spans(ranges: tuple[tuple[int, int, int], ...] | None) -> str:
         return ", ".join(f"{a}-{a + c - 1}" if c > 1 else str(a) for a, _, c in ranges or ())
-    uids, gids = spans(_UIDS), spans(_GIDS)
-    return f"uids {uids}" + ("" if gids == uids else f", gids {gids}")
+    return f"uids {spans(_UIDS)}, gids {spans(_GIDS)}"
 
 
 def why_not_privileged() -> str | None:

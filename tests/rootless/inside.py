@@ -1,0 +1,113 @@
+"""What the rootless tests run as their ordinary user, inside its user namespace (Debian's
+``/usr/bin/python3``, with lamina and its dependencies on ``PYTHONPATH``).  Each command
+prints one JSON document on standard output, for the test (root, outside) to check.
+
+    inside.py tree ROOT            the tree at ROOT (tests.snapshot), its hard links
+    inside.py api HOME             the Python API: the tar on stdin applied as a layer,
+                                   its union's tree, the store's status
+    inside.py snapshots SOCKET     containerd's snapshot calls on `lamina snapshotter`
+                                   at SOCKET, each snapshot mounted as containerd would
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.snapshot import Node, hardlink_groups, snapshot
+
+
+def tree_doc(root: str | os.PathLike[str]) -> dict[str, Any]:
+    nodes: dict[str, Node] = snapshot(root)
+    return {
+        "tree": {path: [*node[:-2], node.cap.hex() if node.cap else None, node.mtime]
+                 for path, node in nodes.items()},
+        "links": sorted(sorted(group) for group in hardlink_groups(root)),
+    }
+
+
+def api(home: str) -> dict[str, Any]:
+    import lamina
+
+    drv = lamina.open_driver(home)
+    try:
+        size = drv.apply_diff("rootfs", None, sys.stdin.buffer)
+        root = drv.get("rootfs")
+        try:
+            doc = tree_doc(root)
+        finally:
+            drv.put("rootfs")
+        return {"size": size, "backend": drv.name, "status": drv.status(), **doc}
+    finally:
+        drv.close()
+
+
+def _mount(mounts: Any, target: Path) -> None:
+    """Mount what the snapshotter answered, as containerd does (one mount each)."""
+    target.mkdir(exist_ok=True)
+    for m in mounts:
+        options = list(m.options)
+        argv = ["mount", "-t", m.type, "-o", ",".join(options), m.source, str(target)]
+        subprocess.run(argv, check=True)
+
+
+def snapshots(socket: str) -> dict[str, Any]:
+    import grpc
+
+    from lamina.frontends.containerd.api import snapshots_pb2 as pb
+    from lamina.frontends.containerd.api import snapshots_pb2_grpc
+
+    work = Path(socket).parent
+    out: dict[str, Any] = {}
+    with grpc.insecure_channel(f"unix:{socket}") as channel:
+        stub: Any = snapshots_pb2_grpc.SnapshotsStub(channel)  # type: ignore[no-untyped-call]
+        grpc.channel_ready_future(channel).result(timeout=60)
+        first = stub.Prepare(pb.PrepareSnapshotRequest(key="a")).mounts
+        _mount(first, work / "a")
+        (work / "a/etc").mkdir()
+        (work / "a/etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+        (work / "a/home").mkdir()
+        os.chown(work / "a/home", 1000, 1000)
+        (work / "a/gone").mkdir()
+        (work / "a/gone/f").write_text("f")
+        subprocess.run(["umount", str(work / "a")], check=True)
+        stub.Commit(pb.CommitSnapshotRequest(name="a1", key="a"))
+        second = stub.Prepare(pb.PrepareSnapshotRequest(key="b", parent="a1")).mounts
+        out["prepare"] = [[m.type, m.source, list(m.options)] for m in second]
+        _mount(second, work / "b")
+        out["home_owner"] = [os.stat(work / "b/home").st_uid, os.stat(work / "b/home").st_gid]
+        for path in (work / "b/gone/f", work / "b/gone"):
+            path.unlink() if path.is_file() else path.rmdir()
+        (work / "b/new").write_text("new")
+        subprocess.run(["umount", str(work / "b")], check=True)
+        stub.Commit(pb.CommitSnapshotRequest(name="b1", key="b"))
+        view = stub.View(pb.ViewSnapshotRequest(key="v", parent="b1")).mounts
+        out["view"] = [[m.type, m.source, list(m.options)] for m in view]
+        _mount(view, work / "v")
+        out["view_tree"] = sorted(
+            str(p.relative_to(work / "v")) for p in (work / "v").rglob("*"))
+        subprocess.run(["umount", str(work / "v")], check=True)
+        for key in ("v", "b1", "a1"):
+            stub.Remove(pb.RemoveSnapshotRequest(key=key))
+    return out
+
+
+def main() -> None:
+    command, arg = sys.argv[1], sys.argv[2]
+    if command == "tree":
+        doc = tree_doc(arg)
+    elif command == "api":
+        doc = api(arg)
+    elif command == "snapshots":
+        doc = snapshots(arg)
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+    json.dump(doc, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

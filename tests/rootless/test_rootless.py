@@ -1,0 +1,245 @@
+"""lamina without root: a real ordinary user, made by the test (:mod:`tests.rootless.conftest`).
+
+Inside a user namespace of its own (``unshare --map-root-user --map-auto`` and
+``rootlesskit``), the user's lamina keeps a home whose files carry the layers' real owners
+(each the user's subordinate id for it, on the host), with overlayfs' ``userxattr`` way of
+whiteouts and opaque directories; it applies the corpus (through the CLI and the Python
+API), serves the union, which is exactly what ``docker export`` wrote, takes a container's
+changes as ``docker diff`` saw them, and serves containerd's snapshot calls.  Outside any
+namespace every command says in one line that it cannot work, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from tests.rootless.conftest import NAMESPACES, User
+from tests.snapshot import Node, assert_same_tree, snapshot_tar
+from tests.test_corpus import assert_docker_export_tree
+
+pytestmark = [pytest.mark.root, pytest.mark.corpus]
+
+
+def _node(row: list[Any]) -> Node:
+    kind, mode, uid, gid, size, sha256, link, rdev, cap, mtime = row
+    return Node(kind, mode, uid, gid, size, sha256, link, tuple(rdev) if rdev else None,
+                bytes.fromhex(cap) if cap else None, mtime)
+
+
+def tree_of(doc: dict[str, Any]) -> tuple[dict[str, Node], set[frozenset[str]]]:
+    """The tree and hard links :mod:`tests.rootless.inside` printed."""
+    return ({path: _node(row) for path, row in doc["tree"].items()},
+            {frozenset(group) for group in doc["links"]})
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 0, (done.args[-1] if done.args else done, done.stderr)
+    return done.stdout
+
+
+def feed(user: User, argv: list[str], ns: str | None, source: IO[bytes]
+         ) -> subprocess.CompletedProcess[str]:
+    """``argv`` as the user in ``ns``, with ``source`` (root's to read) on its stdin."""
+    read_end, write_end = os.pipe()
+
+    def pump() -> None:
+        # The command may stop reading: its exit status tells why.
+        with os.fdopen(write_end, "wb") as sink, contextlib.suppress(BrokenPipeError):
+            shutil.copyfileobj(source, sink, 1 << 20)
+
+    pumping = threading.Thread(target=pump)
+    pumping.start()
+    try:
+        return user.run(argv, ns, stdin=read_end)
+    finally:
+        os.close(read_end)
+        pumping.join()
+
+
+def app_layers(corpus: Path) -> Iterator[tuple[int, IO[bytes]]]:
+    """The corpus image's layer tars, bottom first, streamed out of ``docker save``'s."""
+    with tarfile.open(corpus / "app-docker-save.tar") as outer:
+        manifest = outer.extractfile("manifest.json")
+        assert manifest is not None
+        for i, name in enumerate(json.load(manifest)[0]["Layers"]):
+            member = outer.extractfile(name)
+            assert member is not None
+            yield i, member
+
+
+@pytest.fixture(params=sorted(NAMESPACES))
+def ns(request: pytest.FixtureRequest, rootless_user: User) -> Iterator[str]:
+    """Each way into a user namespace, with a fresh home."""
+    yield request.param
+    shutil.rmtree(rootless_user.home, ignore_errors=True)
+
+
+def test_outside_a_user_namespace_every_command_refuses(rootless_user: User,
+                                                        corpus_dir: Path) -> None:
+    user = rootless_user
+    for args in (("status",), ("ls",), ("check",), ("create", "a"), ("apply", "a", "-"),
+                 ("snapshotter",), ("snapshotter", "--print-containerd-config"),
+                 ("serve",), ("image", "ls")):
+        with open(corpus_dir / "rootfs.tar", "rb") as tar:
+            done = user.lamina(*args, ns=None, stdin=tar.fileno())
+        assert done.returncode == 1 and done.stdout == "", (args, done)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith(
+            f"lamina: cannot keep layers as uid {user.uid} outside a user namespace: run it "
+            "as root, or as an ordinary user inside a user namespace: `rootlesskit"), done.stderr
+    code = ("import lamina\n"
+            "try:\n    lamina.open_driver('home')\n"
+            "except lamina.errors.Unsupported as e:\n    print(e)\n")
+    said = ok(user.run(["/usr/bin/python3", "-c", code], None))
+    assert "cannot keep layers as uid" in said and "rootlesskit" in said
+    assert not user.home.exists()
+
+
+def test_cli_applies_the_corpus_image_and_serves_its_union(
+        rootless_user: User, corpus_dir: Path, ns: str) -> None:
+    user = rootless_user
+    for i, layer in app_layers(corpus_dir):
+        parent = ["--parent", f"app{i - 1}"] if i else []
+        ok(feed(user, ["/usr/bin/python3", "-m", "lamina", "apply", f"app{i}", *parent, "-"],
+                ns, layer))
+    out = user.work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    shutil.chown(out, user.uid, user.gid)
+    # One namespace for the lot: a union mounted there lasts as long as it does.
+    ok(user.script(f"""
+        L --json status > {out}/status.json
+        top=$(L mount app2)
+        INSIDE tree "$top" > {out}/union.json
+        L unmount app2
+        L create --rw ctr --parent app2
+        root=$(L mount ctr)
+        echo changed >> "$root/etc/debian_version"
+        rm -r "$root/usr/share/zoneinfo"
+        mkdir "$root/newdir"
+        touch "$root/newdir/f"
+        L unmount ctr
+        L changes ctr > {out}/changes.txt
+        L diff app2 -o {out}/app2.tar
+        L --json check > {out}/check.json
+        L rm ctr
+        """, ns))
+    status = dict(json.loads((out / "status.json").read_text())["status"])
+    assert status["Layer Format"].startswith("dir (EROFS images are mounted by root of the "
+                                             "initial user namespace only")
+    tree, links = tree_of(json.loads((out / "union.json").read_text()))
+    assert_docker_export_tree(tree, links, corpus_dir)  # owners as the namespace sees them
+    changes = set((out / "changes.txt").read_text().splitlines())
+    assert changes == set((corpus_dir / "app-changes.txt").read_text().splitlines())
+    assert json.loads((out / "check.json").read_text())["problems"] == []
+    # The top layer's diff names what its tar did (the kernel's overlay layout read back).
+    want: set[str] = set()
+    for i, layer in app_layers(corpus_dir):
+        if i == 2:
+            with tarfile.open(fileobj=layer, mode="r|") as tar:
+                want = {_name(m.name) for m in tar}
+    with tarfile.open(out / "app2.tar") as again:
+        assert {_name(m.name) for m in again} == want
+    # On the host: the layers' files carry the real owners (the user's subordinate ids)
+    # and overlayfs' user.* xattrs, never trusted.*; whiteouts are 0/0 devices.
+    layers = user.home / "layers"
+    diffs = {i: layers / f"app{i}" / "diff" for i in range(3)}
+    found = [d / "home" for d in diffs.values() if (d / "home").exists()]
+    assert found
+    st = os.lstat(found[-1])
+    assert (st.st_uid, st.st_gid) == (user.host_uid(1000), user.host_gid(1000))
+    st = os.lstat(diffs[0] / "etc/passwd")
+    assert (st.st_uid, st.st_gid) == (user.uid, user.gid)
+    xattrs = {(str(path), name) for d in diffs.values() for path in _all(d)
+              for name in os.listxattr(path, follow_symlinks=False)
+              if name.startswith(("trusted.", "user.overlay."))}
+    assert xattrs and all(name == "user.overlay.opaque" for _, name in xattrs), xattrs
+    whiteouts = [p for d in diffs.values() for p in _all(d)
+                 if stat.S_ISCHR(os.lstat(p).st_mode)]
+    assert whiteouts and all(os.lstat(p).st_rdev == 0 for p in whiteouts)
+
+
+def _name(name: str) -> str:
+    return name.removeprefix("./").rstrip("/")
+
+
+def _all(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            yield Path(dirpath) / name
+
+
+def test_python_api_applies_a_root_filesystem(rootless_user: User, corpus_dir: Path) -> None:
+    user = rootless_user
+    with open(corpus_dir / "rootfs.tar", "rb") as tar:
+        doc = json.loads(ok(feed(user, ["/usr/bin/python3", "-m", "tests.rootless.inside",
+                                       "api", str(user.home)], "unshare", tar)))
+    try:
+        assert doc["backend"] == "overlay"
+        tree, _ = tree_of(doc)
+        want = snapshot_tar(corpus_dir / "rootfs.tar")
+        devices = {path for path, node in want.items() if node.type in ("char", "block")}
+        assert devices  # the kernel makes none in a user namespace: they are left out
+        assert_same_tree({p: n for p, n in tree.items() if p != "/"},
+                         {p: n for p, n in want.items() if p not in devices and p != "/"})
+        st = os.lstat(user.home / "layers/rootfs/diff/etc/shadow")
+        shadow = want["/etc/shadow"]
+        assert (st.st_uid, st.st_gid) == (user.host_uid(shadow.uid), user.host_gid(shadow.gid))
+    finally:
+        shutil.rmtree(user.home, ignore_errors=True)
+
+
+def test_an_owner_the_namespace_does_not_map_is_named(rootless_user: User,
+                                                      corpus_dir: Path) -> None:
+    # Only the user itself mapped (no subordinate ids): the first file of another owner
+    # is refused in one line that names it, and no layer is left.
+    user = rootless_user
+    with open(corpus_dir / "rootfs.tar", "rb") as tar:
+        done = feed(user, ["unshare", "--user", "--map-root-user", "--mount",
+                           "/usr/bin/python3", "-m", "lamina", "apply", "base", "-"], None, tar)
+    try:
+        assert done.returncode == 1, done
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "is not mapped in this user namespace (uids 0, gids 0): give the user more " \
+               "subordinate ids" in done.stderr and "layer base" in done.stderr, done.stderr
+        listed = user.run(["unshare", "--user", "--map-root-user", "--mount", "/usr/bin/python3",
+                           "-m", "lamina", "--json", "ls"], None)
+        assert json.loads(ok(listed)) == {"layers": []}
+    finally:
+        shutil.rmtree(user.home, ignore_errors=True)
+
+
+def test_snapshotter_serves_containerd_calls(rootless_user: User, ns: str) -> None:
+    user = rootless_user
+    sock = user.work / "snap" / "lamina.sock"
+    shutil.rmtree(sock.parent, ignore_errors=True)
+    sock.parent.mkdir()
+    shutil.chown(sock.parent, user.uid, user.gid)
+    out = ok(user.script(f"""
+        /usr/bin/python3 -m lamina snapshotter --socket {sock} > {sock.parent}/log 2>&1 &
+        pid=$!
+        trap 'kill $pid; wait $pid' EXIT
+        INSIDE snapshots {sock}
+        """, ns, timeout=180))
+    doc = json.loads(out)
+    (kind, _, options), = doc["prepare"]
+    assert kind == "overlay" and "userxattr" in options and "redirect_dir=nofollow" in options
+    assert any(o.startswith(("lowerdir=", "upperdir=")) and str(user.home) in o
+               for o in options), options
+    assert doc["home_owner"] == [1000, 1000]  # as the namespace sees its owners
+    assert doc["view_tree"] == ["etc", "etc/passwd", "home", "new"]
+    (kind, _, options), = doc["view"]
+    assert kind == "overlay" and "ro" in options and "userxattr" in options
+    assert list((user.home / "layers").iterdir()) == []  # every snapshot removed
