@@ -45,14 +45,26 @@ USAGE_EXIT = 2
 
 
 def default_home() -> Path:
-    """The store used without ``--home``: ``$LAMINA_HOME``, else per-user or system-wide."""
+    """The store used without ``--home``: ``$LAMINA_HOME``, else system-wide for root,
+    per-user (``$XDG_DATA_HOME/lamina``) for root of a user namespace (rootless)."""
     env = os.environ.get("LAMINA_HOME")
     if env:
         return Path(env)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not userns.IN_USER_NAMESPACE:
         return Path("/var/lib/lamina")
     data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data) / "lamina"
+
+
+def default_snapshotter_socket() -> Path:
+    """``lamina snapshotter``'s socket without ``--socket``: in a user namespace, under
+    ``$XDG_RUNTIME_DIR`` (as rootless containerd keeps its own), else in ``/run/lamina``."""
+    from lamina.frontends.containerd import server
+
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if userns.IN_USER_NAMESPACE and runtime:
+        return Path(runtime) / "lamina" / "snapshotter.sock"
+    return Path(server.DEFAULT_SOCKET)
 
 
 # --- progress ----------------------------------------------------------------------
@@ -322,7 +334,7 @@ def cmd_snapshotter(drv: Driver, args: argparse.Namespace) -> Result:
 
     if not isinstance(drv, Backend):
         raise errors.Unsupported(f"backend {drv.name} cannot serve containerd snapshots")
-    socket = str((args.socket or Path(server.DEFAULT_SOCKET)).absolute())
+    socket = str((args.socket or default_snapshotter_socket()).absolute())
     if args.print_containerd_config:
         from lamina.frontends.containerd import config
 
@@ -332,7 +344,7 @@ def cmd_snapshotter(drv: Driver, args: argparse.Namespace) -> Result:
                 "# for containerd 2.x (no containerd found on PATH)")
         return Result({"containerd_major": major or 2, "config": text},
                       [head, *text.splitlines()])
-    status = server.serve(drv, args.socket or server.DEFAULT_SOCKET, verbose=args.verbose,
+    status = server.serve(drv, socket, verbose=args.verbose,
                           containerd_address=str(args.containerd_address))
     return Result({"snapshotter": "stopped"}, status=status)
 
@@ -468,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("snapshotter", cmd_snapshotter,
                 "serve containerd's snapshot API (a proxy plugin) on a unix socket")
     p.add_argument("--socket", metavar="PATH", type=Path, default=None,
-                   help="the unix socket (default: /run/lamina/snapshotter.sock)")
+                   help="the unix socket (default: /run/lamina/snapshotter.sock; in a user "
+                        "namespace $XDG_RUNTIME_DIR/lamina/snapshotter.sock)")
     p.add_argument("--containerd-address", metavar="PATH", type=Path,
                    default=Path("/run/containerd/containerd.sock"),
                    help="containerd's socket, whose content store the differ reads blobs "

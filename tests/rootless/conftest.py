@@ -43,7 +43,8 @@ class User:
         entry = pwd.getpwnam(name)
         self.name, self.uid, self.gid = name, entry.pw_uid, entry.pw_gid
         self.work = work
-        self.home = work / "home"
+        self.home = work / ".local/share/lamina"
+        """lamina's default home for root of a user namespace (``$HOME`` is ``work``)."""
         self.pythonpath = pythonpath
         self.subuid = _subordinate("/etc/subuid", name)
         self.subgid = _subordinate("/etc/subgid", name)
@@ -54,7 +55,7 @@ class User:
         return {"HOME": str(self.work), "USER": self.name, "LOGNAME": self.name,
                 "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
                 "PYTHONPATH": self.pythonpath, "PYTHONDONTWRITEBYTECODE": "1",
-                "XDG_RUNTIME_DIR": str(self.work / "run"), "LAMINA_HOME": str(self.home)}
+                "XDG_RUNTIME_DIR": str(self.work / "run")}
 
     def argv(self, argv: Sequence[str], ns: str | None) -> list[str]:
         """``argv`` as this user, inside a namespace ``ns`` of :data:`NAMESPACES` (None:

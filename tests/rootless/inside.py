@@ -61,7 +61,8 @@ def snapshots(socket: str) -> dict[str, Any]:
     from lamina.frontends.containerd.api import snapshots_pb2 as pb
     from lamina.frontends.containerd.api import snapshots_pb2_grpc
 
-    work = Path(socket).parent
+    work = Path.cwd() / "mnt"  # the mount points
+    work.mkdir(exist_ok=True)
     out: dict[str, Any] = {}
     with grpc.insecure_channel(f"unix:{socket}") as channel:
         stub: Any = snapshots_pb2_grpc.SnapshotsStub(channel)  # type: ignore[no-untyped-call]

@@ -223,12 +223,9 @@ def test_an_owner_the_namespace_does_not_map_is_named(rootless_user: User,
 
 def test_snapshotter_serves_containerd_calls(rootless_user: User, ns: str) -> None:
     user = rootless_user
-    sock = user.work / "snap" / "lamina.sock"
-    shutil.rmtree(sock.parent, ignore_errors=True)
-    sock.parent.mkdir()
-    shutil.chown(sock.parent, user.uid, user.gid)
+    sock = user.work / "run/lamina/snapshotter.sock"  # the default, under $XDG_RUNTIME_DIR
     out = ok(user.script(f"""
-        /usr/bin/python3 -m lamina snapshotter --socket {sock} > {sock.parent}/log 2>&1 &
+        /usr/bin/python3 -m lamina snapshotter > {user.work}/snapshotter.log 2>&1 &
         pid=$!
         trap 'kill $pid; wait $pid' EXIT
         INSIDE snapshots {sock}
