@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -76,13 +77,18 @@ class User:
                ) -> subprocess.CompletedProcess[str]:
         return self.run([PYTHON, "-m", "lamina", *args], ns, stdin=stdin)
 
-    def script(self, text: str, ns: str, *, timeout: float = 600
-               ) -> subprocess.CompletedProcess[str]:
-        """A shell script run in one namespace (mounts last as long as it does); ``L`` is
-        lamina, ``INSIDE`` the inside helper (:mod:`tests.rootless.inside`)."""
+    @staticmethod
+    def script_argv(text: str) -> list[str]:
+        """A shell script (dedented) as a command line; ``L`` is lamina, ``INSIDE`` the
+        inside helper (:mod:`tests.rootless.inside`)."""
         head = (f"set -eu\nL() {{ {PYTHON} -m lamina \"$@\"; }}\n"
                 f"INSIDE() {{ {PYTHON} -m tests.rootless.inside \"$@\"; }}\n")
-        return self.run(["bash", "-c", head + text], ns, timeout=timeout)
+        return ["bash", "-c", head + textwrap.dedent(text)]
+
+    def script(self, text: str, ns: str, *, timeout: float = 600
+               ) -> subprocess.CompletedProcess[str]:
+        """:meth:`script_argv` run in one namespace (mounts last as long as it does)."""
+        return self.run(self.script_argv(text), ns, timeout=timeout)
 
     def host_uid(self, uid: int) -> int:
         """Where the namespace's ``uid`` lands on the host (``--map-root-user --map-auto``

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import pytest
 
+from tests.conftest import lacking
 from tests.rootless.conftest import NAMESPACES, User
 from tests.snapshot import Node, assert_same_tree, snapshot_tar
 from tests.test_corpus import assert_docker_export_tree
@@ -240,3 +241,62 @@ def test_snapshotter_serves_containerd_calls(rootless_user: User, ns: str) -> No
     (kind, _, options), = doc["view"]
     assert kind == "overlay" and "ro" in options and "userxattr" in options
     assert list((user.home / "layers").iterdir()) == []  # every snapshot removed
+
+
+def test_rootless_containerd_unpacks_into_lamina(rootless_user: User, corpus_dir: Path) -> None:
+    # containerd itself as the user (Debian's containerd 1.6, under rootlesskit, as
+    # containerd-rootless.sh runs it), with lamina as its proxy snapshotter in the same
+    # namespace: `ctr images import` unpacks the corpus image into lamina (containerd
+    # writes each layer through the overlay mounts lamina gives it), and a container's
+    # snapshot of it, mounted as ctr says, is what docker export wrote.
+    user = rootless_user
+    for tool in ("containerd", "ctr"):
+        if shutil.which(tool) is None:
+            lacking(f"no {tool} (make bootstrap installs Debian's containerd)")
+    out = user.work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    shutil.chown(out, user.uid, user.gid)
+    run = user.work / "run"
+    sock = f"{run}/containerd/containerd.sock"
+    script = f"""
+        # rootlesskit's copy of /run holds the host's containerd directory: containerd's
+        # shims want their own.
+        rm -rf /run/containerd && mkdir -p /run/containerd {user.work}/mnt
+        L snapshotter --print-containerd-config | grep -v '^version' > {out}/lamina.toml
+        cat > {out}/config.toml <<END
+        version = 2
+        root = "{user.work}/containerd"
+        state = "{run}/containerd"
+        disabled_plugins = ["io.containerd.grpc.v1.cri"]
+        [grpc]
+          address = "{sock}"
+        END
+        cat {out}/lamina.toml >> {out}/config.toml
+        /usr/bin/python3 -m lamina snapshotter > {out}/lamina.log 2>&1 &
+        lamina=$!
+        containerd -c {out}/config.toml > {out}/containerd.log 2>&1 &
+        containerd=$!
+        trap 'kill $containerd; wait $containerd || true; kill $lamina; wait $lamina' EXIT
+        for _ in $(seq 300); do [ -S {sock} ] && break; sleep 0.1; done
+        C() {{ ctr -a {sock} "$@"; }}
+        C images import --snapshotter lamina - > /dev/null
+        S() {{ C snapshots --snapshotter lamina "$@"; }}
+        top=$(S ls | awk 'NR > 1 {{ key[$1] = 1; if (NF == 3) parent[$2] = 1 }}
+                          END {{ for (k in key) if (!(k in parent)) print k }}')
+        S prepare ctr1 "$top"
+        eval "$(S mounts {user.work}/mnt ctr1)"
+        INSIDE tree {user.work}/mnt > {out}/union.json
+        umount {user.work}/mnt
+        S ls > {out}/snapshots.txt
+        S rm ctr1
+        L --json check > {out}/check.json
+        """
+    with open(corpus_dir / "app-docker-save.tar", "rb") as image:
+        ok(feed(user, user.script_argv(script), "rootlesskit", image))
+    tree, links = tree_of(json.loads((out / "union.json").read_text()))
+    assert_docker_export_tree(tree, links, corpus_dir)
+    assert len((out / "snapshots.txt").read_text().splitlines()) == 1 + 3 + 1  # 3 layers, ctr1
+    assert json.loads((out / "check.json").read_text())["problems"] == []
+    homes = [p for p in (user.home / "layers").glob("*/diff/home") if p.is_dir()]
+    assert {os.lstat(p).st_uid for p in homes} == {user.uid, user.host_uid(1000)}  # 0, 1000
