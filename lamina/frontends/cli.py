@@ -339,7 +339,8 @@ def cmd_snapshotter(drv: Driver, args: argparse.Namespace) -> Result:
         from lamina.frontends.containerd import config
 
         major = config.containerd_major()
-        text = config.config_text(major or 2, socket, str(drv.home), config.host_platform())
+        text = config.config_text(major or 2, socket, str(drv.home), config.host_platform(),
+                                  remap_ids=not userns.IN_USER_NAMESPACE)
         head = (f"# for containerd {major}.x (containerd --version)" if major else
                 "# for containerd 2.x (no containerd found on PATH)")
         return Result({"containerd_major": major or 2, "config": text},

@@ -92,6 +92,13 @@ def snapshots(socket: str) -> dict[str, Any]:
         out["view_tree"] = sorted(
             str(p.relative_to(work / "v")) for p in (work / "v").rglob("*"))
         subprocess.run(["umount", str(work / "v")], check=True)
+        labels = {"containerd.io/snapshot/uidmapping": "0:1000:1",
+                  "containerd.io/snapshot/gidmapping": "0:1000:1"}
+        try:
+            stub.Prepare(pb.PrepareSnapshotRequest(key="m", parent="b1", labels=labels))
+            out["mapped"] = "served"
+        except grpc.RpcError as e:
+            out["mapped"] = [e.code().name, e.details()]
         for key in ("v", "b1", "a1"):
             stub.Remove(pb.RemoveSnapshotRequest(key=key))
     return out

@@ -240,6 +240,10 @@ def test_snapshotter_serves_containerd_calls(rootless_user: User, ns: str) -> No
     assert doc["view_tree"] == ["etc", "etc/passwd", "home", "new"]
     (kind, _, options), = doc["view"]
     assert kind == "overlay" and "ro" in options and "userxattr" in options
+    # An id-mapped snapshot needs idmapped mounts, which root of a user namespace cannot
+    # make: refused, nothing left.
+    code, details = doc["mapped"]
+    assert code == "UNIMPLEMENTED" and "root of a user namespace cannot make" in details
     assert list((user.home / "layers").iterdir()) == []  # every snapshot removed
 
 

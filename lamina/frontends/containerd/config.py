@@ -48,9 +48,11 @@ def host_platform() -> str:
     return "linux/" + _ARCHES.get(machine, machine)
 
 
-def config_text(major: int, socket: str, home: str, plat: str) -> str:
+def config_text(major: int, socket: str, home: str, plat: str, *,
+                remap_ids: bool = True) -> str:
     """The configuration for containerd ``major``.x, lamina serving on ``socket`` with its
-    store at ``home``, on platform ``plat``."""
+    store at ``home``, on platform ``plat``; ``remap_ids=False`` leaves the capability
+    out (lamina in a user namespace cannot make idmapped mounts)."""
     q = json.dumps  # a TOML basic string is a JSON string, for paths and names
     if major < 2:
         return "\n".join([
@@ -60,7 +62,7 @@ def config_text(major: int, socket: str, home: str, plat: str) -> str:
     return "\n".join([
         "version = 3", "",
         "[proxy_plugins.lamina]", '  type = "snapshot"', f"  address = {q(socket)}",
-        '  capabilities = ["remap-ids"]',
+        *(['  capabilities = ["remap-ids"]'] if remap_ids else []),
         "  [proxy_plugins.lamina.exports]", f"    root = {q(home)}", "",
         '[proxy_plugins.lamina-diff]', '  type = "diff"', f"  address = {q(socket)}", "",
         '[plugins."io.containerd.service.v1.diff-service"]',

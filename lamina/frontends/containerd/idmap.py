@@ -17,7 +17,8 @@ the map of the user namespace containerd makes from them (``user_namespaces(7)``
 ranges of decimal ids below 2**32-1, at most :data:`MAX_RANGES`, none of size 0,
 none overlapping another on either side, container id 0 mapped (there must be a mapped
 root to own the upper), and both labels or neither (containerd mounts idmapped only
-with both).  Anything else is ``InvalidArgument`` naming the snapshot key.
+with both).  Anything else is ``InvalidArgument`` naming the snapshot key.  In a user
+namespace (rootless) a mapping is ``Unsupported``: idmapped mounts are real root's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import re
 from collections.abc import Mapping
 
 from lamina import errors
+from lamina.host import userns
 from lamina.host.idmapped import IdMapping, IdRange
 
 __all__ = ["GID_LABEL", "UID_LABEL", "IdMapping", "mapping_of"]
@@ -49,6 +51,10 @@ def mapping_of(labels: Mapping[str, str], key: str) -> IdMapping | None:
         given, missing = (UID_LABEL, GID_LABEL) if gid_text is None else (GID_LABEL, UID_LABEL)
         raise errors.InvalidArgument(
             f"snapshot {key!r}: label {given} without {missing} (an id mapping needs both)")
+    if userns.IN_USER_NAMESPACE:
+        raise errors.Unsupported(
+            f"snapshot {key!r}: id-mapped snapshots need idmapped mounts, which root of a "
+            "user namespace cannot make (lamina declares no remap-ids here)")
     return IdMapping(uid_text, gid_text, _ranges(uid_text, "uid", key),
                      _ranges(gid_text, "gid", key))
 
