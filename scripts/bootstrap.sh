@@ -16,7 +16,8 @@ say() { printf 'bootstrap: %s\n' "$*" >&2; }
 # the codecs and GNU tar for compat tests, Docker, skopeo and debootstrap for the
 # corpus and the Docker tests, containerd, runc, Go and containerd's Go source
 # for the snapshotter's tests (containerd's own suite is built from that source),
-# umoci for the image tests and docker-registry (distribution) for the registry's.
+# umoci for the image tests, docker-registry (distribution) for the registry's, and
+# uidmap (newuidmap) and rootlesskit for the rootless tests' user namespaces.
 DEB_PACKAGES=(e2fsprogs xfsprogs attr zstd pigz tar docker.io skopeo debootstrap
               containerd runc golang-go golang-github-containerd-containerd-dev
               qemu-system-x86 busybox-static cpio libcap2-bin umoci docker-registry
