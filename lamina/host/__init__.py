@@ -1,4 +1,5 @@
 """The machine: the file system primitives (``fsutil``), overlayfs mounts (``mount``), size
 quotas (``quota``), image files through loop devices (``loop``), uid/gid maps (``idmap``),
-the one size walk (``usage``), a process's jail: namespaces, a root of its own,
+idmapped mounts (``idmapped``), the user namespace this process runs in (``userns``), the
+one size walk (``usage``), a process's jail: namespaces, a root of its own,
 capabilities (``jail``), and the C library they call (``libc``)."""
