@@ -303,7 +303,7 @@ def call_bench(targets: Sequence[Target]) -> None:
 
 def floor_server(socket_path: str) -> None:
     """Serve a Snapshots service whose ``Stat`` answers at once with a fixed snapshot,
-    on a gRPC server made as lamina's is (:func:`lamina.frontends.containerd.server.start`:
+    on a gRPC server made as lamina's is (:func:`lamina.frontends.containerd.server.new_server`:
     the same thread pool, limits and options), until killed: what any call to a Python
     grpcio server costs, lamina's work aside."""
     from lamina.frontends.containerd import server as lamina_server
@@ -317,12 +317,7 @@ def floor_server(socket_path: str) -> None:
         def Stat(self, request: Any, context: Any) -> Any:
             return answer
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=lamina_server.WORKERS),
-        maximum_concurrent_rpcs=lamina_server.MAX_CONCURRENT,
-        options=[("grpc.max_receive_message_length", lamina_server.MAX_RECEIVE),
-                 ("grpc.max_send_message_length", lamina_server.MAX_SEND),
-                 ("grpc.server_handshake_timeout_ms", lamina_server.HANDSHAKE_TIMEOUT_MS)])
+    server = lamina_server.new_server()
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(  # type: ignore[no-untyped-call]
         Floor(), server)
     server.add_insecure_port(f"unix:{socket_path}")
@@ -330,7 +325,7 @@ def floor_server(socket_path: str) -> None:
     server.wait_for_termination()
 
 
-def floor_bench(work: Path, lamina: Target) -> Target:
+def floor_bench(lamina: Target) -> Target:
     """``Stat`` on :func:`floor_server` (a process of its own) and on lamina, in turn."""
     sock_dir = short_dir("lbf-")
     sock = sock_dir / "floor.sock"
@@ -378,7 +373,7 @@ def service_bench(work: Path) -> dict[str, dict[str, list[float]]]:
                    Target("lamina via containerd", ctd_stub, "lamina", ns)]
         sync()
         call_bench(targets)
-        floor = floor_bench(work, targets[0])
+        floor = floor_bench(targets[0])
         return {t.name: t.lat for t in [*targets, floor]}
     finally:
         for ch in channels:

@@ -209,6 +209,22 @@ class Stack:
                               timeout=60)
 
 
+def fill_registry(registry: DistRegistry, corpus_dir: Path, work: Path, hosts: Path) -> None:
+    """Into the started ``registry``: the corpus image and the pause image
+    (:func:`pause_layout`, ``REGISTRY/pause:1``); and in ``hosts`` (containerd's
+    ``config_path``) the ``hosts.toml`` that lets containerd pull from it over plain HTTP."""
+    push_corpus(registry, corpus_dir / "app-docker-save.tar")
+    pause_layout(work / "pause-oci")
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                    f"oci:{work / 'pause-oci'}:1", f"docker://{registry.address}/pause:1"],
+                   check=True)
+    (hosts / registry.address).mkdir(parents=True)
+    (hosts / registry.address / "hosts.toml").write_text(
+        f'server = "http://{registry.address}"\n\n'
+        f'[host."http://{registry.address}"]\n'
+        '  capabilities = ["pull", "resolve"]\n')
+
+
 @pytest.fixture(scope="module")
 def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
     lab.lab_root()
@@ -225,16 +241,7 @@ def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
     channel: grpc.Channel | None = None
     try:
         registry.start()
-        skopeo = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false"]
-        push_corpus(registry, corpus_dir / "app-docker-save.tar")
-        pause_layout(work / "pause-oci")
-        subprocess.run([*skopeo, f"oci:{work / 'pause-oci'}:1",
-                        f"docker://{registry.address}/pause:1"], check=True)
-        (hosts / registry.address).mkdir(parents=True)
-        (hosts / registry.address / "hosts.toml").write_text(
-            f'server = "http://{registry.address}"\n\n'
-            f'[host."http://{registry.address}"]\n'
-            '  capabilities = ["pull", "resolve"]\n')
+        fill_registry(registry, corpus_dir, work, hosts)
         sn.start()
         ctd.start()
         print(f"lab: {ctd.version()}; runc {lab.versions().get('runc', '')}")

@@ -42,8 +42,8 @@ from tests.conftest import lacking, mounts_under
 from tests.containerd.daemon import Snapshotter, short_dir
 from tests.engines.cri import api_pb2 as cri
 from tests.engines.cri import api_pb2_grpc as cri_grpc
-from tests.engines.daemons import host_snapshotter, push_corpus, remove_work, shared_dir
-from tests.engines.test_cri import BUSYBOX, CriContainerd, pause_layout
+from tests.engines.daemons import host_snapshotter, remove_work, shared_dir
+from tests.engines.test_cri import BUSYBOX, CriContainerd, fill_registry
 from tests.registry.harness import DistRegistry
 
 pytestmark = [pytest.mark.root, pytest.mark.corpus, pytest.mark.slow]
@@ -173,16 +173,7 @@ def stack(backend: str, corpus_dir: Path) -> Iterator[Stack]:
     channel: grpc.Channel | None = None
     try:
         registry.start()
-        push_corpus(registry, corpus_dir / "app-docker-save.tar")
-        pause_layout(work / "pause-oci")
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-                        f"oci:{work / 'pause-oci'}:1",
-                        f"docker://{registry.address}/pause:1"], check=True)
-        (hosts / registry.address).mkdir(parents=True)
-        (hosts / registry.address / "hosts.toml").write_text(
-            f'server = "http://{registry.address}"\n\n'
-            f'[host."http://{registry.address}"]\n'
-            '  capabilities = ["pull", "resolve"]\n')
+        fill_registry(registry, corpus_dir, work, hosts)
         sn.start()
         ctd.start()
         assert 'capabilities = ["remap-ids"]' in ctd.config.read_text()

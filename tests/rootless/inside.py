@@ -55,6 +55,10 @@ def _mount(mounts: Any, target: Path) -> None:
         subprocess.run(argv, check=True)
 
 
+def _rows(mounts: Any) -> list[list[Any]]:
+    return [[m.type, m.source, list(m.options)] for m in mounts]
+
+
 def snapshots(socket: str) -> dict[str, Any]:
     import grpc
 
@@ -78,16 +82,16 @@ def snapshots(socket: str) -> dict[str, Any]:
         subprocess.run(["umount", str(work / "a")], check=True)
         stub.Commit(pb.CommitSnapshotRequest(name="a1", key="a"))
         second = stub.Prepare(pb.PrepareSnapshotRequest(key="b", parent="a1")).mounts
-        out["prepare"] = [[m.type, m.source, list(m.options)] for m in second]
+        out["prepare"] = _rows(second)
         _mount(second, work / "b")
         out["home_owner"] = [os.stat(work / "b/home").st_uid, os.stat(work / "b/home").st_gid]
-        for path in (work / "b/gone/f", work / "b/gone"):
-            path.unlink() if path.is_file() else path.rmdir()
+        (work / "b/gone/f").unlink()  # a whiteout in b's upper
+        (work / "b/gone").rmdir()
         (work / "b/new").write_text("new")
         subprocess.run(["umount", str(work / "b")], check=True)
         stub.Commit(pb.CommitSnapshotRequest(name="b1", key="b"))
         view = stub.View(pb.ViewSnapshotRequest(key="v", parent="b1")).mounts
-        out["view"] = [[m.type, m.source, list(m.options)] for m in view]
+        out["view"] = _rows(view)
         _mount(view, work / "v")
         out["view_tree"] = sorted(
             str(p.relative_to(work / "v")) for p in (work / "v").rglob("*"))

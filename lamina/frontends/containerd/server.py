@@ -262,6 +262,19 @@ def _claim_socket(path: Path) -> None:
         probe.close()
 
 
+def new_server(*, workers: int = WORKERS, max_concurrent: int = MAX_CONCURRENT,
+               max_receive: int = MAX_RECEIVE, max_send: int = MAX_SEND) -> grpc.Server:
+    """An empty gRPC server as lamina's (:func:`start`): its thread pool, limits and
+    options, no service yet (the benchmark's floor is one, with a servicer that answers
+    at once)."""
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshotter"),
+        maximum_concurrent_rpcs=max_concurrent,
+        options=[("grpc.max_receive_message_length", max_receive),
+                 ("grpc.max_send_message_length", max_send),
+                 ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS)])
+
+
 def start(sn: Snapshotter, socket_path: Path, *, verbose: bool = False,
           workers: int = WORKERS, max_concurrent: int = MAX_CONCURRENT,
           max_receive: int = MAX_RECEIVE, max_send: int = MAX_SEND,
@@ -270,12 +283,8 @@ def start(sn: Snapshotter, socket_path: Path, *, verbose: bool = False,
     with the limits given (the module's text), serving ``differ`` too (by default one
     reading containerd's content store at its default address)."""
     _claim_socket(socket_path)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshotter"),
-        maximum_concurrent_rpcs=max_concurrent,
-        options=[("grpc.max_receive_message_length", max_receive),
-                 ("grpc.max_send_message_length", max_send),
-                 ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS)])
+    server = new_server(workers=workers, max_concurrent=max_concurrent,
+                        max_receive=max_receive, max_send=max_send)
     # Half the send limit per List batch: the rest is room for the framing, and a
     # smaller limit (a test's) still sees its List cut into batches that fit it.
     batch_bytes = min(LIST_BATCH_BYTES, max_send // 2)
