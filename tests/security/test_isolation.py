@@ -248,12 +248,14 @@ def test_a_killed_caller_takes_its_child_along(stores: Stores, backend: str, hom
     caller = subprocess.Popen([sys.executable, "-c", CALLER, str(home), backend, str(tar),
                                *DIR_LAYERS.get(backend, ())], stdout=subprocess.PIPE, env=env)
     assert caller.stdout is not None
-    server = int(caller.stdout.readline())
-    children = _children(server)
-    assert children, "no child at work"
-    caller.kill()
-    caller.wait()
-    caller.stdout.close()
+    try:
+        server = int(caller.stdout.readline())
+        children = _children(server)
+        assert children, "no child at work"
+    finally:  # killed whatever the asserts say: a failure leaves no caller behind
+        caller.kill()
+        caller.wait()
+        caller.stdout.close()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in [server, *children]):
         time.sleep(0.01)
