@@ -11,6 +11,7 @@ where the user can read them and copied beside the package where it cannot.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import pwd
@@ -134,10 +135,17 @@ def _runtime_pythonpath(work: Path, user: str) -> str:
     return f"{runtime}:{site}"
 
 
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+"""A requirement's distribution name (what comes before its version and markers)."""
+
+
 def _copy_distributions(source: Path, dest: Path) -> None:
     """The files of lamina's dependencies and theirs (the installed distributions)."""
-    todo = [re.split(r"[ =<>!;\[]", req)[0] for req in importlib.metadata.requires("lamina") or []
-            if "extra ==" not in req]
+    def names(requirements: list[str] | None) -> list[str]:
+        return [_NAME.match(req).group(0) for req in requirements or []  # type: ignore[union-attr]
+                if "extra ==" not in req]
+
+    todo = names(importlib.metadata.requires("lamina"))
     seen: set[str] = set()
     while todo:
         name = todo.pop()
@@ -151,23 +159,20 @@ def _copy_distributions(source: Path, dest: Path) -> None:
                 target = dest / src.relative_to(source)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, target)
-        todo += [re.split(r"[ =<>!;\[]", req)[0] for req in dist.requires or []
-                 if "extra ==" not in req]
+        todo += names(dist.requires)
 
 
-@pytest.fixture(scope="session")
-def rootless_user() -> Iterator[User]:
-    """A new ordinary user with 65536 subordinate ids, its work directory under /var/tmp
-    (pytest's own is root's alone); both gone after the session."""
-    if os.geteuid() != 0:
-        lacking("needs root: the test makes its own user")
+@contextlib.contextmanager
+def made_user(where: Path = Path("/var/tmp")) -> Iterator[User]:
+    """A new ordinary user with 65536 subordinate ids and its work directory in
+    ``where`` (pytest's own is root's alone); both gone afterwards.  Root only."""
     for tool in ("useradd", "setpriv", "unshare", "newuidmap", "rootlesskit"):
         if shutil.which(tool) is None:
             lacking(f"no {tool} (make bootstrap installs uidmap and rootlesskit)")
     name = f"lamrl{secrets.token_hex(3)}"
     subprocess.run(["useradd", "--user-group", "--no-create-home", "--shell", "/bin/sh",
                     name], check=True)
-    work = Path(f"/var/tmp/lamina-rootless-{name}")
+    work = where / f"lamina-rootless-{name}"
     try:
         try:
             _subordinate("/etc/subuid", name)
@@ -176,10 +181,18 @@ def rootless_user() -> Iterator[User]:
                             "300000-365535", name], check=True)
         work.mkdir(mode=0o700)
         pythonpath = _runtime_pythonpath(work, name)
-        for sub in ("", "run"):
-            (work / sub).mkdir(mode=0o700, exist_ok=True)
+        (work / "run").mkdir(mode=0o700)
         subprocess.run(["chown", "-R", f"{name}:{name}", str(work)], check=True)
         yield User(name, work, pythonpath)
     finally:
         subprocess.run(["userdel", name], check=False, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rootless_user() -> Iterator[User]:
+    """The rootless tests' user (:func:`made_user`), for the whole session."""
+    if os.geteuid() != 0:
+        lacking("needs root: the test makes its own user")
+    with made_user() as user:
+        yield user

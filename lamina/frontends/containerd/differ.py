@@ -194,16 +194,24 @@ def remaining(context: grpc.ServicerContext) -> float | None:
     return None if left is None or left > NO_DEADLINE else left
 
 
+def check_deadline(context: grpc.ServicerContext) -> None:
+    """Refuse a call that waited past its deadline, or whose client went away (before
+    a worker took it: both services' calls, the snapshots' and the differ's)."""
+    left = context.time_remaining()
+    if left is not None and left <= 0:
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                      "the call's deadline passed before a worker was free")
+    if not context.is_active():
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled before it started")
+
+
 def _answered(fn: Callable[..., T]) -> Callable[..., T]:
     """A servicer method whose lamina errors become the statuses of :func:`status_of`."""
 
     def wrapper(self: DiffServicer, request: Any, context: grpc.ServicerContext) -> T:
         if self.verbose:
             log.info("lamina differ: %s %s", fn.__name__, str(request).replace("\n", " ")[:300])
-        left = context.time_remaining()
-        if left is not None and left <= 0:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          "the call's deadline passed before a worker was free")
+        check_deadline(context)
         try:
             return fn(self, request, context)
         except errors.LaminaError as e:

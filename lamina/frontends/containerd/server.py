@@ -57,7 +57,7 @@ from lamina.frontends.containerd.api import (
     snapshots_pb2_grpc,
 )
 from lamina.frontends.containerd.content import DEFAULT_ADDRESS, ContentStore
-from lamina.frontends.containerd.differ import DiffServicer
+from lamina.frontends.containerd.differ import DiffServicer, check_deadline
 from lamina.frontends.containerd.records import ACTIVE, COMMITTED, VIEW, Record
 from lamina.frontends.containerd.snapshotter import Snapshotter
 
@@ -148,7 +148,7 @@ def _call(fn: Callable[..., T]) -> Callable[..., T]:
         if self.verbose:
             log.info("lamina snapshotter: %s %s", fn.__name__,
                      str(request).replace("\n", " ")[:300])
-        _check_deadline(context)
+        check_deadline(context)
         try:
             return fn(self, request, context)
         except errors.LaminaError as e:
@@ -158,16 +158,6 @@ def _call(fn: Callable[..., T]) -> Callable[..., T]:
             context.abort(grpc.StatusCode.UNKNOWN, f"{fn.__name__}: {e}")
 
     return wrapper
-
-
-def _check_deadline(context: grpc.ServicerContext) -> None:
-    """Refuse a call that waited past its deadline, or whose client went away."""
-    left = context.time_remaining()
-    if left is not None and left <= 0:
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                      "the call's deadline passed before a worker was free")
-    if not context.is_active():
-        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled before it started")
 
 
 class Servicer(snapshots_pb2_grpc.SnapshotsServicer):
@@ -222,7 +212,7 @@ class Servicer(snapshots_pb2_grpc.SnapshotsServicer):
 
     def List(self, request: snapshots_pb2.ListSnapshotsRequest,
              context: grpc.ServicerContext) -> Iterator[snapshots_pb2.ListSnapshotsResponse]:
-        _check_deadline(context)
+        check_deadline(context)
         try:
             found = self.sn.list(list(request.filters))
         except errors.LaminaError as e:
