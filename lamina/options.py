@@ -21,6 +21,9 @@ APPLY_OPTIONS = {
     "apply.max_entries": "refuse a layer tar of more entries than this (default: no limit)",
     "apply.max_size": "refuse a layer tar of more file data than this (Docker's units: 50M, "
                       "1.5GB; default: no limit)",
+    "apply.squash_owners": "true: in a user namespace, files of owners it does not map are "
+                           "its root's instead of the layer being refused (podman's "
+                           "ignore_chown_errors; default false)",
 }
 """Driver options of the backends that apply with lamina's tar engine: limits on what one
 ``apply_diff`` may write (a backend lists them in its ``known_options``)."""
@@ -100,6 +103,15 @@ def apply_limits(options: Mapping[str, str]) -> ApplyLimits:
             raise errors.InvalidArgument(f"apply.max_size must be a size (50M, 1.5GB), not "
                                          f"{size!r}", path="apply.max_size") from None
     return limits
+
+
+def squash_owners(options: Mapping[str, str]) -> bool:
+    """Whether ``apply.squash_owners`` is set (``true``/``false``)."""
+    value = options.get("apply.squash_owners", "false").lower()
+    if value not in ("true", "false"):
+        raise errors.InvalidArgument(f"apply.squash_owners must be true or false, not "
+                                     f"{value!r}", path="apply.squash_owners")
+    return value == "true"
 
 
 def storage_size(

@@ -610,5 +610,6 @@ def _os_error(e: OSError, layer: str | None, entry: Entry) -> LaminaError:
     if e.errno == errno.EINVAL and not userns.mapped(entry.uid, entry.gid):
         return Unsupported(f"owner {entry.uid}:{entry.gid} is not mapped in this user namespace "
                            f"({userns.mapped_ids()}): give the user more subordinate ids "
-                           "(/etc/subuid, /etc/subgid)", layer=layer, path=name)
+                           "(/etc/subuid, /etc/subgid), or set apply.squash_owners=true",
+                           layer=layer, path=name)
     return UnsafeArchive(f"cannot apply entry: {e.strerror or e}", layer=layer, path=name)

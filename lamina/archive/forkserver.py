@@ -282,7 +282,8 @@ def _apply_records(spec: dict[str, Any], root: str, lowers: list[str],
         os.umask(0)  # every mode is the tar's (the applier then skips most fchmods)
         applier = Applier(
             root, layer=spec["layer"],
-            ids=IdMapper([tuple(r) for r in spec["uids"]], [tuple(r) for r in spec["gids"]]),
+            ids=IdMapper([tuple(r) for r in spec["uids"]], [tuple(r) for r in spec["gids"]],
+                         squash=bool(spec.get("squash"))),
             overlay_whiteouts=spec["overlay_whiteouts"], max_entries=spec["max_entries"],
             max_size=spec["max_size"], lowers=lowers, max_path=spec["max_path"],
             digests=digests, writers=spec.get("writers", 0), umask_zero=True,

@@ -145,6 +145,7 @@ def apply_layer(
         "layer": layer,
         "uids": list(ids.uids),
         "gids": list(ids.gids),
+        "squash": ids.squash,
         "overlay_whiteouts": overlay_whiteouts,
         "max_entries": max_entries,
         "max_size": max_size,

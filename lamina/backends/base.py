@@ -30,7 +30,13 @@ from lamina.host import fsutil
 from lamina.host.idmap import IdMapper
 from lamina.host.quota import IMAGE
 from lamina.host.usage import Totals, tree_totals
-from lamina.options import apply_limits, parse_options, parse_size, storage_size
+from lamina.options import (
+    apply_limits,
+    parse_options,
+    parse_size,
+    squash_owners,
+    storage_size,
+)
 from lamina.store import manifest
 from lamina.store.holds import Holder
 from lamina.store.layers import Store, wall_time
@@ -50,9 +56,9 @@ class StoreDriver(Backend, abc.ABC):
     ) -> None:
         self.options = parse_options(options, self.known_options, self.backend_name)
         self.apply_limits = apply_limits(self.options)
-        self.ids = IdMapper(uid_map, gid_map)
+        self.ids = IdMapper(uid_map, gid_map, squash=squash_owners(self.options))
         self.home = Path(home).absolute()
-        self.store = Store(self.home, self.backend_name, shared_root=not self.ids.identity)
+        self.store = Store(self.home, self.backend_name, shared_root=self.ids.maps_ids)
         # get() calls made through this driver object, given back by cleanup().
         self._mine: collections.Counter[LayerId] = collections.Counter()
         self._mine_lock = threading.Lock()

@@ -57,6 +57,12 @@ def mapped(uid: int, gid: int) -> bool:
     return not IN_USER_NAMESPACE or (_covers(_UIDS, uid) and _covers(_GIDS, gid))
 
 
+def squashed(uid: int, gid: int) -> tuple[int, int]:
+    """``uid:gid`` with each id this namespace does not map replaced by its root's (0):
+    the owner a file can have here (podman's ``ignore_chown_errors``)."""
+    return (uid if _covers(_UIDS, uid) else 0), (gid if _covers(_GIDS, gid) else 0)
+
+
 @functools.cache
 def mapped_ids() -> str:
     """The ids this namespace maps, for messages: ``uids 0-65536, gids 0-65536``."""

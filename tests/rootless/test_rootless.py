@@ -202,22 +202,35 @@ def test_python_api_applies_a_root_filesystem(rootless_user: User, corpus_dir: P
         shutil.rmtree(user.home, ignore_errors=True)
 
 
+ONE_ID = ["unshare", "--user", "--map-root-user", "--mount"]
+"""A user namespace that maps the user alone (no subordinate ids)."""
+
+
 def test_an_owner_the_namespace_does_not_map_is_named(rootless_user: User,
                                                       corpus_dir: Path) -> None:
-    # Only the user itself mapped (no subordinate ids): the first file of another owner
-    # is refused in one line that names it, and no layer is left.
+    # Only the user itself mapped: the first file of another owner is refused in one line
+    # that names it and the ways out, and no layer is left; with apply.squash_owners
+    # those files are the namespace root's instead (podman's ignore_chown_errors).
     user = rootless_user
+    lamina = ["/usr/bin/python3", "-m", "lamina"]
     with open(corpus_dir / "rootfs.tar", "rb") as tar:
-        done = feed(user, ["unshare", "--user", "--map-root-user", "--mount",
-                           "/usr/bin/python3", "-m", "lamina", "apply", "base", "-"], None, tar)
+        done = feed(user, [*ONE_ID, *lamina, "apply", "base", "-"], None, tar)
     try:
         assert done.returncode == 1, done
         assert done.stderr.count("\n") == 1, done.stderr
-        assert "is not mapped in this user namespace (uids 0, gids 0): give the user more " \
-               "subordinate ids" in done.stderr and "layer base" in done.stderr, done.stderr
-        listed = user.run(["unshare", "--user", "--map-root-user", "--mount", "/usr/bin/python3",
-                           "-m", "lamina", "--json", "ls"], None)
+        assert "owner 0:42 is not mapped in this user namespace (uids 0, gids 0): give the " \
+               "user more subordinate ids (/etc/subuid, /etc/subgid), or set " \
+               "apply.squash_owners=true" in done.stderr and "layer base" in done.stderr, \
+            done.stderr
+        listed = user.run([*ONE_ID, *lamina, "--json", "ls"], None)
         assert json.loads(ok(listed)) == {"layers": []}
+        squash = ["--opt", "apply.squash_owners=true"]
+        with open(corpus_dir / "rootfs.tar", "rb") as tar:
+            ok(feed(user, [*ONE_ID, *lamina, *squash, "apply", "base", "-"], None, tar))
+        owners = {(st.st_uid, st.st_gid) for st in map(os.lstat, _all(user.home / "layers"))}
+        assert owners == {(user.uid, user.gid)}  # every file the namespace root's
+        assert json.loads(ok(user.run([*ONE_ID, *lamina, *squash, "--json", "check"], None))
+                          )["problems"] == []
     finally:
         shutil.rmtree(user.home, ignore_errors=True)
 
