@@ -74,7 +74,6 @@ def apply_round(user: User, tar: Path, n: int) -> dict[str, float]:
 
 
 CONTAINERD = """
-    rm -rf /run/containerd && mkdir -p /run/containerd
     cat > {work}/config.toml <<END
     version = 2
     root = "{work}/containerd"
