@@ -21,7 +21,7 @@ from lamina import errors
 from lamina.backends.contract import BackendFactory, register_backend
 from lamina.backends.contract import registered as _backends
 from lamina.host import userns
-from lamina.store.layers import recorded_backend
+from lamina.store.layers import namespace_problem, recorded_backend
 
 if TYPE_CHECKING:
     from lamina.driver import Driver, IdMap
@@ -64,7 +64,8 @@ def open_driver(
     layers (an ordinary user outside a user namespace: :mod:`lamina.host.userns`)."""
     _load_builtin_backends()
     home = Path(home)
-    problem = userns.why_not_privileged()
+    # Before any backend probes the home: who may keep layers, and where it was made.
+    problem = userns.why_not_privileged() or namespace_problem(home)
     if problem is not None:
         raise errors.Unsupported(problem, path=str(home))
     recorded = recorded_backend(home)

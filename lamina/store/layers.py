@@ -102,6 +102,12 @@ def _namespace_problem(home: Path, data: dict[str, object] | None) -> str | None
             "are the host's): open it as root of the initial namespace")
 
 
+def namespace_problem(home: Path) -> str | None:
+    """Why this process may not open ``home`` for where the home was made (None: it
+    may, or there is no home yet)."""
+    return _namespace_problem(home, _record(home))
+
+
 class Store:
     """The backend-neutral half of a driver (see the module docstring)."""
 

@@ -25,6 +25,8 @@ from typing import IO, Any
 
 import pytest
 
+import lamina
+from lamina import errors
 from tests.conftest import lacking
 from tests.rootless.conftest import NAMESPACES, User
 from tests.snapshot import Node, assert_same_tree, snapshot_tar
@@ -170,6 +172,12 @@ def test_cli_applies_the_corpus_image_and_serves_its_union(
     whiteouts = [p for d in diffs.values() for p in _all(d)
                  if stat.S_ISCHR(os.lstat(p).st_mode)]
     assert whiteouts and all(os.lstat(p).st_rdev == 0 for p in whiteouts)
+    # Root of the host does not open it (its owners and xattrs are the namespace's), and
+    # writes nothing into it saying so.
+    before = sorted(os.listdir(user.home))
+    with pytest.raises(errors.Unsupported, match="this home was made in a user namespace"):
+        lamina.open_driver(user.home)
+    assert sorted(os.listdir(user.home)) == before
 
 
 def _name(name: str) -> str:
