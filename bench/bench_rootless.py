@@ -85,7 +85,7 @@ CONTAINERD = """
       type = "snapshot"
       address = "{work}/run/lamina/snapshotter.sock"
     END
-    L snapshotter > {work}/lamina.log 2>&1 &
+    /usr/bin/python3 -m lamina snapshotter > {work}/lamina.log 2>&1 &
     lamina=$!
     containerd -c {work}/config.toml > {work}/containerd.log 2>&1 &
     containerd=$!
