@@ -22,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -185,6 +186,10 @@ def made_user(where: Path = Path("/var/tmp")) -> Iterator[User]:
         subprocess.run(["chown", "-R", f"{name}:{name}", str(work)], check=True)
         yield User(name, work, pythonpath)
     finally:
+        # Whatever of the user's still runs (a failed run's daemons) goes first:
+        # userdel refuses a user with processes.
+        subprocess.run(["pkill", "-KILL", "-u", name], check=False, capture_output=True)
+        time.sleep(0.2)
         subprocess.run(["userdel", name], check=False, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
 
