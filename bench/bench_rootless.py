@@ -7,9 +7,10 @@ Makes an ordinary user (as the rootless tests do: :func:`tests.rootless.conftest
 
 - **apply**, in ``unshare --user --map-root-user --map-auto --mount``: ``lamina apply`` of
   the corpus's Debian root filesystem (``rootfs.tar``, 200 MB; overlay with directory
-  layers, the isolated applier) against GNU ``tar -xf`` of the same tar into a directory
-  (its device nodes excluded: the kernel makes none in a user namespace, and lamina leaves
-  them out);
+  layers, the isolated applier, durable when it returns) against GNU ``tar -xf`` of the
+  same tar into a directory then ``sync -f`` of it (its device nodes excluded: the kernel
+  makes none in a user namespace, and lamina leaves them out), each after an untimed
+  ``sync``, nothing deleted until the last round;
 - **unpack**, in ``rootlesskit`` running Debian's containerd 1.6 rootless with lamina as its
   proxy snapshotter in the same namespace: ``ctr images import`` of the corpus image
   (``app-docker-save.tar``, 3 layers, 355 MB) into ``lamina`` against containerd's own
@@ -57,48 +58,33 @@ def timed(user: User, ns: str, setup: str, command: str, stdin_path: Path | None
 
 
 def apply_round(user: User, tar: Path, n: int) -> dict[str, float]:
+    """One round of lamina's apply and GNU tar's extract, each made durable as lamina's
+    layer is (tar's directory with ``sync -f``), each after an untimed ``sync`` (nothing
+    of the other's left dirty to flush).  What a round makes stays until the end: no
+    tree is deleted before a timed run."""
     out: dict[str, float] = {}
     order = ["lamina", "GNU tar"] if n % 2 else ["GNU tar", "lamina"]
     for name in order:
         if name == "lamina":
-            out[name] = timed(user, "unshare", f"L rm r{n} 2>/dev/null || true",
-                              f"L apply r{n} - > /dev/null", tar)
+            out[name] = timed(user, "unshare", "sync", f"L apply r{n} - > /dev/null", tar)
         else:
             target = user.work / f"tar{n}"
-            out[name] = timed(user, "unshare", f"rm -rf {target}; mkdir {target}",
-                              f"tar -xf - -C {target} --exclude='./dev/*'", tar)
-    # Untimed: what this round made goes (lamina's layer, tar's tree).
-    done = user.script(f"L rm r{n}; rm -rf {user.work}/tar{n}", "unshare")
-    assert done.returncode == 0, done.stderr
+            out[name] = timed(user, "unshare", f"mkdir {target}; sync",
+                              f"tar -xf - -C {target} --exclude='./dev/*' && sync -f {target}",
+                              tar)
     return out
 
 
-CONTAINERD = """
-    cat > {work}/config.toml <<END
-    version = 2
-    root = "{work}/containerd"
-    state = "{work}/run/containerd"
-    disabled_plugins = ["io.containerd.grpc.v1.cri"]
-    [grpc]
-      address = "{sock}"
-    [proxy_plugins.lamina]
-      type = "snapshot"
-      address = "{work}/run/lamina/snapshotter.sock"
-    END
-    /usr/bin/python3 -m lamina snapshotter > {work}/lamina.log 2>&1 &
-    lamina=$!
-    containerd -c {work}/config.toml > {work}/containerd.log 2>&1 &
-    containerd=$!
-    trap 'kill $containerd; wait $containerd || true; kill $lamina; wait $lamina' EXIT
-    for _ in $(seq 300); do [ -S {sock} ] && break; sleep 0.1; done
-    C() {{ ctr -a {sock} "$@"; }}
-    """
+def remove_applied(user: User, rounds: int) -> None:
+    """Untimed, after the last round: the layers and trees the rounds made."""
+    for n in range(rounds + 1):
+        done = user.script(f"L rm r{n}; rm -rf {user.work}/tar{n}", "unshare")
+        assert done.returncode == 0, done.stderr
 
 
 def unpack_rounds(user: User, image: Path, runs: int) -> list[dict[str, float]]:
     """All rounds in one rootless containerd (one rootlesskit session): timings printed
     by the script, one line a round."""
-    sock = f"{user.work}/run/containerd/containerd.sock"
     rounds = []
     for n in range(runs + 1):
         order = ["lamina", "overlayfs"] if n % 2 else ["overlayfs", "lamina"]
@@ -122,7 +108,7 @@ def unpack_rounds(user: User, image: Path, runs: int) -> list[dict[str, float]]:
         while chunk := src.read(1 << 20):
             dst.write(chunk)
     os.chown(copy, user.uid, user.gid)
-    script = textwrap.dedent(CONTAINERD.format(work=user.work, sock=sock)) + "".join(
+    script = textwrap.dedent(user.containerd_script(user.work)) + "".join(
         textwrap.dedent(step) for step in steps)
     done = user.script(script, "rootlesskit", timeout=3600)
     if done.returncode != 0:
@@ -155,6 +141,7 @@ def main() -> None:
         apply_round(user, args.corpus / "rootfs.tar", 0)  # untimed
         rounds = [apply_round(user, args.corpus / "rootfs.tar", n)
                   for n in range(1, args.runs + 1)]
+        remove_applied(user, args.runs)
         report("apply rootfs.tar (unshare)", rounds, "lamina", "GNU tar")
         unpacks = unpack_rounds(user, args.corpus / "app-docker-save.tar", args.runs)
         report("ctr images import, rootless containerd 1.6 (rootlesskit)", unpacks,

@@ -92,6 +92,33 @@ class User:
         """:meth:`script_argv` run in one namespace (mounts last as long as it does)."""
         return self.run(self.script_argv(text), ns, timeout=timeout)
 
+    def containerd_script(self, out: Path) -> str:
+        """The start of a :meth:`script` (run under ``rootlesskit``) that runs Debian's
+        containerd as this user, rootless, with ``lamina snapshotter`` in the same
+        namespace as its proxy plugin (from lamina's printed config), both stopped when
+        the script ends (lamina must exit 0); ``C`` is ``ctr`` on it.  Logs and config
+        in ``out``."""
+        sock = f"{self.work}/run/containerd/containerd.sock"
+        return f"""
+            L snapshotter --print-containerd-config | grep -v '^version' > {out}/lamina.toml
+            cat > {out}/config.toml <<END
+            version = 2
+            root = "{self.work}/containerd"
+            state = "{self.work}/run/containerd"
+            disabled_plugins = ["io.containerd.grpc.v1.cri"]
+            [grpc]
+              address = "{sock}"
+            END
+            cat {out}/lamina.toml >> {out}/config.toml
+            {PYTHON} -m lamina snapshotter > {out}/lamina.log 2>&1 &
+            lamina=$!
+            containerd -c {out}/config.toml > {out}/containerd.log 2>&1 &
+            containerd=$!
+            trap 'kill $containerd; wait $containerd || true; kill $lamina; wait $lamina' EXIT
+            for _ in $(seq 300); do [ -S {sock} ] && break; sleep 0.1; done
+            C() {{ ctr -a {sock} "$@"; }}
+            """
+
     def host_uid(self, uid: int) -> int:
         """Where the namespace's ``uid`` lands on the host (``--map-root-user --map-auto``
         and rootlesskit map alike: 0 to the user, 1… to its subordinate ids)."""

@@ -18,6 +18,7 @@ import shutil
 import stat
 import subprocess
 import tarfile
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,27 +283,8 @@ def test_rootless_containerd_unpacks_into_lamina(rootless_user: User, corpus_dir
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     shutil.chown(out, user.uid, user.gid)
-    run = user.work / "run"
-    sock = f"{run}/containerd/containerd.sock"
-    script = f"""
+    script = textwrap.dedent(user.containerd_script(out)) + textwrap.dedent(f"""
         mkdir -p {user.work}/mnt
-        L snapshotter --print-containerd-config | grep -v '^version' > {out}/lamina.toml
-        cat > {out}/config.toml <<END
-        version = 2
-        root = "{user.work}/containerd"
-        state = "{run}/containerd"
-        disabled_plugins = ["io.containerd.grpc.v1.cri"]
-        [grpc]
-          address = "{sock}"
-        END
-        cat {out}/lamina.toml >> {out}/config.toml
-        /usr/bin/python3 -m lamina snapshotter > {out}/lamina.log 2>&1 &
-        lamina=$!
-        containerd -c {out}/config.toml > {out}/containerd.log 2>&1 &
-        containerd=$!
-        trap 'kill $containerd; wait $containerd || true; kill $lamina; wait $lamina' EXIT
-        for _ in $(seq 300); do [ -S {sock} ] && break; sleep 0.1; done
-        C() {{ ctr -a {sock} "$@"; }}
         C images import --snapshotter lamina - > /dev/null
         S() {{ C snapshots --snapshotter lamina "$@"; }}
         top=$(S ls | awk 'NR > 1 {{ key[$1] = 1; if (NF == 3) parent[$2] = 1 }}
@@ -314,7 +296,7 @@ def test_rootless_containerd_unpacks_into_lamina(rootless_user: User, corpus_dir
         S ls > {out}/snapshots.txt
         S rm ctr1
         L --json check > {out}/check.json
-        """
+        """)
     with open(corpus_dir / "app-docker-save.tar", "rb") as image:
         ok(feed(user, user.script_argv(script), "rootlesskit", image))
     tree, links = tree_of(json.loads((out / "union.json").read_text()))
