@@ -35,10 +35,8 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 import socket
 import stat
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
@@ -60,6 +58,7 @@ from lamina.frontends.containerd.content import DEFAULT_ADDRESS, ContentStore
 from lamina.frontends.containerd.differ import DiffServicer, check_deadline
 from lamina.frontends.containerd.records import ACTIVE, COMMITTED, VIEW, Record
 from lamina.frontends.containerd.snapshotter import Snapshotter
+from lamina.host.signals import stop_signals
 
 log = logging.getLogger("lamina")
 
@@ -305,25 +304,20 @@ def serve(driver: Backend, socket_path: str | Path = DEFAULT_SOCKET, *,
             applies.setLevel(logging.INFO)
             applies.propagate = False
     path = Path(socket_path).absolute()
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
-    sn = Snapshotter(driver)
-    content = ContentStore(containerd_address)
-    try:
-        server = start(sn, path, verbose=verbose,
-                       differ=DiffServicer(sn, content, verbose=verbose))
-        log.info("lamina snapshotter: serving %s (%s) on %s", driver.home, driver.name, path)
+    with stop_signals() as wait_for_stop:
+        sn = Snapshotter(driver)
+        content = ContentStore(containerd_address)
         try:
-            while not stop.wait(3600):
-                pass
+            server = start(sn, path, verbose=verbose,
+                           differ=DiffServicer(sn, content, verbose=verbose))
+            log.info("lamina snapshotter: serving %s (%s) on %s", driver.home, driver.name, path)
+            try:
+                wait_for_stop()
+            finally:
+                server.stop(GRACE).wait()
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         finally:
-            server.stop(GRACE).wait()
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-    finally:
-        content.close()
-        sn.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            content.close()
+            sn.close()
     return 0

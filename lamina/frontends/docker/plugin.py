@@ -48,11 +48,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import resource
-import signal
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -62,6 +60,7 @@ from lamina.driver import Driver, IdMap
 from lamina.frontends.docker.http import PluginServer
 from lamina.frontends.docker.wire import Limits
 from lamina.host import fsutil
+from lamina.host.signals import stop_signals
 
 log = logging.getLogger("lamina.serve")
 
@@ -326,29 +325,6 @@ def state_path(socket_path: Path) -> Path:
     return socket_path.with_name(socket_path.name + STATE_SUFFIX)
 
 
-@contextlib.contextmanager
-def _stop_signals() -> Iterator[int]:
-    """A file descriptor that becomes readable on SIGTERM or SIGINT.
-
-    The signals stay deliverable (a blocked mask would be inherited by any child
-    process the driver starts); their handlers do nothing, and the interpreter's
-    wakeup fd says that one came.
-    """
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    previous = {sig: signal.signal(sig, lambda signum, frame: None)
-                for sig in (signal.SIGTERM, signal.SIGINT)}
-    old_fd = signal.set_wakeup_fd(write_fd)
-    try:
-        yield read_fd
-    finally:
-        signal.set_wakeup_fd(old_fd)
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        os.close(read_fd)
-        os.close(write_fd)
-
-
 def _raise_fd_limit() -> None:
     """Let the soft limit on open files go up to the hard one (connections are files)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -374,7 +350,7 @@ def serve(
     limits = Limits.from_env()
     _raise_fd_limit()
     plugin = Plugin(home=home, backend=backend, options=options, state=state_path(socket_path))
-    with _stop_signals() as wakeup:
+    with stop_signals() as wait_for_stop:
         # The socket first (Busy if another serve has it), then the store, then calls.
         server = PluginServer(socket_path, plugin, limits)
         try:
@@ -383,8 +359,7 @@ def serve(
                 plugin.init({"Home": str(home)})  # fail now rather than at Docker's first call
             server.start()
             log.info("listening on %s", socket_path)
-            while not os.read(wakeup, 1):
-                pass
+            wait_for_stop()
             log.info("stopping")
         finally:
             if not server.stop(GRACE):
