@@ -7,14 +7,21 @@ prints one JSON document on standard output, for the test (root, outside) to che
                                    its union's tree, the store's status
     inside.py snapshots SOCKET     containerd's snapshot calls on `lamina snapshotter`
                                    at SOCKET, each snapshot mounted as containerd would
+    inside.py plugin SOCKET        Docker's graph driver calls on `lamina serve` at
+                                   SOCKET: the layer tars in ./layers applied, a
+                                   container's layer changed, its changes and a diff
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import shutil
+import socket as sockets
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +115,62 @@ def snapshots(socket: str) -> dict[str, Any]:
     return out
 
 
+class _Plugin(http.client.HTTPConnection):
+    """Docker's side of the graph driver protocol, on one kept-alive connection."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("lamina", timeout=600)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+    def answer(self) -> http.client.HTTPResponse:
+        resp = self.getresponse()
+        if resp.status != 200:
+            raise SystemExit(f"{resp.status}: {resp.read()!r}")
+        return resp
+
+    def ok(self, method: str, body: dict[str, Any]) -> Any:
+        self.request("POST", f"/{method}", body=json.dumps(body).encode())
+        doc = json.loads(self.answer().read())
+        if doc.get("Err"):
+            raise SystemExit(f"{method}: {doc['Err']}")
+        return doc
+
+
+def plugin(socket: str) -> dict[str, Any]:
+    layers = sorted(Path("layers").iterdir())
+    c = _Plugin(socket)
+    out: dict[str, Any] = {"activate": c.ok("Plugin.Activate", {})}
+    c.ok("GraphDriver.Init", {"Home": str(Path.cwd() / "docker/lamina"), "Opts": []})
+    parent = ""
+    for i, path in enumerate(layers):  # as Docker applies a pulled image's layers
+        with open(path, "rb") as tar:
+            c.request("POST", f"/GraphDriver.ApplyDiff?id=app{i}&parent={parent}", body=tar,
+                      headers={"Content-Length": str(path.stat().st_size)})
+            json.loads(c.answer().read())
+        parent = f"app{i}"
+    c.ok("GraphDriver.CreateReadWrite", {"ID": "ctr", "Parent": parent, "MountLabel": ""})
+    root = Path(c.ok("GraphDriver.Get", {"ID": "ctr", "MountLabel": ""})["Dir"])
+    out["union"] = tree_doc(root)
+    with open(root / "etc/debian_version", "a") as f:  # what the corpus's container did
+        f.write("changed\n")
+    shutil.rmtree(root / "usr/share/zoneinfo")
+    (root / "newdir").mkdir()
+    (root / "newdir/f").touch()
+    c.ok("GraphDriver.Put", {"ID": "ctr"})
+    out["changes"] = c.ok("GraphDriver.Changes", {"ID": "ctr", "Parent": parent})["Changes"]
+    c.request("POST", "/GraphDriver.Diff", body=json.dumps({"ID": parent, "Parent": ""}))
+    with tarfile.open(fileobj=c.answer(), mode="r|") as diff:
+        out["diff"] = [m.name for m in diff]
+    out["status"] = c.ok("GraphDriver.Status", {})["Status"]
+    c.ok("GraphDriver.Remove", {"ID": "ctr"})
+    return out
+
+
 def main() -> None:
     command, arg = sys.argv[1], sys.argv[2]
     if command == "tree":
@@ -116,6 +179,8 @@ def main() -> None:
         doc = api(arg)
     elif command == "snapshots":
         doc = snapshots(arg)
+    elif command == "plugin":
+        doc = plugin(arg)
     else:
         raise SystemExit(f"unknown command {command!r}")
     json.dump(doc, sys.stdout)

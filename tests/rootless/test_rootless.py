@@ -269,6 +269,58 @@ def test_snapshotter_serves_containerd_calls(rootless_user: User, ns: str) -> No
     assert list((user.home / "layers").iterdir()) == []  # every snapshot removed
 
 
+def test_docker_plugin_serves_the_corpus_image(rootless_user: User, corpus_dir: Path,
+                                              ns: str) -> None:
+    # Docker's graph driver calls on `lamina serve` in the user's namespace, as a
+    # rootless dockerd (which runs under rootlesskit too) would make them: the image's
+    # layer tars through ApplyDiff, a container's layer through Get and Put, its
+    # Changes, a layer's Diff.
+    user = rootless_user
+    work = user.work / "plugin"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "layers").mkdir(parents=True)
+    for i, layer in app_layers(corpus_dir):
+        with open(work / "layers" / f"{i}.tar", "wb") as out:
+            shutil.copyfileobj(layer, out, 1 << 20)
+    subprocess.run(["chown", "-R", f"{user.uid}:{user.gid}", str(work)], check=True)
+    sock = work / "lamina.sock"
+    try:
+        doc = json.loads(ok(user.script(f"""
+            cd {work}
+            /usr/bin/python3 -m lamina serve --socket {sock} > serve.log 2>&1 &
+            pid=$!
+            trap 'kill $pid; wait $pid' EXIT
+            for _ in $(seq 300); do [ -S {sock} ] && break; sleep 0.1; done
+            INSIDE plugin {sock}
+            """, ns, timeout=600)))
+        assert doc["activate"] == {"Implements": ["GraphDriver"]}
+        status = dict(doc["status"])
+        assert status["Backend"] == "overlay"
+        tree, links = tree_of(doc["union"])
+        assert_docker_export_tree(tree, links, corpus_dir)
+        letters = {0: "C", 1: "A", 2: "D"}
+        changes = {f"{letters[c['Kind']]} {c['Path']}" for c in doc["changes"]}
+        assert changes == set((corpus_dir / "app-changes.txt").read_text().splitlines())
+        want: set[str] = set()
+        for i, layer in app_layers(corpus_dir):
+            if i == 2:
+                with tarfile.open(fileobj=layer, mode="r|") as tar:
+                    want = {_name(m.name) for m in tar}
+        assert {_name(name) for name in doc["diff"]} == want
+        # On the host: the subordinate owners, overlayfs' user.* xattrs only.
+        layers = work / "docker/lamina/layers"
+        diffs = [layers / f"app{i}" / "diff" for i in range(3)]
+        st = os.lstat(next(d / "home" for d in reversed(diffs) if (d / "home").exists()))
+        assert (st.st_uid, st.st_gid) == (user.host_uid(1000), user.host_gid(1000))
+        xattrs = {name for d in diffs for path in _all(d)
+                  for name in os.listxattr(path, follow_symlinks=False)
+                  if name.startswith(("trusted.", "user.overlay."))}
+        assert xattrs == {"user.overlay.opaque"}
+        assert not (layers / "ctr").exists()  # removed
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def test_rootless_containerd_unpacks_into_lamina(rootless_user: User, corpus_dir: Path) -> None:
     # containerd itself as the user (Debian's containerd 1.6, under rootlesskit, as
     # containerd-rootless.sh runs it), with lamina as its proxy snapshotter in the same
