@@ -251,7 +251,7 @@ class StoreDriver(Backend, abc.ABC):
                               layer=lid)
         self.release(lid, Holder.API)
 
-    def release(self, id: LayerId, holder: Holder) -> bool:
+    def release(self, id: LayerId, holder: Holder, *, later: bool = False) -> bool:
         # A reader's lease (a diff being streamed) is waited for, never cut short.
         with self.store.layer_lock(id, wait=REMOVE_WAIT):
             if not self.store.exists(id):
@@ -271,7 +271,10 @@ class StoreDriver(Backend, abc.ABC):
             doomed = self.store.retire(id)
             with self._mine_lock:
                 self._mine.pop(id, None)
-            self.store.delete(doomed)
+            if later:
+                self.store.delete_later(doomed)
+            else:
+                self.store.delete(doomed)
         return True
 
     def make(self, id: LayerId, parent: LayerId | None, *, writable: bool,

@@ -33,7 +33,7 @@ from lamina import errors
 from lamina.backends.contract import Backend, backend_of
 from lamina.driver import REMOVING_SUFFIX, Driver, LayerId, check_id
 from lamina.host import mount
-from lamina.store import manifest
+from lamina.store import manifest, reaper
 from lamina.store.meta import LayerMeta
 
 
@@ -60,7 +60,8 @@ def check(drv: Driver, *, repair: bool = False, content: bool = True) -> Report:
     metas: dict[LayerId, LayerMeta] = {}
     for entry in sorted(os.listdir(store.layers_dir)):
         if entry.endswith(REMOVING_SUFFIX):
-            report.problems.append(f"{entry}: an unfinished removal")
+            if not reaper.being_deleted(store.layers_dir / entry):  # else its remover's
+                report.problems.append(f"{entry}: an unfinished removal")
             continue
         try:
             lid = check_id(entry)

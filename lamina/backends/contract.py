@@ -243,10 +243,11 @@ class Backend(Driver, abc.ABC):
         """Hold existing layer ``id`` for ``holder`` too (``NotFound`` if it is gone)."""
 
     @abc.abstractmethod
-    def release(self, id: LayerId, holder: Holder) -> bool:
-        """Let ``holder``'s hold on ``id`` go; the layer is deleted with its last holder
-        (True then, and for a layer that is gone already).  ``Busy`` when it cannot be
-        deleted (a child, a mount in use)."""
+    def release(self, id: LayerId, holder: Holder, *, later: bool = False) -> bool:
+        """Let ``holder``'s hold on ``id`` go; the layer is removed with its last holder
+        (True then, and for a layer that is gone already), its tree deleted before this
+        returns or, ``later``, in the background (:mod:`lamina.store.reaper`).  ``Busy``
+        when it cannot be removed (a child, a mount in use)."""
 
     @abc.abstractmethod
     def seal(self, id: LayerId, chain_id: str | None = None) -> None:

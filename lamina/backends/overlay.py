@@ -428,14 +428,14 @@ class OverlayDriver(StoreDriver):
         layer_dir = self.store.layer_dir(id)
         return erofslayers.verify(layer_dir, layer_dir / DIFF, meta.identity.diff_id)
 
-    def release(self, id: LayerId, holder: Holder) -> bool:
+    def release(self, id: LayerId, holder: Holder, *, later: bool = False) -> bool:
         # The layer's l/ link goes with it, as overlay2's does: left behind it would
         # dangle (swept on the next open, reported by check until then).
         try:
             short = self._short(id)
         except OSError:
             short = ""
-        gone = super().release(id, holder)
+        gone = super().release(id, holder, later=later)
         if gone and short:
             with contextlib.suppress(FileNotFoundError):
                 (self.home / "l" / short).unlink()

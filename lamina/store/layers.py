@@ -32,10 +32,12 @@ kill or power cut before the rename leaves only a staging directory, after it a
 complete layer.  Replacing a
 layer's content (an apply into an existing layer) builds the new content in
 staging and swaps it in with ``renameat2(RENAME_EXCHANGE)``.  Removal renames
-``ID`` to ``ID-removing`` first (the commit point) and deletes after.  Opening
-the store sweeps ``*-removing`` directories and staging directories whose
-builder's lock is free (the builder died): what remains is exactly the set of
-complete layers.  Metadata files are written with :func:`fsutil.atomic_write`.
+``ID`` to ``ID-removing`` first (the commit point) and deletes after, at once or in
+the background (:mod:`lamina.store.reaper`), holding a lock on the directory until it
+is gone.  Opening the store sweeps the ``*-removing`` directories nobody holds and
+staging directories whose builder's lock is free (the builder died): what remains is
+exactly the set of complete layers.  Metadata files are written with
+:func:`fsutil.atomic_write`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from lamina import crashpoints, errors
 from lamina.driver import REMOVING_SUFFIX, LayerId, check_id
 from lamina.host import fsutil, mount, userns
 from lamina.store import meta as meta_file
+from lamina.store import reaper
 from lamina.store.chains import ChainIndex
 from lamina.store.holds import Holds
 from lamina.store.meta import ID_FILE, META, LayerMeta
@@ -133,6 +136,7 @@ class Store:
                 sub.mkdir(mode=0o700, exist_ok=True)
             self.holds = Holds(home)
             self.chains = ChainIndex(home)
+            self._reaper = reaper.Reaper(lambda path: self._delete(path))
         except OSError as e:
             raise errors.InvalidArgument(f"cannot create home: {e.strerror}", path=str(home)) from e
         self.holds.migrate(home / "snapshots" / "holds")
@@ -315,7 +319,7 @@ class Store:
             path.mkdir(mode=0o700)
             yield path
         finally:
-            self.delete(path)
+            self._delete(path)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock.path)
             lock.release()
@@ -355,8 +359,9 @@ class Store:
 
     # -- removal --------------------------------------------------------------
 
-    def retire(self, id: LayerId, *, damaged: bool = False) -> Path:
-        """Take ``id`` out of the store (the commit point of a removal); delete later.
+    def retire(self, id: LayerId, *, damaged: bool = False) -> reaper.Retired:
+        """Take ``id`` out of the store (the commit point of a removal); delete it after,
+        with :meth:`delete` or :meth:`delete_later`.
         The caller holds the layer's lock (exclusive) and has seen it has no children:
         nobody can build on it meanwhile.
 
@@ -368,7 +373,20 @@ class Store:
             with contextlib.suppress(errors.Corrupt):
                 chain = self.meta(id).identity.chain_id  # NotFound: removed meanwhile
         doomed = self.layers_dir / f"{id}{REMOVING_SUFFIX}"
-        fsutil.remove_tree(doomed)  # an older removal of the same id, unfinished
+        with reaper.waiting_for(doomed):  # an older removal of the same id: its end
+            fsutil.remove_tree(doomed)
+        retired = reaper.Retired.hold(self.layer_dir(id), doomed)
+        try:
+            self._retire(id, doomed)
+        except BaseException:
+            retired.release()
+            raise
+        if chain is not None:
+            self.chains.discard(chain, id)
+        self.holds.forget(id)
+        return retired
+
+    def _retire(self, id: LayerId, doomed: Path) -> None:
         with self.mount_lock(id), self.locked():
             crashpoints.reached("retire:before-rename")
             fsutil.rename(self.layer_dir(id), doomed)
@@ -376,10 +394,6 @@ class Store:
             fsutil.sync_dir(self.layers_dir)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.mounts_dir / id)
-        if chain is not None:
-            self.chains.discard(chain, id)
-        self.holds.forget(id)
-        return doomed
 
     # -- mount counts ---------------------------------------------------------
 
@@ -479,7 +493,29 @@ class Store:
         return {e.rsplit(".", 1)[0] for e in os.listdir(self.staging_dir)
                 if not e.endswith(".lock") and self.in_flight(e)}
 
-    def delete(self, path: Path) -> None:
+    def delete(self, retired: reaper.Retired) -> None:
+        """Delete a retired layer directory now."""
+        try:
+            self._delete(retired.path)
+        finally:
+            retired.release()
+
+    def delete_later(self, retired: reaper.Retired) -> None:
+        """Delete a retired layer directory in the background (:mod:`lamina.store.reaper`);
+        what is mounted inside it (an EROFS image, a quota's) is unmounted now."""
+        try:
+            mount.unmount_below(retired.path)
+        except BaseException:
+            retired.release()
+            raise
+        self._reaper.put(retired)
+
+    def wait_deleted(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for what :meth:`delete_later` was given; whether
+        it is all gone (what is left, the next open sweeps)."""
+        return self._reaper.wait(timeout)
+
+    def _delete(self, path: Path) -> None:
         """Delete a retired or abandoned layer directory, and what is mounted inside it."""
         if path.exists():
             mount.unmount_below(path)  # a quota image, a stale union mount
@@ -487,8 +523,10 @@ class Store:
         fsutil.remove_tree(path)
 
     def _sweep_one(self, path: Path) -> str:
+        if reaper.being_deleted(path):
+            return ""  # its remover (this process's reaper, or another's) deletes it
         try:
-            self.delete(path)
+            self._delete(path)
         except OSError as e:
             log.warning("lamina: cannot remove leftover %s: %s", path, e)
             return ""

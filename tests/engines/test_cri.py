@@ -381,10 +381,12 @@ def test_stop_and_remove(stack: Stack) -> None:
     # (containerd collects them in the background; a vfs layer is a whole tree to delete,
     # which takes minutes on a loaded machine)
     # containerd 2.1 can drop a removal that lands while its previous cleanup of the same
-    # snapshotter still runs (here the sandbox's, during the app container's vfs tree):
-    # the snapshot leaves its metadata but no cleanup asks lamina for it until the next
-    # removal.  So, if the layers have not settled, one more removal (a throwaway
-    # snapshot's) has containerd walk lamina's snapshots again and remove what it lacks.
+    # snapshotter still runs (its GC scheduler ignores a deletion event older than the
+    # end of the last collection): the snapshot leaves its metadata but no cleanup asks
+    # lamina for it until the next removal.  lamina's Remove no longer waits for the
+    # tree (it was the app container's vfs tree that made the window seconds wide), so
+    # this is rare now; if the layers have not settled anyway, one more removal (a
+    # throwaway snapshot's) has containerd walk lamina's snapshots again.
     try:
         wait_for("the writable layers to go",
                  lambda: len(stack.snapshotter.layers()) == 4 or None, timeout=60)

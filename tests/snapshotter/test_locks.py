@@ -46,7 +46,7 @@ def test_a_slow_removal_holds_up_no_other_call(sn: Snapshotter,
     sn.prepare("other", "base", {})
     deleting = threading.Event()
     let_go = threading.Event()
-    real_delete = Store.delete
+    real_delete = Store._delete
 
     def slow_delete(store: Store, path: Path) -> None:
         if path.name.endswith("-removing"):  # a removal's; not a build's staging dir
@@ -54,11 +54,14 @@ def test_a_slow_removal_holds_up_no_other_call(sn: Snapshotter,
             assert let_go.wait(30), "the test never let the deletion go"
         real_delete(store, path)
 
-    monkeypatch.setattr(Store, "delete", slow_delete)
+    monkeypatch.setattr(Store, "_delete", slow_delete)
     remover = threading.Thread(target=sn.remove, args=("doomed",))
     remover.start()
     try:
         assert deleting.wait(30), "the removal never reached its deletion"
+        # The Remove answers without waiting for its tree (the store's reaper deletes it).
+        remover.join(10)
+        assert not remover.is_alive(), "the Remove waited for its tree to be deleted"
         t0 = time.monotonic()
         assert sn.stat("other").name == "other"
         stat_took = time.monotonic() - t0
@@ -68,13 +71,15 @@ def test_a_slow_removal_holds_up_no_other_call(sn: Snapshotter,
         t0 = time.monotonic()
         names = sorted(r.name for r in sn.list([]))
         list_took = time.monotonic() - t0
-        assert remover.is_alive(), "the removal finished: it was not slow"
+        assert list(sn.drv.store.layers_dir.glob("*-removing")), \
+            "the deletion finished: it was not slow"
     finally:
         let_go.set()
         remover.join(30)
-    assert not remover.is_alive()
-    print(f"\nwhile a removal was held: Stat {stat_took * 1000:.1f} ms, Prepare "
-          f"{prepare_took * 1000:.1f} ms, List {list_took * 1000:.1f} ms")
+    assert sn.drv.store.wait_deleted(30)
+    assert not list(sn.drv.store.layers_dir.glob("*-removing"))
+    print(f"\nwhile a removal's tree was being deleted: Stat {stat_took * 1000:.1f} ms, "
+          f"Prepare {prepare_took * 1000:.1f} ms, List {list_took * 1000:.1f} ms")
     assert names == ["base", "new", "other"]  # "doomed" was gone from the start
     assert stat_took < 1.0 and prepare_took < 5.0 and list_took < 1.0
     assert sorted(r.name for r in sn.list([])) == ["base", "new", "other"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 
 import lamina
 from lamina.archive.diffid import chain_id
+from lamina.backends import check
 from lamina.backends.base import StoreDriver
 from lamina.frontends.containerd import filters
 from lamina.frontends.containerd.api import snapshots_pb2 as pb
@@ -223,6 +225,35 @@ def test_snapshot_remove_keeps_what_docker_still_has(served: Served) -> None:
     assert list(served.drv.layers()) == ["docker1"]
     served.drv.remove("docker1")
     assert list(served.drv.layers()) == []
+
+
+def test_remove_answers_before_the_tree_is_deleted(served: Served,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # containerd's garbage collection removes snapshots in passes; a pass that waits for
+    # trees to be deleted leaves the removals asked for meanwhile to a later pass.  So a
+    # Remove retires the layer (its commit point) and answers; the tree goes after.
+    store = served.drv.store
+    deleting, go_on = threading.Event(), threading.Event()
+    delete = store._delete
+
+    def slow_delete(path: Path) -> None:
+        if path.name.endswith("-removing"):  # a removal's; not a build's staging dir
+            deleting.set()
+            assert go_on.wait(60)
+        delete(path)
+
+    monkeypatch.setattr(store, "_delete", slow_delete)
+    served.prepare("k", "")
+    layer = served.sn.records.get("k").layer
+    served.stub.Remove(pb.RemoveSnapshotRequest(key="k"))  # answered while being deleted
+    assert deleting.wait(30)
+    doomed = store.layers_dir / f"{layer}-removing"
+    assert doomed.exists() and list(served.drv.layers()) == []
+    # Being deleted by its remover: neither a problem for check, nor a sweep's to take.
+    assert check.check(served.drv).problems == []
+    assert str(doomed) not in store.sweep()
+    go_on.set()
+    assert store.wait_deleted(30) and not doomed.exists()
 
 
 def test_commit_adopts_a_layer_the_store_holds(served: Served) -> None:

@@ -71,6 +71,9 @@ log = logging.getLogger("lamina")
 REF_LABEL = "containerd.io/snapshot.ref"
 LAYER_PREFIX = "ctrd-"
 SNAPSHOTS = Holder.SNAPSHOTS
+CLOSE_WAIT = 10.0
+"""Seconds :meth:`Snapshotter.close` waits for removed snapshots' trees to be deleted
+(what is left, the store's next open sweeps)."""
 
 
 def _name_chain(name: str) -> str | None:
@@ -102,6 +105,9 @@ class Snapshotter:
         with self._lock:
             self.drv.snapshot_sweep([])
         self.records.close()
+        if not self.drv.store.wait_deleted(CLOSE_WAIT):
+            log.warning("lamina: removed snapshots' trees still being deleted after %.0f s;"
+                        " the next start finishes them", CLOSE_WAIT)
 
     # -- lookups (under the lock) ---------------------------------------------------
 
@@ -354,10 +360,13 @@ class Snapshotter:
         return lid
 
     def _let_go(self, lid: LayerId) -> None:
-        """The snapshots' hold on ``lid`` goes (outside the lock: it may delete a tree);
-        the layer stays while another front end holds it."""
+        """The snapshots' hold on ``lid`` goes (outside the lock); the layer stays while
+        another front end holds it.  Its tree is deleted in the background: containerd's
+        garbage collection removes snapshots in passes, and one that waits for trees
+        leaves the removals asked for meanwhile to a later pass
+        (:mod:`lamina.store.reaper`)."""
         try:
-            self.drv.release(lid, SNAPSHOTS)
+            self.drv.release(lid, SNAPSHOTS, later=True)
         except errors.LaminaError as e:
             log.warning("lamina: cannot remove layer %s of a snapshot: %s", lid, e)
         finally:
