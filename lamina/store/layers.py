@@ -502,13 +502,15 @@ class Store:
 
     def delete_later(self, retired: reaper.Retired) -> None:
         """Delete a retired layer directory in the background (:mod:`lamina.store.reaper`);
-        what is mounted inside it (an EROFS image, a quota's) is unmounted now."""
+        what is mounted inside it (an EROFS image, a quota's) is unmounted now.  A tree
+        that holds no lock, or finds the reaper's queue full, is deleted now."""
         try:
             mount.unmount_below(retired.path)
         except BaseException:
             retired.release()
             raise
-        self._reaper.put(retired)
+        if not (retired.held and self._reaper.put(retired)):
+            self.delete(retired)
 
     def wait_deleted(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for what :meth:`delete_later` was given; whether

@@ -38,13 +38,18 @@ class Retired:
     @classmethod
     def hold(cls, layer_dir: Path, doomed: Path) -> Retired:
         """Lock ``layer_dir`` (about to be renamed to ``doomed``): the lock follows the
-        directory, not its name.  A missing directory holds nothing (its rename fails)."""
+        directory, not its name.  Without a lock (a missing directory, whose rename
+        fails; no file descriptor left) it holds nothing, and is deleted at once."""
         try:
             fd = os.open(layer_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except OSError:
             return cls(None, doomed)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return cls(fd, doomed)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -83,6 +88,11 @@ def waiting_for(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+MAX_PENDING = 256
+"""Trees waiting for the reaper at most (each holds a file descriptor); beyond, the
+remover deletes its own."""
+
+
 class Reaper:
     """One daemon thread deleting retired trees with ``delete``, in the order given;
     started with the first."""
@@ -93,13 +103,17 @@ class Reaper:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def put(self, retired: Retired) -> None:
+    def put(self, retired: Retired) -> bool:
+        """Queue ``retired`` (held); False when :data:`MAX_PENDING` wait already."""
         with self._lock:
+            if self._queue.qsize() >= MAX_PENDING:
+                return False
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lamina-reaper",
                                                 daemon=True)
                 self._thread.start()
-        self._queue.put(retired)
+            self._queue.put(retired)
+        return True
 
     def _run(self) -> None:
         while True:

@@ -27,6 +27,7 @@ from lamina.backends.base import StoreDriver
 from lamina.frontends.containerd import filters
 from lamina.frontends.containerd.api import snapshots_pb2 as pb
 from lamina.frontends.containerd.snapshotter import REF_LABEL, Snapshotter
+from lamina.store import reaper
 from tests.snapshotter.served import Served as ServedStore
 
 pytestmark = pytest.mark.root
@@ -254,6 +255,39 @@ def test_remove_answers_before_the_tree_is_deleted(served: Served,
     assert str(doomed) not in store.sweep()
     go_on.set()
     assert store.wait_deleted(30) and not doomed.exists()
+
+
+def test_a_full_reaper_leaves_the_remover_its_own_tree(served: Served,
+                                                       monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    # Each tree waiting for the reaper holds a file descriptor: past MAX_PENDING, a
+    # Remove deletes its own tree before it answers.
+    store = served.drv.store
+    monkeypatch.setattr(reaper, "MAX_PENDING", 1)
+    deleting, go_on = threading.Event(), threading.Event()
+    delete = store._delete
+
+    def slow_delete(path: Path) -> None:
+        if path.name.startswith("ctrd-") and threading.current_thread().name == "lamina-reaper":
+            deleting.set()
+            assert go_on.wait(60)
+        delete(path)
+
+    monkeypatch.setattr(store, "_delete", slow_delete)
+    for key in ("a", "b", "c"):
+        served.prepare(key, "")
+    layers = {key: served.sn.records.get(key).layer for key in ("a", "b", "c")}
+    try:
+        served.stub.Remove(pb.RemoveSnapshotRequest(key="a"))  # the reaper holds it
+        assert deleting.wait(30)
+        served.stub.Remove(pb.RemoveSnapshotRequest(key="b"))  # queued: one waits
+        served.stub.Remove(pb.RemoveSnapshotRequest(key="c"))  # full: deleted at once
+        assert not (store.layers_dir / f"{layers['c']}-removing").exists()
+        assert (store.layers_dir / f"{layers['b']}-removing").exists()
+    finally:
+        go_on.set()
+    assert store.wait_deleted(30)
+    assert not list(store.layers_dir.glob("*-removing"))
 
 
 def test_commit_adopts_a_layer_the_store_holds(served: Served) -> None:
