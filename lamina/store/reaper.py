@@ -16,14 +16,16 @@ leaves it alone, and only a tree nobody deletes (its remover died) is a leftover
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from lamina.host import fsutil
 
 log = logging.getLogger("lamina")
 
@@ -40,11 +42,9 @@ class Retired:
         """Lock ``layer_dir`` (about to be renamed to ``doomed``): the lock follows the
         directory, not its name.  Without a lock (a missing directory, whose rename
         fails; no file descriptor left) it holds nothing, and is deleted at once."""
-        try:
-            fd = os.open(layer_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return cls(None, doomed)
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fd = _open_dir(layer_dir)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
         return cls(fd, doomed)
 
     @property
@@ -57,12 +57,19 @@ class Retired:
             self._fd = None
 
 
+def _open_dir(path: Path) -> int | None:
+    """A descriptor of directory ``path`` to lock, None if there is none to open."""
+    try:
+        return os.open(path, fsutil.DIR_FLAGS)
+    except OSError:
+        return None
+
+
 def being_deleted(path: Path) -> bool:
     """Whether a live remover holds the retired tree ``path`` (False: it is a leftover,
     or gone)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
+    fd = _open_dir(path)
+    if fd is None:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -76,9 +83,8 @@ def being_deleted(path: Path) -> bool:
 @contextlib.contextmanager
 def waiting_for(path: Path) -> Iterator[None]:
     """Within: no live remover deletes ``path`` (one that did has finished)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
+    fd = _open_dir(path)
+    if fd is None:
         yield
         return
     try:
@@ -89,8 +95,8 @@ def waiting_for(path: Path) -> Iterator[None]:
 
 
 MAX_PENDING = 256
-"""Trees waiting for the reaper at most (each holds a file descriptor); beyond, the
-remover deletes its own."""
+"""Trees given to the reaper at most, the one being deleted among them (each holds a
+file descriptor); beyond, the remover deletes its own."""
 
 
 class Reaper:
@@ -99,41 +105,41 @@ class Reaper:
 
     def __init__(self, delete: Callable[[Path], None]) -> None:
         self._delete = delete
-        self._queue: queue.Queue[Retired] = queue.Queue()
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._trees: collections.deque[Retired] = collections.deque()
+        """Given and not yet deleted, the first being deleted."""
         self._thread: threading.Thread | None = None
 
     def put(self, retired: Retired) -> bool:
-        """Queue ``retired`` (held); False when :data:`MAX_PENDING` wait already."""
-        with self._lock:
-            if self._queue.qsize() >= MAX_PENDING:
+        """Queue ``retired`` (held); False when :data:`MAX_PENDING` are given already."""
+        with self._changed:
+            if len(self._trees) >= MAX_PENDING:
                 return False
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lamina-reaper",
                                                 daemon=True)
                 self._thread.start()
-            self._queue.put(retired)
+            self._trees.append(retired)
+            self._changed.notify_all()
         return True
 
     def _run(self) -> None:
         while True:
-            retired = self._queue.get()
+            with self._changed:
+                self._changed.wait_for(lambda: self._trees)
+                retired = self._trees[0]
             try:
                 self._delete(retired.path)
             except Exception as e:  # a leftover, swept at the next open
                 log.warning("lamina: cannot delete %s: %s", retired.path, e)
             finally:
                 retired.release()
-                self._queue.task_done()
+                with self._changed:
+                    self._trees.popleft()
+                    self._changed.notify_all()
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every tree given to be deleted; whether
         they are (what is left is swept when the store is opened next)."""
-        done = threading.Event()
-
-        def join() -> None:
-            self._queue.join()
-            done.set()
-
-        threading.Thread(target=join, name="lamina-reaper-wait", daemon=True).start()
-        return done.wait(timeout)
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._trees, timeout)

@@ -260,10 +260,10 @@ def test_remove_answers_before_the_tree_is_deleted(served: Served,
 def test_a_full_reaper_leaves_the_remover_its_own_tree(served: Served,
                                                        monkeypatch: pytest.MonkeyPatch
                                                        ) -> None:
-    # Each tree waiting for the reaper holds a file descriptor: past MAX_PENDING, a
-    # Remove deletes its own tree before it answers.
+    # Each tree given to the reaper holds a file descriptor: past MAX_PENDING (the one
+    # being deleted among them), a Remove deletes its own tree before it answers.
     store = served.drv.store
-    monkeypatch.setattr(reaper, "MAX_PENDING", 1)
+    monkeypatch.setattr(reaper, "MAX_PENDING", 2)
     deleting, go_on = threading.Event(), threading.Event()
     delete = store._delete
 
